@@ -1,0 +1,21 @@
+//! # postern-tunnel-proto: the wire contract
+//!
+//! Everything the proxy, the agent and the client must agree on, and nothing else: no sockets, no
+//! tasks, no clock (callers pass `now`). It is the crate we fuzz.
+//!
+//! ## Layout
+//! - [`names`]: reserved names, login conventions, certificate extensions, default ports, and the
+//!   parsing of a stream's `<target>.<cluster>` host.
+//! - [`discovery`]: the JSON answered by `GET /webapi/ping` and `GET /webapi/find`, and the
+//!   tunnel-address resolution order ([`discovery::ProxySettings::tunnel_addr`]).
+//! - [`certs`]: which OpenSSH certificate means what (agent host certs, client user certs) and the
+//!   checks russh does not do (trusted CA, type, principals, extensions, critical options).
+//! - [`control`]: the length-prefixed messages on an agent's `@control` channel.
+
+pub mod certs;
+pub mod control;
+pub mod discovery;
+pub mod names;
+
+/// Version of the tunnel protocol spoken on the `@control` channel and advertised by discovery.
+pub const PROTOCOL_VERSION: u32 = 1;
