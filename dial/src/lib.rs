@@ -1,1 +1,17 @@
-pub fn x() {}
+//! # postern-dial: reaching a Postern proxy
+//!
+//! What an agent and a client both do before their paths part: ask the proxy's web listener where
+//! its tunnel is ([`web`]), then log in to the tunnel listener over SSH with an OpenSSH
+//! certificate, checking the proxy's own host certificate against the cluster's host CA
+//! ([`ssh`]).
+//!
+//! ## Layout
+//! - [`web`]: HTTPS `GET /webapi/ping|find` with certificate pinning, and tunnel-address discovery.
+//! - [`ssh`]: client config, proxy host-certificate verification, certificate login.
+//! - [`error`]: [`DialError`], what went wrong and what to do about it.
+
+pub mod error;
+pub mod ssh;
+pub mod web;
+
+pub use error::DialError;

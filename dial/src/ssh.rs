@@ -1,0 +1,226 @@
+//! SSH to a proxy's tunnel listener: config, host verification, certificate login.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use russh::client::{self, Handle};
+use russh::keys::ssh_key::{Algorithm, Certificate, Fingerprint, PrivateKey, PublicKey};
+use russh::keys::{HashAlg, PublicKeyOrCertificate};
+use tunnel_proto::certs::{ca_fingerprint, check_proxy_cert};
+
+use crate::DialError;
+
+/// Deadline for TCP connect, key exchange and login together.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A private key and the OpenSSH certificate that goes with it.
+#[derive(Clone)]
+pub struct Identity {
+    /// The private key (its public half is in `cert`).
+    pub key: Arc<PrivateKey>,
+    /// The certificate presented at login.
+    pub cert: Certificate,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("key", &"MASKED")
+            .field("cert_key_id", &self.cert.key_id())
+            .finish()
+    }
+}
+
+impl Identity {
+    /// Loads an OpenSSH private key file and certificate file, checking they belong together.
+    pub fn load(key_path: &Path, cert_path: &Path) -> Result<Identity, DialError> {
+        let key = PrivateKey::read_openssh_file(key_path)
+            .map_err(|e| DialError::Config(format!("private key {}: {e}", key_path.display())))?;
+        let cert_text = std::fs::read_to_string(cert_path)
+            .map_err(|e| DialError::Config(format!("certificate {}: {e}", cert_path.display())))?;
+        let cert = Certificate::from_openssh(cert_text.trim())
+            .map_err(|e| DialError::Config(format!("certificate {}: {e}", cert_path.display())))?;
+        Identity::new(key, cert).map_err(|e| {
+            DialError::Config(format!(
+                "{} and {}: {e}",
+                key_path.display(),
+                cert_path.display()
+            ))
+        })
+    }
+
+    /// Pairs a key and certificate, checking the certificate is for that key.
+    pub fn new(key: PrivateKey, cert: Certificate) -> Result<Identity, String> {
+        if cert.public_key() != key.public_key().key_data() {
+            return Err("the certificate is not for this private key".into());
+        }
+        Ok(Identity {
+            key: Arc::new(key),
+            cert,
+        })
+    }
+}
+
+/// Parses OpenSSH public-key lines (`ssh-ed25519 AAAA... comment`), as trust lists hold CA keys.
+/// Also accepts `@cert-authority <hosts> <key>` known_hosts lines.
+pub fn parse_ca_lines(lines: &[String]) -> Result<Vec<Fingerprint>, String> {
+    lines
+        .iter()
+        .map(|line| {
+            let mut l = line.trim();
+            if let Some(rest) = l.strip_prefix("@cert-authority") {
+                // "@cert-authority <host-patterns> <key>": drop the patterns.
+                l = rest.trim_start();
+                l = l
+                    .split_once(char::is_whitespace)
+                    .map(|x| x.1)
+                    .unwrap_or(l)
+                    .trim();
+            }
+            PublicKey::from_openssh(l)
+                .map(|k| ca_fingerprint(&k))
+                .map_err(|e| format!("'{}': {e}", l.chars().take(40).collect::<String>()))
+        })
+        .collect()
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Decides whether the proxy we dialled is the one we meant: its host certificate must be signed
+/// by a trusted host CA and list the host name we dialled; or its plain key must be pinned.
+#[derive(Debug, Clone)]
+pub struct ProxyVerifier {
+    /// Host name or address the caller dialled (checked against the certificate's principals).
+    pub host: String,
+    /// Fingerprints of the trusted host CA keys.
+    pub trusted_cas: Vec<Fingerprint>,
+    /// Fingerprints of plain host keys trusted without a certificate (pinning).
+    pub pinned_keys: Vec<Fingerprint>,
+    /// Why the last check failed, to put into the error the caller sees.
+    last_error: Arc<Mutex<Option<String>>>,
+}
+
+impl ProxyVerifier {
+    /// A verifier for `host` trusting these CAs and pinned keys.
+    pub fn new(host: &str, trusted_cas: Vec<Fingerprint>, pinned_keys: Vec<Fingerprint>) -> Self {
+        ProxyVerifier {
+            host: host.to_owned(),
+            trusted_cas,
+            pinned_keys,
+            last_error: Arc::default(),
+        }
+    }
+
+    /// Checks what the proxy presented; records the reason when it fails.
+    pub fn verify(&self, presented: &PublicKeyOrCertificate) -> bool {
+        let result = match presented {
+            PublicKeyOrCertificate::Certificate(cert) => {
+                check_proxy_cert(cert, &self.host, now_unix(), &self.trusted_cas)
+                    .map_err(|e| e.to_string())
+            }
+            PublicKeyOrCertificate::PublicKey { key, .. } => {
+                if self.pinned_keys.contains(&key.fingerprint(HashAlg::Sha256)) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "the proxy presented a plain host key ({}) with no certificate, and it is not pinned",
+                        key.fingerprint(HashAlg::Sha256)
+                    ))
+                }
+            }
+        };
+        match result {
+            Ok(()) => true,
+            Err(e) => {
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                false
+            }
+        }
+    }
+
+    fn take_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+}
+
+/// The russh client config Postern uses: modern algorithms only, host certificates requested,
+/// keepalives on.
+pub fn client_config(keepalive: Duration) -> client::Config {
+    let mut config = client::Config {
+        keepalive_interval: Some(keepalive),
+        keepalive_max: 3,
+        inactivity_timeout: None,
+        nodelay: true,
+        ..Default::default()
+    };
+    config.preferred.host_key_certificates = std::borrow::Cow::Borrowed(&[Algorithm::Ed25519]);
+    config
+}
+
+/// Connects to `addr`, verifies the proxy with `verifier` (the handler must call
+/// [`ProxyVerifier::verify`] from `check_server_key`), and logs in as `login` with `identity`.
+pub async fn login<H>(
+    addr: &str,
+    config: Arc<client::Config>,
+    handler: H,
+    verifier: &ProxyVerifier,
+    login: &str,
+    identity: &Identity,
+) -> Result<Handle<H>, DialError>
+where
+    H: client::Handler<Error = russh::Error> + Send + 'static,
+{
+    let fut = async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|source| DialError::Connect {
+                addr: addr.to_owned(),
+                source,
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let mut handle = client::connect_stream(config, tcp, handler)
+            .await
+            .map_err(|source| match source {
+                russh::Error::UnknownKey => DialError::HostVerification {
+                    addr: addr.to_owned(),
+                    detail: verifier
+                        .take_error()
+                        .unwrap_or_else(|| "host key not trusted".into()),
+                },
+                source => DialError::Ssh {
+                    addr: addr.to_owned(),
+                    source,
+                },
+            })?;
+        let result = handle
+            .authenticate_openssh_cert(login, identity.key.clone(), identity.cert.clone())
+            .await
+            .map_err(|source| DialError::Ssh {
+                addr: addr.to_owned(),
+                source,
+            })?;
+        if !result.success() {
+            return Err(DialError::AuthRefused {
+                addr: addr.to_owned(),
+                login: login.to_owned(),
+            });
+        }
+        Ok(handle)
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
+        .await
+        .map_err(|_| DialError::Timeout {
+            what: "SSH handshake and login",
+            addr: addr.to_owned(),
+            after: HANDSHAKE_TIMEOUT,
+        })?
+}

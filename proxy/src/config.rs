@@ -1,0 +1,376 @@
+//! The proxy's configuration: one TOML file, every field defaulted, validated in one place.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tunnel_proto::names::validate_cluster;
+
+/// The whole proxy configuration (`proxy.toml`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// This proxy's id, advertised by discovery. Default: read from (or written once to)
+    /// `<data_dir>/proxy_id`.
+    pub proxy_id: Option<String>,
+    /// Where generated keys and certificates live. Default `/var/lib/postern-proxy`.
+    pub data_dir: PathBuf,
+    /// Listen addresses.
+    pub listen: ListenConfig,
+    /// Addresses the proxy is reached at from outside (behind a load balancer).
+    pub public: PublicConfig,
+    /// The web listener's TLS certificate.
+    pub web_tls: WebTlsConfig,
+    /// The tunnel listener's SSH settings.
+    pub ssh: SshConfig,
+    /// Connection limits.
+    pub limits: LimitsConfig,
+    /// Graceful shutdown.
+    pub shutdown: ShutdownConfig,
+    /// Clusters this proxy routes to, each with the CAs it trusts.
+    pub clusters: Vec<ClusterConfig>,
+}
+
+/// Listen addresses of the three listeners.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// HTTPS discovery. Default `0.0.0.0:3080`.
+    pub web: SocketAddr,
+    /// SSH tunnel listener. Default `0.0.0.0:3024`.
+    pub tunnel: SocketAddr,
+    /// Plain-HTTP ops listener (`/metrics`, `/healthz`, `/readyz`). Default `127.0.0.1:3081`.
+    pub ops: SocketAddr,
+}
+
+/// Public addresses advertised by discovery.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PublicConfig {
+    /// `host:port` of the web listener as clients reach it.
+    pub web_addr: Option<String>,
+    /// `host:port` of the tunnel listener as agents and clients reach it.
+    pub tunnel_addr: Option<String>,
+}
+
+/// Web TLS certificate files; both absent means a self-signed certificate in the data dir.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebTlsConfig {
+    /// PEM certificate chain.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key.
+    pub key_file: Option<PathBuf>,
+}
+
+/// SSH settings of the tunnel listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SshConfig {
+    /// OpenSSH private host key. Default `<data_dir>/ssh_host_ed25519_key` (generated if absent).
+    pub host_key_file: Option<PathBuf>,
+    /// OpenSSH host certificate for that key. Default `<host_key_file>-cert.pub`, used if present.
+    pub host_cert_file: Option<PathBuf>,
+    /// Seconds between keepalives when a peer is quiet. Default 15 (well under the 60 s idle
+    /// timeout of common load balancers).
+    pub keepalive_interval_secs: u64,
+    /// Unanswered keepalives before the connection is dropped. Default 3.
+    pub keepalive_max: usize,
+    /// Seconds from TCP accept to a successful login before the connection is closed. Default 10.
+    pub handshake_timeout_secs: u64,
+}
+
+/// Connection limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Connections that have not finished logging in, at most. Default 1024.
+    pub max_unauthenticated: usize,
+    /// Streams open through one agent tunnel, at most. Default 10000.
+    pub max_streams_per_tunnel: usize,
+}
+
+/// Graceful shutdown.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// Seconds open streams get to finish after SIGTERM. Default 30.
+    pub grace_secs: u64,
+}
+
+/// One cluster the proxy routes to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Cluster name (`example`); streams name targets as `<target>.<name>`.
+    pub name: String,
+    /// OpenSSH public-key lines of the host CA that signs agent certificates (several while
+    /// rotating).
+    pub host_ca: Vec<String>,
+    /// OpenSSH public-key lines of the user CA that signs client certificates.
+    pub user_ca: Vec<String>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            proxy_id: None,
+            data_dir: PathBuf::from("/var/lib/postern-proxy"),
+            listen: ListenConfig::default(),
+            public: PublicConfig::default(),
+            web_tls: WebTlsConfig::default(),
+            ssh: SshConfig::default(),
+            limits: LimitsConfig::default(),
+            shutdown: ShutdownConfig::default(),
+            clusters: Vec::new(),
+        }
+    }
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            web: ([0, 0, 0, 0], tunnel_proto::names::DEFAULT_WEB_PORT).into(),
+            tunnel: ([0, 0, 0, 0], tunnel_proto::names::DEFAULT_TUNNEL_PORT).into(),
+            ops: ([127, 0, 0, 1], 3081).into(),
+        }
+    }
+}
+
+impl Default for SshConfig {
+    fn default() -> Self {
+        SshConfig {
+            host_key_file: None,
+            host_cert_file: None,
+            keepalive_interval_secs: 15,
+            keepalive_max: 3,
+            handshake_timeout_secs: 10,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_unauthenticated: 1024,
+            max_streams_per_tunnel: 10_000,
+        }
+    }
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig { grace_secs: 30 }
+    }
+}
+
+/// A configuration problem, naming the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or named an unknown field.
+    #[error("config {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What toml said, with line and column.
+        message: String,
+    },
+    /// A field has a bad value.
+    #[error("config field `{field}`: {message}")]
+    Invalid {
+        /// Dotted field name.
+        field: String,
+        /// What is wrong and what is expected.
+        message: String,
+    },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+impl ProxyConfig {
+    /// Reads and parses a TOML file (not yet validated).
+    pub fn from_file(path: &Path) -> Result<ProxyConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Parses TOML text (not yet validated).
+    pub fn from_toml(text: &str) -> Result<ProxyConfig, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Checks every field; the error names the first bad one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(id) = &self.proxy_id {
+            tunnel_proto::names::validate_label("proxy id", id)
+                .map_err(|e| invalid("proxy_id", e.to_string()))?;
+        }
+        if self.ssh.keepalive_interval_secs == 0 || self.ssh.keepalive_interval_secs > 3600 {
+            return Err(invalid("ssh.keepalive_interval_secs", "must be 1..=3600"));
+        }
+        if self.ssh.keepalive_max == 0 {
+            return Err(invalid("ssh.keepalive_max", "must be at least 1"));
+        }
+        if self.ssh.handshake_timeout_secs == 0 || self.ssh.handshake_timeout_secs > 300 {
+            return Err(invalid("ssh.handshake_timeout_secs", "must be 1..=300"));
+        }
+        if self.limits.max_unauthenticated == 0 {
+            return Err(invalid("limits.max_unauthenticated", "must be at least 1"));
+        }
+        if self.limits.max_streams_per_tunnel == 0 {
+            return Err(invalid(
+                "limits.max_streams_per_tunnel",
+                "must be at least 1",
+            ));
+        }
+        if self.web_tls.cert_file.is_some() != self.web_tls.key_file.is_some() {
+            return Err(invalid(
+                "web_tls",
+                "set both cert_file and key_file, or neither (self-signed)",
+            ));
+        }
+        for (field, addr) in [
+            ("public.web_addr", &self.public.web_addr),
+            ("public.tunnel_addr", &self.public.tunnel_addr),
+        ] {
+            if let Some(a) = addr
+                && tunnel_proto::discovery::split_host_port(a).is_none()
+            {
+                return Err(invalid(field, format!("'{a}' is not host:port")));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, c) in self.clusters.iter().enumerate() {
+            validate_cluster(&c.name)
+                .map_err(|e| invalid(format!("clusters[{i}].name"), e.to_string()))?;
+            if !seen.insert(&c.name) {
+                return Err(invalid(
+                    format!("clusters[{i}].name"),
+                    format!("cluster '{}' listed twice", c.name),
+                ));
+            }
+            for (field, lines) in [("host_ca", &c.host_ca), ("user_ca", &c.user_ca)] {
+                if lines.is_empty() {
+                    return Err(invalid(
+                        format!("clusters[{i}].{field}"),
+                        "list at least one OpenSSH public-key line",
+                    ));
+                }
+                postern_ssh_lines(lines)
+                    .map_err(|e| invalid(format!("clusters[{i}].{field}"), e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Keepalive interval.
+    pub fn keepalive(&self) -> Duration {
+        Duration::from_secs(self.ssh.keepalive_interval_secs)
+    }
+
+    /// Handshake timeout.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.ssh.handshake_timeout_secs)
+    }
+
+    /// Shutdown grace period.
+    pub fn grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown.grace_secs)
+    }
+
+    /// Path of the SSH host key.
+    pub fn host_key_path(&self) -> PathBuf {
+        self.ssh
+            .host_key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("ssh_host_ed25519_key"))
+    }
+
+    /// Path of the SSH host certificate.
+    pub fn host_cert_path(&self) -> PathBuf {
+        self.ssh.host_cert_file.clone().unwrap_or_else(|| {
+            let mut p = self.host_key_path().into_os_string();
+            p.push("-cert.pub");
+            PathBuf::from(p)
+        })
+    }
+}
+
+fn postern_ssh_lines(lines: &[String]) -> Result<(), String> {
+    for line in lines {
+        russh::keys::ssh_key::PublicKey::from_openssh(line.trim()).map_err(|e| {
+            format!(
+                "not an OpenSSH public key line ({e}): '{}'",
+                line.chars().take(40).collect::<String>()
+            )
+        })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = ProxyConfig::from_toml("").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.listen.tunnel.port(), 3024);
+        assert_eq!(c.listen.ops.to_string(), "127.0.0.1:3081");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = ProxyConfig::from_toml("nonsense = 1").unwrap_err();
+        assert!(e.contains("nonsense"), "{e}");
+        let mut c = ProxyConfig::default();
+        c.ssh.keepalive_interval_secs = 0;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("ssh.keepalive_interval_secs")
+        );
+        let c = ProxyConfig::from_toml(
+            "[[clusters]]\nname = \"Bad Name\"\nhost_ca = []\nuser_ca = []\n",
+        )
+        .unwrap();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("clusters[0].name")
+        );
+        let c = ProxyConfig::from_toml(
+            "[[clusters]]\nname = \"ok\"\nhost_ca = [\"ssh-ed25519 garbage\"]\nuser_ca = []\n",
+        )
+        .unwrap();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("clusters[0].host_ca")
+        );
+    }
+}

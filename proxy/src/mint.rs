@@ -1,0 +1,164 @@
+//! Minting SSH CAs, keys and certificates (`postern-proxy certs ...`), until the Auth server
+//! issues them.
+
+use std::io::Write;
+use std::path::Path;
+
+use russh::keys::ssh_key::certificate::{Builder, CertType};
+use russh::keys::ssh_key::{Algorithm, Certificate, LineEnding, PrivateKey, PublicKey};
+use tunnel_proto::names::{EXT_CLUSTER, EXT_ROLE, ROLE_AUTH, agent_principal};
+
+/// What a certificate is for.
+#[derive(Debug, Clone)]
+pub enum CertSpec {
+    /// An agent's host certificate: principal `<host-id>.<cluster>`, Postern extensions.
+    Agent {
+        /// The agent's host id.
+        host_id: String,
+        /// Its cluster.
+        cluster: String,
+    },
+    /// A client's user certificate for the login `user`.
+    User {
+        /// The user name (principal).
+        user: String,
+    },
+    /// A proxy's host certificate, listing every name it is dialled by.
+    Proxy {
+        /// Host names and addresses.
+        principals: Vec<String>,
+    },
+}
+
+/// A minting failure.
+#[derive(Debug, thiserror::Error)]
+pub enum MintError {
+    /// ssh-key refused to build or sign.
+    #[error("cannot mint certificate: {0}")]
+    Key(#[from] russh::keys::ssh_key::Error),
+    /// A file could not be written or read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// A new Ed25519 key.
+pub fn generate_key() -> PrivateKey {
+    PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).expect("ed25519 key generation")
+}
+
+/// Signs a certificate for `subject` valid from `valid_after` to `valid_before` (unix seconds).
+pub fn issue(
+    ca: &PrivateKey,
+    subject: &PublicKey,
+    spec: &CertSpec,
+    valid_after: u64,
+    valid_before: u64,
+) -> Result<Certificate, MintError> {
+    let mut b = Builder::new_with_random_nonce(
+        &mut rand::rng(),
+        subject.key_data().clone(),
+        valid_after,
+        valid_before,
+    )?;
+    match spec {
+        CertSpec::Agent { host_id, cluster } => {
+            let principal = agent_principal(host_id, cluster);
+            b.cert_type(CertType::Host)?
+                .key_id(format!("agent {principal}"))?
+                .valid_principal(principal)?
+                .extension(EXT_CLUSTER, cluster.clone())?
+                .extension(EXT_ROLE, ROLE_AUTH)?;
+        }
+        CertSpec::User { user } => {
+            b.cert_type(CertType::User)?
+                .key_id(format!("user {user}"))?
+                .valid_principal(user.clone())?
+                // What OpenSSH grants by default; the proxy only uses the login.
+                .extension("permit-port-forwarding", "")?;
+        }
+        CertSpec::Proxy { principals } => {
+            b.cert_type(CertType::Host)?
+                .key_id(format!("proxy {}", principals.join(",")))?;
+            for p in principals {
+                b.valid_principal(p.clone())?;
+            }
+        }
+    }
+    Ok(b.sign(ca)?)
+}
+
+/// Current unix time in seconds.
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> MintError + '_ {
+    move |source| MintError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Writes `contents` to `path` with the given mode, creating the parent directory (0700).
+pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), MintError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_err(dir))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .map_err(io_err(path))?;
+    // The mode of open() only applies to new files: tighten an existing one too.
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(io_err(path))?;
+    f.write_all(contents).map_err(io_err(path))?;
+    Ok(())
+}
+
+/// Writes a private key (0600) and its `.pub` (0644).
+pub fn write_key_pair(path: &Path, key: &PrivateKey) -> Result<(), MintError> {
+    let pem = key.to_openssh(LineEnding::LF)?;
+    write_file(path, pem.as_bytes(), 0o600)?;
+    let public = key.public_key().to_openssh()?;
+    write_file(&pub_path(path), format!("{public}\n").as_bytes(), 0o644)
+}
+
+/// Writes a certificate in OpenSSH one-line form (0644).
+pub fn write_cert(path: &Path, cert: &Certificate) -> Result<(), MintError> {
+    write_file(path, format!("{}\n", cert.to_openssh()?).as_bytes(), 0o644)
+}
+
+/// `<path>.pub`.
+pub fn pub_path(path: &Path) -> std::path::PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".pub");
+    p.into()
+}
+
+/// `<path>-cert.pub`, where OpenSSH looks for a key's certificate.
+pub fn cert_path(path: &Path) -> std::path::PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push("-cert.pub");
+    p.into()
+}
+
+/// Reads an OpenSSH private key file.
+pub fn read_key(path: &Path) -> Result<PrivateKey, MintError> {
+    PrivateKey::read_openssh_file(path).map_err(MintError::Key)
+}

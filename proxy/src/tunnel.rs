@@ -1,0 +1,719 @@
+//! The tunnel listener: an SSH server for agents (host certificates, `tcpip-forward`) and clients
+//! (user certificates, `direct-tcpip` to `<target>.<cluster>`), and the splice between them.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use metrics::{counter, gauge, histogram};
+use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, Session};
+use russh::{Channel, ChannelMsg, ChannelOpenFailure, Disconnect, MethodKind, MethodSet};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+use tunnel_proto::certs::{
+    CertError, Certificate, check_agent_cert, check_user_cert, signer_fingerprint,
+};
+use tunnel_proto::control::Message;
+use tunnel_proto::names::{
+    AGENT_LOGIN_PREFIX, CONTROL_HOST, NameError, StreamTarget, validate_label,
+};
+
+use crate::metrics as m;
+use crate::routing::{RoutingTable, Tunnel};
+use crate::trust::Trust;
+
+/// Deadline for an agent to answer a `forwarded-tcpip` open.
+const AGENT_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// State shared by every tunnel-listener connection.
+pub struct TunnelShared {
+    /// Which CAs each cluster trusts.
+    pub trust: Trust,
+    /// Live agent tunnels.
+    pub routing: RoutingTable,
+    /// russh server settings (host key, algorithms, keepalives).
+    pub ssh_config: Arc<russh::server::Config>,
+    /// Accept to login deadline.
+    pub handshake_timeout: Duration,
+    /// Streams per tunnel, at most.
+    pub max_streams_per_tunnel: usize,
+    /// Seconds agents are told they have to move, on drain.
+    pub grace_secs: u32,
+    /// This proxy's id (control hello).
+    pub proxy_id: String,
+    /// Cancelled when shutdown begins: stop accepting, tell agents to drain.
+    pub draining: CancellationToken,
+    /// Cancelled when the grace period is over: close everything.
+    pub hard_stop: CancellationToken,
+    /// Every client stream's splice task.
+    pub streams: TaskTracker,
+    next_id: AtomicU64,
+}
+
+impl TunnelShared {
+    /// Shared state with an empty routing table.
+    pub fn new(
+        trust: Trust,
+        ssh_config: Arc<russh::server::Config>,
+        handshake_timeout: Duration,
+        max_streams_per_tunnel: usize,
+        grace_secs: u32,
+        proxy_id: String,
+    ) -> Self {
+        TunnelShared {
+            trust,
+            routing: RoutingTable::default(),
+            ssh_config,
+            handshake_timeout,
+            max_streams_per_tunnel,
+            grace_secs,
+            proxy_id,
+            draining: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+            streams: TaskTracker::new(),
+            next_id: AtomicU64::new(1),
+        }
+    }
+}
+
+/// Accepts tunnel connections until `draining` is cancelled. Each connection gets one task,
+/// tracked by `conns`; a semaphore bounds connections that have not logged in yet.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<TunnelShared>,
+    max_unauthenticated: usize,
+    conns: TaskTracker,
+) {
+    let unauthenticated = Arc::new(Semaphore::new(max_unauthenticated));
+    loop {
+        let permit = tokio::select! {
+            _ = shared.draining.cancelled() => break,
+            p = unauthenticated.clone().acquire_owned() => p.expect("semaphore never closed"),
+        };
+        let (socket, peer) = tokio::select! {
+            _ = shared.draining.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "tunnel accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let shared = shared.clone();
+        let span = info_span!("conn", %peer);
+        conns.spawn(serve_conn(shared, socket, peer, permit).instrument(span));
+    }
+    debug!("tunnel listener stopped accepting");
+}
+
+/// What the connection task and the russh handler both see.
+#[derive(Default)]
+struct ConnState {
+    /// Signalled once login succeeded.
+    authed: Notify,
+    /// Signalled when a certificate was refused: the task closes the connection.
+    refused: Notify,
+    /// The agent's tunnel, once it registered a target.
+    tunnel: OnceLock<Arc<Tunnel>>,
+    /// Whether a login attempt reached Postern's own checks.
+    attempt_seen: AtomicBool,
+    /// Whether the login was an agent's.
+    is_agent: AtomicBool,
+    /// Whether the client finished key exchange and asked for user authentication.
+    auth_started: AtomicBool,
+}
+
+async fn serve_conn(
+    shared: Arc<TunnelShared>,
+    socket: TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+) {
+    let started = Instant::now();
+    let _ = socket.set_nodelay(true);
+    let state = Arc::new(ConnState::default());
+    let handler = Conn {
+        shared: shared.clone(),
+        peer,
+        state: state.clone(),
+        role: None,
+    };
+    let deadline = tokio::time::Instant::now() + shared.handshake_timeout;
+    let session = match tokio::time::timeout_at(
+        deadline,
+        russh::server::run_stream(shared.ssh_config.clone(), socket, handler),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            debug!(error = %e, "not an SSH client");
+            counter!(m::CONNECTIONS_DROPPED, "reason" => "protocol").increment(1);
+            return;
+        }
+        Err(_) => {
+            info!("closed: no SSH identification before the handshake timeout");
+            counter!(m::CONNECTIONS_DROPPED, "reason" => "handshake_timeout").increment(1);
+            return;
+        }
+    };
+    let handle = session.handle();
+    tokio::pin!(session);
+    let close = |why: &'static str| {
+        let handle = handle.clone();
+        async move {
+            let _ = handle
+                .disconnect(Disconnect::ByApplication, why.into(), String::new())
+                .await;
+        }
+    };
+    tokio::select! {
+        r = &mut session => {
+            if let Err(e) = r {
+                debug!(error = %e, "session ended before login");
+            }
+            if state.auth_started.load(Ordering::Relaxed) && !state.attempt_seen.load(Ordering::Relaxed) {
+                // russh refuses expired, not-yet-valid and badly signed certificates before
+                // calling Postern: all we learn is that a login started and never reached us.
+                warn!(reason = "rejected_by_ssh_layer", "login refused: certificate expired, not yet valid or badly signed");
+                counter!(m::AUTH_FAILURES, "reason" => "rejected_by_ssh_layer").increment(1);
+            } else {
+                counter!(m::CONNECTIONS_DROPPED, "reason" => "protocol").increment(1);
+            }
+            return;
+        }
+        _ = state.authed.notified() => {}
+        _ = state.refused.notified() => {
+            close("certificate refused").await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), &mut session).await;
+            return;
+        }
+        _ = tokio::time::sleep_until(deadline) => {
+            info!("closed: login not completed before the handshake timeout");
+            counter!(m::CONNECTIONS_DROPPED, "reason" => "handshake_timeout").increment(1);
+            close("handshake timeout").await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), &mut session).await;
+            return;
+        }
+    }
+    drop(permit);
+    let role = if state.tunnel.get().is_some() || state.is_agent.load(Ordering::Relaxed) {
+        "agent"
+    } else {
+        "client"
+    };
+    histogram!(m::HANDSHAKE_SECONDS, "role" => role).record(started.elapsed().as_secs_f64());
+    let result = tokio::select! {
+        r = &mut session => r.map_err(|e| e.to_string()),
+        _ = shared.hard_stop.cancelled() => {
+            close("proxy shutting down").await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), &mut session).await;
+            Err("shutdown".into())
+        }
+    };
+    if let Some(t) = state.tunnel.get() {
+        shared.routing.remove(&t.cluster, t.id);
+        gauge!(m::TUNNELS_CONNECTED, "cluster" => t.cluster.clone())
+            .set(shared.routing.count(&t.cluster) as f64);
+        let reason = match &result {
+            Ok(()) => "closed",
+            Err(e) if e == "shutdown" => "shutdown",
+            Err(_) => "error",
+        };
+        counter!(m::TUNNEL_DISCONNECTS, "cluster" => t.cluster.clone(), "reason" => reason)
+            .increment(1);
+        info!(cluster = %t.cluster, host_id = %t.host_id, reason, uptime_s = started.elapsed().as_secs(), "tunnel closed");
+    } else if let Err(e) = result {
+        debug!(error = %e, "session ended");
+    }
+}
+
+/// Who a logged-in connection is.
+enum Role {
+    /// An agent with an accepted host certificate.
+    Agent { host_id: String, cluster: String },
+    /// A client with an accepted user certificate of `cluster`.
+    Client { user: String, cluster: String },
+}
+
+/// The russh handler of one tunnel-listener connection.
+struct Conn {
+    shared: Arc<TunnelShared>,
+    peer: SocketAddr,
+    state: Arc<ConnState>,
+    role: Option<Role>,
+}
+
+fn reject_reason(code: ChannelOpenFailure, reason: impl Into<String>) -> ChannelOpenFailure {
+    ChannelOpenFailure::Other {
+        code: code.code(),
+        reason: reason.into(),
+    }
+}
+
+impl Conn {
+    fn refuse(&self, login: &str, reason: &'static str, detail: &str) -> Auth {
+        warn!(peer = %self.peer, login, reason, detail, "login refused");
+        counter!(m::AUTH_FAILURES, "reason" => reason).increment(1);
+        self.state.refused.notify_one();
+        Auth::Reject {
+            proceed_with_methods: Some(MethodSet::empty()),
+            partial_success: false,
+        }
+    }
+
+    fn check(&self, login: &str, cert: &Certificate) -> Result<Role, (&'static str, String)> {
+        let now = crate::mint::now_unix();
+        let cert_err = |e: CertError| (e.reason(), e.to_string());
+        if let Some(principal) = login.strip_prefix(AGENT_LOGIN_PREFIX) {
+            let (host_id, cluster) = principal.split_once('.').ok_or((
+                "bad_login",
+                format!("agent login '{login}' is not @agent/<host-id>.<cluster>"),
+            ))?;
+            validate_label("host id", host_id).map_err(|e| ("bad_login", e.to_string()))?;
+            let trust = self.shared.trust.cluster(cluster).ok_or((
+                "unknown_cluster",
+                format!("this proxy does not serve cluster '{cluster}'"),
+            ))?;
+            check_agent_cert(cert, host_id, cluster, now, &trust.host_cas).map_err(cert_err)?;
+            Ok(Role::Agent {
+                host_id: host_id.to_owned(),
+                cluster: cluster.to_owned(),
+            })
+        } else {
+            let signer = signer_fingerprint(cert);
+            let Some((cluster, trust)) = self.shared.trust.cluster_of_user_ca(&signer) else {
+                // Maybe a host certificate of a known host CA: say so precisely.
+                if self.shared.trust.is_host_ca(&signer) {
+                    return Err(cert_err(CertError::WrongType {
+                        expected: "user",
+                        got: "host",
+                    }));
+                }
+                return Err(cert_err(CertError::UntrustedCa(signer.to_string())));
+            };
+            check_user_cert(cert, login, now, &trust.user_cas).map_err(cert_err)?;
+            Ok(Role::Client {
+                user: login.to_owned(),
+                cluster: cluster.to_owned(),
+            })
+        }
+    }
+
+    /// Gets or creates this agent connection's tunnel.
+    fn tunnel(&self, session: &Session) -> Option<Arc<Tunnel>> {
+        let Some(Role::Agent { host_id, cluster }) = &self.role else {
+            return None;
+        };
+        Some(
+            self.state
+                .tunnel
+                .get_or_init(|| {
+                    Arc::new(Tunnel::new(
+                        self.shared.next_id.fetch_add(1, Ordering::Relaxed),
+                        host_id.clone(),
+                        cluster.clone(),
+                        self.peer.to_string(),
+                        session.handle(),
+                    ))
+                })
+                .clone(),
+        )
+    }
+}
+
+impl Handler for Conn {
+    type Error = russh::Error;
+
+    async fn authentication_banner(&mut self) -> Result<Option<String>, Self::Error> {
+        self.state.auth_started.store(true, Ordering::Relaxed);
+        Ok(None)
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        _key: russh::server::VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        self.state.attempt_seen.store(true, Ordering::Relaxed);
+        // A plain key may be one of several a client tries before its certificate: refuse it
+        // without closing; the handshake timeout and max_auth_attempts bound the retries.
+        warn!(peer = %self.peer, login = user, reason = "no_certificate", "login refused: plain public key without a certificate");
+        counter!(m::AUTH_FAILURES, "reason" => "no_certificate").increment(1);
+        Ok(Auth::Reject {
+            proceed_with_methods: None,
+            partial_success: false,
+        })
+    }
+
+    async fn auth_openssh_certificate(
+        &mut self,
+        user: &str,
+        certificate: &Certificate,
+    ) -> Result<Auth, Self::Error> {
+        self.state.attempt_seen.store(true, Ordering::Relaxed);
+        match self.check(user, certificate) {
+            Ok(role) => {
+                let (kind, who) = match &role {
+                    Role::Agent { host_id, cluster } => ("agent", format!("{host_id}.{cluster}")),
+                    Role::Client { user, cluster } => ("client", format!("{user}@{cluster}")),
+                };
+                info!(peer = %self.peer, role = kind, who, "login accepted");
+                self.state
+                    .is_agent
+                    .store(matches!(role, Role::Agent { .. }), Ordering::Relaxed);
+                self.role = Some(role);
+                self.state.authed.notify_one();
+                Ok(Auth::Accept)
+            }
+            Err((reason, detail)) => Ok(self.refuse(user, reason, &detail)),
+        }
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        _port: &mut u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let Some(tunnel) = self.tunnel(session) else {
+            warn!(peer = %self.peer, target = address, "tcpip-forward refused: only agents register targets");
+            return Ok(false);
+        };
+        if let Err(e) = validate_label("target", address) {
+            warn!(cluster = %tunnel.cluster, host_id = %tunnel.host_id, error = %e, "tcpip-forward refused");
+            return Ok(false);
+        }
+        let first = self.shared.routing.count(&tunnel.cluster) == 0
+            || !self.shared.routing.all().iter().any(|t| t.id == tunnel.id);
+        tunnel.add_target(address);
+        self.shared.routing.insert(tunnel.clone());
+        if first {
+            counter!(m::TUNNEL_CONNECTS, "cluster" => tunnel.cluster.clone()).increment(1);
+            info!(cluster = %tunnel.cluster, host_id = %tunnel.host_id, peer = %self.peer, "tunnel up");
+        }
+        gauge!(m::TUNNELS_CONNECTED, "cluster" => tunnel.cluster.clone())
+            .set(self.shared.routing.count(&tunnel.cluster) as f64);
+        info!(cluster = %tunnel.cluster, host_id = %tunnel.host_id, target = address, "target registered");
+        Ok(true)
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        _port: u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        Ok(self
+            .tunnel(session)
+            .is_some_and(|t| t.remove_target(address)))
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        match &self.role {
+            Some(Role::Agent { host_id, cluster }) => {
+                if host_to_connect != CONTROL_HOST {
+                    reply
+                        .reject(reject_reason(
+                            ChannelOpenFailure::AdministrativelyProhibited,
+                            "agents may only open @control",
+                        ))
+                        .await;
+                    return Ok(());
+                }
+                reply.accept().await;
+                let span = info_span!("control", %cluster, %host_id);
+                self.shared
+                    .streams
+                    .spawn(control(channel, self.shared.clone()).instrument(span));
+            }
+            Some(Role::Client { user, cluster }) => {
+                let open = OpenRequest {
+                    user: user.clone(),
+                    cluster: cluster.clone(),
+                    host: host_to_connect.to_owned(),
+                    port: port_to_connect,
+                    originator: (originator_address.to_owned(), originator_port),
+                };
+                match self.route(&open) {
+                    Ok((tunnel, target)) => {
+                        let span = info_span!("stream", user = %open.user, cluster = %target.cluster, target = %target.target, host_id = %tunnel.host_id);
+                        let shared = self.shared.clone();
+                        self.shared.streams.spawn(
+                            open_stream(shared, tunnel, target, open, channel, reply)
+                                .instrument(span),
+                        );
+                    }
+                    Err((result, why)) => {
+                        info!(user = %open.user, host = %open.host, result, why, "stream refused");
+                        counter!(m::STREAM_OPENS, "result" => result).increment(1);
+                        reply
+                            .reject(reject_reason(ChannelOpenFailure::ConnectFailed, why))
+                            .await;
+                    }
+                }
+            }
+            None => {
+                reply
+                    .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                    .await
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A client's `direct-tcpip` request.
+struct OpenRequest {
+    user: String,
+    cluster: String,
+    host: String,
+    port: u32,
+    originator: (String, u32),
+}
+
+impl Conn {
+    /// Resolves a client's request to a tunnel, or a `(result label, reason)` refusal.
+    fn route(
+        &self,
+        open: &OpenRequest,
+    ) -> Result<(Arc<Tunnel>, StreamTarget), (&'static str, String)> {
+        let target = StreamTarget::parse(&open.host).map_err(|e| {
+            let label = match e {
+                NameError::RawAddress(_) => "raw_address",
+                _ => "bad_target",
+            };
+            (label, e.to_string())
+        })?;
+        if self.shared.trust.cluster(&target.cluster).is_none() {
+            return Err((
+                "unknown_cluster",
+                format!(
+                    "unknown cluster {}: this proxy does not route to it",
+                    target.cluster
+                ),
+            ));
+        }
+        if target.cluster != open.cluster {
+            return Err((
+                "forbidden",
+                format!(
+                    "user {} of cluster {} may not reach cluster {}",
+                    open.user, open.cluster, target.cluster
+                ),
+            ));
+        }
+        let tunnel = self
+            .shared
+            .routing
+            .pick(&target.cluster, &target.target)
+            .map_err(|e| (e.result(), e.to_string()))?;
+        if tunnel.active_streams.load(Ordering::Relaxed) >= self.shared.max_streams_per_tunnel {
+            return Err((
+                "limit",
+                format!(
+                    "tunnel of cluster {} is at its stream limit",
+                    target.cluster
+                ),
+            ));
+        }
+        Ok((tunnel, target))
+    }
+}
+
+/// Opens the agent side of a stream, answers the client, then splices.
+async fn open_stream(
+    shared: Arc<TunnelShared>,
+    tunnel: Arc<Tunnel>,
+    target: StreamTarget,
+    open: OpenRequest,
+    client: Channel<Msg>,
+    reply: ChannelOpenHandle,
+) {
+    let agent = tokio::time::timeout(
+        AGENT_OPEN_TIMEOUT,
+        tunnel.handle.channel_open_forwarded_tcpip(
+            target.target.clone(),
+            open.port,
+            open.originator.0.clone(),
+            open.originator.1,
+        ),
+    )
+    .await;
+    let agent = match agent {
+        Ok(Ok(ch)) => ch,
+        Ok(Err(e)) => {
+            let why = format!(
+                "agent {} of cluster {} could not open target {}: {e}",
+                tunnel.host_id, target.cluster, target.target
+            );
+            info!(%why, "stream refused");
+            counter!(m::STREAM_OPENS, "result" => "agent_refused").increment(1);
+            reply
+                .reject(reject_reason(ChannelOpenFailure::ConnectFailed, why))
+                .await;
+            return;
+        }
+        Err(_) => {
+            counter!(m::STREAM_OPENS, "result" => "agent_timeout").increment(1);
+            reply
+                .reject(reject_reason(
+                    ChannelOpenFailure::ConnectFailed,
+                    "agent did not answer in time",
+                ))
+                .await;
+            return;
+        }
+    };
+    reply.accept().await;
+    counter!(m::STREAM_OPENS, "result" => "ok").increment(1);
+    tunnel.active_streams.fetch_add(1, Ordering::Relaxed);
+    gauge!(m::STREAMS_ACTIVE).increment(1.0);
+    debug!("stream open");
+    let (up, down) = splice(client, agent, &shared.hard_stop).await;
+    tunnel.active_streams.fetch_sub(1, Ordering::Relaxed);
+    gauge!(m::STREAMS_ACTIVE).decrement(1.0);
+    debug!(
+        client_to_agent = up,
+        agent_to_client = down,
+        "stream closed"
+    );
+}
+
+/// Passes channel messages both ways until both sides close. Payload moves as the `Bytes` russh
+/// decrypted into, straight to the other channel's encrypter: no copy buffer on the proxy. The
+/// writer waits for the peer's SSH window, so a slow reader slows its writer.
+pub async fn splice(a: Channel<Msg>, b: Channel<Msg>, stop: &CancellationToken) -> (u64, u64) {
+    let (a_rx, a_tx) = a.split();
+    let (b_rx, b_tx) = b.split();
+    let up = pump(a_rx, b_tx, "client_to_agent");
+    let down = pump(b_rx, a_tx, "agent_to_client");
+    tokio::select! {
+        r = async { tokio::join!(up, down) } => r,
+        _ = stop.cancelled() => (0, 0),
+    }
+}
+
+async fn pump(
+    mut rx: russh::ChannelReadHalf,
+    tx: russh::ChannelWriteHalf<Msg>,
+    direction: &'static str,
+) -> u64 {
+    let bytes = counter!(m::BYTES_PROXIED, "direction" => direction);
+    let mut total = 0u64;
+    while let Some(msg) = rx.wait().await {
+        match msg {
+            ChannelMsg::Data { data } => {
+                let n = data.len() as u64;
+                if tx.data_bytes(data).await.is_err() {
+                    break;
+                }
+                total += n;
+                bytes.increment(n);
+            }
+            ChannelMsg::Eof => {
+                let _ = tx.eof().await;
+            }
+            ChannelMsg::Close => break,
+            _ => {}
+        }
+    }
+    let _ = tx.close().await;
+    total
+}
+
+/// Serves an agent's `@control` channel: hello both ways, the proxy set, drain on shutdown.
+async fn control(channel: Channel<Msg>, shared: Arc<TunnelShared>) {
+    let (mut rx, tx) = channel.split();
+    let mut out = BytesMut::new();
+    let hello = Message::Hello {
+        version: tunnel_proto::PROTOCOL_VERSION,
+        id: shared.proxy_id.clone(),
+    };
+    let set = Message::ProxySet {
+        ids: vec![shared.proxy_id.clone()],
+    };
+    if hello.encode(&mut out).is_err() || set.encode(&mut out).is_err() {
+        return;
+    }
+    if tx.data_bytes(out.split().freeze()).await.is_err() {
+        return;
+    }
+    let mut inbuf = BytesMut::new();
+    let mut drained = false;
+    loop {
+        tokio::select! {
+            msg = rx.wait() => match msg {
+                Some(ChannelMsg::Data { data }) => {
+                    inbuf.extend_from_slice(&data);
+                    loop {
+                        match Message::decode_from(&mut inbuf) {
+                            Ok(Message::Hello { version, id }) => debug!(version, agent = %id, "control hello"),
+                            Ok(Message::Heartbeat { active_streams }) => debug!(active_streams, "heartbeat"),
+                            Ok(other) => debug!(?other, "unexpected control message from agent"),
+                            Err(tunnel_proto::control::DecodeError::Incomplete) => break,
+                            Err(e) => {
+                                warn!(error = %e, "closing control channel");
+                                let _ = tx.close().await;
+                                return;
+                            }
+                        }
+                    }
+                }
+                Some(ChannelMsg::Close) | None => return,
+                Some(_) => {}
+            },
+            _ = shared.draining.cancelled(), if !drained => {
+                drained = true;
+                let drain = Message::Drain { reason: "proxy shutting down".into(), grace_secs: shared.grace_secs };
+                if drain.encode(&mut out).is_ok() {
+                    let _ = tx.data_bytes(out.split().freeze()).await;
+                }
+            }
+            _ = shared.hard_stop.cancelled() => return,
+        }
+    }
+}
+
+/// The russh server config: modern algorithms, public-key login only, keepalives on.
+pub fn ssh_config(
+    host_key: russh::keys::PrivateKey,
+    host_cert: Option<russh::keys::Certificate>,
+    keepalive: Duration,
+    keepalive_max: usize,
+) -> russh::server::Config {
+    russh::server::Config {
+        server_id: russh::SshId::Standard(
+            format!("SSH-2.0-Postern_{}", env!("CARGO_PKG_VERSION")).into(),
+        ),
+        methods: MethodSet::from(&[MethodKind::PublicKey][..]),
+        auth_rejection_time: Duration::from_millis(200),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        keys: vec![host_key],
+        certificates: host_cert.into_iter().collect(),
+        max_auth_attempts: 6,
+        // Liveness is keepalives, not silence: a quiet tunnel is a healthy tunnel.
+        inactivity_timeout: None,
+        keepalive_interval: Some(keepalive),
+        keepalive_max,
+        nodelay: true,
+        ..Default::default()
+    }
+}
