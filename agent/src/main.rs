@@ -1,1 +1,52 @@
-fn main() {}
+//! `postern-agent`: load config, run the reconnect loop until SIGTERM/SIGINT.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use postern_agent::AgentConfig;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "postern-agent",
+    version,
+    about = "Postern agent: holds a reverse tunnel out to a proxy and serves local targets through it"
+)]
+struct Cli {
+    /// TOML config file.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Override the proxy's web address.
+    #[arg(long)]
+    proxy: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,russh=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let mut config = AgentConfig::from_file(&cli.config)?;
+    if let Some(p) = cli.proxy {
+        config.proxy = Some(p);
+    }
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        token.cancel();
+    });
+    postern_agent::run(config, shutdown).await?;
+    Ok(())
+}

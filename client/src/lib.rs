@@ -1,1 +1,259 @@
-pub fn x() {}
+//! # postern-client: reach a target behind an agent, through the proxy
+//!
+//! [`ProxySession::connect`] discovers the tunnel address from the proxy's web address, logs in
+//! with a user certificate (checking the proxy's host certificate against the cluster's host CA),
+//! and [`ProxySession::open`] opens a `direct-tcpip` channel to `<target>.<cluster>`, returned as
+//! a [`TunnelStream`] (`AsyncRead + AsyncWrite`). [`connect_target`] does both for one stream.
+//!
+//! ## Layout
+//! - this file: options, session, stream, errors.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use postern_dial::DialError;
+use postern_dial::ssh::{Identity, ProxyVerifier, client_config, login};
+use postern_dial::web::{WebTrust, discover_tunnel_addr, host_of};
+use russh::client::{Handle, Msg, Session};
+use russh::keys::PublicKeyOrCertificate;
+use russh::keys::ssh_key::Fingerprint;
+use russh::{ChannelId, ChannelOpenFailure, ChannelStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tunnel_proto::names::StreamTarget;
+
+/// Where the proxy is and how to trust it.
+#[derive(Debug, Clone)]
+pub enum ProxyAddr {
+    /// The proxy's web address: the tunnel address is discovered over HTTPS.
+    Web {
+        /// `host:port` of the web listener.
+        addr: String,
+        /// How its TLS certificate is trusted.
+        trust: WebTrust,
+    },
+    /// The proxy's tunnel address, dialled directly.
+    Tunnel(String),
+}
+
+/// Everything needed to log in to a proxy as a user.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// The proxy.
+    pub proxy: ProxyAddr,
+    /// Login name (a principal of the user certificate).
+    pub user: String,
+    /// User key and certificate.
+    pub identity: Identity,
+    /// Fingerprints of the cluster's host CA keys (they sign the proxy's host certificate).
+    pub proxy_host_cas: Vec<Fingerprint>,
+    /// Plain proxy host keys trusted without a certificate.
+    pub proxy_host_keys: Vec<Fingerprint>,
+}
+
+/// Why a stream could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Discovery, connect, host verification or login failed.
+    #[error(transparent)]
+    Dial(#[from] DialError),
+    /// The proxy (or the agent behind it) refused the stream, saying why.
+    #[error("stream to {host} refused: {reason}")]
+    Refused {
+        /// `<target>.<cluster>` asked for.
+        host: String,
+        /// The proxy's reason ("no tunnel for cluster X", ...).
+        reason: String,
+    },
+    /// The SSH session failed while opening the stream.
+    #[error("opening stream to {host}: {source}")]
+    Ssh {
+        /// `<target>.<cluster>` asked for.
+        host: String,
+        /// What russh said.
+        source: russh::Error,
+    },
+}
+
+/// Records why the proxy refused each channel, since russh reports only the code.
+#[derive(Default)]
+struct Refusals(Mutex<Vec<(ChannelId, String)>>);
+
+struct ClientHandler {
+    verifier: ProxyVerifier,
+    refusals: Arc<Refusals>,
+}
+
+impl russh::client::Handler for ClientHandler {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(self.verifier.verify(key))
+    }
+
+    async fn channel_open_failure(
+        &mut self,
+        channel: ChannelId,
+        _reason: ChannelOpenFailure,
+        description: &str,
+        _language: &str,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let mut v = self.refusals.0.lock().unwrap_or_else(|p| p.into_inner());
+        v.push((channel, description.to_owned()));
+        if v.len() > 64 {
+            v.remove(0);
+        }
+        Ok(())
+    }
+}
+
+/// A logged-in SSH session with a proxy; opens any number of streams.
+pub struct ProxySession {
+    handle: Arc<Handle<ClientHandler>>,
+    refusals: Arc<Refusals>,
+    /// The tunnel address dialled.
+    pub tunnel_addr: String,
+}
+
+impl ProxySession {
+    /// Discovers (if given a web address), connects, verifies the proxy and logs in.
+    pub async fn connect(opts: &ConnectOptions) -> Result<ProxySession, ClientError> {
+        let addr = match &opts.proxy {
+            ProxyAddr::Web { addr, trust } => discover_tunnel_addr(addr, trust).await?,
+            ProxyAddr::Tunnel(a) => a.clone(),
+        };
+        let verifier = ProxyVerifier::new(
+            host_of(&addr),
+            opts.proxy_host_cas.clone(),
+            opts.proxy_host_keys.clone(),
+        );
+        let refusals = Arc::new(Refusals::default());
+        let handler = ClientHandler {
+            verifier: verifier.clone(),
+            refusals: refusals.clone(),
+        };
+        let handle = login(
+            &addr,
+            Arc::new(client_config(Duration::from_secs(15))),
+            handler,
+            &verifier,
+            &opts.user,
+            &opts.identity,
+        )
+        .await?;
+        Ok(ProxySession {
+            handle: Arc::new(handle),
+            refusals,
+            tunnel_addr: addr,
+        })
+    }
+
+    /// Opens a stream to `target` of `cluster` (`port` is passed through to the agent).
+    pub async fn open(
+        &self,
+        target: &str,
+        cluster: &str,
+        port: u32,
+    ) -> Result<TunnelStream, ClientError> {
+        let host = StreamTarget {
+            target: target.to_owned(),
+            cluster: cluster.to_owned(),
+        }
+        .host();
+        self.open_host(&host, port).await
+    }
+
+    /// Opens a stream to a raw `direct-tcpip` host (what `ssh -W host:port` sends).
+    pub async fn open_host(&self, host: &str, port: u32) -> Result<TunnelStream, ClientError> {
+        match self
+            .handle
+            .channel_open_direct_tcpip(host, port, "127.0.0.1", 0)
+            .await
+        {
+            Ok(ch) => Ok(TunnelStream {
+                stream: ch.into_stream(),
+                _session: self.handle.clone(),
+            }),
+            Err(russh::Error::ChannelOpenFailure(code)) => {
+                // russh hands the failure code to the channel, then the description to the
+                // handler: wait a moment for the description to land.
+                let mut reason = None;
+                for _ in 0..40 {
+                    reason = self
+                        .refusals
+                        .0
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .pop();
+                    if reason.is_some() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                let reason = reason
+                    .map(|(_, d)| d)
+                    .filter(|d| !d.is_empty())
+                    .unwrap_or_else(|| code.description().to_owned());
+                Err(ClientError::Refused {
+                    host: host.to_owned(),
+                    reason,
+                })
+            }
+            Err(source) => Err(ClientError::Ssh {
+                host: host.to_owned(),
+                source,
+            }),
+        }
+    }
+}
+
+/// Discovers, logs in and opens one stream to `<target>.<cluster>`.
+pub async fn connect_target(
+    opts: &ConnectOptions,
+    target: &str,
+    cluster: &str,
+    port: u32,
+) -> Result<TunnelStream, ClientError> {
+    ProxySession::connect(opts)
+        .await?
+        .open(target, cluster, port)
+        .await
+}
+
+/// A byte stream to a target, multiplexed over the SSH session with the proxy. Keeps the session
+/// alive while it exists.
+pub struct TunnelStream {
+    stream: ChannelStream<Msg>,
+    _session: Arc<Handle<ClientHandler>>,
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}

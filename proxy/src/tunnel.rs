@@ -597,9 +597,13 @@ async fn open_stream(
     );
 }
 
+/// Bytes a splice direction may hold while its writer waits for the peer's window.
+pub const SPLICE_QUEUE_CAP: usize = 4 << 20;
+
 /// Passes channel messages both ways until both sides close. Payload moves as the `Bytes` russh
 /// decrypted into, straight to the other channel's encrypter: no copy buffer on the proxy. The
-/// writer waits for the peer's SSH window, so a slow reader slows its writer.
+/// writer waits for the peer's SSH window, so a slow reader slows its writer; see
+/// [`postern_dial::splice`] for why each direction is read eagerly into a bounded queue.
 pub async fn splice(a: Channel<Msg>, b: Channel<Msg>, stop: &CancellationToken) -> (u64, u64) {
     let (a_rx, a_tx) = a.split();
     let (b_rx, b_tx) = b.split();
@@ -612,30 +616,35 @@ pub async fn splice(a: Channel<Msg>, b: Channel<Msg>, stop: &CancellationToken) 
 }
 
 async fn pump(
-    mut rx: russh::ChannelReadHalf,
+    rx: russh::ChannelReadHalf,
     tx: russh::ChannelWriteHalf<Msg>,
     direction: &'static str,
 ) -> u64 {
+    use postern_dial::splice::{Item, charge, eager_reader};
     let bytes = counter!(m::BYTES_PROXIED, "direction" => direction);
-    let mut total = 0u64;
-    while let Some(msg) = rx.wait().await {
-        match msg {
-            ChannelMsg::Data { data } => {
-                let n = data.len() as u64;
-                if tx.data_bytes(data).await.is_err() {
-                    break;
+    let (reader, mut queue) = eager_reader(rx, SPLICE_QUEUE_CAP);
+    let writer = async {
+        let mut total = 0u64;
+        while let Some(item) = queue.next().await {
+            match item {
+                Item::Data(data) => {
+                    let n = data.len();
+                    if tx.data_bytes(data).await.is_err() {
+                        break;
+                    }
+                    queue.release(charge(n, SPLICE_QUEUE_CAP));
+                    total += n as u64;
+                    bytes.increment(n as u64);
                 }
-                total += n;
-                bytes.increment(n);
+                Item::Eof => {
+                    let _ = tx.eof().await;
+                }
             }
-            ChannelMsg::Eof => {
-                let _ = tx.eof().await;
-            }
-            ChannelMsg::Close => break,
-            _ => {}
         }
-    }
-    let _ = tx.close().await;
+        let _ = tx.close().await;
+        total
+    };
+    let ((), total) = tokio::join!(reader, writer);
     total
 }
 

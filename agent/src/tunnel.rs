@@ -1,0 +1,332 @@
+//! One tunnel's life: discover, dial, log in, register targets, serve streams, follow the control
+//! channel, until the connection ends.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use postern_dial::DialError;
+use postern_dial::ssh::{Identity, ProxyVerifier, client_config, login, parse_ca_lines};
+use postern_dial::web::{WebTrust, discover_tunnel_addr, host_of};
+use russh::client::{ChannelOpenHandle, Msg, Session};
+use russh::keys::PublicKeyOrCertificate;
+use russh::{Channel, ChannelMsg, ChannelOpenFailure, Disconnect};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+use tunnel_proto::control::{DecodeError, Message};
+use tunnel_proto::names::{CONTROL_HOST, agent_login};
+
+use crate::config::AgentConfig;
+
+/// Deadline to connect to a local target.
+const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Splice buffer per direction between a channel and a target socket (64 KiB: the size that
+/// matters for throughput; see the README's performance notes).
+const SPLICE_BUF: usize = 64 * 1024;
+/// Seconds between heartbeats on the control channel.
+const HEARTBEAT: Duration = Duration::from_secs(30);
+
+/// How a tunnel ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The agent is shutting down.
+    Shutdown,
+    /// The proxy closed the connection (or it dropped).
+    Closed,
+    /// The proxy asked its agents to move (it is shutting down).
+    Drained,
+}
+
+/// The web trust the config asks for.
+pub fn web_trust(config: &AgentConfig) -> Result<WebTrust, DialError> {
+    if let Some(pin) = &config.web.cert_sha256 {
+        Ok(WebTrust::Pin(pin.clone()))
+    } else if let Some(ca) = &config.web.ca_file {
+        WebTrust::roots_from_pem_file(ca)
+    } else {
+        Ok(WebTrust::Insecure)
+    }
+}
+
+/// Dials the proxy and serves until the connection ends or `shutdown` is cancelled.
+pub async fn connect_and_serve(
+    config: &AgentConfig,
+    identity: &Identity,
+    shutdown: &CancellationToken,
+) -> Result<Ended, DialError> {
+    let addr = match &config.proxy {
+        Some(web) => discover_tunnel_addr(web, &web_trust(config)?).await?,
+        None => config.tunnel_addr.clone().unwrap_or_default(),
+    };
+    let verifier = ProxyVerifier::new(
+        host_of(&addr),
+        parse_ca_lines(&config.proxy_host_ca).map_err(DialError::Config)?,
+        parse_ca_lines(&config.proxy_host_keys).map_err(DialError::Config)?,
+    );
+    let active = Arc::new(AtomicUsize::new(0));
+    let handler = AgentHandler {
+        verifier: verifier.clone(),
+        targets: Arc::new(config.targets.clone()),
+        cluster: config.cluster.clone(),
+        active: active.clone(),
+    };
+    let login_name = agent_login(&config.host_id, &config.cluster);
+    let span =
+        info_span!("tunnel", cluster = %config.cluster, host_id = %config.host_id, proxy = %addr);
+    let login = login(
+        &addr,
+        Arc::new(client_config(config.keepalive())),
+        handler,
+        &verifier,
+        &login_name,
+        identity,
+    )
+    .instrument(span.clone());
+    let mut handle = tokio::select! {
+        r = login => r?,
+        _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
+    };
+    let _enter = span.enter();
+    let mut registered = 0;
+    for name in config.targets.keys() {
+        match handle.tcpip_forward(name.clone(), 0).await {
+            Ok(_) => registered += 1,
+            Err(e) => warn!(target = %name, error = %e, "proxy refused to register target"),
+        }
+    }
+    if registered == 0 {
+        let _ = handle
+            .disconnect(Disconnect::ByApplication, "no target registered", "")
+            .await;
+        return Err(DialError::Config("the proxy refused every target".into()));
+    }
+    info!(targets = registered, "tunnel up");
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel();
+    let mut control_task = None;
+    match handle
+        .channel_open_direct_tcpip(CONTROL_HOST, 0, "127.0.0.1", 0)
+        .await
+    {
+        Ok(ch) => {
+            let hello = Message::Hello {
+                version: tunnel_proto::PROTOCOL_VERSION,
+                id: config.host_id.clone(),
+            };
+            control_task = Some(tokio::spawn(
+                control(ch, hello, active, drain_tx).instrument(span.clone()),
+            ));
+        }
+        Err(e) => warn!(error = %e, "no control channel: drain orders will not arrive"),
+    }
+    drop(_enter);
+    let ended = tokio::select! {
+        r = &mut handle => {
+            if let Err(e) = r {
+                debug!(error = %e, "session ended");
+            }
+            Ended::Closed
+        }
+        Ok(()) = drain_rx => Ended::Drained,
+        _ = shutdown.cancelled() => Ended::Shutdown,
+    };
+    if let Some(t) = control_task {
+        t.abort();
+    }
+    if ended != Ended::Closed {
+        let _ = handle
+            .disconnect(Disconnect::ByApplication, "agent moving", "")
+            .await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut handle).await;
+    }
+    Ok(ended)
+}
+
+/// The russh client handler of an agent connection.
+struct AgentHandler {
+    verifier: ProxyVerifier,
+    targets: Arc<BTreeMap<String, SocketAddr>>,
+    cluster: String,
+    active: Arc<AtomicUsize>,
+}
+
+impl russh::client::Handler for AgentHandler {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(self.verifier.verify(key))
+    }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        connected_address: &str,
+        _connected_port: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(addr) = self.targets.get(connected_address).copied() else {
+            warn!(
+                target = connected_address,
+                "refused a stream for a target this agent does not serve"
+            );
+            reply
+                .reject(ChannelOpenFailure::Other {
+                    code: ChannelOpenFailure::AdministrativelyProhibited.code(),
+                    reason: format!(
+                        "this agent does not serve target '{}'",
+                        connected_address.chars().take(64).collect::<String>()
+                    ),
+                })
+                .await;
+            return Ok(());
+        };
+        let span = info_span!("stream", cluster = %self.cluster, target = connected_address, client = %format!("{originator_address}:{originator_port}"));
+        tokio::spawn(serve_stream(channel, reply, addr, self.active.clone()).instrument(span));
+        Ok(())
+    }
+}
+
+/// Dials the target, answers the proxy, splices until either side closes.
+async fn serve_stream(
+    channel: Channel<Msg>,
+    reply: ChannelOpenHandle,
+    addr: SocketAddr,
+    active: Arc<AtomicUsize>,
+) {
+    let tcp = match tokio::time::timeout(TARGET_CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            warn!(%addr, error = %e, "target unreachable");
+            reply
+                .reject(ChannelOpenFailure::Other {
+                    code: ChannelOpenFailure::ConnectFailed.code(),
+                    reason: format!("target {addr} unreachable: {e}"),
+                })
+                .await;
+            return;
+        }
+        Err(_) => {
+            reply.reject(ChannelOpenFailure::ConnectFailed).await;
+            return;
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    reply.accept().await;
+    active.fetch_add(1, Ordering::Relaxed);
+    let (up, down) = splice_tcp(channel, tcp).await;
+    debug!(to_target = up, from_target = down, "stream closed");
+    active.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Splices a channel and a socket. The channel is read eagerly into a bounded queue (see
+/// `postern_dial::splice`); the socket is read into a 64 KiB buffer whose filled part is frozen
+/// and handed to russh without a copy.
+async fn splice_tcp(channel: Channel<Msg>, tcp: TcpStream) -> (u64, u64) {
+    use postern_dial::splice::{Item, charge, eager_reader};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (rx, tx) = channel.split();
+    let (mut tcp_r, mut tcp_w) = tcp.into_split();
+    let (reader, mut queue) = eager_reader(rx, SPLICE_BUF * 64);
+    let to_target = async {
+        let mut total = 0u64;
+        while let Some(item) = queue.next().await {
+            match item {
+                Item::Data(data) => {
+                    if tcp_w.write_all(&data).await.is_err() {
+                        break;
+                    }
+                    queue.release(charge(data.len(), SPLICE_BUF * 64));
+                    total += data.len() as u64;
+                }
+                Item::Eof => {
+                    let _ = tcp_w.shutdown().await;
+                }
+            }
+        }
+        let _ = tcp_w.shutdown().await;
+        total
+    };
+    let from_target = async {
+        let mut total = 0u64;
+        let mut buf = BytesMut::with_capacity(SPLICE_BUF);
+        loop {
+            if buf.capacity() < SPLICE_BUF / 4 {
+                buf.reserve(SPLICE_BUF);
+            }
+            match tcp_r.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    total += n as u64;
+                    if tx.data_bytes(buf.split().freeze()).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = tx.eof().await;
+        total
+    };
+    let ((), up, down) = tokio::join!(reader, to_target, from_target);
+    let _ = tx.close().await;
+    (up, down)
+}
+
+/// The agent side of `@control`: hello, heartbeats, and a drain order that ends the tunnel.
+async fn control(
+    channel: Channel<Msg>,
+    hello: Message,
+    active: Arc<AtomicUsize>,
+    drain: tokio::sync::oneshot::Sender<()>,
+) {
+    let (mut rx, tx) = channel.split();
+    let mut out = BytesMut::new();
+    if hello.encode(&mut out).is_err() || tx.data_bytes(out.split().freeze()).await.is_err() {
+        return;
+    }
+    let mut inbuf = BytesMut::new();
+    let mut beat = tokio::time::interval(HEARTBEAT);
+    beat.tick().await;
+    loop {
+        tokio::select! {
+            msg = rx.wait() => match msg {
+                Some(ChannelMsg::Data { data }) => {
+                    inbuf.extend_from_slice(&data);
+                    loop {
+                        match Message::decode_from(&mut inbuf) {
+                            Ok(Message::Hello { version, id }) => debug!(version, proxy = %id, "control hello"),
+                            Ok(Message::ProxySet { ids }) => debug!(?ids, "proxy set"),
+                            Ok(Message::Drain { reason, grace_secs }) => {
+                                info!(%reason, grace_secs, "proxy asked to drain: moving");
+                                let _ = drain.send(());
+                                return;
+                            }
+                            Ok(other) => debug!(?other, "unexpected control message"),
+                            Err(DecodeError::Incomplete) => break,
+                            Err(e) => {
+                                warn!(error = %e, "bad control frame: closing control channel");
+                                return;
+                            }
+                        }
+                    }
+                }
+                Some(ChannelMsg::Close) | None => return,
+                Some(_) => {}
+            },
+            _ = beat.tick() => {
+                let hb = Message::Heartbeat { active_streams: active.load(Ordering::Relaxed) as u32 };
+                if hb.encode(&mut out).is_err() || tx.data_bytes(out.split().freeze()).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
