@@ -114,6 +114,62 @@ pub async fn serve(
     debug!("tunnel listener stopped accepting");
 }
 
+/// A socket the connection task can cut from outside russh: once `kill` is cancelled, reads and
+/// writes fail, so a session stuck mid key exchange ends too (a disconnect message would queue
+/// behind the stalled exchange).
+struct Killable {
+    inner: TcpStream,
+    kill: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+}
+
+impl Killable {
+    fn check(&mut self, cx: &mut std::task::Context<'_>) -> Option<std::io::Error> {
+        self.kill
+            .as_mut()
+            .poll(cx)
+            .is_ready()
+            .then(|| std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "closed by proxy"))
+    }
+}
+
+impl tokio::io::AsyncRead for Killable {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if let Some(e) = self.check(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Killable {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if let Some(e) = self.check(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// What the connection task and the russh handler both see.
 #[derive(Default)]
 struct ConnState {
@@ -147,6 +203,11 @@ async fn serve_conn(
         role: None,
     };
     let deadline = tokio::time::Instant::now() + shared.handshake_timeout;
+    let kill = CancellationToken::new();
+    let socket = Killable {
+        inner: socket,
+        kill: Box::pin(kill.clone().cancelled_owned()),
+    };
     let session = match tokio::time::timeout_at(
         deadline,
         russh::server::run_stream(shared.ssh_config.clone(), socket, handler),
@@ -167,25 +228,40 @@ async fn serve_conn(
     };
     let handle = session.handle();
     tokio::pin!(session);
+    // Say why, give the session a moment to send it, then cut the socket.
     let close = |why: &'static str| {
         let handle = handle.clone();
+        let kill = kill.clone();
         async move {
-            let _ = handle
-                .disconnect(Disconnect::ByApplication, why.into(), String::new())
-                .await;
+            let _ = tokio::time::timeout(
+                Duration::from_millis(500),
+                handle.disconnect(Disconnect::ByApplication, why.into(), String::new()),
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            kill.cancel();
         }
+    };
+    let ssh_layer_refusal = || {
+        let refused = state.auth_started.load(Ordering::Relaxed)
+            && !state.attempt_seen.load(Ordering::Relaxed);
+        if refused {
+            // russh refuses expired, not-yet-valid and badly signed certificates before
+            // calling Postern: all we learn is that a login started and never reached us.
+            warn!(
+                reason = "rejected_by_ssh_layer",
+                "login refused: certificate expired, not yet valid or badly signed"
+            );
+            counter!(m::AUTH_FAILURES, "reason" => "rejected_by_ssh_layer").increment(1);
+        }
+        refused
     };
     tokio::select! {
         r = &mut session => {
             if let Err(e) = r {
                 debug!(error = %e, "session ended before login");
             }
-            if state.auth_started.load(Ordering::Relaxed) && !state.attempt_seen.load(Ordering::Relaxed) {
-                // russh refuses expired, not-yet-valid and badly signed certificates before
-                // calling Postern: all we learn is that a login started and never reached us.
-                warn!(reason = "rejected_by_ssh_layer", "login refused: certificate expired, not yet valid or badly signed");
-                counter!(m::AUTH_FAILURES, "reason" => "rejected_by_ssh_layer").increment(1);
-            } else {
+            if !ssh_layer_refusal() {
                 counter!(m::CONNECTIONS_DROPPED, "reason" => "protocol").increment(1);
             }
             return;
@@ -197,6 +273,7 @@ async fn serve_conn(
             return;
         }
         _ = tokio::time::sleep_until(deadline) => {
+            ssh_layer_refusal();
             info!("closed: login not completed before the handshake timeout");
             counter!(m::CONNECTIONS_DROPPED, "reason" => "handshake_timeout").increment(1);
             close("handshake timeout").await;
