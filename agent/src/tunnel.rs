@@ -136,6 +136,20 @@ pub async fn connect_and_serve(
     if let Some(t) = control_task {
         t.abort();
     }
+    if ended == Ended::Drained {
+        // Streams on this tunnel finish on their own; the draining proxy closes it at its
+        // deadline. Meanwhile the caller dials a new tunnel.
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = &mut handle => {}
+                _ = shutdown.cancelled() => {
+                    let _ = handle.disconnect(Disconnect::ByApplication, "agent shutting down", "").await;
+                }
+            }
+        });
+        return Ok(ended);
+    }
     if ended != Ended::Closed {
         let _ = handle
             .disconnect(Disconnect::ByApplication, "agent moving", "")

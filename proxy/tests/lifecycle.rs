@@ -1,0 +1,215 @@
+//! The proxy as a process: killed and restarted (agents come back), and SIGTERM (drain, exit 0).
+
+mod support;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use postern_client::ProxySession;
+use support::*;
+use tokio::process::{Child, Command};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Ports {
+    web: u16,
+    tunnel: u16,
+    ops: u16,
+}
+
+fn write_config(pki: &Pki, dir: &Path, ports: &Ports, grace: u64) -> std::path::PathBuf {
+    let c = pki.cluster_config();
+    let toml = format!(
+        "data_dir = {dir:?}\n\
+         [listen]\nweb = \"127.0.0.1:{}\"\ntunnel = \"127.0.0.1:{}\"\nops = \"127.0.0.1:{}\"\n\
+         [shutdown]\ngrace_secs = {grace}\n\
+         [[clusters]]\nname = \"{}\"\nhost_ca = [{:?}]\nuser_ca = [{:?}]\n",
+        ports.web, ports.tunnel, ports.ops, c.name, c.host_ca[0], c.user_ca[0]
+    );
+    let path = dir.join("proxy.toml");
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+fn spawn_proxy(config: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_postern-proxy"))
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until the ops listener answers /readyz.
+async fn wait_ready(ops: u16) {
+    let addr = format!("127.0.0.1:{ops}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(Ok(_)) = tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            if http_get(addr, "/readyz").await.0 == 200 {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "proxy process did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A `Proxy` value describing the process (for the support helpers).
+fn describe(dir: &tempfile::TempDir, ports: &Ports) -> Proxy {
+    use rustls_pki_types::pem::PemObject;
+    let pem = std::fs::read(dir.path().join("web.crt")).unwrap();
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(&pem).unwrap();
+    Proxy {
+        web: format!("127.0.0.1:{}", ports.web).parse().unwrap(),
+        tunnel: format!("127.0.0.1:{}", ports.tunnel).parse().unwrap(),
+        ops: format!("127.0.0.1:{}", ports.ops).parse().unwrap(),
+        web_fp: postern_dial::web::cert_fingerprint(&der),
+        data_dir: tempfile::tempdir().unwrap(),
+        shutdown: Default::default(),
+        task: tokio::spawn(async { Ok(()) }),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_is_back_within_two_seconds_of_a_killed_proxys_return() {
+    init_tracing();
+    let pki = Pki::new("life1");
+    let dir = tempfile::tempdir().unwrap();
+    let ports = Ports {
+        web: free_port(),
+        tunnel: free_port(),
+        ops: free_port(),
+    };
+    let config = write_config(&pki, dir.path(), &ports, 5);
+    proxy_host_cert(
+        &pki,
+        &postern_proxy::ProxyConfig {
+            data_dir: dir.path().to_owned(),
+            ..Default::default()
+        },
+    );
+    let mut child = spawn_proxy(&config);
+    wait_ready(ports.ops).await;
+    let proxy = describe(&dir, &ports);
+    let echo = echo_server().await;
+    let agent = start_agent(agent_config(&pki, "h1", &proxy, &[("auth", echo)]));
+    let opts = client_opts(&pki, &proxy, "alice");
+    let session = ProxySession::connect(&opts).await.unwrap();
+    let mut s = wait_stream(&session, "auth", "life1", Duration::from_secs(5)).await;
+    assert_eq!(echo_once(&mut s, b"before").await, b"before");
+
+    child.kill().await.unwrap();
+    drop(s);
+    drop(session);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let mut child = spawn_proxy(&config);
+    let returned = Instant::now();
+    wait_ready(ports.ops).await;
+    let session = ProxySession::connect(&opts).await.unwrap();
+    let mut s = wait_stream(&session, "auth", "life1", Duration::from_secs(5)).await;
+    let back_after = returned.elapsed();
+    assert_eq!(echo_once(&mut s, b"after").await, b"after");
+    eprintln!("streams work again {back_after:?} after the proxy's return");
+    assert!(
+        back_after < Duration::from_secs(2),
+        "agent took {back_after:?} to come back"
+    );
+    agent.stop().await;
+    child.kill().await.unwrap();
+}
+
+fn sigterm(child: &Child) {
+    let pid = child.id().unwrap().to_string();
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_streams_then_exits_zero() {
+    init_tracing();
+    let pki = Pki::new("life2");
+    let dir = tempfile::tempdir().unwrap();
+    let ports = Ports {
+        web: free_port(),
+        tunnel: free_port(),
+        ops: free_port(),
+    };
+    let config = write_config(&pki, dir.path(), &ports, 3);
+    proxy_host_cert(
+        &pki,
+        &postern_proxy::ProxyConfig {
+            data_dir: dir.path().to_owned(),
+            ..Default::default()
+        },
+    );
+    let mut child = spawn_proxy(&config);
+    wait_ready(ports.ops).await;
+    let proxy = describe(&dir, &ports);
+    let echo = echo_server().await;
+    let agent = start_agent(agent_config(&pki, "h1", &proxy, &[("auth", echo)]));
+    let session = ProxySession::connect(&client_opts(&pki, &proxy, "alice"))
+        .await
+        .unwrap();
+    let mut short = wait_stream(&session, "auth", "life2", Duration::from_secs(5)).await;
+    let mut long = session.open("auth", "life2", 0).await.unwrap();
+
+    let term_at = Instant::now();
+    sigterm(&child);
+    // New connections are refused once the listeners close.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while tokio::net::TcpStream::connect(proxy.tunnel).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "tunnel listener still accepting after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // An open stream keeps working during the grace period, then finishes normally.
+    assert_eq!(
+        echo_once(&mut short, b"during drain").await,
+        b"during drain"
+    );
+    drop(short);
+    // A stream still open at the deadline is cut: the client sees the end, not a hang.
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 16];
+    let r = tokio::time::timeout(Duration::from_secs(10), long.read(&mut buf))
+        .await
+        .expect("cut at the deadline");
+    assert!(matches!(r, Ok(0) | Err(_)), "stream ended");
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("exits")
+        .unwrap();
+    let took = term_at.elapsed();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        took >= Duration::from_secs(2),
+        "waited for the open stream ({took:?})"
+    );
+    agent.stop().await;
+}
