@@ -56,15 +56,13 @@ async fn wait_ready(ops: u16) {
     let addr = format!("127.0.0.1:{ops}").parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Ok(Ok(_)) = tokio::time::timeout(
+        let up = tokio::time::timeout(
             Duration::from_millis(500),
             tokio::net::TcpStream::connect(addr),
         )
-        .await
-        {
-            if http_get(addr, "/readyz").await.0 == 200 {
-                return;
-            }
+        .await;
+        if matches!(up, Ok(Ok(_))) && http_get(addr, "/readyz").await.0 == 200 {
+            return;
         }
         assert!(
             Instant::now() < deadline,
