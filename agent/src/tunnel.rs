@@ -261,9 +261,8 @@ async fn splice_tcp(channel: Channel<Msg>, tcp: TcpStream) -> (u64, u64) {
                     queue.release(charge(data.len(), SPLICE_BUF * 64));
                     total += data.len() as u64;
                 }
-                Item::Eof => {
-                    let _ = tcp_w.shutdown().await;
-                }
+                // No data follows an EOF.
+                Item::Eof => break,
             }
         }
         let _ = tcp_w.shutdown().await;
@@ -289,8 +288,13 @@ async fn splice_tcp(channel: Channel<Msg>, tcp: TcpStream) -> (u64, u64) {
         let _ = tx.eof().await;
         total
     };
-    let ((), up, down) = tokio::join!(reader, to_target, from_target);
-    let _ = tx.close().await;
+    // Once both directions are done, close: the proxy relays the close to the client.
+    let both = async {
+        let r = tokio::join!(to_target, from_target);
+        let _ = tx.close().await;
+        r
+    };
+    let ((), (up, down)) = tokio::join!(reader, both);
     (up, down)
 }
 
