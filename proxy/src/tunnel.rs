@@ -228,18 +228,16 @@ async fn serve_conn(
     };
     let handle = session.handle();
     tokio::pin!(session);
-    // Say why, give the session a moment to send it, then cut the socket.
+    // Say why (queued behind russh's auth-rejection delay), then give the session up to a
+    // second to send it and end; the caller then cuts the socket in case it did not.
     let close = |why: &'static str| {
         let handle = handle.clone();
-        let kill = kill.clone();
         async move {
             let _ = tokio::time::timeout(
                 Duration::from_millis(500),
                 handle.disconnect(Disconnect::ByApplication, why.into(), String::new()),
             )
             .await;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            kill.cancel();
         }
     };
     let ssh_layer_refusal = || {
@@ -269,7 +267,8 @@ async fn serve_conn(
         _ = state.authed.notified() => {}
         _ = state.refused.notified() => {
             close("certificate refused").await;
-            let _ = tokio::time::timeout(Duration::from_secs(2), &mut session).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), &mut session).await;
+            kill.cancel();
             return;
         }
         _ = tokio::time::sleep_until(deadline) => {
@@ -277,7 +276,8 @@ async fn serve_conn(
             info!("closed: login not completed before the handshake timeout");
             counter!(m::CONNECTIONS_DROPPED, "reason" => "handshake_timeout").increment(1);
             close("handshake timeout").await;
-            let _ = tokio::time::timeout(Duration::from_secs(2), &mut session).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), &mut session).await;
+            kill.cancel();
             return;
         }
     }
@@ -292,7 +292,8 @@ async fn serve_conn(
         r = &mut session => r.map_err(|e| e.to_string()),
         _ = shared.hard_stop.cancelled() => {
             close("proxy shutting down").await;
-            let _ = tokio::time::timeout(Duration::from_secs(2), &mut session).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), &mut session).await;
+            kill.cancel();
             Err("shutdown".into())
         }
     };
@@ -800,6 +801,7 @@ pub fn ssh_config(
         keepalive_interval: Some(keepalive),
         keepalive_max,
         nodelay: true,
+        window_size: postern_dial::splice::CHANNEL_WINDOW,
         ..Default::default()
     }
 }
