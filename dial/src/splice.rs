@@ -11,6 +11,15 @@
 
 use std::sync::Arc;
 
+/// The SSH channel window Postern advertises (256 MiB).
+///
+/// russh 0.65 re-opens a window as soon as its session loop *receives* data, so the window does
+/// not bound memory (the bounded queues here and in russh do). What a large window buys is that a
+/// writer seldom needs a window adjustment at all: a stream whose reverse direction is stuck
+/// behind a full queue does not also starve this direction of adjustments, which is the second
+/// half of the deadlock described above. Memory per stream is unchanged.
+pub const CHANNEL_WINDOW: u32 = 256 << 20;
+
 use bytes::Bytes;
 use russh::{ChannelMsg, ChannelReadHalf};
 use tokio::sync::{Semaphore, mpsc};

@@ -160,6 +160,7 @@ pub fn client_config(keepalive: Duration) -> client::Config {
         keepalive_max: 3,
         inactivity_timeout: None,
         nodelay: true,
+        window_size: crate::splice::CHANNEL_WINDOW,
         ..Default::default()
     };
     config.preferred.host_key_certificates = std::borrow::Cow::Borrowed(&[Algorithm::Ed25519]);
