@@ -1,0 +1,45 @@
+//! The example agent config under deploy/ loads and validates; bad values name their field.
+
+use postern_agent::AgentConfig;
+
+fn example() -> AgentConfig {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/agent.toml");
+    AgentConfig::from_file(std::path::Path::new(path)).unwrap()
+}
+
+#[test]
+fn deploy_agent_toml_is_valid() {
+    let c = example();
+    c.validate().unwrap();
+    assert_eq!(c.targets["auth"].port(), 3025);
+}
+
+#[test]
+fn bad_values_name_the_field() {
+    let mut c = example();
+    c.targets.clear();
+    assert!(c.validate().unwrap_err().to_string().contains("`targets`"));
+    let mut c = example();
+    c.web.insecure = true;
+    assert!(c.validate().unwrap_err().to_string().contains("`web`"));
+    let mut c = example();
+    c.proxy_host_ca = vec!["ssh-ed25519 nonsense".into()];
+    assert!(
+        c.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("`proxy_host_ca`")
+    );
+    let mut c = example();
+    c.reconnect.cap_ms = 1;
+    assert!(
+        c.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("`reconnect`")
+    );
+    let mut c = example();
+    c.targets
+        .insert("Bad Name".into(), "127.0.0.1:1".parse().unwrap());
+    assert!(c.validate().unwrap_err().to_string().contains("`targets`"));
+}
