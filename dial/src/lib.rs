@@ -14,5 +14,6 @@ pub mod error;
 pub mod splice;
 pub mod ssh;
 pub mod web;
+pub mod write_behind;
 
 pub use error::DialError;

@@ -8,21 +8,24 @@
 //! breaks it: it takes every message off the channel at once and parks it in a queue holding at
 //! most `cap` bytes; only past that does it stop reading (bounded memory, back-pressure on the
 //! connection as before).
+//!
+//! russh cannot hold back window for one stream, so a queue that stays full blocks its whole SSH
+//! connection; in a cycle (a service that echoes while it reads) two full queues wait on each
+//! other forever. A queue that stays full for [`STALL_TIMEOUT`] therefore gives up: the reader
+//! drops the channel, the connection moves again, and that one stream ends with a close (no EOF)
+//! instead of wedging every stream of its tunnel. A consumer that makes any progress keeps its
+//! stream.
 
 use std::sync::Arc;
 
-/// The SSH channel window Postern advertises (256 MiB).
-///
-/// russh 0.65 re-opens a window as soon as its session loop *receives* data, so the window does
-/// not bound memory (the bounded queues here and in russh do). What a large window buys is that a
-/// writer seldom needs a window adjustment at all: a stream whose reverse direction is stuck
-/// behind a full queue does not also starve this direction of adjustments, which is the second
-/// half of the deadlock described above. Memory per stream is unchanged.
-pub const CHANNEL_WINDOW: u32 = 256 << 20;
+use std::time::Duration;
 
 use bytes::Bytes;
 use russh::{ChannelMsg, ChannelReadHalf};
 use tokio::sync::{Semaphore, mpsc};
+
+/// How long a full queue may make no progress before its stream is given up.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a channel delivered.
 #[derive(Debug)]
@@ -65,9 +68,17 @@ pub fn eager_reader(
             let item = match msg {
                 ChannelMsg::Data { data } => {
                     let n = data.len().min(cap) as u32;
-                    match b.acquire_many(n).await {
-                        Ok(p) => p.forget(),
-                        Err(_) => return,
+                    match tokio::time::timeout(STALL_TIMEOUT, b.acquire_many(n)).await {
+                        Ok(Ok(p)) => p.forget(),
+                        Ok(Err(_)) => return,
+                        Err(_) => {
+                            tracing::warn!(
+                                queued = cap,
+                                stall_s = STALL_TIMEOUT.as_secs(),
+                                "stream stalled: its consumer made no progress; closing it so the connection moves again"
+                            );
+                            return;
+                        }
                     }
                     Item::Data(data)
                 }

@@ -160,7 +160,6 @@ pub fn client_config(keepalive: Duration) -> client::Config {
         keepalive_max: 3,
         inactivity_timeout: None,
         nodelay: true,
-        window_size: crate::splice::CHANNEL_WINDOW,
         ..Default::default()
     };
     config.preferred.host_key_certificates = std::borrow::Cow::Borrowed(&[Algorithm::Ed25519]);
@@ -188,6 +187,7 @@ where
                 source,
             })?;
         let _ = tcp.set_nodelay(true);
+        let tcp = crate::write_behind::WriteBehind::new(tcp, crate::write_behind::WRITE_BEHIND_CAP);
         let mut handle = client::connect_stream(config, tcp, handler)
             .await
             .map_err(|source| match source {

@@ -26,6 +26,7 @@ use tunnel_proto::names::{
 use crate::metrics as m;
 use crate::routing::{RoutingTable, Tunnel};
 use crate::trust::Trust;
+use postern_dial::write_behind::{WRITE_BEHIND_CAP, WriteBehind};
 
 /// Deadline for an agent to answer a `forwarded-tcpip` open.
 const AGENT_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -114,62 +115,6 @@ pub async fn serve(
     debug!("tunnel listener stopped accepting");
 }
 
-/// A socket the connection task can cut from outside russh: once `kill` is cancelled, reads and
-/// writes fail, so a session stuck mid key exchange ends too (a disconnect message would queue
-/// behind the stalled exchange).
-struct Killable {
-    inner: TcpStream,
-    kill: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
-}
-
-impl Killable {
-    fn check(&mut self, cx: &mut std::task::Context<'_>) -> Option<std::io::Error> {
-        self.kill
-            .as_mut()
-            .poll(cx)
-            .is_ready()
-            .then(|| std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "closed by proxy"))
-    }
-}
-
-impl tokio::io::AsyncRead for Killable {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        if let Some(e) = self.check(cx) {
-            return std::task::Poll::Ready(Err(e));
-        }
-        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for Killable {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        if let Some(e) = self.check(cx) {
-            return std::task::Poll::Ready(Err(e));
-        }
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 /// What the connection task and the russh handler both see.
 #[derive(Default)]
 struct ConnState {
@@ -185,6 +130,22 @@ struct ConnState {
     is_agent: AtomicBool,
     /// Whether the client finished key exchange and asked for user authentication.
     auth_started: AtomicBool,
+}
+
+/// Cuts a connection under russh's feet: shutting the duplicate down ends the session's reads.
+struct Killer(std::net::TcpStream);
+
+impl Killer {
+    fn cancel(&self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Splits an accepted socket into the one russh gets and a duplicate kept to cut it.
+fn duplicate(socket: TcpStream) -> std::io::Result<(TcpStream, std::net::TcpStream)> {
+    let std = socket.into_std()?;
+    let dup = std.try_clone()?;
+    Ok((TcpStream::from_std(std)?, dup))
 }
 
 async fn serve_conn(
@@ -203,14 +164,25 @@ async fn serve_conn(
         role: None,
     };
     let deadline = tokio::time::Instant::now() + shared.handshake_timeout;
-    let kill = CancellationToken::new();
-    let socket = Killable {
-        inner: socket,
-        kill: Box::pin(kill.clone().cancelled_owned()),
+    // A duplicate of the socket lets this task cut the connection from outside russh: a session
+    // stuck mid key exchange would not act on a disconnect message. (An earlier version wrapped
+    // the socket in a cancellable reader instead; polling a cancellation future on every read
+    // stalled busy sessions.)
+    let (socket, killer) = match duplicate(socket) {
+        Ok(x) => x,
+        Err(e) => {
+            warn!(error = %e, "cannot prepare accepted socket");
+            return;
+        }
     };
+    let kill = Killer(killer);
     let session = match tokio::time::timeout_at(
         deadline,
-        russh::server::run_stream(shared.ssh_config.clone(), socket, handler),
+        russh::server::run_stream(
+            shared.ssh_config.clone(),
+            WriteBehind::new(socket, WRITE_BEHIND_CAP),
+            handler,
+        ),
     )
     .await
     {
@@ -801,7 +773,6 @@ pub fn ssh_config(
         keepalive_interval: Some(keepalive),
         keepalive_max,
         nodelay: true,
-        window_size: postern_dial::splice::CHANNEL_WINDOW,
         ..Default::default()
     }
 }
