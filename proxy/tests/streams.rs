@@ -285,6 +285,20 @@ async fn streams_spread_over_agents_and_fail_over() {
         let s = session.open("auth", "ha1", 0).await.unwrap();
         assert_eq!(read_all(s).await, "agent-b");
     }
+    let m = scrape(proxy.ops).await;
+    assert!(
+        metric(
+            &m,
+            "postern_tunnel_disconnects_total",
+            &[("cluster", "ha1")]
+        ) >= 1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "postern_tunnel_connects_total", &[("cluster", "ha1")]),
+        2.0,
+        "{m}"
+    );
     agent_b.stop().await;
     proxy.stop().await;
 }
