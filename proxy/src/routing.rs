@@ -106,28 +106,28 @@ pub struct RoutingTable {
 }
 
 impl RoutingTable {
-    /// Adds a tunnel (once it has registered a target).
-    pub fn insert(&self, tunnel: Arc<Tunnel>) {
+    /// Adds a tunnel (once it has registered a target); returns whether it was new.
+    pub fn insert(&self, tunnel: Arc<Tunnel>) -> bool {
         let mut list = self.clusters.entry(tunnel.cluster.clone()).or_default();
-        if !list.iter().any(|t| t.id == tunnel.id) {
-            list.push(tunnel);
+        if list.iter().any(|t| t.id == tunnel.id) {
+            return false;
         }
+        list.push(tunnel);
+        true
     }
 
-    /// Removes a tunnel; returns whether it was present.
+    /// Removes a tunnel; returns whether it was present. A cluster left with no tunnel is
+    /// dropped from the table.
     pub fn remove(&self, cluster: &str, id: u64) -> bool {
-        let mut removed = false;
-        self.clusters.remove_if_mut(cluster, |_, list| {
-            let before = list.len();
-            list.retain(|t| t.id != id);
-            removed = list.len() != before;
-            list.is_empty()
-        });
-        if !removed && let Some(mut list) = self.clusters.get_mut(cluster) {
-            let before = list.len();
-            list.retain(|t| t.id != id);
-            removed = list.len() != before;
-        }
+        let removed = match self.clusters.get_mut(cluster) {
+            Some(mut list) => {
+                let before = list.len();
+                list.retain(|t| t.id != id);
+                list.len() != before
+            }
+            None => false,
+        };
+        self.clusters.remove_if(cluster, |_, list| list.is_empty());
         removed
     }
 

@@ -442,10 +442,8 @@ impl Handler for Conn {
             warn!(cluster = %tunnel.cluster, host_id = %tunnel.host_id, error = %e, "tcpip-forward refused");
             return Ok(false);
         }
-        let first = self.shared.routing.count(&tunnel.cluster) == 0
-            || !self.shared.routing.all().iter().any(|t| t.id == tunnel.id);
         tunnel.add_target(address);
-        self.shared.routing.insert(tunnel.clone());
+        let first = self.shared.routing.insert(tunnel.clone());
         if first {
             counter!(m::TUNNEL_CONNECTS, "cluster" => tunnel.cluster.clone()).increment(1);
             info!(cluster = %tunnel.cluster, host_id = %tunnel.host_id, peer = %self.peer, "tunnel up");
