@@ -37,6 +37,8 @@ pub struct Report {
 pub struct Demo {
     /// Stops proxy and agent.
     pub shutdown: CancellationToken,
+    /// The client's logged-in session with the proxy (open more streams with it).
+    pub session: ProxySession,
     proxy: tokio::task::JoinHandle<Result<(), postern_proxy::ProxyError>>,
     agent: tokio::task::JoinHandle<Result<(), postern_agent::AgentError>>,
 }
@@ -75,6 +77,12 @@ fn line(key: &russh::keys::PublicKey) -> anyhow::Result<String> {
 
 /// Runs the demo in `dir` and makes one client call. Leaves proxy and agent running.
 pub async fn run(dir: &Path) -> anyhow::Result<(Demo, Report)> {
+    run_with_target(dir, None).await
+}
+
+/// Runs the demo with the agent serving `target` as `auth` instead of the demo echo service
+/// (the echo call is then skipped).
+pub async fn run_with_target(dir: &Path, target: Option<SocketAddr>) -> anyhow::Result<(Demo, Report)> {
     step(
         1,
         &format!("minting the cluster '{CLUSTER}' CAs in {}", dir.display()),
@@ -124,7 +132,10 @@ pub async fn run(dir: &Path) -> anyhow::Result<(Demo, Report)> {
         3,
         "starting the demo echo service and an agent that dials OUT to the proxy",
     );
-    let echo = echo_service().await?;
+    let echo = match target {
+        Some(t) => t,
+        None => echo_service().await?,
+    };
     let agent_key = dir.join("agent_key");
     let (k, c) = issue(
         &host_ca,
@@ -181,10 +192,15 @@ pub async fn run(dir: &Path) -> anyhow::Result<(Demo, Report)> {
         }
     }
     let mut stream = stream.context("the agent's tunnel did not come up within 5 s")?;
-    let msg = b"hello from alice through the Postern tunnel";
+    let msg: &[u8] = if target.is_none() {
+        b"hello from alice through the Postern tunnel"
+    } else {
+        b""
+    };
     stream.write_all(msg).await?;
     let mut back = vec![0u8; msg.len()];
     stream.read_exact(&mut back).await?;
+    drop(stream);
     let echoed = String::from_utf8_lossy(&back).into_owned();
     println!("    sent:     {}", String::from_utf8_lossy(msg));
     println!("    received: {echoed}");
@@ -212,6 +228,7 @@ pub async fn run(dir: &Path) -> anyhow::Result<(Demo, Report)> {
     Ok((
         Demo {
             shutdown,
+            session,
             proxy,
             agent,
         },
