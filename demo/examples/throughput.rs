@@ -30,7 +30,10 @@ async fn sink() -> anyhow::Result<std::net::SocketAddr> {
     Ok(addr)
 }
 
-async fn push<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S, mib: u64) -> anyhow::Result<f64> {
+async fn push<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut s: S,
+    mib: u64,
+) -> anyhow::Result<f64> {
     let chunk = vec![0x5au8; 1 << 20];
     let start = Instant::now();
     for _ in 0..mib {
@@ -39,13 +42,20 @@ async fn push<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S,
     s.shutdown().await?;
     let mut n = [0u8; 8];
     s.read_exact(&mut n).await?;
-    anyhow::ensure!(u64::from_be_bytes(n) == mib << 20, "sink counted {} bytes", u64::from_be_bytes(n));
+    anyhow::ensure!(
+        u64::from_be_bytes(n) == mib << 20,
+        "sink counted {} bytes",
+        u64::from_be_bytes(n)
+    );
     Ok(mib as f64 / start.elapsed().as_secs_f64())
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let mib: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1024);
+    let mib: u64 = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1024);
     let sink_addr = sink().await?;
     let direct = push(TcpStream::connect(sink_addr).await?, mib).await?;
 
@@ -57,7 +67,10 @@ async fn main() -> anyhow::Result<()> {
     println!("| path | MiB/s | x direct |");
     println!("|---|---|---|");
     println!("| direct loopback TCP | {direct:.0} | 1.00 |");
-    println!("| Postern (client → proxy → agent, AES-GCM via ring) | {postern:.0} | {:.2} |", postern / direct);
+    println!(
+        "| Postern (client → proxy → agent, AES-GCM via ring) | {postern:.0} | {:.2} |",
+        postern / direct
+    );
     demo.stop().await?;
     Ok(())
 }

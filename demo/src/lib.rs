@@ -82,7 +82,10 @@ pub async fn run(dir: &Path) -> anyhow::Result<(Demo, Report)> {
 
 /// Runs the demo with the agent serving `target` as `auth` instead of the demo echo service
 /// (the echo call is then skipped).
-pub async fn run_with_target(dir: &Path, target: Option<SocketAddr>) -> anyhow::Result<(Demo, Report)> {
+pub async fn run_with_target(
+    dir: &Path,
+    target: Option<SocketAddr>,
+) -> anyhow::Result<(Demo, Report)> {
     step(
         1,
         &format!("minting the cluster '{CLUSTER}' CAs in {}", dir.display()),
