@@ -68,7 +68,7 @@ async fn main() -> anyhow::Result<()> {
     println!("|---|---|---|");
     println!("| direct loopback TCP | {direct:.0} | 1.00 |");
     println!(
-        "| Postern (client → proxy → agent, AES-GCM via ring) | {postern:.0} | {:.2} |",
+        "| Postern (client → proxy → agent; cipher as negotiated) | {postern:.0} | {:.2} |",
         postern / direct
     );
     demo.stop().await?;

@@ -152,6 +152,11 @@ impl ProxyVerifier {
     }
 }
 
+/// AEAD ciphers, fastest first on CPUs with AES instructions (AES-GCM measured 1.6–2.3× faster
+/// than ChaCha20-Poly1305 here, in russh and in OpenSSH; russh's own default puts ChaCha20 first).
+pub const CIPHERS: &[russh::cipher::Name] =
+    &[russh::cipher::AES_256_GCM, russh::cipher::CHACHA20_POLY1305];
+
 /// The russh client config Postern uses: modern algorithms only, host certificates requested,
 /// keepalives on.
 pub fn client_config(keepalive: Duration) -> client::Config {
@@ -163,6 +168,7 @@ pub fn client_config(keepalive: Duration) -> client::Config {
         ..Default::default()
     };
     config.preferred.host_key_certificates = std::borrow::Cow::Borrowed(&[Algorithm::Ed25519]);
+    config.preferred.cipher = std::borrow::Cow::Borrowed(CIPHERS);
     config
 }
 

@@ -756,7 +756,12 @@ pub fn ssh_config(
     keepalive: Duration,
     keepalive_max: usize,
 ) -> russh::server::Config {
+    let preferred = russh::Preferred {
+        cipher: std::borrow::Cow::Borrowed(postern_dial::ssh::CIPHERS),
+        ..Default::default()
+    };
     russh::server::Config {
+        preferred,
         server_id: russh::SshId::Standard(
             format!("SSH-2.0-Postern_{}", env!("CARGO_PKG_VERSION")).into(),
         ),
