@@ -88,29 +88,58 @@ fn describe(dir: &tempfile::TempDir, ports: &Ports) -> Proxy {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_is_back_within_two_seconds_of_a_killed_proxys_return() {
-    init_tracing();
-    let pki = Pki::new("life1");
+/// A proxy process on fixed loopback ports with an agent serving an echo service.
+struct Running {
+    _dir: tempfile::TempDir,
+    ports: Ports,
+    config: std::path::PathBuf,
+    child: Child,
+    proxy: Proxy,
+    agent: Agent,
+}
+
+async fn start_process(pki: &Pki, grace: u64) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let ports = Ports {
         web: free_port(),
         tunnel: free_port(),
         ops: free_port(),
     };
-    let config = write_config(&pki, dir.path(), &ports, 5);
+    let config = write_config(pki, dir.path(), &ports, grace);
     proxy_host_cert(
-        &pki,
+        pki,
         &postern_proxy::ProxyConfig {
             data_dir: dir.path().to_owned(),
             ..Default::default()
         },
     );
-    let mut child = spawn_proxy(&config);
+    let child = spawn_proxy(&config);
     wait_ready(ports.ops).await;
     let proxy = describe(&dir, &ports);
     let echo = echo_server().await;
-    let agent = start_agent(agent_config(&pki, "h1", &proxy, &[("auth", echo)]));
+    let agent = start_agent(agent_config(pki, "h1", &proxy, &[("auth", echo)]));
+    Running {
+        _dir: dir,
+        ports,
+        config,
+        child,
+        proxy,
+        agent,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_is_back_within_two_seconds_of_a_killed_proxys_return() {
+    init_tracing();
+    let pki = Pki::new("life1");
+    let Running {
+        _dir: _keep,
+        ports,
+        config,
+        mut child,
+        proxy,
+        agent,
+    } = start_process(&pki, 5).await;
     let opts = client_opts(&pki, &proxy, "alice");
     let session = ProxySession::connect(&opts).await.unwrap();
     let mut s = wait_stream(&session, "auth", "life1", Duration::from_secs(5)).await;
@@ -151,25 +180,13 @@ fn sigterm(child: &Child) {
 async fn sigterm_drains_streams_then_exits_zero() {
     init_tracing();
     let pki = Pki::new("life2");
-    let dir = tempfile::tempdir().unwrap();
-    let ports = Ports {
-        web: free_port(),
-        tunnel: free_port(),
-        ops: free_port(),
-    };
-    let config = write_config(&pki, dir.path(), &ports, 3);
-    proxy_host_cert(
-        &pki,
-        &postern_proxy::ProxyConfig {
-            data_dir: dir.path().to_owned(),
-            ..Default::default()
-        },
-    );
-    let mut child = spawn_proxy(&config);
-    wait_ready(ports.ops).await;
-    let proxy = describe(&dir, &ports);
-    let echo = echo_server().await;
-    let agent = start_agent(agent_config(&pki, "h1", &proxy, &[("auth", echo)]));
+    let Running {
+        _dir: _keep,
+        mut child,
+        proxy,
+        agent,
+        ..
+    } = start_process(&pki, 3).await;
     let session = ProxySession::connect(&client_opts(&pki, &proxy, "alice"))
         .await
         .unwrap();
