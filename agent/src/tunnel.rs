@@ -17,7 +17,7 @@ use russh::{Channel, ChannelMsg, ChannelOpenFailure, Disconnect};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
-use tunnel_proto::control::{DecodeError, Message};
+use tunnel_proto::control::Message;
 use tunnel_proto::names::{CONTROL_HOST, agent_login};
 
 use crate::config::AgentConfig;
@@ -317,22 +317,23 @@ async fn control(
         tokio::select! {
             msg = rx.wait() => match msg {
                 Some(ChannelMsg::Data { data }) => {
-                    inbuf.extend_from_slice(&data);
-                    loop {
-                        match Message::decode_from(&mut inbuf) {
-                            Ok(Message::Hello { version, id }) => debug!(version, proxy = %id, "control hello"),
-                            Ok(Message::ProxySet { ids }) => debug!(?ids, "proxy set"),
-                            Ok(Message::Drain { reason, grace_secs }) => {
+                    let msgs = match Message::feed(&mut inbuf, &data) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            warn!(error = %e, "bad control frame: closing control channel");
+                            return;
+                        }
+                    };
+                    for msg in msgs {
+                        match msg {
+                            Message::Hello { version, id } => debug!(version, proxy = %id, "control hello"),
+                            Message::ProxySet { ids } => debug!(?ids, "proxy set"),
+                            Message::Drain { reason, grace_secs } => {
                                 info!(%reason, grace_secs, "proxy asked to drain: moving");
                                 let _ = drain.send(());
                                 return;
                             }
-                            Ok(other) => debug!(?other, "unexpected control message"),
-                            Err(DecodeError::Incomplete) => break,
-                            Err(e) => {
-                                warn!(error = %e, "bad control frame: closing control channel");
-                                return;
-                            }
+                            other => debug!(?other, "unexpected control message"),
                         }
                     }
                 }

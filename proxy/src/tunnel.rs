@@ -718,22 +718,22 @@ async fn control(channel: Channel<Msg>, shared: Arc<TunnelShared>) {
     loop {
         tokio::select! {
             msg = rx.wait() => match msg {
-                Some(ChannelMsg::Data { data }) => {
-                    inbuf.extend_from_slice(&data);
-                    loop {
-                        match Message::decode_from(&mut inbuf) {
-                            Ok(Message::Hello { version, id }) => debug!(version, agent = %id, "control hello"),
-                            Ok(Message::Heartbeat { active_streams }) => debug!(active_streams, "heartbeat"),
-                            Ok(other) => debug!(?other, "unexpected control message from agent"),
-                            Err(tunnel_proto::control::DecodeError::Incomplete) => break,
-                            Err(e) => {
-                                warn!(error = %e, "closing control channel");
-                                let _ = tx.close().await;
-                                return;
+                Some(ChannelMsg::Data { data }) => match Message::feed(&mut inbuf, &data) {
+                    Ok(msgs) => {
+                        for msg in msgs {
+                            match msg {
+                                Message::Hello { version, id } => debug!(version, agent = %id, "control hello"),
+                                Message::Heartbeat { active_streams } => debug!(active_streams, "heartbeat"),
+                                other => debug!(?other, "unexpected control message from agent"),
                             }
                         }
                     }
-                }
+                    Err(e) => {
+                        warn!(error = %e, "closing control channel");
+                        let _ = tx.close().await;
+                        return;
+                    }
+                },
                 Some(ChannelMsg::Close) | None => return,
                 Some(_) => {}
             },

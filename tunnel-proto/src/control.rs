@@ -153,6 +153,20 @@ impl Message {
         buf.advance(used);
         Ok(msg)
     }
+
+    /// Appends `data` to `buf` and decodes every whole frame now in it, leaving a partial frame
+    /// in `buf` for the next call. A malformed frame is an error: close the channel.
+    pub fn feed(buf: &mut BytesMut, data: &[u8]) -> Result<Vec<Message>, DecodeError> {
+        buf.extend_from_slice(data);
+        let mut out = Vec::new();
+        loop {
+            match Message::decode_from(buf) {
+                Ok(m) => out.push(m),
+                Err(DecodeError::Incomplete) => return Ok(out),
+                Err(e) => return Err(e),
+            }
+        }
+    }
 }
 
 fn put_str(out: &mut BytesMut, s: &str) -> Result<(), EncodeError> {
@@ -226,6 +240,22 @@ mod tests {
             assert_eq!(Message::decode_from(&mut buf).unwrap(), m);
         }
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn feed_yields_whole_frames_and_keeps_the_rest() {
+        let mut wire = BytesMut::new();
+        for m in all() {
+            m.encode(&mut wire).unwrap();
+        }
+        let mut buf = BytesMut::new();
+        let (a, b) = wire.split_at(7);
+        assert!(Message::feed(&mut buf, a).unwrap().is_empty());
+        let mut got = Message::feed(&mut buf, &b[..b.len() - 1]).unwrap();
+        got.extend(Message::feed(&mut buf, &b[b.len() - 1..]).unwrap());
+        assert_eq!(got, all());
+        assert!(buf.is_empty());
+        assert!(Message::feed(&mut buf, &[0, 0, 0, 1, 9]).is_err());
     }
 
     #[test]
