@@ -11,6 +11,7 @@
 //! - [`error`]: [`DialError`], what went wrong and what to do about it.
 
 pub mod error;
+pub mod mint;
 pub mod splice;
 pub mod ssh;
 pub mod web;

@@ -19,7 +19,7 @@
 pub mod config;
 pub mod keys;
 pub mod metrics;
-pub mod mint;
+pub use postern_dial::mint;
 pub mod ops;
 pub mod routing;
 pub mod trust;

@@ -1,5 +1,5 @@
-//! Minting SSH CAs, keys and certificates (`postern-proxy certs ...`), until the Auth server
-//! issues them.
+//! Minting SSH keys and certificates: the Auth server's CAs, `postern-proxy certs ...`, and
+//! test fixtures all go through [`issue`].
 
 use std::io::Write;
 use std::path::Path;
