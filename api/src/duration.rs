@@ -1,0 +1,76 @@
+//! Go-style durations as Teleport roles write them: `30h`, `8h`, `1h30m`, `90s`, `30h0m0s`.
+
+use std::fmt::Write;
+
+/// Parses a duration such as `8h`, `1h30m` or `45s` into seconds. Units: `h`, `m`, `s`.
+pub fn parse_secs(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err("empty duration (write e.g. 8h, 1h30m, 90s)".into());
+    }
+    let mut total: u64 = 0;
+    let mut digits = String::new();
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let unit = match c {
+            'h' => 3600,
+            'm' => 60,
+            's' => 1,
+            _ => {
+                return Err(format!(
+                    "bad duration '{text}': unknown unit '{c}' (use h, m, s)"
+                ));
+            }
+        };
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("bad duration '{text}': a number must come before '{c}'"))?;
+        digits.clear();
+        total = n
+            .checked_mul(unit)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(|| format!("duration '{text}' is too large"))?;
+    }
+    if !digits.is_empty() {
+        return Err(format!(
+            "bad duration '{text}': '{digits}' has no unit (write e.g. {digits}h or {digits}s)"
+        ));
+    }
+    Ok(total)
+}
+
+/// Formats seconds the short way: `8h`, `1h30m`, `45s`, `0s`.
+pub fn format_secs(secs: u64) -> String {
+    if secs == 0 {
+        return "0s".into();
+    }
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    let mut out = String::new();
+    for (n, unit) in [(h, 'h'), (m, 'm'), (s, 's')] {
+        if n > 0 {
+            let _ = write!(out, "{n}{unit}");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_formats() {
+        assert_eq!(parse_secs("8h").unwrap(), 8 * 3600);
+        assert_eq!(parse_secs("30h0m0s").unwrap(), 30 * 3600);
+        assert_eq!(parse_secs("1h30m").unwrap(), 5400);
+        assert_eq!(format_secs(5400), "1h30m");
+        assert_eq!(format_secs(45), "45s");
+        assert!(parse_secs("8").unwrap_err().contains("no unit"));
+        assert!(parse_secs("8d").unwrap_err().contains("unknown unit 'd'"));
+        assert!(parse_secs("h").is_err());
+        assert!(parse_secs("99999999999999999999h").is_err());
+    }
+}
