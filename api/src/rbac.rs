@@ -180,7 +180,7 @@ mod tests {
             "kind: role\nmetadata: {name: a}\nspec:\n  options: {max_session_ttl: 8h}\n  allow:\n    rules: [{resources: [role], verbs: [read]}]\nversion: v5\n",
         );
         let b = role(SEED);
-        assert_eq!(max_session_ttl(&[b.clone()]), 30 * 3600);
+        assert_eq!(max_session_ttl(std::slice::from_ref(&b)), 30 * 3600);
         assert_eq!(max_session_ttl(&[a, b]), 8 * 3600);
     }
 }
