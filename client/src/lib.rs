@@ -5,8 +5,14 @@
 //! and [`ProxySession::open`] opens a `direct-tcpip` channel to `<target>.<cluster>`, returned as
 //! a [`TunnelStream`] (`AsyncRead + AsyncWrite`). [`connect_target`] does both for one stream.
 //!
+//! [`auth::AuthClient`] calls the Auth API over mTLS, directly or inside such a stream.
+//!
 //! ## Layout
-//! - this file: options, session, stream, errors.
+//! - this file: options, session, stream, errors;
+//! - [`auth`]: the Auth API client (identity files, mTLS, typed calls);
+//! - `src/bin/pctl.rs`: the admin CLI.
+
+pub mod auth;
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};

@@ -1,0 +1,347 @@
+//! The cluster's certificate authorities: an SSH user CA, an SSH host CA and a TLS CA, created at
+//! the first start and kept in storage; and the certificates they issue.
+
+use std::time::Duration;
+
+use postern_dial::mint::{self, CertSpec};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ED25519, SignatureAlgorithm,
+};
+use russh::keys::ssh_key::{LineEnding, PrivateKey, PublicKey};
+use sha2::{Digest, Sha256};
+
+use crate::storage::{Backend, StorageError};
+
+/// Meta keys the authorities are stored under.
+mod keys {
+    pub const CLUSTER: &str = "cluster_name";
+    pub const USER_CA: &str = "ssh_user_ca";
+    pub const HOST_CA: &str = "ssh_host_ca";
+    pub const TLS_CA_KEY: &str = "tls_ca_key";
+    pub const TLS_CA_CERT: &str = "tls_ca_cert";
+}
+
+/// Lifetime of the TLS CA certificate.
+const TLS_CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Backdating of every certificate, to absorb clock skew between hosts.
+const BACKDATE_SECS: u64 = 60;
+
+/// A problem with the cluster's authorities.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthorityError {
+    /// Storage failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// No cluster name was configured for the first start.
+    #[error(
+        "this data dir holds no cluster yet: give its name with --cluster (or `cluster` in auth.toml)"
+    )]
+    NoClusterName,
+    /// The configured name differs from the stored one.
+    #[error(
+        "the data dir belongs to cluster '{stored}', not '{configured}': a cluster cannot be renamed"
+    )]
+    NameMismatch {
+        /// Stored name.
+        stored: String,
+        /// Configured name.
+        configured: String,
+    },
+    /// A stored key does not parse.
+    #[error("stored {what} is corrupt: {message}")]
+    Corrupt {
+        /// Which key.
+        what: &'static str,
+        /// What failed.
+        message: String,
+    },
+    /// A public key or certificate cannot be built.
+    #[error("{0}")]
+    Issue(String),
+}
+
+/// The loaded authorities.
+pub struct Authorities {
+    /// The cluster's name.
+    pub cluster: String,
+    user_ca: PrivateKey,
+    host_ca: PrivateKey,
+    tls_key: KeyPair,
+    /// The TLS CA certificate (PEM).
+    pub tls_ca_pem: String,
+}
+
+impl std::fmt::Debug for Authorities {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authorities")
+            .field("cluster", &self.cluster)
+            .field("keys", &"MASKED")
+            .finish()
+    }
+}
+
+/// Certificates issued for one key.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// OpenSSH certificate line.
+    pub ssh_cert: String,
+    /// PEM TLS certificate (empty for host certificates).
+    pub tls_cert: String,
+    /// SHA-256 of the TLS certificate's DER (hex; empty for host certificates).
+    pub tls_fingerprint: String,
+    /// Unix seconds.
+    pub expires: u64,
+}
+
+fn ca_params(cluster: &str) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, format!("Postern TLS CA of {cluster}"));
+    dn.push(DnType::OrganizationName, cluster);
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p
+}
+
+fn stamp(secs: u64) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp(secs as i64)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+}
+
+/// An Ed25519 public key in the form rcgen signs for.
+struct Ed25519Spki(Vec<u8>);
+
+impl rcgen::PublicKeyData for Ed25519Spki {
+    fn der_bytes(&self) -> &[u8] {
+        &self.0
+    }
+    fn algorithm(&self) -> &'static SignatureAlgorithm {
+        &PKCS_ED25519
+    }
+}
+
+fn ed25519_spki(key: &PublicKey) -> Result<Ed25519Spki, AuthorityError> {
+    match key.key_data().ed25519() {
+        Some(k) => Ok(Ed25519Spki(k.0.to_vec())),
+        None => Err(AuthorityError::Issue(format!(
+            "public key must be ssh-ed25519, got {}",
+            key.algorithm()
+        ))),
+    }
+}
+
+fn corrupt(what: &'static str) -> impl Fn(String) -> AuthorityError {
+    move |message| AuthorityError::Corrupt { what, message }
+}
+
+fn load_text(b: &dyn Backend, key: &'static str) -> Result<Option<String>, AuthorityError> {
+    match b.meta(key)? {
+        None => Ok(None),
+        Some(v) => String::from_utf8(v)
+            .map(Some)
+            .map_err(|e| corrupt(key)(e.to_string())),
+    }
+}
+
+impl Authorities {
+    /// Loads the cluster's authorities, creating them at the first start (atomically: two
+    /// racing first starts end with one set).
+    pub fn load_or_create(
+        backend: &dyn Backend,
+        configured: Option<&str>,
+    ) -> Result<Authorities, AuthorityError> {
+        if load_text(backend, keys::CLUSTER)?.is_none() {
+            let name = configured.ok_or(AuthorityError::NoClusterName)?;
+            let ssh = |k: PrivateKey| -> Result<Vec<u8>, AuthorityError> {
+                Ok(k.to_openssh(LineEnding::LF)
+                    .map_err(|e| AuthorityError::Issue(e.to_string()))?
+                    .as_bytes()
+                    .to_vec())
+            };
+            let tls_key = KeyPair::generate_for(&PKCS_ED25519)
+                .map_err(|e| AuthorityError::Issue(e.to_string()))?;
+            let mut params = ca_params(name);
+            let now = mint::now_unix();
+            params.not_before = stamp(now - BACKDATE_SECS);
+            params.not_after = stamp(now + TLS_CA_LIFETIME.as_secs());
+            let cert = params
+                .self_signed(&tls_key)
+                .map_err(|e| AuthorityError::Issue(e.to_string()))?;
+            backend.init_meta(
+                keys::CLUSTER,
+                &[
+                    (keys::CLUSTER, name.as_bytes().to_vec()),
+                    (keys::USER_CA, ssh(mint::generate_key())?),
+                    (keys::HOST_CA, ssh(mint::generate_key())?),
+                    (keys::TLS_CA_KEY, tls_key.serialize_pem().into_bytes()),
+                    (keys::TLS_CA_CERT, cert.pem().into_bytes()),
+                ],
+            )?;
+        }
+        let cluster = load_text(backend, keys::CLUSTER)?.ok_or(AuthorityError::NoClusterName)?;
+        if let Some(c) = configured.filter(|c| *c != cluster) {
+            return Err(AuthorityError::NameMismatch {
+                stored: cluster,
+                configured: c.into(),
+            });
+        }
+        let ssh_key = |key: &'static str| -> Result<PrivateKey, AuthorityError> {
+            let text = load_text(backend, key)?.ok_or_else(|| corrupt(key)("missing".into()))?;
+            PrivateKey::from_openssh(text).map_err(|e| corrupt(key)(e.to_string()))
+        };
+        let user_ca = ssh_key(keys::USER_CA)?;
+        let host_ca = ssh_key(keys::HOST_CA)?;
+        let key_pem = load_text(backend, keys::TLS_CA_KEY)?
+            .ok_or_else(|| corrupt(keys::TLS_CA_KEY)("missing".into()))?;
+        let tls_key =
+            KeyPair::from_pem(&key_pem).map_err(|e| corrupt(keys::TLS_CA_KEY)(e.to_string()))?;
+        let tls_ca_pem = load_text(backend, keys::TLS_CA_CERT)?
+            .ok_or_else(|| corrupt(keys::TLS_CA_CERT)("missing".into()))?;
+        Ok(Authorities {
+            cluster,
+            user_ca,
+            host_ca,
+            tls_key,
+            tls_ca_pem,
+        })
+    }
+
+    /// The SSH user CA's public key line.
+    pub fn user_ca_line(&self) -> String {
+        self.user_ca.public_key().to_openssh().unwrap_or_default()
+    }
+
+    /// The SSH host CA's public key line.
+    pub fn host_ca_line(&self) -> String {
+        self.host_ca.public_key().to_openssh().unwrap_or_default()
+    }
+
+    fn tls_sign(
+        &self,
+        subject: &impl rcgen::PublicKeyData,
+        cn: &str,
+        sans: Vec<String>,
+        eku: ExtendedKeyUsagePurpose,
+        ttl: u64,
+    ) -> Result<rcgen::Certificate, AuthorityError> {
+        let mut p =
+            CertificateParams::new(sans).map_err(|e| AuthorityError::Issue(e.to_string()))?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, cn);
+        dn.push(DnType::OrganizationName, self.cluster.as_str());
+        p.distinguished_name = dn;
+        p.extended_key_usages = vec![eku];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let now = mint::now_unix();
+        p.not_before = stamp(now - BACKDATE_SECS);
+        p.not_after = stamp(now + ttl);
+        p.serial_number = Some(rcgen::SerialNumber::from_slice(&rand::random::<[u8; 16]>()));
+        let issuer = Issuer::new(ca_params(&self.cluster), &self.tls_key);
+        p.signed_by(subject, &issuer)
+            .map_err(|e| AuthorityError::Issue(e.to_string()))
+    }
+
+    /// An SSH user certificate and a TLS client certificate for `key`, valid `ttl` seconds.
+    pub fn issue_user(
+        &self,
+        user: &str,
+        key: &PublicKey,
+        ttl: u64,
+    ) -> Result<Issued, AuthorityError> {
+        let now = mint::now_unix();
+        let expires = now + ttl;
+        let ssh = mint::issue(
+            &self.user_ca,
+            key,
+            &CertSpec::User { user: user.into() },
+            now - BACKDATE_SECS,
+            expires,
+        )
+        .map_err(|e| AuthorityError::Issue(e.to_string()))?;
+        let tls = self.tls_sign(
+            &ed25519_spki(key)?,
+            user,
+            Vec::new(),
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ttl,
+        )?;
+        Ok(Issued {
+            ssh_cert: ssh
+                .to_openssh()
+                .map_err(|e| AuthorityError::Issue(e.to_string()))?,
+            tls_fingerprint: hex::encode(Sha256::digest(tls.der())),
+            tls_cert: tls.pem(),
+            expires,
+        })
+    }
+
+    /// A host certificate: an agent's (`host_id`) or, with `proxy_principals`, a proxy's.
+    pub fn issue_host(
+        &self,
+        key: &PublicKey,
+        host_id: &str,
+        proxy_principals: &[String],
+        ttl: u64,
+    ) -> Result<Issued, AuthorityError> {
+        let spec = if proxy_principals.is_empty() {
+            CertSpec::Agent {
+                host_id: host_id.into(),
+                cluster: self.cluster.clone(),
+            }
+        } else {
+            CertSpec::Proxy {
+                principals: proxy_principals.to_vec(),
+            }
+        };
+        let now = mint::now_unix();
+        let cert = mint::issue(&self.host_ca, key, &spec, now - BACKDATE_SECS, now + ttl)
+            .map_err(|e| AuthorityError::Issue(e.to_string()))?;
+        Ok(Issued {
+            ssh_cert: cert
+                .to_openssh()
+                .map_err(|e| AuthorityError::Issue(e.to_string()))?,
+            tls_cert: String::new(),
+            tls_fingerprint: String::new(),
+            expires: now + ttl,
+        })
+    }
+
+    /// A fresh TLS server key and certificate for `auth.<cluster>` (DER cert chain, PKCS#8 key).
+    pub fn server_tls(
+        &self,
+        ttl: u64,
+    ) -> Result<
+        (
+            Vec<rustls_pki_types::CertificateDer<'static>>,
+            rustls_pki_types::PrivateKeyDer<'static>,
+        ),
+        AuthorityError,
+    > {
+        let key = KeyPair::generate_for(&PKCS_ED25519)
+            .map_err(|e| AuthorityError::Issue(e.to_string()))?;
+        let name = postern_api::auth_server_name(&self.cluster);
+        let cert = self.tls_sign(
+            &key,
+            &name,
+            vec![name.clone()],
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ttl,
+        )?;
+        let der = rustls_pki_types::PrivatePkcs8KeyDer::from(key.serialize_der());
+        Ok((vec![cert.der().clone()], der.into()))
+    }
+
+    /// The TLS CA certificate (DER).
+    pub fn tls_ca_der(&self) -> Result<rustls_pki_types::CertificateDer<'static>, AuthorityError> {
+        use rustls_pki_types::pem::PemObject;
+        rustls_pki_types::CertificateDer::from_pem_slice(self.tls_ca_pem.as_bytes())
+            .map_err(|e| corrupt(keys::TLS_CA_CERT)(e.to_string()))
+    }
+}
+
+/// SHA-256 (hex) of a DER certificate: how client certificates are looked up.
+pub fn fingerprint(der: &[u8]) -> String {
+    hex::encode(Sha256::digest(der))
+}

@@ -1,0 +1,25 @@
+//! # postern-auth: the isolated Auth server
+//!
+//! The server the whole product exists to reach. It owns the cluster's CAs, its users, roles and
+//! join tokens, and serves the gRPC Auth API over mutual TLS (TLS 1.3, client certificates issued
+//! by the cluster's TLS CA). Every call is authenticated by its certificate, authorized by the
+//! caller's roles and written to the audit log. With `[tunnel]` set it runs the agent in-process
+//! and serves the API through a reverse tunnel to a proxy, with no inbound port.
+//!
+//! Layout:
+//! - [`config`]: `auth.toml`, validated in one place;
+//! - [`storage`]: the `Backend` trait and its SQLite implementation (WAL, versioned migrations);
+//! - [`authority`]: the SSH user and host CAs and the TLS CA, and what they issue;
+//! - [`service`]: the gRPC service: authentication, RBAC, audit, operations;
+//! - [`audit`]: the audit log (database table and JSON lines);
+//! - [`server`]: data dir checks, the TLS listener, the admin identity, the embedded agent, `run`.
+
+pub mod audit;
+pub mod authority;
+pub mod config;
+pub mod server;
+pub mod service;
+pub mod storage;
+
+pub use config::AuthConfig;
+pub use server::{AuthError, run};
