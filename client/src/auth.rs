@@ -61,7 +61,7 @@ fn code_name(code: tonic::Code) -> &'static str {
         tonic::Code::AlreadyExists => "already exists",
         tonic::Code::InvalidArgument => "invalid request",
         tonic::Code::FailedPrecondition => "conflict",
-        tonic::Code::ResourceExhausted => "request too large",
+        tonic::Code::ResourceExhausted | tonic::Code::OutOfRange => "request too large",
         tonic::Code::Unavailable => "unavailable",
         _ => "error",
     }
@@ -285,6 +285,20 @@ impl AuthClient {
     }
 }
 
+/// Adds what to do to the TLS alerts a refused client certificate produces.
+fn with_hint(reason: String) -> String {
+    let hint = if reason.contains("UnknownCA") || reason.contains("BadCertificate") {
+        "the Auth server does not trust this identity's certificate: it was issued by another cluster's CA"
+    } else if reason.contains("CertificateExpired") || reason.contains("Expired") {
+        "certificate expired: run psh login (or pctl auth sign) again"
+    } else if reason.contains("CertificateRequired") {
+        "the Auth server wants a client certificate"
+    } else {
+        return reason;
+    };
+    format!("{hint} ({reason})")
+}
+
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
@@ -296,7 +310,7 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         }
         cur = s.source();
     }
-    out
+    with_hint(out)
 }
 
 fn status_chain(s: &tonic::Status) -> String {
@@ -311,7 +325,7 @@ fn status_chain(s: &tonic::Status) -> String {
         }
         cur = e.source();
     }
-    out
+    with_hint(out)
 }
 
 macro_rules! calls {

@@ -1,0 +1,623 @@
+//! `pctl`: the Postern admin CLI (like tctl). On the Auth host it uses the admin identity the
+//! server writes into its data dir (`pctl --data-dir DIR`); elsewhere an identity file and the
+//! Auth server's address (`--auth-server ADDR -i FILE`) or a proxy (`--proxy WEB -i FILE`).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use postern_api::identity::{IdentityFile, write_private_atomic};
+use postern_api::proto::*;
+use postern_api::{duration, resource};
+use postern_client::ProxyAddr;
+use postern_client::auth::{AuthClient, AuthClientError, Target};
+use postern_dial::mint;
+use postern_dial::web::WebTrust;
+use russh::keys::ssh_key::LineEnding;
+
+#[derive(Parser)]
+#[command(name = "pctl", version, about = "Administer a Postern cluster")]
+struct Cli {
+    #[command(flatten)]
+    conn: Conn,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Conn {
+    /// The Auth server's data dir (local mode: its admin identity and address).
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    /// The Auth server's address (`host:port`), with -i.
+    #[arg(long, global = true)]
+    auth_server: Option<String>,
+    /// A proxy's web address: reach the Auth server through its tunnel, with -i.
+    #[arg(long, global = true)]
+    proxy: Option<String>,
+    /// SHA-256 pin of the proxy's web certificate.
+    #[arg(long, global = true)]
+    web_pin: Option<String>,
+    /// PEM CA file for the proxy's web certificate.
+    #[arg(long, global = true)]
+    web_ca: Option<PathBuf>,
+    /// Trust any proxy web certificate (local experiments only).
+    #[arg(long, global = true)]
+    insecure: bool,
+    /// Identity file (from `pctl auth sign`).
+    #[arg(short = 'i', long = "identity", global = true)]
+    identity: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Cluster name, server version, and who you are.
+    Status,
+    /// Create resources from YAML (`-f -` reads stdin; several documents allowed).
+    Create {
+        /// File with one or more `kind: role` documents.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Overwrite existing resources.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show resources: roles, role/NAME, users, user/NAME, tokens, events.
+    Get {
+        /// What to show.
+        what: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Yaml)]
+        format: Format,
+    },
+    /// Remove a resource: role/NAME, user/NAME, token/ID.
+    Rm {
+        /// What to remove.
+        what: String,
+    },
+    /// Manage users.
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
+    /// Issue certificates and export CAs.
+    Auth {
+        #[command(subcommand)]
+        command: AuthCommand,
+    },
+    /// Manage join tokens.
+    Tokens {
+        #[command(subcommand)]
+        command: TokensCommand,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Format {
+    Yaml,
+    Json,
+    Text,
+}
+
+#[derive(Subcommand)]
+enum UsersCommand {
+    /// Add a user; its one-time signup secret goes to a 0600 file, never to the terminal.
+    Add {
+        /// User name.
+        name: String,
+        /// Comma-separated roles.
+        #[arg(long, value_delimiter = ',')]
+        roles: Vec<String>,
+        /// Where to write the signup secret [default: ./NAME.signup].
+        #[arg(long)]
+        secret_out: Option<PathBuf>,
+        /// How long the secret stays valid (e.g. 1h).
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
+    /// List users.
+    Ls {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Replace a user's roles.
+    Update {
+        /// User name.
+        name: String,
+        /// Comma-separated roles.
+        #[arg(long, value_delimiter = ',')]
+        set_roles: Vec<String>,
+    },
+    /// Remove a user (its certificates stop working at once).
+    Rm {
+        /// User name.
+        name: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum SignFormat {
+    /// One identity file (key, certificates, CAs, cluster).
+    File,
+    /// Key pair files: OUT.key, OUT.crt, OUT.cas.
+    Tls,
+}
+
+#[derive(Subcommand)]
+enum AuthCommand {
+    /// Issue certificates: for a user (--user), an agent (--host) or a proxy (--proxy).
+    Sign {
+        /// User to sign for.
+        #[arg(long, conflicts_with_all = ["host", "proxy_names"])]
+        user: Option<String>,
+        /// Agent host id to sign a host certificate for.
+        #[arg(long, conflicts_with = "proxy_names")]
+        host: Option<String>,
+        /// Comma-separated names a proxy is reached by: sign a proxy host certificate.
+        #[arg(long = "proxy-names", value_delimiter = ',')]
+        proxy_names: Vec<String>,
+        /// Certificate lifetime (e.g. 8h); capped by the user's roles.
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Output file (identity file; or base name for --format=tls and host keys).
+        #[arg(long)]
+        out: PathBuf,
+        /// Output format for user certificates.
+        #[arg(long, value_enum, default_value_t = SignFormat::File)]
+        format: SignFormat,
+    },
+    /// Print a CA's public part: `host` and `user` as OpenSSH lines (for proxy.toml), `tls` as PEM.
+    Export {
+        /// Which CA.
+        #[arg(long = "type")]
+        kind: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokensCommand {
+    /// Create a join token; the secret goes to a 0600 file.
+    Add {
+        /// Token kind.
+        #[arg(long = "type", default_value = "agent")]
+        kind: String,
+        /// Where to write it.
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime (e.g. 30m).
+        #[arg(long, default_value = "30m")]
+        ttl: String,
+    },
+    /// List tokens (ids and expiry; never the secrets).
+    Ls,
+    /// Delete a token by id.
+    Rm {
+        /// Token id (from `pctl tokens ls`).
+        id: String,
+    },
+}
+
+async fn connect(c: &Conn) -> anyhow::Result<AuthClient> {
+    let (id_path, target) = if let Some(proxy) = &c.proxy {
+        let trust = match (&c.web_pin, &c.web_ca, c.insecure) {
+            (Some(p), None, false) => WebTrust::Pin(p.clone()),
+            (None, Some(f), false) => WebTrust::roots_from_pem_file(f)?,
+            (None, None, true) => WebTrust::Insecure,
+            _ => bail!("with --proxy, give exactly one of --web-pin, --web-ca or --insecure"),
+        };
+        let id = c
+            .identity
+            .clone()
+            .context("--proxy needs an identity file (-i FILE)")?;
+        (
+            id,
+            Target::Proxy(ProxyAddr::Web {
+                addr: proxy.clone(),
+                trust,
+            }),
+        )
+    } else if let Some(addr) = &c.auth_server {
+        let id = c
+            .identity
+            .clone()
+            .context("--auth-server needs an identity file (-i FILE)")?;
+        (id, Target::Direct(addr.clone()))
+    } else {
+        let dir = c
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/var/lib/postern-auth"));
+        let addr_file = dir.join("auth_addr");
+        let addr = std::fs::read_to_string(&addr_file).with_context(|| {
+            format!(
+                "{}: is the Auth server running with --data-dir {}? (or use --auth-server ADDR -i FILE)",
+                addr_file.display(),
+                dir.display()
+            )
+        })?;
+        let id = c
+            .identity
+            .clone()
+            .unwrap_or_else(|| dir.join("admin.identity"));
+        (id, Target::Direct(addr.trim().to_string()))
+    };
+    let id = IdentityFile::load(&id_path)?;
+    Ok(AuthClient::connect(&id, target).await?)
+}
+
+fn read_input(file: &Path) -> anyhow::Result<String> {
+    if file == Path::new("-") {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s)?;
+        Ok(s)
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("{}", file.display()))
+    }
+}
+
+fn ttl_secs(text: &Option<String>) -> anyhow::Result<u64> {
+    match text {
+        None => Ok(0),
+        Some(t) => duration::parse_secs(t).map_err(anyhow::Error::msg),
+    }
+}
+
+fn print_roles(roles: &[Role], format: Format) {
+    match format {
+        Format::Yaml => print!("{}", resource::roles_to_yaml(roles)),
+        Format::Json => println!("{}", resource::roles_to_json(roles)),
+        Format::Text => {
+            println!(
+                "{:<24} {:<8} {:<10} ALLOW RULES",
+                "NAME", "VERSION", "REVISION"
+            );
+            for r in roles {
+                let rules: Vec<String> = r
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.allow.as_ref())
+                    .map(|a| {
+                        a.rules
+                            .iter()
+                            .map(|x| format!("{}:{}", x.resources.join("+"), x.verbs.join("+")))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                println!(
+                    "{:<24} {:<8} {:<10} {}",
+                    r.name,
+                    r.version,
+                    r.revision,
+                    rules.join(" ")
+                );
+            }
+        }
+    }
+}
+
+fn print_users(users: &[User], format: Format) -> anyhow::Result<()> {
+    match format {
+        Format::Json => {
+            let v: Vec<_> = users
+                .iter()
+                .map(|u| serde_json::json!({"name": u.name, "roles": u.roles, "created": u.created, "revision": u.revision}))
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Format::Yaml => {
+            for u in users {
+                println!(
+                    "kind: user\nmetadata:\n  name: {}\nspec:\n  roles: [{}]\nversion: v2\n---",
+                    u.name,
+                    u.roles.join(", ")
+                );
+            }
+        }
+        Format::Text => {
+            println!("{:<24} ROLES", "USER");
+            for u in users {
+                println!("{:<24} {}", u.name, u.roles.join(","));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
+    write_private_atomic(path, format!("{text}\n").as_bytes())
+        .with_context(|| format!("{}", path.display()))
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        eprintln!("pctl: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let client = connect(&cli.conn).await?;
+    match cli.command {
+        Command::Status => {
+            let p = client.ping(PingRequest {}).await?;
+            println!(
+                "Cluster:  {}\nVersion:  {}\nUser:     {}\nRoles:    {}",
+                p.cluster,
+                p.server_version,
+                p.user,
+                p.roles.join(", ")
+            );
+        }
+        Command::Create { file, force } => {
+            let text = read_input(&file)?;
+            let roles =
+                resource::parse_roles(&text).with_context(|| format!("{}", file.display()))?;
+            for role in roles {
+                let name = role.name.clone();
+                let r = if force {
+                    client.upsert_role(role).await
+                } else {
+                    client.create_role(role).await
+                };
+                match r {
+                    Ok(_) => println!(
+                        "role '{name}' has been {}",
+                        if force {
+                            "created or updated"
+                        } else {
+                            "created"
+                        }
+                    ),
+                    Err(AuthClientError::Api {
+                        code: tonic::Code::AlreadyExists,
+                        ..
+                    }) => {
+                        bail!("role '{name}' already exists: use --force to overwrite it")
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Command::Get { what, format } => match what.split_once('/') {
+            None if what == "roles" || what == "role" => {
+                print_roles(&client.list_roles(ListRolesRequest {}).await?.roles, format)
+            }
+            Some(("role" | "roles", name)) => print_roles(&[client.get_role(name).await?], format),
+            None if what == "users" || what == "user" => {
+                print_users(&client.list_users(ListUsersRequest {}).await?.users, format)?
+            }
+            Some(("user" | "users", name)) => print_users(&[client.get_user(name).await?], format)?,
+            None if what == "tokens" => {
+                for t in client.list_tokens(ListTokensRequest {}).await?.tokens {
+                    println!("{}  {}  expires {}", t.id, t.kind, t.expires);
+                }
+            }
+            None if what == "events" => {
+                for e in client
+                    .list_audit_events(ListAuditEventsRequest { limit: 50 })
+                    .await?
+                    .events
+                {
+                    let verdict = if e.allowed { "allowed" } else { "DENIED" };
+                    println!(
+                        "{} {} {} {} {} {}",
+                        e.time_ms, e.user, e.action, e.resource, verdict, e.error
+                    );
+                }
+            }
+            _ => bail!(
+                "cannot get '{what}': use roles, role/NAME, users, user/NAME, tokens or events"
+            ),
+        },
+        Command::Rm { what } => match what.split_once('/') {
+            Some(("role", name)) => {
+                client.delete_role(name).await?;
+                println!("role '{name}' has been deleted");
+            }
+            Some(("user", name)) => {
+                client.delete_user(name).await?;
+                println!("user '{name}' has been deleted");
+            }
+            Some(("token", id)) => {
+                client.delete_token(id).await?;
+                println!("token '{id}' has been deleted");
+            }
+            _ => bail!("cannot remove '{what}': use role/NAME, user/NAME or token/ID"),
+        },
+        Command::Users { command } => match command {
+            UsersCommand::Add {
+                name,
+                roles,
+                secret_out,
+                ttl,
+            } => {
+                let ttl = duration::parse_secs(&ttl).map_err(anyhow::Error::msg)?;
+                let r = client
+                    .create_user(CreateUserRequest {
+                        name: name.clone(),
+                        roles,
+                        secret_ttl_secs: ttl,
+                    })
+                    .await?;
+                let path = secret_out.unwrap_or_else(|| PathBuf::from(format!("{name}.signup")));
+                write_secret(&path, &r.signup_secret)?;
+                println!(
+                    "user '{name}' has been created. Its one-time signup secret is in {} (0600, valid until {}): hand it over securely; `psh login` asks for it.",
+                    path.display(),
+                    r.secret_expires
+                );
+            }
+            UsersCommand::Ls { format } => {
+                print_users(&client.list_users(ListUsersRequest {}).await?.users, format)?
+            }
+            UsersCommand::Update { name, set_roles } => {
+                let u = client
+                    .update_user(User {
+                        name: name.clone(),
+                        roles: set_roles,
+                        created: 0,
+                        revision: 0,
+                    })
+                    .await?;
+                println!("user '{name}' now has roles: {}", u.roles.join(", "));
+            }
+            UsersCommand::Rm { name } => {
+                client.delete_user(&name).await?;
+                println!("user '{name}' has been deleted");
+            }
+        },
+        Command::Auth { command } => match command {
+            AuthCommand::Sign {
+                user,
+                host,
+                proxy_names,
+                ttl,
+                out,
+                format,
+            } => {
+                let ttl = ttl_secs(&ttl)?;
+                let key = mint::generate_key();
+                let public_key = key.public_key().to_openssh()?;
+                if let Some(user) = user {
+                    let certs = client
+                        .generate_user_certs(GenerateUserCertsRequest {
+                            user: user.clone(),
+                            public_key,
+                            ttl_secs: ttl,
+                        })
+                        .await?;
+                    match format {
+                        SignFormat::File => {
+                            let id = IdentityFile {
+                                version: postern_api::identity::IDENTITY_VERSION,
+                                cluster: certs.cluster,
+                                user: user.clone(),
+                                expires: certs.expires,
+                                private_key: key.to_openssh(LineEnding::LF)?.to_string(),
+                                ssh_cert: certs.ssh_cert,
+                                tls_cert: certs.tls_cert,
+                                tls_cas: certs.tls_cas,
+                                ssh_host_cas: certs.ssh_host_cas,
+                            };
+                            id.save(&out)?;
+                            println!(
+                                "identity of '{user}' written to {} (expires {})",
+                                out.display(),
+                                certs.expires
+                            );
+                        }
+                        SignFormat::Tls => {
+                            let pkcs8 = postern_client::auth::ed25519_pkcs8(&key)
+                                .map_err(anyhow::Error::msg)?;
+                            let key_pem = pem_encode("PRIVATE KEY", pkcs8.secret_der());
+                            let base = out.display().to_string();
+                            write_private_atomic(
+                                Path::new(&format!("{base}.key")),
+                                key_pem.as_bytes(),
+                            )?;
+                            mint::write_file(
+                                Path::new(&format!("{base}.crt")),
+                                certs.tls_cert.as_bytes(),
+                                0o644,
+                            )?;
+                            mint::write_file(
+                                Path::new(&format!("{base}.cas")),
+                                certs.tls_cas.concat().as_bytes(),
+                                0o644,
+                            )?;
+                            println!(
+                                "{base}.key, {base}.crt and {base}.cas written (expires {})",
+                                certs.expires
+                            );
+                        }
+                    }
+                } else if host.is_some() || !proxy_names.is_empty() {
+                    let certs = client
+                        .generate_host_certs(GenerateHostCertsRequest {
+                            host_id: host.clone().unwrap_or_default(),
+                            public_key,
+                            ttl_secs: ttl,
+                            proxy_principals: proxy_names,
+                        })
+                        .await?;
+                    mint::write_key_pair(&out, &key)?;
+                    let cert_path = mint::cert_path(&out);
+                    mint::write_file(
+                        &cert_path,
+                        format!("{}\n", certs.ssh_cert).as_bytes(),
+                        0o644,
+                    )?;
+                    println!(
+                        "host key {} and certificate {} written (expires {})",
+                        out.display(),
+                        cert_path.display(),
+                        certs.expires
+                    );
+                } else {
+                    bail!("say what to sign for: --user NAME, --host ID or --proxy-names A,B");
+                }
+            }
+            AuthCommand::Export { kind } => {
+                for e in client
+                    .export_authorities(ExportAuthoritiesRequest { kind })
+                    .await?
+                    .entries
+                {
+                    println!("{}", e.trim_end());
+                }
+            }
+        },
+        Command::Tokens { command } => match command {
+            TokensCommand::Add { kind, out, ttl } => {
+                let ttl = duration::parse_secs(&ttl).map_err(anyhow::Error::msg)?;
+                let r = client
+                    .create_token(CreateTokenRequest {
+                        kind,
+                        ttl_secs: ttl,
+                    })
+                    .await?;
+                write_secret(&out, &r.token)?;
+                let info = r.info.unwrap_or_default();
+                println!(
+                    "join token {} written to {} (expires {})",
+                    info.id,
+                    out.display(),
+                    info.expires
+                );
+            }
+            TokensCommand::Ls => {
+                for t in client.list_tokens(ListTokensRequest {}).await?.tokens {
+                    println!("{}  {}  expires {}", t.id, t.kind, t.expires);
+                }
+            }
+            TokensCommand::Rm { id } => {
+                client.delete_token(&id).await?;
+                println!("token '{id}' has been deleted");
+            }
+        },
+    }
+    Ok(())
+}
+
+fn pem_encode(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(chunk).expect("base64 is ascii"));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
