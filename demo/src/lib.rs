@@ -1,8 +1,13 @@
 //! # postern-demo: the whole path on one machine
 //!
-//! Mints a cluster's CAs and certificates in a directory, writes `proxy.toml` and `agent.toml`
-//! there, starts the proxy and an agent serving a demo echo service (all on loopback), and makes
-//! a client call through the tunnel, printing each step and the `ssh -W` line to try by hand.
+//! [`auth_flow::run`] is the main demo: an Auth server that dials out to a proxy, the admin steps,
+//! and an API client calling the Auth API through the tunnel (GetRole allowed, UpsertRole denied).
+//!
+//! [`run`] is the tunnel alone: it mints CAs in a directory, writes `proxy.toml` and
+//! `agent.toml` there, starts the proxy and an agent serving an echo service, and makes a client
+//! call through the tunnel, printing the `ssh -W` line to try by hand.
+
+pub mod auth_flow;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -53,7 +58,7 @@ impl Demo {
     }
 }
 
-fn step(n: u32, text: &str) {
+pub(crate) fn step(n: u32, text: &str) {
     println!("[{n}] {text}");
 }
 
@@ -253,7 +258,7 @@ fn issue(
     Ok((key, cert))
 }
 
-async fn wait_web_cert(path: &Path) -> anyhow::Result<String> {
+pub(crate) async fn wait_web_cert(path: &Path) -> anyhow::Result<String> {
     use rustls_pki_types::pem::PemObject;
     for _ in 0..500 {
         if let Ok(pem) = std::fs::read(path)

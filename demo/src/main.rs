@@ -1,17 +1,20 @@
-//! `postern-demo`: run the local demo, then keep it up for `ssh -W` until Ctrl-C (or exit at once
-//! with `--once`).
+//! `postern-demo`: run the local demo (the Auth server reached through the proxy's tunnel), then
+//! keep it up until Ctrl-C (or exit at once with `--once`). `--tunnel-only` runs the echo demo.
 
 use clap::Parser;
 
 #[derive(Parser)]
 #[command(
     name = "postern-demo",
-    about = "Proxy + agent + echo service + a client call through the tunnel, on loopback"
+    about = "Auth server + proxy + reverse tunnel + an API client call through it, on loopback"
 )]
 struct Cli {
     /// Exit after the client call instead of waiting for Ctrl-C.
     #[arg(long)]
     once: bool,
+    /// Run the tunnel alone with an echo service (no Auth server).
+    #[arg(long)]
+    tunnel_only: bool,
     /// Directory for keys, certificates and configs [default: a new temp dir].
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
@@ -33,15 +36,27 @@ async fn main() -> anyhow::Result<()> {
         }
         None => postern_demo::default_dir()?,
     };
-    let (demo, _report) = postern_demo::run(&dir).await?;
-    if !cli.once {
-        println!(
-            "\nRunning. Ctrl-C to stop (files stay in {}).",
-            dir.display()
-        );
-        tokio::signal::ctrl_c().await?;
+    let shown = dir.clone();
+    let wait = |once: bool| async move {
+        let dir = shown;
+        if !once {
+            println!(
+                "\nRunning. Ctrl-C to stop (files stay in {}).",
+                dir.display()
+            );
+            tokio::signal::ctrl_c().await?;
+        }
+        anyhow::Ok(())
+    };
+    if cli.tunnel_only {
+        let (demo, _report) = postern_demo::run(&dir).await?;
+        wait(cli.once).await?;
+        demo.stop().await?;
+    } else {
+        let (demo, _report) = postern_demo::auth_flow::run(&dir).await?;
+        wait(cli.once).await?;
+        demo.stop().await?;
     }
-    demo.stop().await?;
     println!("stopped");
     Ok(())
 }
