@@ -26,7 +26,12 @@ fn bad_values_name_the_field() {
     assert!(c.validate().unwrap_err().to_string().contains("tunnel.web"));
     let mut c = example();
     c.admin_identity_ttl_secs = 10;
-    assert!(c.validate().unwrap_err().to_string().contains("admin_identity_ttl_secs"));
+    assert!(
+        c.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("admin_identity_ttl_secs")
+    );
     let dir = std::env::temp_dir().join(format!("postern-authcfg-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join("auth.toml");
