@@ -28,6 +28,10 @@ pub fn auth_server_name(cluster: &str) -> String {
     format!("auth.{cluster}")
 }
 
+/// A second name on every Auth server certificate, verified when the client does not know the
+/// cluster's name (key pair and TLS credentials). The trust anchor is still the cluster's TLS CA.
+pub const AUTH_SERVER_NAME_ANY: &str = "auth.postern.cluster.local";
+
 /// Largest gRPC message either side accepts (1 MiB); larger requests get `RESOURCE_EXHAUSTED`.
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 

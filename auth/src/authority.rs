@@ -325,7 +325,7 @@ impl Authorities {
         let cert = self.tls_sign(
             &key,
             &name,
-            vec![name.clone()],
+            vec![name.clone(), postern_api::AUTH_SERVER_NAME_ANY.to_string()],
             ExtendedKeyUsagePurpose::ServerAuth,
             ttl,
         )?;

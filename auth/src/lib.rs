@@ -12,11 +12,13 @@
 //! - [`authority`]: the SSH user and host CAs and the TLS CA, and what they issue;
 //! - [`service`]: the gRPC service: authentication, RBAC, audit, operations;
 //! - [`audit`]: the audit log (database table and JSON lines);
+//! - [`login`]: `psh login` behind the proxy's login relay (signup secret, then password);
 //! - [`server`]: data dir checks, the TLS listener, the admin identity, the embedded agent, `run`.
 
 pub mod audit;
 pub mod authority;
 pub mod config;
+pub mod login;
 pub mod server;
 pub mod service;
 pub mod storage;

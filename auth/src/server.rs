@@ -313,6 +313,7 @@ pub fn local_dial_addr(bound: SocketAddr) -> SocketAddr {
 fn agent_config(
     p: &Prepared,
     api: SocketAddr,
+    login: SocketAddr,
 ) -> Result<Option<postern_agent::AgentConfig>, AuthError> {
     let Some(t) = &p.config.tunnel else {
         return Ok(None);
@@ -351,7 +352,11 @@ fn agent_config(
         host_cert_file: Some(cert_path),
         proxy_host_ca,
         proxy_host_keys: Vec::new(),
-        targets: [(tunnel_proto::names::ROLE_AUTH.to_string(), api)].into(),
+        targets: [
+            (tunnel_proto::names::ROLE_AUTH.to_string(), api),
+            (tunnel_proto::login::LOGIN_TARGET.to_string(), login),
+        ]
+        .into(),
         keepalive_interval_secs: t.keepalive_interval_secs,
         reconnect: Default::default(),
     };
@@ -385,7 +390,20 @@ pub async fn serve(
         .map_err(|e| AuthError::Serve(e.to_string()))?;
     info!(listen = %bound, cluster = %prepared.cluster(), "Auth API listening (mTLS, TLS 1.3)");
 
-    let agent = match agent_config(&prepared, dial)? {
+    // The login service: loopback only, reached through the agent's `login` target.
+    let login_listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+        .await
+        .map_err(|e| AuthError::Serve(format!("login listener: {e}")))?;
+    let login_addr = login_listener
+        .local_addr()
+        .map_err(|e| AuthError::Serve(e.to_string()))?;
+    tokio::spawn(crate::login::serve(
+        login_listener,
+        prepared.state.clone(),
+        shutdown.clone(),
+    ));
+
+    let agent = match agent_config(&prepared, dial, login_addr)? {
         Some(cfg) => {
             info!(proxy = ?cfg.proxy, "dialling out to the proxy");
             Some(tokio::spawn(postern_agent::run(cfg, shutdown.clone())))

@@ -44,12 +44,18 @@ pub struct ConnInfo {
 
 /// A user as stored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct StoredUser {
-    roles: Vec<String>,
-    created: u64,
+pub struct StoredUser {
+    /// Role names.
+    pub roles: Vec<String>,
+    /// Unix seconds.
+    pub created: u64,
     /// SHA-256 (hex) of the one-time signup secret, until it is used.
-    signup_hash: Option<String>,
-    signup_expires: u64,
+    pub signup_hash: Option<String>,
+    /// When the signup secret stops working (unix seconds).
+    pub signup_expires: u64,
+    /// Argon2id PHC string of the password, once set at the first login.
+    #[serde(default)]
+    pub password_hash: Option<String>,
 }
 
 /// A join token as stored (only its hash).
@@ -168,7 +174,8 @@ fn user_from_item(item: &crate::storage::Item) -> Result<(StoredUser, User), Sta
     Ok((s, u))
 }
 
-fn hash_secret(secret: &str) -> String {
+/// SHA-256 (hex) of a secret, as stored.
+pub fn hash_secret(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
@@ -197,6 +204,17 @@ fn check_user_name(name: &str) -> Result<(), Status> {
         ));
     }
     Ok(())
+}
+
+/// Loads the roles named, skipping missing ones (a deleted role grants nothing).
+pub fn load_roles(state: &State, names: &[String]) -> Result<Vec<Role>, Status> {
+    let mut roles = Vec::new();
+    for n in names {
+        if let Some(item) = state.backend.get("role", n).map_err(storage_status)? {
+            roles.push(role_from_item(&item)?);
+        }
+    }
+    Ok(roles)
 }
 
 impl Service {
@@ -242,17 +260,6 @@ impl Service {
         let _ = tokio::task::spawn_blocking(move || state.audit.record(rec)).await;
     }
 
-    /// Loads the roles named, skipping missing ones (a deleted role grants nothing).
-    fn load_roles(state: &State, names: &[String]) -> Result<Vec<Role>, Status> {
-        let mut roles = Vec::new();
-        for n in names {
-            if let Some(item) = state.backend.get("role", n).map_err(storage_status)? {
-                roles.push(role_from_item(&item)?);
-            }
-        }
-        Ok(roles)
-    }
-
     /// Who is calling: the user the client certificate was issued to, still existing.
     async fn authenticate<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         let info = req
@@ -286,7 +293,7 @@ impl Service {
                     Status::unauthenticated(format!("user '{user}' has been deleted: its certificates no longer work"))
                 })?;
                 let (stored, _) = user_from_item(&item)?;
-                let roles = Self::load_roles(s, &stored.roles)?;
+                let roles = load_roles(s, &stored.roles)?;
                 Ok((user, roles))
             })
             .await??;
@@ -591,6 +598,7 @@ impl AuthService for Service {
                 created: now_unix(),
                 signup_hash: Some(hash_secret(&secret)),
                 signup_expires: now_unix() + ttl,
+                password_hash: None,
             };
             let json = serde_json::to_string(&stored).expect("user serializes");
             let roles = r.roles.clone();
@@ -731,7 +739,7 @@ impl AuthService for Service {
                         .map_err(storage_status)?
                         .ok_or_else(|| Status::not_found(format!("user '{}' not found", r.user)))?;
                     let (stored, _) = user_from_item(&item)?;
-                    let roles = Self::load_roles(s, &stored.roles)?;
+                    let roles = load_roles(s, &stored.roles)?;
                     let cap = rbac::max_session_ttl(&roles);
                     let ttl = if r.ttl_secs == 0 {
                         cap

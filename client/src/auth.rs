@@ -8,12 +8,11 @@ use hyper_util::rt::TokioIo;
 use postern_api::identity::IdentityFile;
 use postern_api::proto::auth_service_client::AuthServiceClient;
 use postern_api::proto::*;
-use postern_dial::ssh::{Identity, parse_ca_lines};
-use russh::keys::ssh_key::{Certificate, PrivateKey};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use russh::keys::ssh_key::PrivateKey;
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use tonic::transport::{Channel, Endpoint};
 
+use crate::credentials::{CredentialError, Credentials, Loaded, from_identity};
 use crate::{ConnectOptions, ProxyAddr, ProxySession};
 
 /// How long a direct TCP connect (or a tunnel stream open) plus TLS handshake may take.
@@ -41,6 +40,17 @@ pub enum AuthClientError {
         /// Where it was dialled.
         addr: String,
         /// Why it failed.
+        reason: String,
+    },
+    /// The credentials cannot be loaded.
+    #[error(transparent)]
+    Credentials(#[from] CredentialError),
+    /// The proxy is up but cannot reach the cluster's Auth server.
+    #[error("auth server unreachable through proxy {proxy}: {reason}")]
+    Unreachable {
+        /// The proxy's tunnel address.
+        proxy: String,
+        /// Why (the proxy's refusal: no tunnel for the cluster, ...).
         reason: String,
     },
     /// The server answered with an error.
@@ -86,14 +96,6 @@ impl AuthClientError {
     }
 }
 
-fn bad<'a>(id: &'a IdentityFile, what: &'static str) -> impl Fn(String) -> AuthClientError + 'a {
-    move |problem| AuthClientError::BadCredentials {
-        user: id.user.clone(),
-        what,
-        problem,
-    }
-}
-
 /// The PKCS#8 form of an OpenSSH Ed25519 private key (TLS signs with the same key as SSH).
 pub fn ed25519_pkcs8(key: &PrivateKey) -> Result<PrivateKeyDer<'static>, String> {
     let kp = key
@@ -110,52 +112,38 @@ pub fn ed25519_pkcs8(key: &PrivateKey) -> Result<PrivateKeyDer<'static>, String>
     Ok(PrivatePkcs8KeyDer::from(der).into())
 }
 
-/// The mTLS client config an identity gives: TLS 1.3, the cluster's TLS CA as the only root,
-/// the identity's certificate as the client certificate.
-pub fn tls_config(id: &IdentityFile) -> Result<rustls::ClientConfig, AuthClientError> {
-    let key = PrivateKey::from_openssh(&id.private_key)
-        .map_err(|e| bad(id, "private_key")(e.to_string()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for pem in &id.tls_cas {
-        let der = CertificateDer::from_pem_slice(pem.as_bytes())
-            .map_err(|e| bad(id, "tls_cas")(e.to_string()))?;
-        roots
-            .add(der)
-            .map_err(|e| bad(id, "tls_cas")(e.to_string()))?;
-    }
-    let cert = CertificateDer::from_pem_slice(id.tls_cert.as_bytes())
-        .map_err(|e| bad(id, "tls_cert")(e.to_string()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| bad(id, "tls")(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(
-            vec![cert],
-            ed25519_pkcs8(&key).map_err(bad(id, "private_key"))?,
-        )
-        .map_err(|e| bad(id, "tls_cert")(e.to_string()))?;
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(cfg)
-}
-
 /// Proxy login options from an identity: its user, SSH certificate and the cluster's host CA.
 pub fn proxy_options(
     id: &IdentityFile,
     proxy: ProxyAddr,
 ) -> Result<ConnectOptions, AuthClientError> {
-    let key = PrivateKey::from_openssh(&id.private_key)
-        .map_err(|e| bad(id, "private_key")(e.to_string()))?;
-    let cert =
-        Certificate::from_openssh(&id.ssh_cert).map_err(|e| bad(id, "ssh_cert")(e.to_string()))?;
+    let loaded = from_identity(id, "identity")?;
+    let ssh = loaded.ssh.expect("identities carry SSH credentials");
     Ok(ConnectOptions {
         proxy,
-        user: id.user.clone(),
-        identity: Identity::new(key, cert).map_err(bad(id, "ssh_cert"))?,
-        proxy_host_cas: parse_ca_lines(&id.ssh_host_cas).map_err(bad(id, "ssh_host_cas"))?,
+        user: ssh.user,
+        identity: ssh.identity,
+        proxy_host_cas: ssh.host_cas,
         proxy_host_keys: Vec::new(),
     })
 }
+
+/// Fresh credentials for each new connection.
+pub type Source = Arc<dyn Fn() -> Result<Loaded, String> + Send + Sync>;
+
+/// A source that always gives the same credentials.
+pub fn fixed(loaded: Loaded) -> Source {
+    Arc::new(move || Ok(loaded.clone()))
+}
+
+/// A source that asks `creds` at every connection (a dynamic identity file reloads there).
+pub fn reloading(creds: Credentials) -> Source {
+    Arc::new(move || creds.load().map_err(|e| e.to_string()))
+}
+
+/// A byte stream TLS can run over: TCP, or a tunnel stream.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 /// A connected Auth API client with typed methods for every call.
 #[derive(Clone)]
@@ -181,16 +169,31 @@ impl AuthClient {
         addr: &str,
         id: &IdentityFile,
     ) -> Result<AuthClient, AuthClientError> {
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(tls_config(id)?));
-        let name = ServerName::try_from(postern_api::auth_server_name(&id.cluster))
-            .map_err(|e| bad(id, "cluster")(e.to_string()))?;
+        Self::direct(addr, fixed(from_identity(id, "identity")?)).await
+    }
+
+    /// Connects straight to `addr`, taking credentials from `source` at every connection.
+    pub async fn direct(addr: &str, source: Source) -> Result<AuthClient, AuthClientError> {
+        let first = source().map_err(|reason| AuthClientError::Connect {
+            addr: addr.into(),
+            reason,
+        })?;
+        let cluster = first.cluster.clone();
         let target = addr.to_string();
         let connector = tower::service_fn(move |_: tonic::transport::Uri| {
-            let (tls, name, target) = (tls.clone(), name.clone(), target.clone());
+            let (source, target) = (source.clone(), target.clone());
             async move {
-                let tcp = tokio::net::TcpStream::connect(&target).await?;
+                let l = source().map_err(std::io::Error::other)?;
+                let tcp =
+                    tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&target))
+                        .await
+                        .map_err(|_| {
+                            std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+                        })??;
                 let _ = tcp.set_nodelay(true);
-                let s = tls.connect(name, tcp).await?;
+                let s = tokio_rustls::TlsConnector::from(l.tls)
+                    .connect(l.server_name, Box::new(tcp) as Box<dyn Io>)
+                    .await?;
                 Ok::<_, std::io::Error>(TokioIo::new(s))
             }
         });
@@ -201,7 +204,7 @@ impl AuthClient {
                 addr: addr.into(),
                 reason: error_chain(&e),
             })?;
-        Self::finish(channel, id, addr).await
+        Self::finish(channel, cluster.as_deref(), addr).await
     }
 
     /// Connects through a logged-in proxy session: a tunnel stream to `auth.<cluster>`, with
@@ -210,41 +213,71 @@ impl AuthClient {
         session: Arc<ProxySession>,
         id: &IdentityFile,
     ) -> Result<AuthClient, AuthClientError> {
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(tls_config(id)?));
-        let name = ServerName::try_from(postern_api::auth_server_name(&id.cluster))
-            .map_err(|e| bad(id, "cluster")(e.to_string()))?;
-        let cluster = id.cluster.clone();
-        let s2 = session.clone();
+        Self::via_proxy(session, &id.cluster, fixed(from_identity(id, "identity")?)).await
+    }
+
+    /// Connects through `session` to cluster `cluster`'s Auth server, taking credentials from
+    /// `source` at every connection.
+    pub async fn via_proxy(
+        session: Arc<ProxySession>,
+        cluster: &str,
+        source: Source,
+    ) -> Result<AuthClient, AuthClientError> {
+        let proxy = session.tunnel_addr.clone();
+        let unreachable = |reason: String| AuthClientError::Unreachable {
+            proxy: proxy.clone(),
+            reason,
+        };
+        // Open the first stream here, so that a refusal (no tunnel for the cluster) is reported
+        // as such instead of as a transport error.
+        let first = session
+            .open(
+                tunnel_proto::names::ROLE_AUTH,
+                cluster,
+                tunnel_proto::names::DEFAULT_AUTH_PORT as u32,
+            )
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let first = Arc::new(std::sync::Mutex::new(Some(first)));
+        let cluster_s = cluster.to_string();
         let connector = tower::service_fn(move |_: tonic::transport::Uri| {
-            let (tls, name, session, cluster) =
-                (tls.clone(), name.clone(), s2.clone(), cluster.clone());
+            let (source, session, cluster, first) = (
+                source.clone(),
+                session.clone(),
+                cluster_s.clone(),
+                first.clone(),
+            );
             async move {
-                let stream = session
-                    .open(
-                        tunnel_proto::names::ROLE_AUTH,
-                        &cluster,
-                        tunnel_proto::names::DEFAULT_AUTH_PORT as u32,
-                    )
-                    .await
-                    .map_err(std::io::Error::other)?;
-                let s = tls.connect(name, stream).await?;
+                let l = source().map_err(std::io::Error::other)?;
+                let ready = first.lock().unwrap_or_else(|p| p.into_inner()).take();
+                let stream = match ready {
+                    Some(s) => s,
+                    None => session
+                        .open(
+                            tunnel_proto::names::ROLE_AUTH,
+                            &cluster,
+                            tunnel_proto::names::DEFAULT_AUTH_PORT as u32,
+                        )
+                        .await
+                        .map_err(std::io::Error::other)?,
+                };
+                let s = tokio_rustls::TlsConnector::from(l.tls)
+                    .connect(l.server_name, Box::new(stream) as Box<dyn Io>)
+                    .await?;
                 Ok::<_, std::io::Error>(TokioIo::new(s))
             }
         });
-        let addr = format!("auth.{} through proxy {}", id.cluster, session.tunnel_addr);
+        let addr = format!("auth.{cluster} through proxy {proxy}");
         let channel = endpoint()
             .connect_with_connector(connector)
             .await
-            .map_err(|e| AuthClientError::Connect {
-                addr: addr.clone(),
-                reason: error_chain(&e),
-            })?;
-        Self::finish(channel, id, &addr).await
+            .map_err(|e| unreachable(error_chain(&e)))?;
+        Self::finish(channel, Some(cluster), &addr).await
     }
 
     async fn finish(
         channel: Channel,
-        id: &IdentityFile,
+        cluster: Option<&str>,
         addr: &str,
     ) -> Result<AuthClient, AuthClientError> {
         let mut rpc = AuthServiceClient::new(channel)
@@ -262,12 +295,12 @@ impl AuthClient {
             _ => s.into(),
         })?;
         let pong = pong.into_inner();
-        if pong.cluster != id.cluster {
+        if let Some(want) = cluster.filter(|c| *c != pong.cluster) {
             return Err(AuthClientError::Connect {
                 addr: addr.into(),
                 reason: format!(
-                    "the server is cluster '{}', the identity is for '{}'",
-                    pong.cluster, id.cluster
+                    "the server is cluster '{}', the credentials are for '{want}'",
+                    pong.cluster
                 ),
             });
         }
@@ -424,7 +457,10 @@ impl AuthClient {
 
     /// Connects with an identity file: directly when `addr` names the Auth server, through the
     /// proxy when `proxy` is given.
-    pub async fn connect(id: &IdentityFile, target: Target) -> Result<AuthClient, AuthClientError> {
+    pub async fn connect_identity(
+        id: &IdentityFile,
+        target: Target,
+    ) -> Result<AuthClient, AuthClientError> {
         match target {
             Target::Direct(addr) => Self::connect_direct(&addr, id).await,
             Target::Proxy(proxy) => {

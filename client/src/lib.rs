@@ -9,10 +9,15 @@
 //!
 //! ## Layout
 //! - this file: options, session, stream, errors;
-//! - [`auth`]: the Auth API client (identity files, mTLS, typed calls);
-//! - `src/bin/pctl.rs`: the admin CLI.
+//! - [`auth`]: the Auth API client (mTLS, direct or through the proxy, typed calls);
+//! - [`credentials`]: the five credential loaders; [`profile`]: what `psh login` writes;
+//! - [`connect`]: `Config` and connecting to the first address that works;
+//! - `src/bin/pctl.rs`, `src/bin/psh.rs`: the admin and user CLIs.
 
 pub mod auth;
+pub mod connect;
+pub mod credentials;
+pub mod profile;
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};

@@ -37,19 +37,33 @@ spec:
 version: v5
 "#;
 
-/// What the client saw.
+/// What the client saw, and where everything is.
 #[derive(Debug)]
 pub struct AuthReport {
     /// `api-role` as GetRole returned it (YAML).
     pub role_yaml: String,
     /// The error UpsertRole returned.
     pub denied: String,
+    /// The proxy's web address.
+    pub web: std::net::SocketAddr,
+    /// SHA-256 of the proxy's web certificate.
+    pub web_pin: String,
+    /// The proxy's tunnel address.
+    pub tunnel: String,
+    /// The Auth server's own address.
+    pub auth_addr: std::net::SocketAddr,
+    /// The Auth server's data dir (its admin identity is there).
+    pub auth_dir: std::path::PathBuf,
+    /// api-user's identity file.
+    pub identity: std::path::PathBuf,
 }
 
 /// A running Auth demo.
 pub struct AuthDemo {
     /// Stops the proxy and the Auth server.
     pub shutdown: CancellationToken,
+    /// Stops only the Auth server (and its tunnel), leaving the proxy up.
+    pub auth_shutdown: CancellationToken,
     /// The API client connected through the proxy.
     pub client: AuthClient,
     proxy: tokio::task::JoinHandle<Result<(), postern_proxy::ProxyError>>,
@@ -139,10 +153,11 @@ pub async fn run(dir: &Path) -> anyhow::Result<(AuthDemo, AuthReport)> {
     let prepared = postern_auth::server::prepare(&auth_cfg)?;
     let listener = tokio::net::TcpListener::bind(auth_cfg.listen).await?;
     let auth_addr = listener.local_addr()?;
+    let auth_shutdown = shutdown.child_token();
     let auth = tokio::spawn(postern_auth::server::serve(
         listener,
         prepared,
-        shutdown.clone(),
+        auth_shutdown.clone(),
     ));
     println!(
         "    Auth API on {auth_addr} (mTLS, TLS 1.3); no inbound port is needed for the proxy path"
@@ -248,13 +263,24 @@ pub async fn run(dir: &Path) -> anyhow::Result<(AuthDemo, AuthReport)> {
         "\n    The same with pctl:\n    $ pctl --proxy {web} --web-pin {web_fp} -i {} get role/api-role",
         id_path.display()
     );
+    let tunnel = session.tunnel_addr.clone();
     Ok((
         AuthDemo {
             shutdown,
+            auth_shutdown,
             client,
             proxy,
             auth,
         },
-        AuthReport { role_yaml, denied },
+        AuthReport {
+            role_yaml,
+            denied,
+            web,
+            web_pin: web_fp,
+            tunnel,
+            auth_addr,
+            auth_dir,
+            identity: id_path,
+        },
     ))
 }

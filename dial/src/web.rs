@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper_util::rt::TokioIo;
 use rustls::DigitallySignedStruct;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -199,6 +199,26 @@ async fn get_json_inner<T: DeserializeOwned>(
     path: &str,
     trust: &WebTrust,
 ) -> Result<T, DialError> {
+    let (status, body) = exchange(addr, trust, hyper::Method::GET, path, Bytes::new()).await?;
+    let not_postern = |detail: String| DialError::NotAPostern {
+        addr: addr.to_owned(),
+        detail,
+    };
+    if !status.is_success() {
+        return Err(not_postern(format!("{path} answered HTTP {status}")));
+    }
+    serde_json::from_slice(&body)
+        .map_err(|e| not_postern(format!("{path} did not answer discovery JSON: {e}")))
+}
+
+/// One HTTPS request to the web listener at `addr`; the status and the body (at most 1 MiB).
+async fn exchange(
+    addr: &str,
+    trust: &WebTrust,
+    method: hyper::Method,
+    path: &str,
+    body: Bytes,
+) -> Result<(hyper::StatusCode, Bytes), DialError> {
     if split_host_port(addr).is_none() {
         return Err(DialError::Config(format!(
             "web proxy address '{addr}' must be host:port"
@@ -231,10 +251,13 @@ async fn get_json_inner<T: DeserializeOwned>(
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let req = hyper::Request::get(path)
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
         .header(hyper::header::HOST, addr)
         .header(hyper::header::ACCEPT, "application/json")
-        .body(Empty::<Bytes>::new())
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(http_body_util::Full::new(body))
         .map_err(|e| DialError::Config(e.to_string()))?;
     let resp = sender
         .send_request(req)
@@ -246,11 +269,40 @@ async fn get_json_inner<T: DeserializeOwned>(
         .await
         .map_err(|e| not_postern(format!("reading answer: {e}")))?
         .to_bytes();
-    if !status.is_success() {
-        return Err(not_postern(format!("{path} answered HTTP {status}")));
+    Ok((status, body))
+}
+
+/// `POST /webapi/login`: the proxy relays it to the cluster's Auth server. A refused login is
+/// returned as a [`LoginResponse`] with its `error` set.
+pub async fn login(
+    addr: &str,
+    trust: &WebTrust,
+    req: &tunnel_proto::login::LoginRequest,
+) -> Result<tunnel_proto::login::LoginResponse, DialError> {
+    let body = serde_json::to_vec(req).map_err(|e| DialError::Config(e.to_string()))?;
+    let path = tunnel_proto::login::LOGIN_PATH;
+    let (status, body) = tokio::time::timeout(
+        Duration::from_secs(30),
+        exchange(addr, trust, hyper::Method::POST, path, Bytes::from(body)),
+    )
+    .await
+    .map_err(|_| DialError::Timeout {
+        what: "login",
+        addr: addr.to_owned(),
+        after: Duration::from_secs(30),
+    })??;
+    match serde_json::from_slice::<tunnel_proto::login::LoginResponse>(&body) {
+        Ok(mut r) => {
+            if r.error.is_empty() && !status.is_success() {
+                r.error = format!("HTTP {status}");
+            }
+            Ok(r)
+        }
+        Err(_) => Err(DialError::NotAPostern {
+            addr: addr.to_owned(),
+            detail: format!("{path} answered HTTP {status} without a login response"),
+        }),
     }
-    serde_json::from_slice(&body)
-        .map_err(|e| not_postern(format!("{path} did not answer discovery JSON: {e}")))
 }
 
 /// `GET /webapi/ping`.

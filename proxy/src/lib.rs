@@ -18,6 +18,7 @@
 
 pub mod config;
 pub mod keys;
+pub mod login;
 pub mod metrics;
 pub use postern_dial::mint;
 pub mod ops;
@@ -190,6 +191,7 @@ pub async fn run(
         listeners.web,
         web_tls,
         discovery,
+        Arc::new(login::LoginRelay::new(shared.clone())),
         shared.draining.clone(),
         conns.clone(),
     ));

@@ -1,4 +1,5 @@
-//! The web listener: HTTPS discovery (`/webapi/ping`, `/webapi/find`), JSON errors elsewhere.
+//! The web listener: HTTPS discovery (`/webapi/ping`, `/webapi/find`), the login relay
+//! (`POST /webapi/login`), JSON errors elsewhere.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +19,9 @@ use tunnel_proto::discovery::{
     ErrorBody, FIND_PATH, FindResponse, PING_PATH, PingResponse, ProxySettings,
 };
 
+use tunnel_proto::login::{LOGIN_PATH, MAX_LOGIN_BYTES};
+
+use crate::login::LoginRelay;
 use crate::metrics as m;
 
 /// Deadline for the TLS handshake and for reading request headers.
@@ -92,11 +96,42 @@ pub fn route(discovery: &Discovery, method: &Method, path: &str) -> Response<Ful
     resp
 }
 
-/// Serves HTTPS discovery until `stop` is cancelled.
+/// Answers `POST /webapi/login` (the body read up to 64 KiB) through the relay.
+async fn login(
+    relay: &LoginRelay,
+    req: Request<Incoming>,
+    peer: std::net::SocketAddr,
+) -> Response<Full<Bytes>> {
+    use http_body_util::BodyExt;
+    if req.method() != Method::POST {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &format!("{} is not allowed on {LOGIN_PATH}: use POST", req.method()),
+        );
+    }
+    let body = match http_body_util::Limited::new(req.into_body(), MAX_LOGIN_BYTES)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("login request unreadable or over {MAX_LOGIN_BYTES} bytes: {e}"),
+            );
+        }
+    };
+    let resp = relay.relay(&body, peer).await;
+    let status = StatusCode::from_u16(resp.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    json(status, &resp)
+}
+
+/// Serves HTTPS discovery and the login relay until `stop` is cancelled.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     discovery: Arc<Discovery>,
+    relay: Arc<LoginRelay>,
     stop: CancellationToken,
     conns: TaskTracker,
 ) {
@@ -115,6 +150,7 @@ pub async fn serve(
         };
         let acceptor = acceptor.clone();
         let discovery = discovery.clone();
+        let relay = relay.clone();
         let stop = stop.clone();
         conns.spawn(async move {
             let tls = match tokio::time::timeout(WEB_TIMEOUT, acceptor.accept(socket)).await {
@@ -123,8 +159,15 @@ pub async fn serve(
                 Err(_) => return debug!(%peer, "web TLS handshake timed out"),
             };
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let resp = route(&discovery, req.method(), req.uri().path());
-                async move { Ok::<_, std::convert::Infallible>(resp) }
+                let (discovery, relay) = (discovery.clone(), relay.clone());
+                async move {
+                    let resp = if req.uri().path() == LOGIN_PATH {
+                        login(&relay, req, peer).await
+                    } else {
+                        route(&discovery, req.method(), req.uri().path())
+                    };
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

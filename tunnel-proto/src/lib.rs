@@ -15,6 +15,7 @@
 pub mod certs;
 pub mod control;
 pub mod discovery;
+pub mod login;
 pub mod names;
 
 /// Version of the tunnel protocol spoken on the `@control` channel and advertised by discovery.

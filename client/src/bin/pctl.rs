@@ -244,7 +244,7 @@ async fn connect(c: &Conn) -> anyhow::Result<AuthClient> {
         (id, Target::Direct(addr.trim().to_string()))
     };
     let id = IdentityFile::load(&id_path)?;
-    Ok(AuthClient::connect(&id, target).await?)
+    Ok(AuthClient::connect_identity(&id, target).await?)
 }
 
 fn read_input(file: &Path) -> anyhow::Result<String> {

@@ -1,0 +1,215 @@
+//! `psh`: the Postern user CLI (like tsh). `psh login` gets certificates through a proxy's web
+//! address and keeps them in a profile (`$POSTERN_HOME` or `~/.postern`); `psh status` shows it;
+//! `psh logout` removes it. Secrets and passwords come from files or a prompt, never from
+//! arguments.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use postern_api::identity::IdentityFile;
+use postern_client::profile::Profile;
+use postern_dial::mint;
+use postern_dial::web::WebTrust;
+use russh::keys::ssh_key::LineEnding;
+use tunnel_proto::login::LoginRequest;
+
+#[derive(Parser)]
+#[command(name = "psh", version, about = "Log in to a Postern cluster")]
+struct Cli {
+    /// Profile directory [default: $POSTERN_HOME or ~/.postern].
+    #[arg(long, global = true)]
+    home: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Log in through a proxy and write the profile.
+    Login {
+        /// The proxy's web address (host:port).
+        #[arg(long)]
+        proxy: String,
+        /// User name.
+        #[arg(long)]
+        user: String,
+        /// Cluster (when the proxy serves several).
+        #[arg(long)]
+        cluster: Option<String>,
+        /// SHA-256 pin of the proxy's web certificate.
+        #[arg(long)]
+        web_pin: Option<String>,
+        /// PEM CA file for the proxy's web certificate.
+        #[arg(long)]
+        web_ca: Option<PathBuf>,
+        /// Trust any web certificate (local experiments only).
+        #[arg(long)]
+        insecure: bool,
+        /// First login: file holding the signup secret from `pctl users add`.
+        #[arg(long)]
+        secret_file: Option<PathBuf>,
+        /// File holding the password (else a prompt).
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// Certificate lifetime (e.g. 8h; capped by your roles).
+        #[arg(long)]
+        ttl: Option<String>,
+    },
+    /// Show the profile: user, roles, cluster, proxy, expiry.
+    Status,
+    /// Remove the profile.
+    Logout,
+}
+
+fn read_secret(path: &Option<PathBuf>, prompt: &str) -> anyhow::Result<String> {
+    match path {
+        Some(p) => Ok(std::fs::read_to_string(p)
+            .with_context(|| format!("{}", p.display()))?
+            .trim_end_matches(['\n', '\r'])
+            .to_string()),
+        None => rpassword::prompt_password(prompt).context("reading from the terminal"),
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()).await {
+        eprintln!("psh: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let home = cli.home.clone().unwrap_or_else(Profile::default_dir);
+    match cli.command {
+        Command::Login {
+            proxy,
+            user,
+            cluster,
+            web_pin,
+            web_ca,
+            insecure,
+            secret_file,
+            password_file,
+            ttl,
+        } => {
+            let trust = match (&web_pin, &web_ca, insecure) {
+                (Some(p), None, false) => WebTrust::Pin(p.clone()),
+                (None, Some(f), false) => WebTrust::roots_from_pem_file(f)?,
+                (None, None, true) => WebTrust::Insecure,
+                (None, None, false) => {
+                    postern_client::credentials::system_roots().map_err(anyhow::Error::msg)?
+                }
+                _ => bail!("give at most one of --web-pin, --web-ca and --insecure"),
+            };
+            let ping = postern_dial::web::ping(&proxy, &trust).await?;
+            let cluster = match (cluster, ping.cluster_names.as_slice()) {
+                (Some(c), names) if names.contains(&c) => c,
+                (Some(c), names) => bail!(
+                    "proxy {proxy} does not serve cluster '{c}' (it serves: {})",
+                    names.join(", ")
+                ),
+                (None, [one]) => one.clone(),
+                (None, names) => bail!(
+                    "proxy {proxy} serves several clusters ({}): choose one with --cluster",
+                    names.join(", ")
+                ),
+            };
+            let ttl_secs = match &ttl {
+                Some(t) => postern_api::duration::parse_secs(t).map_err(anyhow::Error::msg)?,
+                None => 0,
+            };
+            // The key is made here; only its public half leaves this machine.
+            let key = mint::generate_key();
+            let mut req = LoginRequest {
+                cluster: cluster.clone(),
+                user: user.clone(),
+                secret: None,
+                new_password: None,
+                password: None,
+                public_key: key.public_key().to_openssh()?,
+                ttl_secs,
+                source: None,
+            };
+            if secret_file.is_some() {
+                req.secret = Some(read_secret(&secret_file, "signup secret: ")?);
+                let pw = read_secret(&password_file, "choose a password (12+ characters): ")?;
+                if password_file.is_none() {
+                    let again = read_secret(&None, "again: ")?;
+                    if again != pw {
+                        bail!("the passwords differ");
+                    }
+                }
+                req.new_password = Some(pw);
+            } else {
+                req.password = Some(read_secret(
+                    &password_file,
+                    &format!("password for {user}: "),
+                )?);
+            }
+            let resp = postern_dial::web::login(&proxy, &trust, &req).await?;
+            if !resp.error.is_empty() {
+                bail!("{}", resp.error);
+            }
+            let id = IdentityFile {
+                version: postern_api::identity::IDENTITY_VERSION,
+                cluster: resp.cluster.clone(),
+                user: user.clone(),
+                expires: resp.expires,
+                private_key: key.to_openssh(LineEnding::LF)?.to_string(),
+                ssh_cert: resp.ssh_cert,
+                tls_cert: resp.tls_cert,
+                tls_cas: resp.tls_cas,
+                ssh_host_cas: resp.ssh_host_cas,
+            };
+            let profile = Profile {
+                proxy: proxy.clone(),
+                web_cert_sha256: web_pin,
+                web_ca_file: web_ca,
+                insecure,
+                user: user.clone(),
+                cluster: resp.cluster,
+                roles: resp.roles,
+            };
+            profile
+                .save(&home, &id)
+                .with_context(|| format!("writing the profile to {}", home.display()))?;
+            println!(
+                "logged in to {proxy} as {user} (cluster {}), certificates valid until {}",
+                profile.cluster, id.expires
+            );
+        }
+        Command::Status => match Profile::load(&home) {
+            Ok((p, id)) => {
+                let left = id.expires.saturating_sub(mint::now_unix());
+                println!(
+                    "> Profile: {}\n  Proxy:    {}\n  User:     {}\n  Roles:    {}\n  Cluster:  {}\n  Valid:    until {} ({} left)",
+                    home.display(),
+                    p.proxy,
+                    p.user,
+                    p.roles.join(", "),
+                    p.cluster,
+                    id.expires,
+                    postern_api::duration::format_secs(left)
+                );
+            }
+            Err(e) => bail!("{e}"),
+        },
+        Command::Logout => {
+            if Profile::remove(&home)? {
+                println!("logged out: profile removed from {}", home.display());
+            } else {
+                println!("not logged in (no profile in {})", home.display());
+            }
+        }
+    }
+    Ok(())
+}
