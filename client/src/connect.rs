@@ -106,11 +106,19 @@ async fn classify(addr: &str, wait: Duration) -> Result<Kind, String> {
     }
 }
 
-fn is_untrusted_server(e: &AuthClientError) -> bool {
+/// Whether a direct attempt met a TLS server that is not the cluster's Auth server: its
+/// certificate is not from the cluster's TLS CA, or it does not speak gRPC (a proxy's web
+/// listener refuses ALPN `h2`).
+fn is_not_auth_server(e: &AuthClientError) -> bool {
     let t = e.to_string();
-    t.contains("invalid peer certificate")
-        || t.contains("UnknownIssuer")
-        || t.contains("NotValidForName")
+    [
+        "invalid peer certificate",
+        "UnknownIssuer",
+        "NotValidForName",
+        "NoApplicationProtocol",
+    ]
+    .iter()
+    .any(|m| t.contains(m))
 }
 
 impl AuthClient {
@@ -210,7 +218,7 @@ async fn try_addr(
         Kind::Ssh => through_proxy(ProxyAddr::Tunnel(addr.into()), creds, loaded).await,
         Kind::Tls => match AuthClient::direct(addr, reloading(creds.clone())).await {
             Ok(c) => Ok(c),
-            Err(e) if is_untrusted_server(&e) => {
+            Err(e) if is_not_auth_server(&e) => {
                 // Not the cluster's Auth server: a proxy's web listener, or nothing of ours.
                 let trust = match (&loaded.proxy, &config.web_trust) {
                     (Some((p, t)), _) if p == addr => t.clone(),
