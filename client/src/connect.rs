@@ -214,34 +214,37 @@ async fn try_addr(
     loaded: &Loaded,
     config: &Config,
 ) -> Result<AuthClient, String> {
-    match classify(addr, config.banner_wait).await? {
-        Kind::Ssh => through_proxy(ProxyAddr::Tunnel(addr.into()), creds, loaded).await,
-        Kind::Tls => match AuthClient::direct(addr, reloading(creds.clone())).await {
-            Ok(c) => Ok(c),
-            Err(e) if is_not_auth_server(&e) => {
-                // Not the cluster's Auth server: a proxy's web listener, or nothing of ours.
-                let trust = match (&loaded.proxy, &config.web_trust) {
-                    (Some((p, t)), _) if p == addr => t.clone(),
-                    (_, Some(t)) => t.clone(),
-                    _ => crate::credentials::system_roots()?,
-                };
-                if loaded.ssh.is_none() {
-                    return Err(format!(
-                        "{addr} is not the cluster's Auth server (its certificate is not from the cluster's TLS CA), and {} cannot go through a proxy: give the Auth server's address",
-                        creds.describe()
-                    ));
-                }
-                through_proxy(
-                    ProxyAddr::Web {
-                        addr: addr.into(),
-                        trust,
-                    },
-                    creds,
-                    loaded,
-                )
-                .await
-            }
-            Err(e) => Err(e.to_string()),
-        },
+    // The Auth server first: the common case costs one TLS handshake and nothing more.
+    let direct = match AuthClient::direct(addr, reloading(creds.clone())).await {
+        Ok(c) => return Ok(c),
+        Err(e) => e,
+    };
+    if is_not_auth_server(&direct) {
+        // A TLS server that is not the cluster's Auth server: a proxy's web listener.
+        let trust = match (&loaded.proxy, &config.web_trust) {
+            (Some((p, t)), _) if p == addr => t.clone(),
+            (_, Some(t)) => t.clone(),
+            _ => crate::credentials::system_roots()?,
+        };
+        if loaded.ssh.is_none() {
+            return Err(format!(
+                "{addr} is not the cluster's Auth server (its certificate is not from the cluster's TLS CA), and {} cannot go through a proxy: give the Auth server's address",
+                creds.describe()
+            ));
+        }
+        return through_proxy(
+            ProxyAddr::Web {
+                addr: addr.into(),
+                trust,
+            },
+            creds,
+            loaded,
+        )
+        .await;
+    }
+    // Not TLS at all? A proxy's tunnel listener greets with an SSH banner.
+    match classify(addr, config.banner_wait).await {
+        Ok(Kind::Ssh) => through_proxy(ProxyAddr::Tunnel(addr.into()), creds, loaded).await,
+        _ => Err(direct.to_string()),
     }
 }

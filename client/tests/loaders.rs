@@ -98,7 +98,7 @@ async fn an_identity_file_works_by_web_tunnel_and_direct_address() {
     assert!(
         text.contains("127.0.0.1:1")
             && text.contains("127.0.0.1:2")
-            && text.contains("cannot connect"),
+            && text.contains("Connection refused"),
         "{text}"
     );
     demo.stop().await.unwrap();

@@ -10,8 +10,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use postern_api::identity::{IdentityFile, write_private_atomic};
 use postern_api::proto::*;
 use postern_api::{duration, resource};
-use postern_client::ProxyAddr;
-use postern_client::auth::{AuthClient, AuthClientError, Target};
+use postern_client::auth::{AuthClient, AuthClientError};
+use postern_client::connect::Config;
+use postern_client::credentials::Credentials;
+use postern_client::profile::Profile;
 use postern_dial::mint;
 use postern_dial::web::WebTrust;
 use russh::keys::ssh_key::LineEnding;
@@ -199,31 +201,41 @@ enum TokensCommand {
     },
 }
 
+/// Connects with the same loaders the SDK offers: `-i FILE` (an identity file) with
+/// `--auth-server` or `--proxy`; the admin identity with `--data-dir`; else the `psh login`
+/// profile if there is one, else the local Auth server's data dir.
 async fn connect(c: &Conn) -> anyhow::Result<AuthClient> {
-    let (id_path, target) = if let Some(proxy) = &c.proxy {
-        let trust = match (&c.web_pin, &c.web_ca, c.insecure) {
-            (Some(p), None, false) => WebTrust::Pin(p.clone()),
-            (None, Some(f), false) => WebTrust::roots_from_pem_file(f)?,
-            (None, None, true) => WebTrust::Insecure,
-            _ => bail!("with --proxy, give exactly one of --web-pin, --web-ca or --insecure"),
-        };
+    let trust = match (&c.web_pin, &c.web_ca, c.insecure) {
+        (Some(p), None, false) => Some(WebTrust::Pin(p.clone())),
+        (None, Some(f), false) => Some(WebTrust::roots_from_pem_file(f)?),
+        (None, None, true) => Some(WebTrust::Insecure),
+        (None, None, false) => None,
+        _ => bail!("give at most one of --web-pin, --web-ca and --insecure"),
+    };
+    let with_identity = |addr: &str, flag: &str| -> anyhow::Result<Config> {
         let id = c
             .identity
             .clone()
-            .context("--proxy needs an identity file (-i FILE)")?;
-        (
-            id,
-            Target::Proxy(ProxyAddr::Web {
-                addr: proxy.clone(),
-                trust,
-            }),
-        )
+            .with_context(|| format!("{flag} needs an identity file (-i FILE)"))?;
+        Ok(Config {
+            addrs: vec![addr.to_string()],
+            credentials: vec![Credentials::identity_file(id)],
+            web_trust: trust.clone(),
+            ..Default::default()
+        })
+    };
+    let config = if let Some(proxy) = &c.proxy {
+        with_identity(proxy, "--proxy")?
     } else if let Some(addr) = &c.auth_server {
-        let id = c
-            .identity
-            .clone()
-            .context("--auth-server needs an identity file (-i FILE)")?;
-        (id, Target::Direct(addr.clone()))
+        with_identity(addr, "--auth-server")?
+    } else if c.data_dir.is_none()
+        && c.identity.is_none()
+        && Profile::default_dir().join("profile.toml").exists()
+    {
+        Config {
+            credentials: vec![Credentials::profile(None, None)],
+            ..Default::default()
+        }
     } else {
         let dir = c
             .data_dir
@@ -241,10 +253,13 @@ async fn connect(c: &Conn) -> anyhow::Result<AuthClient> {
             .identity
             .clone()
             .unwrap_or_else(|| dir.join("admin.identity"));
-        (id, Target::Direct(addr.trim().to_string()))
+        Config {
+            addrs: vec![addr.trim().to_string()],
+            credentials: vec![Credentials::identity_file(id)],
+            ..Default::default()
+        }
     };
-    let id = IdentityFile::load(&id_path)?;
-    Ok(AuthClient::connect_identity(&id, target).await?)
+    Ok(AuthClient::connect(config).await?)
 }
 
 fn read_input(file: &Path) -> anyhow::Result<String> {
