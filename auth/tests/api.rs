@@ -188,13 +188,35 @@ async fn an_expired_client_certificate_is_refused() {
     // Certificates are backdated 60 s for clock skew, so a 1 s certificate expires 1 s from now.
     let id = identity_for(&admin, "brief", &["api-role"], 1).await;
     tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    // The client notices by itself...
     let e = AuthClient::connect_direct(&srv.addr.to_string(), &id)
+        .await
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("certificate expired"), "{e}");
+    // ...and a client that does not check is refused by the server's TLS handshake.
+    use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject};
+    let key = russh::keys::PrivateKey::from_openssh(&id.private_key).unwrap();
+    let tls = postern_client::credentials::client_config(
+        vec![CertificateDer::from_pem_slice(id.tls_cas[0].as_bytes()).unwrap()],
+        vec![CertificateDer::from_pem_slice(id.tls_cert.as_bytes()).unwrap()],
+        postern_client::auth::ed25519_pkcs8(&key).unwrap(),
+    )
+    .unwrap();
+    let loaded = postern_client::credentials::Loaded {
+        tls: std::sync::Arc::new(tls),
+        server_name: ServerName::try_from("auth.expired").unwrap(),
+        cluster: Some("expired".into()),
+        ssh: None,
+        proxy: None,
+    };
+    let e = AuthClient::direct(&srv.addr.to_string(), postern_client::auth::fixed(loaded))
         .await
         .err()
         .expect("refused");
     let text = e.to_string();
     assert!(
-        text.contains("certificate expired: run psh login"),
+        text.contains("certificate expired: run psh login") && text.contains("CertificateExpired"),
         "{text}"
     );
     srv.stop().await;
