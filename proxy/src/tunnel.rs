@@ -757,7 +757,7 @@ pub fn ssh_config(
     keepalive_max: usize,
 ) -> russh::server::Config {
     let preferred = russh::Preferred {
-        cipher: std::borrow::Cow::Borrowed(postern_dial::ssh::CIPHERS),
+        cipher: postern_dial::ssh::ciphers(),
         ..Default::default()
     };
     russh::server::Config {
