@@ -89,6 +89,15 @@ pub struct LimitsConfig {
     pub max_unauthenticated: usize,
     /// Streams open through one agent tunnel, at most. Default 10000.
     pub max_streams_per_tunnel: usize,
+    /// Streams one client connection may hold open, at most. Default 1000.
+    pub max_streams_per_client: usize,
+    /// Agent tunnels one cluster may hold on this proxy, at most. Default 1000.
+    pub max_tunnels_per_cluster: usize,
+    /// New tunnel-listener connections accepted per source address per minute. Default 600.
+    pub max_connects_per_source_per_minute: u32,
+    /// Failed logins per source address per minute before its new connections are refused for
+    /// the rest of the minute. Default 30.
+    pub max_auth_failures_per_source_per_minute: u32,
 }
 
 /// Graceful shutdown.
@@ -155,6 +164,10 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_unauthenticated: 1024,
             max_streams_per_tunnel: 10_000,
+            max_streams_per_client: 1000,
+            max_tunnels_per_cluster: 1000,
+            max_connects_per_source_per_minute: 600,
+            max_auth_failures_per_source_per_minute: 30,
         }
     }
 }
@@ -233,6 +246,28 @@ impl ProxyConfig {
         }
         if self.ssh.handshake_timeout_secs == 0 || self.ssh.handshake_timeout_secs > 300 {
             return Err(invalid("ssh.handshake_timeout_secs", "must be 1..=300"));
+        }
+        for (field, v) in [
+            (
+                "limits.max_streams_per_client",
+                self.limits.max_streams_per_client,
+            ),
+            (
+                "limits.max_tunnels_per_cluster",
+                self.limits.max_tunnels_per_cluster,
+            ),
+            (
+                "limits.max_connects_per_source_per_minute",
+                self.limits.max_connects_per_source_per_minute as usize,
+            ),
+            (
+                "limits.max_auth_failures_per_source_per_minute",
+                self.limits.max_auth_failures_per_source_per_minute as usize,
+            ),
+        ] {
+            if v == 0 {
+                return Err(invalid(field, "must be at least 1"));
+            }
         }
         if self.limits.max_unauthenticated == 0 {
             return Err(invalid("limits.max_unauthenticated", "must be at least 1"));

@@ -160,14 +160,16 @@ pub async fn run(
         config.keepalive(),
         config.ssh.keepalive_max,
     );
-    let shared = Arc::new(tunnel::TunnelShared::new(
+    let mut shared = tunnel::TunnelShared::new(
         trust,
         Arc::new(ssh),
         config.handshake_timeout(),
         config.limits.max_streams_per_tunnel,
         u32::try_from(config.shutdown.grace_secs).unwrap_or(u32::MAX),
         proxy_id.clone(),
-    ));
+    );
+    shared.limits = config.limits.clone();
+    let shared = Arc::new(shared);
     info!(
         proxy_id = %proxy_id,
         web = ?listeners.web.local_addr().ok(),

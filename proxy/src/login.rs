@@ -36,8 +36,16 @@ impl Limiter {
         if e.0.elapsed() >= Duration::from_secs(60) {
             *e = (Instant::now(), 0);
         }
-        e.1 += 1;
+        e.1 = e.1.saturating_add(1);
         e.1 <= limit
+    }
+
+    /// Attempts counted for `key` in the current minute.
+    pub fn count(&self, key: &str) -> u32 {
+        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(key)
+            .filter(|(since, _)| since.elapsed() < Duration::from_secs(60))
+            .map_or(0, |(_, n)| *n)
     }
 }
 

@@ -27,6 +27,9 @@ pub const HANDSHAKE_SECONDS: &str = "postern_handshake_duration_seconds";
 pub const DISCOVERY_REQUESTS: &str = "postern_discovery_requests_total";
 /// Connections closed before login, by `reason` (`handshake_timeout`, `protocol`, `limit`).
 pub const CONNECTIONS_DROPPED: &str = "postern_connections_dropped_total";
+/// Connections, tunnels and streams refused by a limit, by `limit` (`connects_per_source`,
+/// `auth_failures_per_source`, `tunnels_per_cluster`, `streams_per_client`).
+pub const LIMIT_REFUSALS: &str = "postern_limit_refusals_total";
 /// Logins relayed to an Auth server, by `result` (`ok`, `refused`, `rate_limited`,
 /// `bad_request`, `no_tunnel`, `error`).
 pub const LOGIN_RELAYS: &str = "postern_login_relays_total";
@@ -59,6 +62,10 @@ fn describe() {
         "Agent tunnels connected now, by cluster."
     );
     describe_counter!(TUNNEL_CONNECTS, "Agent tunnels established, by cluster.");
+    describe_counter!(
+        LIMIT_REFUSALS,
+        "Connections, tunnels and streams refused by a limit, by limit."
+    );
     describe_counter!(LOGIN_RELAYS, "Logins relayed to an Auth server, by result.");
     describe_counter!(
         TUNNEL_DISCONNECTS,

@@ -2,7 +2,7 @@
 //! (user certificates, `direct-tcpip` to `<target>.<cluster>`), and the splice between them.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -43,6 +43,12 @@ pub struct TunnelShared {
     pub handshake_timeout: Duration,
     /// Streams per tunnel, at most.
     pub max_streams_per_tunnel: usize,
+    /// The other connection limits (set after `new`; defaults are `LimitsConfig`'s).
+    pub limits: crate::config::LimitsConfig,
+    /// New connections per source address, this minute.
+    pub connects_by_source: crate::login::Limiter,
+    /// Failed logins per source address, this minute.
+    pub failures_by_source: crate::login::Limiter,
     /// Seconds agents are told they have to move, on drain.
     pub grace_secs: u32,
     /// This proxy's id (control hello).
@@ -72,6 +78,9 @@ impl TunnelShared {
             ssh_config,
             handshake_timeout,
             max_streams_per_tunnel,
+            limits: crate::config::LimitsConfig::default(),
+            connects_by_source: crate::login::Limiter::default(),
+            failures_by_source: crate::login::Limiter::default(),
             grace_secs,
             proxy_id,
             draining: CancellationToken::new(),
@@ -108,11 +117,57 @@ pub async fn serve(
                 }
             },
         };
+        if let Some((limit, why)) = over_source_limits(&shared, peer) {
+            info!(%peer, limit, "connection refused: {why}");
+            counter!(m::LIMIT_REFUSALS, "limit" => limit).increment(1);
+            // Lines before the SSH identification are allowed (RFC 4253 4.2): say why, then close.
+            tokio::spawn(async move {
+                let mut socket = socket;
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    use tokio::io::AsyncWriteExt;
+                    let _ = socket
+                        .write_all(format!("Postern: {why}\r\n").as_bytes())
+                        .await;
+                    let _ = socket.shutdown().await;
+                })
+                .await;
+            });
+            continue;
+        }
         let shared = shared.clone();
         let span = info_span!("conn", %peer);
         conns.spawn(serve_conn(shared, socket, peer, permit).instrument(span));
     }
     debug!("tunnel listener stopped accepting");
+}
+
+/// A refusal before the handshake: too many connections, or too many failed logins, from one
+/// source address this minute.
+fn over_source_limits(shared: &TunnelShared, peer: SocketAddr) -> Option<(&'static str, String)> {
+    let ip = peer.ip().to_string();
+    let l = &shared.limits;
+    if shared.failures_by_source.count(&ip) >= l.max_auth_failures_per_source_per_minute {
+        return Some((
+            "auth_failures_per_source",
+            format!(
+                "too many failed logins from {ip} (limit {} per minute): retry in a minute",
+                l.max_auth_failures_per_source_per_minute
+            ),
+        ));
+    }
+    if !shared
+        .connects_by_source
+        .allow(&ip, l.max_connects_per_source_per_minute)
+    {
+        return Some((
+            "connects_per_source",
+            format!(
+                "too many connections from {ip} (limit {} per minute): retry in a minute",
+                l.max_connects_per_source_per_minute
+            ),
+        ));
+    }
+    None
 }
 
 /// What the connection task and the russh handler both see.
@@ -162,6 +217,7 @@ async fn serve_conn(
         peer,
         state: state.clone(),
         role: None,
+        client_streams: Arc::default(),
     };
     let deadline = tokio::time::Instant::now() + shared.handshake_timeout;
     // A duplicate of the socket lets this task cut the connection from outside russh: a session
@@ -300,6 +356,8 @@ struct Conn {
     peer: SocketAddr,
     state: Arc<ConnState>,
     role: Option<Role>,
+    /// Streams this client connection holds open now.
+    client_streams: Arc<AtomicUsize>,
 }
 
 fn reject_reason(code: ChannelOpenFailure, reason: impl Into<String>) -> ChannelOpenFailure {
@@ -313,6 +371,9 @@ impl Conn {
     fn refuse(&self, login: &str, reason: &'static str, detail: &str) -> Auth {
         warn!(peer = %self.peer, login, reason, detail, "login refused");
         counter!(m::AUTH_FAILURES, "reason" => reason).increment(1);
+        self.shared
+            .failures_by_source
+            .allow(&self.peer.ip().to_string(), u32::MAX);
         self.state.refused.notify_one();
         Auth::Reject {
             proceed_with_methods: Some(MethodSet::empty()),
@@ -442,6 +503,20 @@ impl Handler for Conn {
             warn!(cluster = %tunnel.cluster, host_id = %tunnel.host_id, error = %e, "tcpip-forward refused");
             return Ok(false);
         }
+        let registered = self.shared.routing.all().iter().any(|t| t.id == tunnel.id);
+        if !registered
+            && self.shared.routing.count(&tunnel.cluster)
+                >= self.shared.limits.max_tunnels_per_cluster
+        {
+            warn!(
+                cluster = %tunnel.cluster,
+                host_id = %tunnel.host_id,
+                limit = self.shared.limits.max_tunnels_per_cluster,
+                "tcpip-forward refused: the cluster is at its tunnel limit on this proxy"
+            );
+            counter!(m::LIMIT_REFUSALS, "limit" => "tunnels_per_cluster").increment(1);
+            return Ok(false);
+        }
         tunnel.add_target(address);
         let first = self.shared.routing.insert(tunnel.clone());
         if first {
@@ -493,6 +568,17 @@ impl Handler for Conn {
                     .spawn(control(channel, self.shared.clone()).instrument(span));
             }
             Some(Role::Client { user, cluster }) => {
+                let max = self.shared.limits.max_streams_per_client;
+                if self.client_streams.load(Ordering::Relaxed) >= max {
+                    let why = format!("too many open streams on this connection (limit {max})");
+                    info!(user = %user, why, "stream refused");
+                    counter!(m::STREAM_OPENS, "result" => "limit").increment(1);
+                    counter!(m::LIMIT_REFUSALS, "limit" => "streams_per_client").increment(1);
+                    reply
+                        .reject(reject_reason(ChannelOpenFailure::ConnectFailed, why))
+                        .await;
+                    return Ok(());
+                }
                 let open = OpenRequest {
                     user: user.clone(),
                     cluster: cluster.clone(),
@@ -504,9 +590,13 @@ impl Handler for Conn {
                     Ok((tunnel, target)) => {
                         let span = info_span!("stream", user = %open.user, cluster = %target.cluster, target = %target.target, host_id = %tunnel.host_id);
                         let shared = self.shared.clone();
+                        let held = StreamSlot::take(self.client_streams.clone());
                         self.shared.streams.spawn(
-                            open_stream(shared, tunnel, target, open, channel, reply)
-                                .instrument(span),
+                            async move {
+                                let _held = held;
+                                open_stream(shared, tunnel, target, open, channel, reply).await
+                            }
+                            .instrument(span),
                         );
                     }
                     Err((result, why)) => {
@@ -525,6 +615,22 @@ impl Handler for Conn {
             }
         }
         Ok(())
+    }
+}
+
+/// One of a client connection's open streams; dropping it frees the slot.
+struct StreamSlot(Arc<AtomicUsize>);
+
+impl StreamSlot {
+    fn take(count: Arc<AtomicUsize>) -> StreamSlot {
+        count.fetch_add(1, Ordering::Relaxed);
+        StreamSlot(count)
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -655,30 +761,69 @@ pub const SPLICE_QUEUE_CAP: usize = 4 << 20;
 pub async fn splice(a: Channel<Msg>, b: Channel<Msg>, stop: &CancellationToken) -> (u64, u64) {
     let (a_rx, a_tx) = a.split();
     let (b_rx, b_tx) = b.split();
-    let up = pump(a_rx, b_tx, "client_to_agent");
-    let down = pump(b_rx, a_tx, "agent_to_client");
+    let run = async {
+        let up = pump(a_rx, &b_tx, "client_to_agent");
+        let down = pump(b_rx, &a_tx, "agent_to_client");
+        tokio::pin!(up);
+        tokio::pin!(down);
+        let (mut up_r, mut down_r) = (None, None);
+        // Until both directions saw EOF, or either side closed its channel (a client that drops
+        // its stream sends CLOSE without EOF): then the whole stream is over.
+        loop {
+            tokio::select! {
+                r = &mut up, if up_r.is_none() => up_r = Some(r),
+                r = &mut down, if down_r.is_none() => down_r = Some(r),
+            }
+            let closed =
+                matches!(up_r, Some((_, End::Closed))) || matches!(down_r, Some((_, End::Closed)));
+            if closed || (up_r.is_some() && down_r.is_some()) {
+                break;
+            }
+        }
+        // Close both channels, so that neither peer waits for the other's CLOSE and the
+        // stream's task and slots are freed; the direction still running then winds down.
+        let _ = a_tx.close().await;
+        let _ = b_tx.close().await;
+        let wind_down = Duration::from_secs(5);
+        if up_r.is_none() {
+            up_r = tokio::time::timeout(wind_down, &mut up).await.ok();
+        }
+        if down_r.is_none() {
+            down_r = tokio::time::timeout(wind_down, &mut down).await.ok();
+        }
+        (up_r.map_or(0, |r| r.0), down_r.map_or(0, |r| r.0))
+    };
     tokio::select! {
-        r = async { tokio::join!(up, down) } => r,
+        r = run => r,
         _ = stop.cancelled() => (0, 0),
     }
 }
 
+/// How one direction of a stream ended.
+enum End {
+    /// The sender half-closed (EOF, passed on); the other direction may go on.
+    Eof,
+    /// The channel closed or failed: the stream is over.
+    Closed,
+}
+
+/// Moves one direction until its EOF or its channel's end; returns the bytes moved.
 async fn pump(
     rx: russh::ChannelReadHalf,
-    tx: russh::ChannelWriteHalf<Msg>,
+    tx: &russh::ChannelWriteHalf<Msg>,
     direction: &'static str,
-) -> u64 {
+) -> (u64, End) {
     use postern_dial::splice::{Item, charge, eager_reader};
     let bytes = counter!(m::BYTES_PROXIED, "direction" => direction);
     let (reader, mut queue) = eager_reader(rx, SPLICE_QUEUE_CAP);
-    let writer = async {
+    let writer = async move {
         let mut total = 0u64;
         while let Some(item) = queue.next().await {
             match item {
                 Item::Data(data) => {
                     let n = data.len();
                     if tx.data_bytes(data).await.is_err() {
-                        break;
+                        return (total, End::Closed);
                     }
                     queue.release(charge(n, SPLICE_QUEUE_CAP));
                     total += n as u64;
@@ -686,14 +831,21 @@ async fn pump(
                 }
                 Item::Eof => {
                     let _ = tx.eof().await;
+                    return (total, End::Eof);
                 }
             }
         }
-        let _ = tx.close().await;
-        total
+        (total, End::Closed)
     };
-    let ((), total) = tokio::join!(reader, writer);
-    total
+    tokio::pin!(reader);
+    tokio::pin!(writer);
+    let mut reader_done = false;
+    loop {
+        tokio::select! {
+            done = &mut writer => break done,
+            _ = &mut reader, if !reader_done => reader_done = true,
+        }
+    }
 }
 
 /// Serves an agent's `@control` channel: hello both ways, the proxy set, drain on shutdown.

@@ -1,0 +1,170 @@
+//! Limits: each has a config field, a metric and a clear refusal.
+
+mod support;
+
+use std::time::Duration;
+
+use postern_client::ProxySession;
+use support::*;
+use tokio::io::AsyncReadExt;
+
+async fn refused_line(addr: std::net::SocketAddr) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut out = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await;
+    out
+}
+
+#[tokio::test]
+async fn connections_per_source_are_limited() {
+    let pki = Pki::new("limsrc");
+    let proxy = start_proxy(&[&pki], |c| c.limits.max_connects_per_source_per_minute = 3).await;
+    for _ in 0..3 {
+        let banner = refused_line(proxy.tunnel).await;
+        // Accepted: the SSH identification (the handshake then times out or is closed by us).
+        let _ = banner;
+    }
+    let line = refused_line(proxy.tunnel).await;
+    assert!(
+        line.starts_with("Postern: too many connections from 127.0.0.1 (limit 3 per minute)"),
+        "{line:?}"
+    );
+    let m = scrape(proxy.ops).await;
+    assert_eq!(
+        metric(
+            &m,
+            "postern_limit_refusals_total",
+            &[("limit", "connects_per_source")]
+        ),
+        1.0
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn failed_logins_per_source_lock_the_address_out() {
+    let pki = Pki::new("limauth");
+    let other = Pki::new("limauth-other");
+    let proxy = start_proxy(&[&pki], |c| {
+        c.limits.max_auth_failures_per_source_per_minute = 2
+    })
+    .await;
+    // Two logins with a certificate from an untrusted CA.
+    for _ in 0..2 {
+        let mut opts = client_opts(&pki, &proxy, "mallory");
+        opts.identity = other.user("mallory");
+        assert!(ProxySession::connect(&opts).await.is_err());
+    }
+    // Now even a good certificate from this address is refused before the handshake.
+    let line = refused_line(proxy.tunnel).await;
+    assert!(
+        line.starts_with("Postern: too many failed logins from 127.0.0.1"),
+        "{line:?}"
+    );
+    let e = ProxySession::connect(&client_opts(&pki, &proxy, "alice"))
+        .await
+        .err()
+        .expect("refused");
+    let _ = e;
+    let m = scrape(proxy.ops).await;
+    assert!(
+        metric(
+            &m,
+            "postern_limit_refusals_total",
+            &[("limit", "auth_failures_per_source")]
+        ) >= 2.0
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn tunnels_per_cluster_are_limited() {
+    let pki = Pki::new("limtun");
+    let proxy = start_proxy(&[&pki], |c| c.limits.max_tunnels_per_cluster = 1).await;
+    let one = name_server("one").await;
+    let two = name_server("two").await;
+    let a1 = start_agent(agent_config(&pki, "a1", &proxy, &[("auth", one)]));
+    let session = ProxySession::connect(&client_opts(&pki, &proxy, "alice"))
+        .await
+        .unwrap();
+    assert_eq!(
+        read_all(wait_stream(&session, "auth", "limtun", Duration::from_secs(10)).await).await,
+        "one"
+    );
+    let a2 = start_agent(agent_config(&pki, "a2", &proxy, &[("auth", two)]));
+    // The second agent's registration is refused and counted; every stream still goes to a1.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = scrape(proxy.ops).await;
+        if metric(
+            &m,
+            "postern_limit_refusals_total",
+            &[("limit", "tunnels_per_cluster")],
+        ) >= 1.0
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the second tunnel was not refused"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..6 {
+        assert_eq!(
+            read_all(session.open("auth", "limtun", 0).await.unwrap()).await,
+            "one"
+        );
+    }
+    a2.stop().await;
+    a1.stop().await;
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn streams_per_client_are_limited() {
+    let pki = Pki::new("limstr");
+    let proxy = start_proxy(&[&pki], |c| c.limits.max_streams_per_client = 2).await;
+    let echo = echo_server().await;
+    let agent = start_agent(agent_config(&pki, "a1", &proxy, &[("auth", echo)]));
+    let session = ProxySession::connect(&client_opts(&pki, &proxy, "alice"))
+        .await
+        .unwrap();
+    let mut s1 = wait_stream(&session, "auth", "limstr", Duration::from_secs(10)).await;
+    let mut s2 = session.open("auth", "limstr", 0).await.unwrap();
+    assert_eq!(echo_once(&mut s1, b"a").await, b"a");
+    assert_eq!(echo_once(&mut s2, b"b").await, b"b");
+    let e = session
+        .open("auth", "limstr", 0)
+        .await
+        .err()
+        .expect("third stream refused");
+    assert!(
+        e.to_string()
+            .contains("too many open streams on this connection (limit 2)"),
+        "{e}"
+    );
+    // Dropping one (CLOSE without EOF) frees its slot: the proxy ends the whole stream.
+    drop(s1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut s3 = loop {
+        match session.open("auth", "limstr", 0).await {
+            Ok(s) => break s,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("slot not freed: {e}"),
+        }
+    };
+    assert_eq!(echo_once(&mut s3, b"c").await, b"c");
+    let m = scrape(proxy.ops).await;
+    assert!(
+        metric(
+            &m,
+            "postern_limit_refusals_total",
+            &[("limit", "streams_per_client")]
+        ) >= 1.0
+    );
+    agent.stop().await;
+    proxy.stop().await;
+}
