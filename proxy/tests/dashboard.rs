@@ -281,7 +281,8 @@ async fn every_dashboard_and_alert_metric_is_exported() {
     let pki = Pki::new("dash1");
     let idle = Pki::new("dash2");
     let stranger = Pki::new("dash3");
-    let proxy = start_proxy(&[&pki, &idle], |_| {}).await;
+    // One stream per client connection, so that a second one counts a limit refusal.
+    let proxy = start_proxy(&[&pki, &idle], |c| c.limits.max_streams_per_client = 1).await;
     let echo = echo_server().await;
     let agent = start_agent(agent_config(&pki, "h1", &proxy, &[("echo", echo)]));
 
@@ -291,6 +292,10 @@ async fn every_dashboard_and_alert_metric_is_exported() {
         .unwrap();
     let mut s = wait_stream(&session, "echo", "dash1", Duration::from_secs(10)).await;
     assert_eq!(echo_once(&mut s, b"dashboard").await, b"dashboard");
+    assert!(
+        session.open("echo", "dash1", 0).await.is_err(),
+        "limit refusal"
+    );
     drop(s);
 
     // A stream refused: a user of dash2, whose agent is not connected.
