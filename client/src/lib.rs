@@ -30,7 +30,7 @@ use postern_dial::web::{WebTrust, discover_tunnel_addr, host_of};
 use russh::client::{Handle, Msg, Session};
 use russh::keys::PublicKeyOrCertificate;
 use russh::keys::ssh_key::Fingerprint;
-use russh::{ChannelId, ChannelOpenFailure, ChannelStream};
+use russh::{ChannelId, ChannelOpenFailure};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tunnel_proto::names::StreamTarget;
 
@@ -186,10 +186,7 @@ impl ProxySession {
             .channel_open_direct_tcpip(host, port, "127.0.0.1", 0)
             .await
         {
-            Ok(ch) => Ok(TunnelStream {
-                stream: ch.into_stream(),
-                _session: self.handle.clone(),
-            }),
+            Ok(ch) => Ok(TunnelStream::new(ch, self.handle.clone())),
             Err(russh::Error::ChannelOpenFailure(code)) => {
                 // russh hands the failure code to the channel, then the description to the
                 // handler: wait a moment for the description to land.
@@ -237,10 +234,81 @@ pub async fn connect_target(
 }
 
 /// A byte stream to a target, multiplexed over the SSH session with the proxy. Keeps the session
-/// alive while it exists.
+/// alive while it exists; dropping it closes the stream.
+///
+/// Reads end with `Ok(0)` only when the far side sent EOF. A stream cut short (the agent or the
+/// service died, the proxy shut down, the session broke) ends with an
+/// [`std::io::ErrorKind::ConnectionAborted`] error instead, never silently.
 pub struct TunnelStream {
-    stream: ChannelStream<Msg>,
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>,
+    pending: bytes::Bytes,
+    failed: Option<(std::io::ErrorKind, String)>,
+    writer: Pin<Box<dyn AsyncWrite + Send + Sync>>,
+    tx: Arc<russh::ChannelWriteHalf<Msg>>,
+    reader: tokio::task::JoinHandle<()>,
     _session: Arc<Handle<ClientHandler>>,
+}
+
+impl TunnelStream {
+    fn new(ch: russh::Channel<Msg>, session: Arc<Handle<ClientHandler>>) -> TunnelStream {
+        let (mut rd, wr) = ch.split();
+        // Bounded: a reader that stops reading stops this task, whose channel queue then fills
+        // and applies back-pressure through the session.
+        let (q, rx) = tokio::sync::mpsc::channel(64);
+        let reader = tokio::spawn(async move {
+            loop {
+                match rd.wait().await {
+                    Some(russh::ChannelMsg::Data { data }) => {
+                        if q.send(Ok(data)).await.is_err() {
+                            return;
+                        }
+                    }
+                    // EOF: the sender is dropped, and the reader sees the end of the stream.
+                    Some(russh::ChannelMsg::Eof) => return,
+                    Some(russh::ChannelMsg::Close) => {
+                        let _ = q
+                            .send(Err(std::io::Error::new(
+                                std::io::ErrorKind::ConnectionAborted,
+                                "stream cut before its end: the agent, the service or the proxy went away",
+                            )))
+                            .await;
+                        return;
+                    }
+                    Some(_) => {}
+                    None => {
+                        let _ = q
+                            .send(Err(std::io::Error::new(
+                                std::io::ErrorKind::ConnectionAborted,
+                                "stream cut before its end: the SSH session with the proxy ended",
+                            )))
+                            .await;
+                        return;
+                    }
+                }
+            }
+        });
+        TunnelStream {
+            rx,
+            pending: bytes::Bytes::new(),
+            failed: None,
+            writer: Box::pin(wr.make_writer()),
+            tx: Arc::new(wr),
+            reader,
+            _session: session,
+        }
+    }
+}
+
+impl Drop for TunnelStream {
+    fn drop(&mut self) {
+        self.reader.abort();
+        let tx = self.tx.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = tx.close().await;
+            });
+        }
+    }
 }
 
 impl AsyncRead for TunnelStream {
@@ -249,7 +317,23 @@ impl AsyncRead for TunnelStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        if let Some((kind, msg)) = &self.failed {
+            return Poll::Ready(Err(std::io::Error::new(*kind, msg.clone())));
+        }
+        while self.pending.is_empty() {
+            match std::task::ready!(self.rx.poll_recv(cx)) {
+                Some(Ok(data)) => self.pending = data,
+                Some(Err(e)) => {
+                    self.failed = Some((e.kind(), e.to_string()));
+                    return Poll::Ready(Err(e));
+                }
+                None => return Poll::Ready(Ok(())),
+            }
+        }
+        let n = buf.remaining().min(self.pending.len());
+        let chunk = self.pending.split_to(n);
+        buf.put_slice(&chunk);
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -259,12 +343,12 @@ impl AsyncWrite for TunnelStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        self.writer.as_mut().poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        self.writer.as_mut().poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+        self.writer.as_mut().poll_shutdown(cx)
     }
 }
