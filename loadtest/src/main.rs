@@ -64,6 +64,29 @@ struct Cli {
     /// The proxy's pid, to report its RSS and CPU.
     #[arg(long)]
     proxy_pid: Option<u32>,
+    /// Instead of the echo load: one stream whose service writes this many MiB to a client that
+    /// never reads, for `--duration` seconds; reports the proxy's peak RSS.
+    #[arg(long)]
+    slow_consumer_mib: Option<u64>,
+}
+
+/// A service that writes `mib` MiB to every connection, as fast as it is let.
+async fn firehose(mib: u64) -> anyhow::Result<SocketAddr> {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let a = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let chunk = vec![0u8; 1 << 20];
+                for _ in 0..mib {
+                    if s.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Ok(a)
 }
 
 async fn echo() -> anyhow::Result<SocketAddr> {
@@ -100,7 +123,10 @@ async fn main() -> anyhow::Result<()> {
     let user_ca = mint::read_key(&cli.ca_dir.join("user_ca")).context("user_ca")?;
     let now = mint::now_unix();
     let dir = tempfile::tempdir()?;
-    let service = echo().await?;
+    let service = match cli.slow_consumer_mib {
+        Some(mib) => firehose(mib).await?,
+        None => echo().await?,
+    };
     let host_ca_line = host_ca.public_key().to_openssh()?;
     let stop = CancellationToken::new();
 
@@ -178,6 +204,29 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    if let Some(mib) = cli.slow_consumer_mib {
+        let pid = cli
+            .proxy_pid
+            .context("--slow-consumer-mib needs --proxy-pid")?;
+        let rss0 = rss_kib(pid);
+        let stream = sessions[0].open("load", &cli.cluster, 0).await?;
+        let mut peak = rss0;
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(cli.duration) {
+            peak = peak.max(rss_kib(pid));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        drop(stream);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        println!(
+            "slow consumer: the service offered {mib} MiB to a client that never read, for {} s; proxy RSS {rss0} KiB before, peak {peak} KiB (+{} KiB), {} KiB after the stream closed",
+            cli.duration,
+            peak.saturating_sub(rss0),
+            rss_kib(pid)
+        );
+        stop.cancel();
+        return Ok(());
+    }
     let (rss0, cpu0) = cli
         .proxy_pid
         .map(|p| (rss_kib(p), cpu_secs(p)))
