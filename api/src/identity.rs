@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 /// The identity file format version this code writes and reads.
 pub const IDENTITY_VERSION: u32 = 1;
 
-/// An identity file's contents.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// An identity file's contents. `Debug` masks the private key.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityFile {
     /// Format version (1).
@@ -30,6 +30,17 @@ pub struct IdentityFile {
     pub tls_cas: Vec<String>,
     /// OpenSSH public-key lines of the cluster's host CA (verify proxies).
     pub ssh_host_cas: Vec<String>,
+}
+
+impl std::fmt::Debug for IdentityFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdentityFile")
+            .field("cluster", &self.cluster)
+            .field("user", &self.user)
+            .field("expires", &self.expires)
+            .field("private_key", &"MASKED")
+            .finish_non_exhaustive()
+    }
 }
 
 /// An identity file that cannot be used.
@@ -164,4 +175,27 @@ pub fn write_private_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.sync_all()?;
     drop(f);
     std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn debug_masks_the_private_key() {
+        let id = super::IdentityFile {
+            version: 1,
+            cluster: "c".into(),
+            user: "u".into(),
+            expires: 0,
+            private_key: "-----BEGIN OPENSSH PRIVATE KEY-----secret".into(),
+            ssh_cert: String::new(),
+            tls_cert: String::new(),
+            tls_cas: Vec::new(),
+            ssh_host_cas: Vec::new(),
+        };
+        let shown = format!("{id:?}");
+        assert!(
+            shown.contains("MASKED") && !shown.contains("secret"),
+            "{shown}"
+        );
+    }
 }

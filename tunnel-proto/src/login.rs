@@ -11,8 +11,8 @@ pub const LOGIN_TARGET: &str = "login";
 /// Largest request or response line, bytes.
 pub const MAX_LOGIN_BYTES: usize = 64 * 1024;
 
-/// A login.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A login. `Debug` masks the secret and the passwords.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoginRequest {
     /// The cluster to log in to.
@@ -36,6 +36,21 @@ pub struct LoginRequest {
     /// The client's address as the proxy saw it (set by the proxy; ignored from clients).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+}
+
+impl std::fmt::Debug for LoginRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let masked = |v: &Option<String>| v.as_ref().map(|_| "MASKED");
+        f.debug_struct("LoginRequest")
+            .field("cluster", &self.cluster)
+            .field("user", &self.user)
+            .field("secret", &masked(&self.secret))
+            .field("new_password", &masked(&self.new_password))
+            .field("password", &masked(&self.password))
+            .field("ttl_secs", &self.ttl_secs)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The answer.
