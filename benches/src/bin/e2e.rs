@@ -322,7 +322,7 @@ async fn start_postern(
         dir.join("proxy.toml"),
         format!(
             "data_dir = {pdir:?}\n[listen]\nweb = \"127.0.0.1:{web}\"\ntunnel = \"127.0.0.1:{tunnel}\"\nops = \"127.0.0.1:{ops}\"\n\
-             [limits]\nmax_unauthenticated = 4096\nmax_streams_per_tunnel = 100000\n\
+             [limits]\nmax_unauthenticated = 4096\nmax_streams_per_tunnel = 100000\nmax_streams_per_client = 100000\nmax_tunnels_per_cluster = 100000\nmax_connects_per_source_per_minute = 100000\n\
              [[clusters]]\nname = \"bench\"\nhost_ca = [{:?}]\nuser_ca = [{:?}]\n",
             line(&host_ca)?,
             line(&user_ca)?
@@ -745,6 +745,11 @@ async fn phase(cli: &Cli, cipher: &str) -> anyhow::Result<Phase> {
 
     let p = start_postern(dir.path(), &bin, sink, echo).await?;
     let (pp, ap) = (p.proxy_pid, p.agent_pid);
+    // Idle tunnels first, on a proxy whose heap stream traffic has not grown yet.
+    let (rate, per_tunnel) = tunnels(&p, cli.agents).await?;
+    out.setups_per_s = rate;
+    out.tunnel_rss_kib = per_tunnel;
+    eprintln!("  tunnel set-ups {rate:.0}/s, proxy RSS per idle tunnel {per_tunnel:.1} KiB");
     let d = Dialer::Postern {
         session: p.session.clone(),
     };
@@ -766,10 +771,6 @@ async fn phase(cli: &Cli, cipher: &str) -> anyhow::Result<Phase> {
         median(&w.single_mib_s)
     );
     out.rows.push(w);
-    let (rate, per_tunnel) = tunnels(&p, cli.agents).await?;
-    out.setups_per_s = rate;
-    out.tunnel_rss_kib = per_tunnel;
-    eprintln!("  tunnel set-ups {rate:.0}/s, proxy RSS per idle tunnel {per_tunnel:.1} KiB");
     drop(p);
 
     let o = start_openssh(dir.path(), cipher, sink, echo).await?;
