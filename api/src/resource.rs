@@ -235,6 +235,10 @@ pub fn parse_roles(text: &str) -> Result<Vec<Role>, ResourceError> {
         })?;
         roles.push(from_doc(d, n)?);
     }
+    if roles.is_empty() {
+        // Only empty lists (`[]`).
+        return Err(ResourceError::Empty);
+    }
     Ok(roles)
 }
 
@@ -512,6 +516,9 @@ version: v5
         assert!(matches!(e, ResourceError::UnknownKind { ref kind, .. } if kind == "user"));
         let e = parse_roles(&json.replace("\"verbs\"", "\"verbz\"")).unwrap_err();
         assert!(e.to_string().contains("verbz"), "{e}");
+        // Found by the fuzzer after that change: an empty list gave no role and no error.
+        assert_eq!(parse_roles("[]"), Err(ResourceError::Empty));
+        assert_eq!(parse_roles("[]\n---\n[]\n"), Err(ResourceError::Empty));
     }
 
     #[test]

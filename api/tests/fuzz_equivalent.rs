@@ -79,6 +79,7 @@ const FRAGMENTS: &[&str] = &[
     "x: &a [1]",
     "y: *a",
     "- item",
+    "[]",
     "\t",
     "'",
 ];
