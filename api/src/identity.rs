@@ -138,12 +138,13 @@ impl IdentityFile {
         IdentityFile::parse(path, &text)
     }
 
-    /// The file's text.
+    /// The file's text. The names in the heading comment are escaped: a line break or control
+    /// character in them would end the comment and break the file.
     pub fn to_toml(&self) -> String {
         format!(
             "# Postern identity file: user '{}' of cluster '{}'. Secret: keep it 0600.\n{}",
-            self.user,
-            self.cluster,
+            self.user.escape_debug(),
+            self.cluster.escape_debug(),
             toml::to_string(self).expect("identity serializes")
         )
     }
@@ -179,6 +180,8 @@ pub fn write_private_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn debug_masks_the_private_key() {
         let id = super::IdentityFile {
@@ -196,6 +199,33 @@ mod tests {
         assert!(
             shown.contains("MASKED") && !shown.contains("secret"),
             "{shown}"
+        );
+    }
+
+    /// Found by the stable counterpart of the `identity_file` fuzz target: a user or cluster name
+    /// with a line break or carriage return ended the heading comment, so the file written did
+    /// not read back.
+    #[test]
+    fn names_with_line_breaks_write_and_read_back() {
+        let pem = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        let id = IdentityFile {
+            version: 1,
+            cluster: "\r\u{2028}".into(),
+            user: "a\nb'. Secret".into(),
+            expires: 0,
+            private_key:
+                "-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
+                    .into(),
+            ssh_cert: "ssh-ed25519-cert-v01@openssh.com AAAA".into(),
+            tls_cert: pem.into(),
+            tls_cas: vec![pem.into()],
+            ssh_host_cas: vec![],
+        };
+        let text = id.to_toml();
+        assert_eq!(
+            IdentityFile::parse(Path::new("t"), &text).unwrap(),
+            id,
+            "{text}"
         );
     }
 }

@@ -163,13 +163,10 @@ impl OptionsDoc {
     }
 }
 
-#[derive(Deserialize)]
-struct Header {
-    #[serde(default)]
-    kind: Option<String>,
-}
-
 /// Parses one or more `kind: role` YAML (or JSON) documents into validated roles.
+///
+/// A document may also be a list of roles: that is how [`roles_to_json`] prints several (a JSON
+/// array), so what `pctl get` prints in either format reads back.
 pub fn parse_roles(text: &str) -> Result<Vec<Role>, ResourceError> {
     let blank = |l: &str| {
         let l = l.trim();
@@ -178,34 +175,69 @@ pub fn parse_roles(text: &str) -> Result<Vec<Role>, ResourceError> {
     if text.lines().all(blank) {
         return Err(ResourceError::Empty);
     }
-    let mut kinds = Vec::new();
+    let kind_of = |v: &serde_norway::Value, doc: usize| match v.get("kind") {
+        None => Ok(None),
+        Some(serde_norway::Value::String(k)) => Ok(Some(k.clone())),
+        Some(_) => Err(ResourceError::Yaml {
+            doc,
+            message: "kind: expected a string".into(),
+        }),
+    };
+    let unknown = |doc: usize, kind: Option<String>| ResourceError::UnknownKind {
+        doc,
+        kind: kind.unwrap_or_else(|| "(missing)".into()),
+    };
+    // First pass: every document parses, and each is a role or a list of roles.
+    let mut docs = Vec::new();
     for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
-        let h = Header::deserialize(doc).map_err(|e| ResourceError::Yaml {
-            doc: i + 1,
+        let n = i + 1;
+        let v = serde_norway::Value::deserialize(doc).map_err(|e| ResourceError::Yaml {
+            doc: n,
             message: e.to_string(),
         })?;
-        kinds.push(h.kind);
+        if let serde_norway::Value::Sequence(items) = v {
+            for item in &items {
+                let kind = kind_of(item, n)?;
+                if kind.as_deref() != Some("role") {
+                    return Err(unknown(n, kind));
+                }
+            }
+            docs.push(Some(items));
+        } else {
+            let kind = kind_of(&v, n)?;
+            if kind.as_deref() != Some("role") {
+                return Err(unknown(n, kind));
+            }
+            docs.push(None);
+        }
     }
-    if kinds.is_empty() {
+    if docs.is_empty() {
         return Err(ResourceError::Empty);
     }
+    // Second pass: a role document is read from the text again, so errors carry its line.
     let mut roles = Vec::new();
     for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
         let n = i + 1;
-        match kinds[i].as_deref() {
-            Some("role") => {}
-            other => {
-                return Err(ResourceError::UnknownKind {
-                    doc: n,
-                    kind: other.unwrap_or("(missing)").into(),
-                });
+        if let Some(items) = docs[i].take() {
+            for (j, item) in items.into_iter().enumerate() {
+                let d: RoleDoc =
+                    serde_norway::from_value(item).map_err(|e| ResourceError::Yaml {
+                        doc: n,
+                        message: format!("item {j}: {e}"),
+                    })?;
+                roles.push(from_doc(d, n)?);
             }
+            continue;
         }
         let d = RoleDoc::deserialize(doc).map_err(|e| ResourceError::Yaml {
             doc: n,
             message: e.to_string(),
         })?;
         roles.push(from_doc(d, n)?);
+    }
+    if roles.is_empty() {
+        // Only empty lists (`[]`).
+        return Err(ResourceError::Empty);
     }
     Ok(roles)
 }
@@ -464,6 +496,29 @@ version: v5
             roles.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
             ["api-role", "other"]
         );
+    }
+
+    /// Found by the `role_yaml` fuzz target: several roles printed as JSON (an array) did not
+    /// parse back ("invalid type: sequence, expected struct Header").
+    #[test]
+    fn several_roles_printed_as_json_parse_back() {
+        let two = format!("{SEED}---\n{}", SEED.replace("api-role", "other"));
+        let roles = parse_roles(&two).unwrap();
+        let json = roles_to_json(&roles);
+        assert!(json.trim_start().starts_with('['), "{json}");
+        assert_eq!(parse_roles(&json).unwrap(), roles);
+        // The fuzzer's input: the same flow-style role twice, then read back from JSON.
+        let flow = "{kind: role, metadata: {name: j}, spec: {allow: {logins: [x]}}, version: v6}\n";
+        let roles = parse_roles(&format!("{flow}---\n{flow}")).unwrap();
+        assert_eq!(parse_roles(&roles_to_json(&roles)).unwrap(), roles);
+        // A list item of another kind, or a bad field in an item, is still refused.
+        let e = parse_roles("[{kind: user}]").unwrap_err();
+        assert!(matches!(e, ResourceError::UnknownKind { ref kind, .. } if kind == "user"));
+        let e = parse_roles(&json.replace("\"verbs\"", "\"verbz\"")).unwrap_err();
+        assert!(e.to_string().contains("verbz"), "{e}");
+        // Found by the fuzzer after that change: an empty list gave no role and no error.
+        assert_eq!(parse_roles("[]"), Err(ResourceError::Empty));
+        assert_eq!(parse_roles("[]\n---\n[]\n"), Err(ResourceError::Empty));
     }
 
     #[test]

@@ -40,3 +40,52 @@ fn bad_values_name_the_field() {
     assert!(e.contains("listen_addr"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        cases: 256,
+        failure_persistence: None,
+        ..Default::default()
+    })]
+
+    /// The stable counterpart of the `configs` fuzz target: the deploy example with lines
+    /// dropped or repeated and characters inserted parses or fails, and validates or fails,
+    /// without panicking.
+    #[test]
+    fn mutated_auth_configs_never_panic(
+        ops in proptest::collection::vec(
+            (
+                0u8..3,
+                proptest::prelude::any::<proptest::sample::Index>(),
+                proptest::sample::select(&['"', '=', '[', ']', '\n', '0', 'x', '.', ':', ' '][..]),
+            ),
+            0..6,
+        ),
+    ) {
+        let base = include_str!("../../deploy/auth.toml");
+        let mut lines: Vec<String> = base.lines().map(str::to_owned).collect();
+        for (op, at, c) in ops {
+            if lines.is_empty() {
+                break;
+            }
+            let i = at.index(lines.len());
+            match op {
+                0 => {
+                    lines.remove(i);
+                }
+                1 => lines.insert(i, lines[i].clone()),
+                _ => {
+                    let line = &mut lines[i];
+                    let cut = at.index(line.len() + 1);
+                    let cut = (0..=cut).rev().find(|&k| line.is_char_boundary(k)).unwrap();
+                    line.insert(cut, c);
+                }
+            }
+        }
+        if let Ok(c) = toml::from_str::<AuthConfig>(&lines.join("\n"))
+            && c.validate().is_ok()
+        {
+            proptest::prop_assert!(c.admin_identity_ttl_secs >= 3600);
+        }
+    }
+}

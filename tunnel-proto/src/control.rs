@@ -156,6 +156,10 @@ impl Message {
 
     /// Appends `data` to `buf` and decodes every whole frame now in it, leaving a partial frame
     /// in `buf` for the next call. A malformed frame is an error: close the channel.
+    ///
+    /// The frames before a malformed one are returned first (`Ok`), with the malformed frame
+    /// left at the front of `buf`; the next call, even with no data, returns the error. So what
+    /// a peer sent before a bad frame is acted on however the bytes were split into reads.
     pub fn feed(buf: &mut BytesMut, data: &[u8]) -> Result<Vec<Message>, DecodeError> {
         buf.extend_from_slice(data);
         let mut out = Vec::new();
@@ -163,7 +167,8 @@ impl Message {
             match Message::decode_from(buf) {
                 Ok(m) => out.push(m),
                 Err(DecodeError::Incomplete) => return Ok(out),
-                Err(e) => return Err(e),
+                Err(e) if out.is_empty() => return Err(e),
+                Err(_) => return Ok(out),
             }
         }
     }
@@ -256,6 +261,25 @@ mod tests {
         assert_eq!(got, all());
         assert!(buf.is_empty());
         assert!(Message::feed(&mut buf, &[0, 0, 0, 1, 9]).is_err());
+    }
+
+    /// Found by the `control_frames` fuzz target: a whole frame followed by a malformed one in
+    /// the same read was dropped with the error, while the same bytes read in two pieces
+    /// delivered it (reduced: the fuzzer's frame was a `ProxySet` with no ids). Now the good frame comes first and the error on the next call.
+    #[test]
+    fn feed_returns_the_frames_before_a_malformed_one() {
+        let mut wire = BytesMut::new();
+        Message::ProxySet { ids: vec![] }.encode(&mut wire).unwrap();
+        wire.extend_from_slice(&[0, 0, 0, 1, 9]);
+        let mut buf = BytesMut::new();
+        assert_eq!(
+            Message::feed(&mut buf, &wire).unwrap(),
+            [Message::ProxySet { ids: vec![] }]
+        );
+        assert_eq!(
+            Message::feed(&mut buf, &[]),
+            Err(DecodeError::Malformed("unknown message type"))
+        );
     }
 
     #[test]
