@@ -98,6 +98,10 @@ pub struct LimitsConfig {
     /// Failed logins per source address per minute before its new connections are refused for
     /// the rest of the minute. Default 30.
     pub max_auth_failures_per_source_per_minute: u32,
+    /// Seconds for a web client's TLS handshake, then for each request's headers. Default 10.
+    pub web_header_timeout_secs: u64,
+    /// Largest web request head (request line and headers), bytes. Default 65536.
+    pub web_max_header_bytes: usize,
 }
 
 /// Graceful shutdown.
@@ -168,6 +172,8 @@ impl Default for LimitsConfig {
             max_tunnels_per_cluster: 1000,
             max_connects_per_source_per_minute: 600,
             max_auth_failures_per_source_per_minute: 30,
+            web_header_timeout_secs: 10,
+            web_max_header_bytes: 64 * 1024,
         }
     }
 }
@@ -268,6 +274,15 @@ impl ProxyConfig {
             if v == 0 {
                 return Err(invalid(field, "must be at least 1"));
             }
+        }
+        if !(1..=300).contains(&self.limits.web_header_timeout_secs) {
+            return Err(invalid("limits.web_header_timeout_secs", "must be 1..=300"));
+        }
+        if !(8192..=1 << 20).contains(&self.limits.web_max_header_bytes) {
+            return Err(invalid(
+                "limits.web_max_header_bytes",
+                "must be 8192..=1048576",
+            ));
         }
         if self.limits.max_unauthenticated == 0 {
             return Err(invalid("limits.max_unauthenticated", "must be at least 1"));

@@ -194,6 +194,10 @@ pub async fn run(
         web_tls,
         discovery,
         Arc::new(login::LoginRelay::new(shared.clone())),
+        web::WebLimits {
+            header_timeout: Duration::from_secs(config.limits.web_header_timeout_secs),
+            max_header_bytes: config.limits.web_max_header_bytes,
+        },
         shared.draining.clone(),
         conns.clone(),
     ));

@@ -780,17 +780,11 @@ pub async fn splice(a: Channel<Msg>, b: Channel<Msg>, stop: &CancellationToken) 
                 break;
             }
         }
-        // Close both channels, so that neither peer waits for the other's CLOSE and the
-        // stream's task and slots are freed; the direction still running then winds down.
+        // Close both channels, so that neither peer waits for the other's CLOSE, and free the
+        // stream's task and slots now: a direction still running is dropped (its bytes were
+        // counted in the metric as they moved).
         let _ = a_tx.close().await;
         let _ = b_tx.close().await;
-        let wind_down = Duration::from_secs(5);
-        if up_r.is_none() {
-            up_r = tokio::time::timeout(wind_down, &mut up).await.ok();
-        }
-        if down_r.is_none() {
-            down_r = tokio::time::timeout(wind_down, &mut down).await.ok();
-        }
         (up_r.map_or(0, |r| r.0), down_r.map_or(0, |r| r.0))
     };
     tokio::select! {

@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use tunnel_proto::discovery::{
     ErrorBody, FIND_PATH, FindResponse, PING_PATH, PingResponse, ProxySettings,
 };
@@ -126,12 +126,31 @@ async fn login(
     json(status, &resp)
 }
 
+/// Limits of the web listener.
+#[derive(Debug, Clone, Copy)]
+pub struct WebLimits {
+    /// Deadline for the TLS handshake and then for each request's headers.
+    pub header_timeout: Duration,
+    /// Largest request head (request line and headers), bytes.
+    pub max_header_bytes: usize,
+}
+
+impl Default for WebLimits {
+    fn default() -> Self {
+        WebLimits {
+            header_timeout: WEB_TIMEOUT,
+            max_header_bytes: 64 * 1024,
+        }
+    }
+}
+
 /// Serves HTTPS discovery and the login relay until `stop` is cancelled.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     discovery: Arc<Discovery>,
     relay: Arc<LoginRelay>,
+    limits: WebLimits,
     stop: CancellationToken,
     conns: TaskTracker,
 ) {
@@ -153,11 +172,12 @@ pub async fn serve(
         let relay = relay.clone();
         let stop = stop.clone();
         conns.spawn(async move {
-            let tls = match tokio::time::timeout(WEB_TIMEOUT, acceptor.accept(socket)).await {
-                Ok(Ok(t)) => t,
-                Ok(Err(e)) => return debug!(%peer, error = %e, "web TLS handshake failed"),
-                Err(_) => return debug!(%peer, "web TLS handshake timed out"),
-            };
+            let tls =
+                match tokio::time::timeout(limits.header_timeout, acceptor.accept(socket)).await {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => return debug!(%peer, error = %e, "web TLS handshake failed"),
+                    Err(_) => return debug!(%peer, "web TLS handshake timed out"),
+                };
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let (discovery, relay) = (discovery.clone(), relay.clone());
                 async move {
@@ -171,12 +191,25 @@ pub async fn serve(
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(WEB_TIMEOUT)
-                .max_buf_size(64 * 1024)
+                .header_read_timeout(limits.header_timeout)
+                .max_buf_size(limits.max_header_bytes.max(8192))
                 .serve_connection(TokioIo::new(tls), svc);
             tokio::pin!(conn);
             tokio::select! {
-                r = conn.as_mut() => if let Err(e) = r { debug!(%peer, error = %e, "web connection ended") },
+                r = conn.as_mut() => if let Err(e) = r {
+                    let reason = if e.is_timeout() {
+                        Some("web_header_timeout")
+                    } else if e.is_parse_too_large() {
+                        Some("web_header_too_large")
+                    } else {
+                        None
+                    };
+                    if let Some(reason) = reason {
+                        info!(%peer, reason, "web connection closed by a limit");
+                        counter!(m::CONNECTIONS_DROPPED, "reason" => reason).increment(1);
+                    }
+                    debug!(%peer, error = %e, "web connection ended");
+                },
                 _ = stop.cancelled() => conn.as_mut().graceful_shutdown(),
             }
         });

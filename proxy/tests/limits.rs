@@ -168,3 +168,64 @@ async fn streams_per_client_are_limited() {
     agent.stop().await;
     proxy.stop().await;
 }
+
+async fn web_tls(proxy: &Proxy) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let cfg = postern_dial::web::tls_config(&proxy.web_trust()).unwrap();
+    let tcp = tokio::net::TcpStream::connect(proxy.web).await.unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect("127.0.0.1".try_into().unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+async fn web_dropped(proxy: &Proxy, reason: &str) -> f64 {
+    metric(
+        &scrape(proxy.ops).await,
+        "postern_connections_dropped_total",
+        &[("reason", reason)],
+    )
+}
+
+#[tokio::test]
+async fn slow_or_huge_web_requests_are_cut() {
+    use tokio::io::AsyncWriteExt;
+    let pki = Pki::new("limweb");
+    let proxy = start_proxy(&[&pki], |c| {
+        c.limits.web_header_timeout_secs = 1;
+        c.limits.web_max_header_bytes = 8192;
+    })
+    .await;
+    // Headers that never finish: closed after the header timeout.
+    let mut slow = web_tls(&proxy).await;
+    slow.write_all(b"GET /webapi/ping HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "a slow request head was not cut");
+    // A request head over the limit: answered with an error or closed, never served.
+    let mut huge = web_tls(&proxy).await;
+    let head = format!(
+        "GET /webapi/ping HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(32 * 1024)
+    );
+    let _ = huge.write_all(head.as_bytes()).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), huge.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        !answer.contains("cluster_names"),
+        "an oversized request was served: {answer}"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while web_dropped(&proxy, "web_header_timeout").await < 1.0
+        || web_dropped(&proxy, "web_header_too_large").await < 1.0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "web limit refusals not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.stop().await;
+}
