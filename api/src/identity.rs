@@ -75,6 +75,22 @@ pub enum IdentityError {
 }
 
 impl IdentityFile {
+    /// The identity for `user` from the certificates the Auth server issued for `private_key`'s
+    /// public half (`private_key` in OpenSSH form).
+    pub fn from_certs(user: &str, private_key: String, certs: crate::proto::Certs) -> IdentityFile {
+        IdentityFile {
+            version: IDENTITY_VERSION,
+            cluster: certs.cluster,
+            user: user.into(),
+            expires: certs.expires,
+            private_key,
+            ssh_cert: certs.ssh_cert,
+            tls_cert: certs.tls_cert,
+            tls_cas: certs.tls_cas,
+            ssh_host_cas: certs.ssh_host_cas,
+        }
+    }
+
     /// Parses and checks the text of an identity file (`path` only names it in errors).
     pub fn parse(path: &Path, text: &str) -> Result<IdentityFile, IdentityError> {
         let id: IdentityFile = toml::from_str(text).map_err(|e| IdentityError::Corrupt {

@@ -40,17 +40,7 @@ async fn sign(admin: &AuthClient, user: &str, ttl_secs: u64) -> IdentityFile {
         })
         .await
         .unwrap();
-    IdentityFile {
-        version: 1,
-        cluster: c.cluster,
-        user: user.into(),
-        expires: c.expires,
-        private_key: key.to_openssh(LineEnding::LF).unwrap().to_string(),
-        ssh_cert: c.ssh_cert,
-        tls_cert: c.tls_cert,
-        tls_cas: c.tls_cas,
-        ssh_host_cas: c.ssh_host_cas,
-    }
+    IdentityFile::from_certs(user, key.to_openssh(LineEnding::LF).unwrap().to_string(), c)
 }
 
 fn pinned(r: &AuthReport, addrs: Vec<String>, credentials: Vec<Credentials>) -> Config {

@@ -201,17 +201,11 @@ pub async fn run(dir: &Path) -> anyhow::Result<(AuthDemo, AuthReport)> {
             ttl_secs: 8 * 3600,
         })
         .await?;
-    let id = IdentityFile {
-        version: postern_api::identity::IDENTITY_VERSION,
-        cluster: certs.cluster,
-        user: "api-user".into(),
-        expires: certs.expires,
-        private_key: key.to_openssh(LineEnding::LF)?.to_string(),
-        ssh_cert: certs.ssh_cert,
-        tls_cert: certs.tls_cert,
-        tls_cas: certs.tls_cas,
-        ssh_host_cas: certs.ssh_host_cas,
-    };
+    let id = IdentityFile::from_certs(
+        "api-user",
+        key.to_openssh(LineEnding::LF)?.to_string(),
+        certs,
+    );
     let id_path = dir.join("api-user.identity");
     id.save(&id_path)?;
     println!("    $ pctl auth sign --user=api-user --ttl=8h --out=api-user.identity");

@@ -141,17 +141,11 @@ pub async fn sign(admin: &AuthClient, user: &str, ttl_secs: u64) -> IdentityFile
         })
         .await
         .unwrap();
-    IdentityFile {
-        version: 1,
-        cluster: certs.cluster,
-        user: user.into(),
-        expires: certs.expires,
-        private_key: key.to_openssh(LineEnding::LF).unwrap().to_string(),
-        ssh_cert: certs.ssh_cert,
-        tls_cert: certs.tls_cert,
-        tls_cas: certs.tls_cas,
-        ssh_host_cas: certs.ssh_host_cas,
-    }
+    IdentityFile::from_certs(
+        user,
+        key.to_openssh(LineEnding::LF).unwrap().to_string(),
+        certs,
+    )
 }
 
 pub fn seed_role() -> Role {

@@ -514,22 +514,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .await?;
                     match format {
                         SignFormat::File => {
-                            let id = IdentityFile {
-                                version: postern_api::identity::IDENTITY_VERSION,
-                                cluster: certs.cluster,
-                                user: user.clone(),
-                                expires: certs.expires,
-                                private_key: key.to_openssh(LineEnding::LF)?.to_string(),
-                                ssh_cert: certs.ssh_cert,
-                                tls_cert: certs.tls_cert,
-                                tls_cas: certs.tls_cas,
-                                ssh_host_cas: certs.ssh_host_cas,
-                            };
+                            let id = IdentityFile::from_certs(
+                                &user,
+                                key.to_openssh(LineEnding::LF)?.to_string(),
+                                certs,
+                            );
                             id.save(&out)?;
                             println!(
                                 "identity of '{user}' written to {} (expires {})",
                                 out.display(),
-                                certs.expires
+                                id.expires
                             );
                         }
                         SignFormat::Tls => {
