@@ -370,6 +370,34 @@ impl Service {
         result.map(Response::new)
     }
 
+    /// Deletes resource `kind/name` (`kind: delete`), audited; NOT_FOUND if it is absent.
+    async fn delete_named<T>(
+        &self,
+        req: &Request<T>,
+        action: &str,
+        kind: &'static str,
+        name: String,
+    ) -> Result<Response<Empty>, Status> {
+        let caller = self
+            .authorize(req, action, kind, &name, &[Verb::Delete])
+            .await?;
+        let n = name.clone();
+        let result = async {
+            let gone = self
+                .blocking(move |s| s.backend.delete(kind, &n))
+                .await?
+                .map_err(storage_status)?;
+            if gone {
+                Ok(Empty {})
+            } else {
+                Err(Status::not_found(format!("{kind} '{name}' not found")))
+            }
+        }
+        .await;
+        self.finish(&caller, action, format!("{kind}/{name}"), result)
+            .await
+    }
+
     fn certs(&self, issued: crate::authority::Issued, roles: Vec<String>) -> Certs {
         let a = &self.state.authorities;
         Certs {
@@ -505,29 +533,7 @@ impl AuthService for Service {
         req: Request<DeleteRoleRequest>,
     ) -> Result<Response<Empty>, Status> {
         let name = req.get_ref().name.clone();
-        let caller = self
-            .authorize(&req, "DeleteRole", "role", &name, &[Verb::Delete])
-            .await?;
-        let n = name.clone();
-        let result = async {
-            let gone = self
-                .blocking(move |s| s.backend.delete("role", &n))
-                .await?
-                .map_err(storage_status)?;
-            if gone {
-                Ok(Empty {})
-            } else {
-                Err(Status::not_found(format!("role '{name}' not found")))
-            }
-        }
-        .await;
-        self.finish(
-            &caller,
-            "DeleteRole",
-            format!("role/{}", req.get_ref().name),
-            result,
-        )
-        .await
+        self.delete_named(&req, "DeleteRole", "role", name).await
     }
 
     async fn get_user(&self, req: Request<GetUserRequest>) -> Result<Response<User>, Status> {
@@ -940,29 +946,7 @@ impl AuthService for Service {
         req: Request<DeleteTokenRequest>,
     ) -> Result<Response<Empty>, Status> {
         let id = req.get_ref().id.clone();
-        let caller = self
-            .authorize(&req, "DeleteToken", "token", &id, &[Verb::Delete])
-            .await?;
-        let i = id.clone();
-        let result = async {
-            let gone = self
-                .blocking(move |s| s.backend.delete("token", &i))
-                .await?
-                .map_err(storage_status)?;
-            if gone {
-                Ok(Empty {})
-            } else {
-                Err(Status::not_found(format!("token '{id}' not found")))
-            }
-        }
-        .await;
-        self.finish(
-            &caller,
-            "DeleteToken",
-            format!("token/{}", req.get_ref().id),
-            result,
-        )
-        .await
+        self.delete_named(&req, "DeleteToken", "token", id).await
     }
 
     async fn export_authorities(
