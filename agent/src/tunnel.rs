@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -241,61 +241,92 @@ async fn serve_stream(
     active.fetch_sub(1, Ordering::Relaxed);
 }
 
-/// Splices a channel and a socket. The channel is read eagerly into a bounded queue (see
-/// `postern_dial::splice`); the socket is read into a 64 KiB buffer whose filled part is frozen
-/// and handed to russh without a copy.
+/// Splices a channel and a socket until the stream is over, then drops the socket at once.
+///
+/// The channel is read eagerly into a bounded queue (see `postern_dial::splice`); the socket is
+/// read into a 64 KiB buffer whose filled part is frozen and handed to russh without a copy.
+///
+/// The stream is over when both directions ended cleanly (EOF each way), when either socket
+/// direction fails (the service reset or vanished), or when the proxy closed the channel. The task
+/// never waits for the proxy's answering CLOSE: russh 0.65 drops a CLOSE that answers one we sent
+/// (the channel is already gone from its table), so a read half awaited after our own close would
+/// never end, and would hold the socket's descriptor for the tunnel's lifetime (the leak the
+/// hardening issue measured: one descriptor per stream that ended normally).
 async fn splice_tcp(channel: Channel<Msg>, tcp: TcpStream) -> (u64, u64) {
     use postern_dial::splice::{Item, charge, eager_reader};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (rx, tx) = channel.split();
     let (mut tcp_r, mut tcp_w) = tcp.into_split();
     let (reader, mut queue) = eager_reader(rx, SPLICE_BUF * 64);
+    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+    // Each direction returns whether it ended cleanly (EOF) rather than by an error.
     let to_target = async {
-        let mut total = 0u64;
         while let Some(item) = queue.next().await {
             match item {
                 Item::Data(data) => {
                     if tcp_w.write_all(&data).await.is_err() {
-                        break;
+                        return false;
                     }
                     queue.release(charge(data.len(), SPLICE_BUF * 64));
-                    total += data.len() as u64;
+                    up.fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
                 // No data follows an EOF.
-                Item::Eof => break,
+                Item::Eof => {
+                    let _ = tcp_w.shutdown().await;
+                    return true;
+                }
             }
         }
-        let _ = tcp_w.shutdown().await;
-        total
+        // The channel closed without EOF: the proxy ended the stream.
+        false
     };
     let from_target = async {
-        let mut total = 0u64;
         let mut buf = BytesMut::with_capacity(SPLICE_BUF);
         loop {
             if buf.capacity() < SPLICE_BUF / 4 {
                 buf.reserve(SPLICE_BUF);
             }
             match tcp_r.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => break,
+                Ok(0) => {
+                    let _ = tx.eof().await;
+                    return true;
+                }
+                Err(_) => return false,
                 Ok(n) => {
-                    total += n as u64;
+                    down.fetch_add(n as u64, Ordering::Relaxed);
                     if tx.data_bytes(buf.split().freeze()).await.is_err() {
-                        break;
+                        return false;
                     }
                 }
             }
         }
-        let _ = tx.eof().await;
-        total
     };
-    // Once both directions are done, close: the proxy relays the close to the client.
-    let both = async {
-        let r = tokio::join!(to_target, from_target);
-        let _ = tx.close().await;
-        r
-    };
-    let ((), (up, down)) = tokio::join!(reader, both);
-    (up, down)
+    tokio::pin!(reader, to_target, from_target);
+    let (mut up_done, mut down_done, mut reader_done) = (false, false, false);
+    loop {
+        tokio::select! {
+            clean = &mut to_target, if !up_done => {
+                up_done = true;
+                if !clean { break; }
+            }
+            clean = &mut from_target, if !down_done => {
+                down_done = true;
+                if !clean { break; }
+            }
+            // The reader ends when the channel closed (or failed): nothing more will arrive, and
+            // the queue's end tells `to_target` so.
+            _ = &mut reader, if !reader_done => reader_done = true,
+        }
+        // Once the proxy closed the channel and its last data reached the service, the service's
+        // answer has nowhere to go.
+        if up_done && (down_done || reader_done) {
+            break;
+        }
+    }
+    // Close the channel (the proxy relays it to the client) and let every half go now: the
+    // socket's descriptor is freed when this function returns.
+    let _ = tx.close().await;
+    (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed))
 }
 
 /// The agent side of `@control`: hello, heartbeats, and a drain order that ends the tunnel.

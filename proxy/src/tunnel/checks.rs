@@ -1,0 +1,125 @@
+//! Login checks: which certificate may log in as what.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use metrics::counter;
+use russh::server::{Auth, Session};
+use russh::{ChannelOpenFailure, MethodSet};
+use tracing::warn;
+use tunnel_proto::certs::{
+    CertError, Certificate, check_agent_cert, check_user_cert, signer_fingerprint,
+};
+use tunnel_proto::names::{AGENT_LOGIN_PREFIX, validate_label};
+
+use crate::metrics as m;
+use crate::routing::Tunnel;
+
+use super::*;
+
+/// Who a logged-in connection is.
+pub(super) enum Role {
+    /// An agent with an accepted host certificate.
+    Agent { host_id: String, cluster: String },
+    /// A client with an accepted user certificate of `cluster`.
+    Client { user: String, cluster: String },
+}
+
+/// The russh handler of one tunnel-listener connection.
+pub(super) struct Conn {
+    pub(super) shared: Arc<TunnelShared>,
+    pub(super) peer: SocketAddr,
+    pub(super) state: Arc<ConnState>,
+    pub(super) role: Option<Role>,
+    /// Streams this client connection holds open now.
+    pub(super) client_streams: Arc<AtomicUsize>,
+}
+
+pub(super) fn reject_reason(
+    code: ChannelOpenFailure,
+    reason: impl Into<String>,
+) -> ChannelOpenFailure {
+    ChannelOpenFailure::Other {
+        code: code.code(),
+        reason: reason.into(),
+    }
+}
+
+impl Conn {
+    pub(super) fn refuse(&self, login: &str, reason: &'static str, detail: &str) -> Auth {
+        warn!(peer = %self.peer, login, reason, detail, "login refused");
+        counter!(m::AUTH_FAILURES, "reason" => reason).increment(1);
+        self.shared
+            .failures_by_source
+            .allow(&self.peer.ip().to_string(), u32::MAX);
+        self.state.refused.notify_one();
+        Auth::Reject {
+            proceed_with_methods: Some(MethodSet::empty()),
+            partial_success: false,
+        }
+    }
+
+    pub(super) fn check(
+        &self,
+        login: &str,
+        cert: &Certificate,
+    ) -> Result<Role, (&'static str, String)> {
+        let now = crate::mint::now_unix();
+        let cert_err = |e: CertError| (e.reason(), e.to_string());
+        if let Some(principal) = login.strip_prefix(AGENT_LOGIN_PREFIX) {
+            let (host_id, cluster) = principal.split_once('.').ok_or((
+                "bad_login",
+                format!("agent login '{login}' is not @agent/<host-id>.<cluster>"),
+            ))?;
+            validate_label("host id", host_id).map_err(|e| ("bad_login", e.to_string()))?;
+            let trust = self.shared.trust.cluster(cluster).ok_or((
+                "unknown_cluster",
+                format!("this proxy does not serve cluster '{cluster}'"),
+            ))?;
+            check_agent_cert(cert, host_id, cluster, now, &trust.host_cas).map_err(cert_err)?;
+            Ok(Role::Agent {
+                host_id: host_id.to_owned(),
+                cluster: cluster.to_owned(),
+            })
+        } else {
+            let signer = signer_fingerprint(cert);
+            let Some((cluster, trust)) = self.shared.trust.cluster_of_user_ca(&signer) else {
+                // Maybe a host certificate of a known host CA: say so precisely.
+                if self.shared.trust.is_host_ca(&signer) {
+                    return Err(cert_err(CertError::WrongType {
+                        expected: "user",
+                        got: "host",
+                    }));
+                }
+                return Err(cert_err(CertError::UntrustedCa(signer.to_string())));
+            };
+            check_user_cert(cert, login, now, &trust.user_cas).map_err(cert_err)?;
+            Ok(Role::Client {
+                user: login.to_owned(),
+                cluster: cluster.to_owned(),
+            })
+        }
+    }
+
+    /// Gets or creates this agent connection's tunnel.
+    pub(super) fn tunnel(&self, session: &Session) -> Option<Arc<Tunnel>> {
+        let Some(Role::Agent { host_id, cluster }) = &self.role else {
+            return None;
+        };
+        Some(
+            self.state
+                .tunnel
+                .get_or_init(|| {
+                    Arc::new(Tunnel::new(
+                        self.shared.next_id.fetch_add(1, Ordering::Relaxed),
+                        host_id.clone(),
+                        cluster.clone(),
+                        self.peer.to_string(),
+                        session.handle(),
+                    ))
+                })
+                .clone(),
+        )
+    }
+}
