@@ -143,6 +143,28 @@ fn units_run_as_a_user_and_are_hardened() {
     }
 }
 
+/// Every unit raises the descriptor limit above what a full tunnel needs: systemd's default soft
+/// limit (1,024) let one user's streams exhaust the Auth server's embedded agent.
+#[test]
+fn descriptor_limits_fit_a_full_tunnel() {
+    let per_tunnel = ProxyConfig::default().limits.max_streams_per_tunnel as u64;
+    for (name, unit) in units() {
+        let limit: u64 = service(&unit, name, "LimitNOFILE")
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}: LimitNOFILE must be a number"));
+        // The Auth server holds two sockets per stream (its agent's dial and the API's accept).
+        let need = if name.contains("auth") {
+            2 * per_tunnel
+        } else {
+            per_tunnel
+        } + 1024;
+        assert!(
+            limit >= need,
+            "{name}: LimitNOFILE={limit} is below the {need} a full tunnel needs"
+        );
+    }
+}
+
 #[test]
 fn stop_timeout_outlasts_the_proxy_drain() {
     let grace = ProxyConfig::default().shutdown.grace_secs;
