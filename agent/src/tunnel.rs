@@ -15,9 +15,11 @@ use russh::client::{ChannelOpenHandle, Msg, Session};
 use russh::keys::PublicKeyOrCertificate;
 use russh::{Channel, ChannelMsg, ChannelOpenFailure, Disconnect};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 use tunnel_proto::control::Message;
+use tunnel_proto::credit::{CREDIT_EXT, CREDIT_VERSION, STREAM_WINDOW};
 use tunnel_proto::names::{CONTROL_HOST, agent_login};
 
 use crate::config::AgentConfig;
@@ -29,6 +31,8 @@ const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const SPLICE_BUF: usize = 64 * 1024;
 /// Seconds between heartbeats on the control channel.
 const HEARTBEAT: Duration = Duration::from_secs(30);
+/// Queue bound per stream toward a proxy without credit (back-pressure blocks the connection).
+const LEGACY_QUEUE: usize = 4 << 20;
 
 /// How a tunnel ended without an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,7 +72,11 @@ pub async fn connect_and_serve(
         parse_ca_lines(&config.proxy_host_keys).map_err(DialError::Config)?,
     );
     let active = Arc::new(AtomicUsize::new(0));
+    // The proxy's protocol version, from its control hello (0 until then): streams use credit
+    // when it has them.
+    let (proxy_version_tx, proxy_version) = watch::channel(0u32);
     let handler = AgentHandler {
+        proxy_version,
         verifier: verifier.clone(),
         targets: Arc::new(config.targets.clone()),
         cluster: config.cluster.clone(),
@@ -117,7 +125,7 @@ pub async fn connect_and_serve(
                 id: config.host_id.clone(),
             };
             control_task = Some(tokio::spawn(
-                control(ch, hello, active, drain_tx).instrument(span.clone()),
+                control(ch, hello, active, drain_tx, proxy_version_tx).instrument(span.clone()),
             ));
         }
         Err(e) => warn!(error = %e, "no control channel: drain orders will not arrive"),
@@ -165,6 +173,8 @@ struct AgentHandler {
     targets: Arc<BTreeMap<String, SocketAddr>>,
     cluster: String,
     active: Arc<AtomicUsize>,
+    /// The proxy's protocol version (0 until its control hello arrives).
+    proxy_version: watch::Receiver<u32>,
 }
 
 impl russh::client::Handler for AgentHandler {
@@ -204,7 +214,16 @@ impl russh::client::Handler for AgentHandler {
             return Ok(());
         };
         let span = info_span!("stream", cluster = %self.cluster, target = connected_address, client = %format!("{originator_address}:{originator_port}"));
-        tokio::spawn(serve_stream(channel, reply, addr, self.active.clone()).instrument(span));
+        tokio::spawn(
+            serve_stream(
+                channel,
+                reply,
+                addr,
+                self.active.clone(),
+                self.proxy_version.clone(),
+            )
+            .instrument(span),
+        );
         Ok(())
     }
 }
@@ -215,6 +234,7 @@ async fn serve_stream(
     reply: ChannelOpenHandle,
     addr: SocketAddr,
     active: Arc<AtomicUsize>,
+    proxy_version: watch::Receiver<u32>,
 ) {
     let tcp = match tokio::time::timeout(TARGET_CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
@@ -235,8 +255,9 @@ async fn serve_stream(
     };
     let _ = tcp.set_nodelay(true);
     reply.accept().await;
+    let credit = postern_dial::splice::peer_version(proxy_version).await >= CREDIT_VERSION;
     active.fetch_add(1, Ordering::Relaxed);
-    let (up, down) = splice_tcp(channel, tcp).await;
+    let (up, down) = splice_tcp(channel, tcp, credit).await;
     debug!(to_target = up, from_target = down, "stream closed");
     active.fetch_sub(1, Ordering::Relaxed);
 }
@@ -252,12 +273,15 @@ async fn serve_stream(
 /// (the channel is already gone from its table), so a read half awaited after our own close would
 /// never end, and would hold the socket's descriptor for the tunnel's lifetime (the leak the
 /// hardening issue measured: one descriptor per stream that ended normally).
-async fn splice_tcp(channel: Channel<Msg>, tcp: TcpStream) -> (u64, u64) {
-    use postern_dial::splice::{Item, charge, eager_reader};
+async fn splice_tcp(channel: Channel<Msg>, tcp: TcpStream, credit: bool) -> (u64, u64) {
+    use postern_dial::splice::{Credit, Item, eager_reader, grant_bytes, send_data};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (rx, tx) = channel.split();
     let (mut tcp_r, mut tcp_w) = tcp.into_split();
-    let (reader, mut queue) = eager_reader(rx, SPLICE_BUF * 64);
+    let window = STREAM_WINDOW as usize;
+    let send_credit = credit.then(|| Credit::new(window));
+    let cap = if credit { window } else { LEGACY_QUEUE };
+    let (reader, mut queue) = eager_reader(rx, cap, send_credit.clone());
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
     // Each direction returns whether it ended cleanly (EOF) rather than by an error.
     let to_target = async {
@@ -267,7 +291,9 @@ async fn splice_tcp(channel: Channel<Msg>, tcp: TcpStream) -> (u64, u64) {
                     if tcp_w.write_all(&data).await.is_err() {
                         return false;
                     }
-                    queue.release(charge(data.len(), SPLICE_BUF * 64));
+                    if let Some(g) = queue.release(data.len()) {
+                        let _ = tx.extended_data_bytes(CREDIT_EXT, grant_bytes(g)).await;
+                    }
                     up.fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
                 // No data follows an EOF.
@@ -294,7 +320,11 @@ async fn splice_tcp(channel: Channel<Msg>, tcp: TcpStream) -> (u64, u64) {
                 Err(_) => return false,
                 Ok(n) => {
                     down.fetch_add(n as u64, Ordering::Relaxed);
-                    if tx.data_bytes(buf.split().freeze()).await.is_err() {
+                    let chunk = buf.split().freeze();
+                    if send_data(&tx, chunk, send_credit.as_ref(), window)
+                        .await
+                        .is_err()
+                    {
                         return false;
                     }
                 }
@@ -335,6 +365,7 @@ async fn control(
     hello: Message,
     active: Arc<AtomicUsize>,
     drain: tokio::sync::oneshot::Sender<()>,
+    proxy_version: watch::Sender<u32>,
 ) {
     let (mut rx, tx) = channel.split();
     let mut out = BytesMut::new();
@@ -357,7 +388,10 @@ async fn control(
                     };
                     for msg in msgs {
                         match msg {
-                            Message::Hello { version, id } => debug!(version, proxy = %id, "control hello"),
+                            Message::Hello { version, id } => {
+                                debug!(version, proxy = %id, "control hello");
+                                let _ = proxy_version.send(version.max(1));
+                            }
                             Message::ProxySet { ids } => debug!(?ids, "proxy set"),
                             Message::Drain { reason, grace_secs } => {
                                 info!(%reason, grace_secs, "proxy asked to drain: moving");

@@ -34,7 +34,7 @@ const PARALLEL: usize = 32;
 /// Bound on any one stream.
 const STREAM_LIMIT: Duration = Duration::from_secs(20);
 /// How long the counts may take to settle back to their baseline.
-const SETTLE: Duration = Duration::from_secs(15);
+const SETTLE: Duration = Duration::from_secs(60);
 
 fn fd_count(pid: &str) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))

@@ -68,7 +68,16 @@ struct Cli {
     /// never reads, for `--duration` seconds; reports the proxy's peak RSS.
     #[arg(long)]
     slow_consumer_mib: Option<u64>,
+    /// Instead of the echo load: one client pings at 10 Hz, alone and then while another
+    /// client downloads through the same tunnel at `--slow-kib-per-s` (`--duration` per phase).
+    #[arg(long)]
+    isolation: bool,
+    /// The slow client's read rate for `--isolation`.
+    #[arg(long, default_value_t = 128)]
+    slow_kib_per_s: u64,
 }
+
+mod isolation;
 
 /// A service that writes `mib` MiB to every connection, as fast as it is let.
 async fn firehose(mib: u64) -> anyhow::Result<SocketAddr> {
@@ -127,6 +136,8 @@ async fn main() -> anyhow::Result<()> {
         Some(mib) => firehose(mib).await?,
         None => echo().await?,
     };
+    // For --isolation: a download far larger than the slow client will read.
+    let hose = firehose(1024).await?;
     let host_ca_line = host_ca.public_key().to_openssh()?;
     let stop = CancellationToken::new();
 
@@ -161,7 +172,7 @@ async fn main() -> anyhow::Result<()> {
             host_cert_file: None,
             proxy_host_ca: vec![host_ca_line.clone()],
             proxy_host_keys: Vec::new(),
-            targets: [("load".to_string(), service)].into(),
+            targets: [("load".to_string(), service), ("hose".to_string(), hose)].into(),
             keepalive_interval_secs: 15,
             reconnect: Default::default(),
         };
@@ -204,6 +215,22 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    if cli.isolation {
+        if sessions.len() < 2 {
+            bail!("--isolation needs --sessions 2 or more (the slow client and the other one)");
+        }
+        isolation::run(
+            sessions[0].clone(),
+            sessions[1].clone(),
+            &cli.cluster,
+            cli.duration,
+            cli.slow_kib_per_s,
+            cli.proxy_pid,
+        )
+        .await?;
+        stop.cancel();
+        return Ok(());
+    }
     if let Some(mib) = cli.slow_consumer_mib {
         let pid = cli
             .proxy_pid

@@ -25,6 +25,9 @@ pub struct Tunnel {
     targets: RwLock<HashSet<String>>,
     /// Streams open through this tunnel now.
     pub active_streams: AtomicUsize,
+    /// The agent's protocol version from its control hello (0 until it arrives): streams use
+    /// per-stream credit when it is at least [`tunnel_proto::credit::CREDIT_VERSION`].
+    pub agent_version: tokio::sync::watch::Sender<u32>,
 }
 
 impl Tunnel {
@@ -44,6 +47,7 @@ impl Tunnel {
             handle,
             targets: RwLock::default(),
             active_streams: AtomicUsize::new(0),
+            agent_version: tokio::sync::watch::Sender::new(0),
         }
     }
 

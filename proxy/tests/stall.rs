@@ -1,19 +1,147 @@
-//! A stream whose reader stops does not wedge its tunnel. Its own binary, so the 200-stream test
-//! does not run beside it and stretch its timings.
+//! One slow client never stalls another: per-stream credit between proxy and agent keeps a stream
+//! whose reader stops from holding back the rest of its tunnel, and the stopped stream resumes
+//! with every byte. Its own binary, so the 200-stream test does not run beside it.
 
 mod support;
 
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use postern_client::ProxySession;
+use sha2::{Digest, Sha256};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
 
-/// A client that writes without reading to a service that echoes fills every queue on the path.
-/// russh cannot hold back window per stream, so this would wedge the whole tunnel; the stall
-/// breaker ends that one stream instead, and other streams through the same tunnel keep working.
+/// Longer than the old stall breaker's 10 s, which closed a stream whose reader paused.
+const PAUSE: Duration = Duration::from_secs(12);
+/// Bytes the firehose sends per connection.
+const FIREHOSE_BYTES: usize = 32 << 20;
+/// Bound on one echo round trip of the other client while the first one is stopped.
+const ECHO_LIMIT: Duration = Duration::from_secs(2);
+
+/// Deterministic bytes: what the firehose sends, and what the client hashes to compare.
+fn firehose_bytes() -> Vec<u8> {
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    (0..FIREHOSE_BYTES)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A service that sends [`firehose_bytes`] to each connection and closes.
+async fn firehose() -> SocketAddr {
+    let data = std::sync::Arc::new(firehose_bytes());
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let data = data.clone();
+            tokio::spawn(async move {
+                let _ = s.write_all(&data).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A download whose reader stops completely for longer than the old breaker allowed: another
+/// client's echoes through the same tunnel keep their pace, and the download then completes with
+/// its SHA-256 intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_that_stops_reading_does_not_wedge_its_tunnel() {
+async fn a_stopped_reader_stalls_only_its_own_stream_and_resumes_intact() {
+    init_tracing();
+    let pki = Pki::new("iso1");
+    let proxy = start_proxy(&[&pki], |_| {}).await;
+    let echo = echo_server().await;
+    let hose = firehose().await;
+    let agent = start_agent(agent_config(
+        &pki,
+        "h1",
+        &proxy,
+        &[("echo", echo), ("hose", hose)],
+    ));
+    let alice = ProxySession::connect(&client_opts(&pki, &proxy, "alice"))
+        .await
+        .unwrap();
+    let bob = ProxySession::connect(&client_opts(&pki, &proxy, "bob"))
+        .await
+        .unwrap();
+    let mut b = wait_stream(&bob, "echo", "iso1", Duration::from_secs(10)).await;
+    assert_eq!(echo_once(&mut b, b"warm").await, b"warm");
+
+    // A reads the first MiB, then stops reading altogether.
+    let mut a = alice.open("hose", "iso1", 0).await.unwrap();
+    let mut hasher = Sha256::new();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 64 << 10];
+    while got < (1 << 20) {
+        let n = a.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the download ended early");
+        hasher.update(&buf[..n]);
+        got += n;
+    }
+    let stopped = Instant::now();
+    // B echoes through the same tunnel while A is stopped.
+    let mut rounds = 0;
+    let mut worst = Duration::ZERO;
+    while stopped.elapsed() < PAUSE {
+        let t = Instant::now();
+        let echoed = tokio::time::timeout(ECHO_LIMIT, echo_once(&mut b, b"ping"))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "echo {rounds} took over {ECHO_LIMIT:?} while another client's reader was \
+                     stopped for {:?}: the tunnel is stalled",
+                    stopped.elapsed()
+                )
+            });
+        assert_eq!(echoed, b"ping");
+        worst = worst.max(t.elapsed());
+        rounds += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("{rounds} echoes while A was stopped, slowest {worst:?}");
+    assert!(rounds >= 50, "only {rounds} echoes in {PAUSE:?}");
+
+    // A resumes after the pause and gets every byte.
+    let rest = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            let n = a
+                .read(&mut buf)
+                .await
+                .expect("the paused stream was not cut");
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            got += n;
+        }
+    })
+    .await;
+    assert!(rest.is_ok(), "the paused download did not finish");
+    assert_eq!(got, FIREHOSE_BYTES);
+    assert_eq!(
+        hasher.finalize()[..],
+        Sha256::digest(firehose_bytes())[..],
+        "the paused download's bytes changed"
+    );
+    drop(a);
+    drop(b);
+    agent.stop().await;
+    proxy.stop().await;
+}
+
+/// A client that writes without reading to a service that echoes fills every queue on its own
+/// path. Other clients' streams through the same tunnel keep working, and once the hog reads
+/// again it gets back every byte it sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_stops_reading_does_not_wedge_its_tunnel() {
     init_tracing();
     let pki = Pki::new("stall1");
     let proxy = start_proxy(&[&pki], |_| {}).await;
@@ -24,15 +152,15 @@ async fn a_stream_that_stops_reading_does_not_wedge_its_tunnel() {
         .unwrap();
     wait_stream(&session, "auth", "stall1", Duration::from_secs(5)).await;
 
+    const CHUNKS: usize = 48;
     let hog = session.open("auth", "stall1", 0).await.unwrap();
     let (mut hog_r, mut hog_w) = tokio::io::split(hog);
     let writer = tokio::spawn(async move {
         let chunk = vec![7u8; 1 << 20];
-        for _ in 0..256 {
-            if hog_w.write_all(&chunk).await.is_err() {
-                break;
-            }
+        for _ in 0..CHUNKS {
+            hog_w.write_all(&chunk).await.unwrap();
         }
+        hog_w.shutdown().await.unwrap();
     });
     // Let the hog fill the queues before anyone else asks for anything.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -40,33 +168,42 @@ async fn a_stream_that_stops_reading_does_not_wedge_its_tunnel() {
     let other = ProxySession::connect(&client_opts(&pki, &proxy, "bob"))
         .await
         .unwrap();
-    let started = std::time::Instant::now();
-    let mut s = tokio::time::timeout(Duration::from_secs(30), other.open("auth", "stall1", 0))
+    let started = Instant::now();
+    let mut s = tokio::time::timeout(Duration::from_secs(5), other.open("auth", "stall1", 0))
         .await
         .expect("a new stream opens while the hog is stalled")
         .unwrap();
-    let echoed = tokio::time::timeout(Duration::from_secs(30), echo_once(&mut s, b"not wedged"))
-        .await
-        .expect("the tunnel keeps serving other streams");
-    assert_eq!(echoed, b"not wedged");
+    for _ in 0..20 {
+        let echoed = tokio::time::timeout(ECHO_LIMIT, echo_once(&mut s, b"not wedged"))
+            .await
+            .expect("the tunnel keeps serving other streams");
+        assert_eq!(echoed, b"not wedged");
+    }
     eprintln!(
-        "other stream served {:?} after the hog started",
+        "other stream served 20 echoes {:?} after the hog started",
         started.elapsed()
     );
 
-    // The hog's own stream ends (closed, not left hanging).
+    // The hog reads again and gets back every byte it sent.
     let drained = tokio::time::timeout(Duration::from_secs(120), async {
         let mut buf = vec![0u8; 1 << 16];
+        let mut total = 0usize;
         loop {
-            match hog_r.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
+            let n = hog_r
+                .read(&mut buf)
+                .await
+                .expect("the hog's stream was not cut");
+            if n == 0 {
+                return total;
             }
+            assert!(buf[..n].iter().all(|b| *b == 7), "echoed bytes changed");
+            total += n;
         }
     })
-    .await;
-    assert!(drained.is_ok(), "the stalled stream is closed");
-    writer.abort();
+    .await
+    .expect("the hog's stream completes once it reads");
+    assert_eq!(drained, CHUNKS << 20);
+    writer.await.unwrap();
     agent.stop().await;
     proxy.stop().await;
 }

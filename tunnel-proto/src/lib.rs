@@ -11,12 +11,15 @@
 //! - [`certs`]: which OpenSSH certificate means what (agent host certs, client user certs) and the
 //!   checks russh does not do (trusted CA, type, principals, extensions, critical options).
 //! - [`control`]: the length-prefixed messages on an agent's `@control` channel.
+//! - [`credit`]: per-stream credit between proxy and agent (flow control russh does not give).
 
 pub mod certs;
 pub mod control;
+pub mod credit;
 pub mod discovery;
 pub mod login;
 pub mod names;
 
 /// Version of the tunnel protocol spoken on the `@control` channel and advertised by discovery.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version 2 added per-stream credit ([`credit`]).
+pub const PROTOCOL_VERSION: u32 = 2;

@@ -1,5 +1,6 @@
 //! The proxy side of an agent's `@control` channel.
 
+use crate::routing::Tunnel;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -11,7 +12,11 @@ use tunnel_proto::control::Message;
 use super::*;
 
 /// Serves an agent's `@control` channel: hello both ways, the proxy set, drain on shutdown.
-pub(super) async fn control(channel: Channel<Msg>, shared: Arc<TunnelShared>) {
+pub(super) async fn control(
+    channel: Channel<Msg>,
+    shared: Arc<TunnelShared>,
+    tunnel: Option<Arc<Tunnel>>,
+) {
     let (mut rx, tx) = channel.split();
     let mut out = BytesMut::new();
     let hello = Message::Hello {
@@ -36,7 +41,12 @@ pub(super) async fn control(channel: Channel<Msg>, shared: Arc<TunnelShared>) {
                     Ok(msgs) => {
                         for msg in msgs {
                             match msg {
-                                Message::Hello { version, id } => debug!(version, agent = %id, "control hello"),
+                                Message::Hello { version, id } => {
+                                    debug!(version, agent = %id, "control hello");
+                                    if let Some(t) = &tunnel {
+                                        t.agent_version.send_replace(version.max(1));
+                                    }
+                                }
                                 Message::Heartbeat { active_streams } => debug!(active_streams, "heartbeat"),
                                 other => debug!(?other, "unexpected control message from agent"),
                             }

@@ -122,7 +122,7 @@ impl Handler for Conn {
         originator_address: &str,
         originator_port: u32,
         reply: ChannelOpenHandle,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<(), Self::Error> {
         match &self.role {
             Some(Role::Agent { host_id, cluster }) => {
@@ -137,9 +137,10 @@ impl Handler for Conn {
                 }
                 reply.accept().await;
                 let span = info_span!("control", %cluster, %host_id);
+                let tunnel = self.tunnel(session);
                 self.shared
                     .streams
-                    .spawn(control(channel, self.shared.clone()).instrument(span));
+                    .spawn(control(channel, self.shared.clone(), tunnel).instrument(span));
             }
             Some(Role::Client { user, cluster }) => {
                 let max = self.shared.limits.max_streams_per_client;

@@ -4,10 +4,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use metrics::{counter, gauge};
+use postern_dial::splice::{Credit, peer_version};
 use russh::server::{ChannelOpenHandle, Msg};
 use russh::{Channel, ChannelOpenFailure};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
+use tunnel_proto::credit::{CREDIT_EXT, CREDIT_VERSION, STREAM_WINDOW};
 use tunnel_proto::names::StreamTarget;
 
 use crate::metrics as m;
@@ -24,6 +26,9 @@ pub(super) async fn open_stream(
     client: Channel<Msg>,
     reply: ChannelOpenHandle,
 ) {
+    // Whether the agent speaks per-stream credit: its control hello says (normally long since
+    // arrived; a stream racing the agent's first hello waits for it).
+    let credit = peer_version(tunnel.agent_version.subscribe()).await >= CREDIT_VERSION;
     let agent = tokio::time::timeout(
         AGENT_OPEN_TIMEOUT,
         tunnel.handle.channel_open_forwarded_tcpip(
@@ -64,7 +69,7 @@ pub(super) async fn open_stream(
     tunnel.active_streams.fetch_add(1, Ordering::Relaxed);
     gauge!(m::STREAMS_ACTIVE).increment(1.0);
     debug!("stream open");
-    let (up, down) = splice(client, agent, &shared.hard_stop).await;
+    let (up, down) = splice(client, agent, &shared.hard_stop, credit).await;
     tunnel.active_streams.fetch_sub(1, Ordering::Relaxed);
     gauge!(m::STREAMS_ACTIVE).decrement(1.0);
     debug!(
@@ -74,28 +79,67 @@ pub(super) async fn open_stream(
     );
 }
 
-/// Bytes a splice direction may hold while its writer waits for the peer's window.
+/// Bytes a splice direction may hold from a peer without credit (a client, or an agent older than
+/// [`CREDIT_VERSION`]) while its writer waits; past that the peer's own connection is held back.
 pub const SPLICE_QUEUE_CAP: usize = 4 << 20;
 
 /// Passes channel messages both ways until both sides close. Payload moves as the `Bytes` russh
-/// decrypted into, straight to the other channel's encrypter: no copy buffer on the proxy. The
-/// writer waits for the peer's SSH window, so a slow reader slows its writer; see
-/// [`postern_dial::splice`] for why each direction is read eagerly into a bounded queue.
-pub async fn splice(a: Channel<Msg>, b: Channel<Msg>, stop: &CancellationToken) -> (u64, u64) {
+/// decrypted into, straight to the other channel's encrypter: no copy buffer on the proxy.
+///
+/// `a` is the client's channel and `b` the agent's. With `credit` (the agent speaks
+/// [`tunnel_proto::credit`]), the agent never has more than one window of this stream
+/// outstanding at the proxy, and the proxy sends it no more than the agent granted: a slow or
+/// stopped client holds at most one window here and stalls only its own stream. See
+/// [`postern_dial::splice`].
+pub async fn splice(
+    a: Channel<Msg>,
+    b: Channel<Msg>,
+    stop: &CancellationToken,
+    credit: bool,
+) -> (u64, u64) {
     let (a_rx, a_tx) = a.split();
     let (b_rx, b_tx) = b.split();
+    let window = STREAM_WINDOW as usize;
+    // Our credit to send to the agent: grants arrive on the agent's channel.
+    let to_agent = credit.then(|| Credit::new(window));
     let run = async {
-        let up = pump(a_rx, &b_tx, "client_to_agent");
-        let down = pump(b_rx, &a_tx, "agent_to_client");
-        tokio::pin!(up);
-        tokio::pin!(down);
+        let (up_reader, up) = pump(
+            a_rx,
+            &a_tx,
+            &b_tx,
+            Flow {
+                direction: "client_to_agent",
+                cap: SPLICE_QUEUE_CAP,
+                grants_in: None,
+                grant_back: false,
+                send_credit: to_agent.as_ref(),
+            },
+        );
+        let (down_reader, down) = pump(
+            b_rx,
+            &b_tx,
+            &a_tx,
+            Flow {
+                direction: "agent_to_client",
+                cap: if credit { window } else { SPLICE_QUEUE_CAP },
+                grants_in: to_agent.clone(),
+                grant_back: credit,
+                send_credit: None,
+            },
+        );
+        tokio::pin!(up, down, up_reader, down_reader);
         let (mut up_r, mut down_r) = (None, None);
+        let (mut up_read, mut down_read) = (false, false);
         // Until both directions saw EOF, or either side closed its channel (a client that drops
-        // its stream sends CLOSE without EOF): then the whole stream is over.
+        // its stream sends CLOSE without EOF): then the whole stream is over. The readers run
+        // until their channel closes, even past its EOF: the agent's channel also carries its
+        // credit grants for the other direction.
         loop {
             tokio::select! {
                 r = &mut up, if up_r.is_none() => up_r = Some(r),
                 r = &mut down, if down_r.is_none() => down_r = Some(r),
+                _ = &mut up_reader, if !up_read => up_read = true,
+                _ = &mut down_reader, if !down_read => down_read = true,
             }
             let closed =
                 matches!(up_r, Some((_, End::Closed))) || matches!(down_r, Some((_, End::Closed)));
@@ -124,25 +168,53 @@ enum End {
     Closed,
 }
 
-/// Moves one direction until its EOF or its channel's end; returns the bytes moved.
-async fn pump(
-    rx: russh::ChannelReadHalf,
-    tx: &russh::ChannelWriteHalf<Msg>,
+/// How one direction moves.
+struct Flow<'a> {
+    /// Metric label.
     direction: &'static str,
-) -> (u64, End) {
-    use postern_dial::splice::{Item, charge, eager_reader};
-    let bytes = counter!(m::BYTES_PROXIED, "direction" => direction);
-    let (reader, mut queue) = eager_reader(rx, SPLICE_QUEUE_CAP);
+    /// Queue bound for what the sender sent.
+    cap: usize,
+    /// Credit grants arriving on the read channel are added here.
+    grants_in: Option<Credit>,
+    /// Whether to grant the sender credit back (on its own channel) as bytes are passed on.
+    grant_back: bool,
+    /// Credit to spend before each write (the receiver's grants).
+    send_credit: Option<&'a Credit>,
+}
+
+/// One direction: a reader that takes the channel's messages at once (run it until the channel
+/// closes), and a writer that moves them until EOF or the channel's end and returns the bytes
+/// moved. `rx_tx` is the write half of the channel read from (grants go back on it); `tx` the
+/// channel written to.
+fn pump<'a>(
+    rx: russh::ChannelReadHalf,
+    rx_tx: &'a russh::ChannelWriteHalf<Msg>,
+    tx: &'a russh::ChannelWriteHalf<Msg>,
+    flow: Flow<'a>,
+) -> (
+    impl Future<Output = ()> + Send + 'a,
+    impl Future<Output = (u64, End)> + Send + 'a,
+) {
+    use postern_dial::splice::{Item, eager_reader, grant_bytes, send_data};
+    let bytes = counter!(m::BYTES_PROXIED, "direction" => flow.direction);
+    let window = STREAM_WINDOW as usize;
+    let (reader, mut queue) = eager_reader(rx, flow.cap, flow.grants_in);
+    let grant_back = flow.grant_back;
+    let send_credit = flow.send_credit;
     let writer = async move {
         let mut total = 0u64;
         while let Some(item) = queue.next().await {
             match item {
                 Item::Data(data) => {
                     let n = data.len();
-                    if tx.data_bytes(data).await.is_err() {
+                    if send_data(tx, data, send_credit, window).await.is_err() {
                         return (total, End::Closed);
                     }
-                    queue.release(charge(n, SPLICE_QUEUE_CAP));
+                    if let Some(g) = queue.release(n)
+                        && grant_back
+                    {
+                        let _ = rx_tx.extended_data_bytes(CREDIT_EXT, grant_bytes(g)).await;
+                    }
                     total += n as u64;
                     bytes.increment(n as u64);
                 }
@@ -154,13 +226,5 @@ async fn pump(
         }
         (total, End::Closed)
     };
-    tokio::pin!(reader);
-    tokio::pin!(writer);
-    let mut reader_done = false;
-    loop {
-        tokio::select! {
-            done = &mut writer => break done,
-            _ = &mut reader, if !reader_done => reader_done = true,
-        }
-    }
+    (reader, writer)
 }
