@@ -85,8 +85,15 @@ pub struct SshConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
-    /// Connections that have not finished logging in, at most. Default 1024.
+    /// Connections that have not finished logging in, at most. Default 1024. When the pool is
+    /// full a new connection is still admitted, and the oldest pre-login connection of the source
+    /// holding the most is dropped.
     pub max_unauthenticated: usize,
+    /// Pre-login connections one source address may hold, at most. Default 64.
+    pub max_unauthenticated_per_source: usize,
+    /// Streams one user may hold open to one target across its connections to this proxy, at
+    /// most. Default 32 (below the Auth API's 256 TLS handshake slots).
+    pub max_streams_per_user_per_target: usize,
     /// Streams open through one agent tunnel, at most. Default 10000.
     pub max_streams_per_tunnel: usize,
     /// Streams one client connection may hold open, at most. Default 1000.
@@ -167,6 +174,8 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_unauthenticated: 1024,
+            max_unauthenticated_per_source: 64,
+            max_streams_per_user_per_target: 32,
             max_streams_per_tunnel: 10_000,
             max_streams_per_client: 1000,
             max_tunnels_per_cluster: 1000,
@@ -261,6 +270,14 @@ impl ProxyConfig {
             (
                 "limits.max_tunnels_per_cluster",
                 self.limits.max_tunnels_per_cluster,
+            ),
+            (
+                "limits.max_unauthenticated_per_source",
+                self.limits.max_unauthenticated_per_source,
+            ),
+            (
+                "limits.max_streams_per_user_per_target",
+                self.limits.max_streams_per_user_per_target,
             ),
             (
                 "limits.max_connects_per_source_per_minute",

@@ -25,10 +25,13 @@ pub const BYTES_PROXIED: &str = "postern_bytes_proxied_total";
 pub const HANDSHAKE_SECONDS: &str = "postern_handshake_duration_seconds";
 /// Discovery requests, by `path` and `status`.
 pub const DISCOVERY_REQUESTS: &str = "postern_discovery_requests_total";
-/// Connections closed before login, by `reason` (`handshake_timeout`, `protocol`, `limit`).
+/// Connections closed before login, by `reason` (`handshake_timeout`, `protocol`, `limit`,
+/// `prelogin_evicted`: dropped to make room for a newer connection when the pre-login pool was
+/// full).
 pub const CONNECTIONS_DROPPED: &str = "postern_connections_dropped_total";
 /// Connections, tunnels and streams refused by a limit, by `limit` (`connects_per_source`,
-/// `auth_failures_per_source`, `tunnels_per_cluster`, `streams_per_client`).
+/// `auth_failures_per_source`, `unauthenticated_per_source`, `tunnels_per_cluster`,
+/// `streams_per_client`, `streams_per_user_per_target`).
 pub const LIMIT_REFUSALS: &str = "postern_limit_refusals_total";
 /// Logins relayed to an Auth server, by `result` (`ok`, `refused`, `rate_limited`,
 /// `bad_request`, `no_tunnel`, `error`).

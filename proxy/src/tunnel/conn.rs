@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use metrics::{counter, gauge, histogram};
 use russh::Disconnect;
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::metrics as m;
@@ -54,7 +54,7 @@ pub(super) async fn serve_conn(
     shared: Arc<TunnelShared>,
     socket: TcpStream,
     peer: SocketAddr,
-    permit: OwnedSemaphorePermit,
+    slot: admission::Slot,
 ) {
     let started = Instant::now();
     let _ = socket.set_nodelay(true);
@@ -79,16 +79,29 @@ pub(super) async fn serve_conn(
         }
     };
     let kill = Killer(killer);
-    let session = match tokio::time::timeout_at(
+    let evicted = || {
+        info!(
+            "closed: the pre-login pool was full and this was the oldest connection of the busiest source"
+        );
+        counter!(m::CONNECTIONS_DROPPED, "reason" => "prelogin_evicted").increment(1);
+    };
+    let started_session = tokio::time::timeout_at(
         deadline,
         russh::server::run_stream(
             shared.ssh_config.clone(),
             WriteBehind::new(socket, WRITE_BEHIND_CAP),
             handler,
         ),
-    )
-    .await
-    {
+    );
+    let started_session = tokio::select! {
+        r = started_session => r,
+        _ = slot.evicted.cancelled() => {
+            evicted();
+            kill.cancel();
+            return;
+        }
+    };
+    let session = match started_session {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             debug!(error = %e, "not an SSH client");
@@ -140,6 +153,12 @@ pub(super) async fn serve_conn(
             return;
         }
         _ = state.authed.notified() => {}
+        _ = slot.evicted.cancelled() => {
+            evicted();
+            close("too many connections logging in: retry").await;
+            kill.cancel();
+            return;
+        }
         _ = state.refused.notified() => {
             close("certificate refused").await;
             let _ = tokio::time::timeout(Duration::from_secs(1), &mut session).await;
@@ -156,7 +175,7 @@ pub(super) async fn serve_conn(
             return;
         }
     }
-    drop(permit);
+    drop(slot);
     let role = if state.tunnel.get().is_some() || state.is_agent.load(Ordering::Relaxed) {
         "agent"
     } else {

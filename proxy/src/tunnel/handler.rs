@@ -163,12 +163,33 @@ impl Handler for Conn {
                 };
                 match self.route(&open) {
                     Ok((tunnel, target)) => {
+                        let max = self.shared.limits.max_streams_per_user_per_target;
+                        let Some(user_slot) = self.shared.user_streams.take(
+                            &target.cluster,
+                            &open.user,
+                            &target.target,
+                            max,
+                        ) else {
+                            let why = format!(
+                                "user {} has {max} streams open to {} through this proxy (limit {max} per user and target): close some and retry",
+                                open.user,
+                                target.host()
+                            );
+                            info!(user = %open.user, why, "stream refused");
+                            counter!(m::STREAM_OPENS, "result" => "limit").increment(1);
+                            counter!(m::LIMIT_REFUSALS, "limit" => "streams_per_user_per_target")
+                                .increment(1);
+                            reply
+                                .reject(reject_reason(ChannelOpenFailure::ConnectFailed, why))
+                                .await;
+                            return Ok(());
+                        };
                         let span = info_span!("stream", user = %open.user, cluster = %target.cluster, target = %target.target, host_id = %tunnel.host_id);
                         let shared = self.shared.clone();
                         let held = StreamSlot::take(self.client_streams.clone());
                         self.shared.streams.spawn(
                             async move {
-                                let _held = held;
+                                let _held = (held, user_slot);
                                 open_stream(shared, tunnel, target, open, channel, reply).await
                             }
                             .instrument(span),

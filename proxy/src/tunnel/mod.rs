@@ -10,6 +10,7 @@
 //! - `control`: the `@control` channel;
 //! - [`ssh_config`]: the russh server settings.
 
+pub mod admission;
 mod checks;
 mod conn;
 mod control;
@@ -32,7 +33,6 @@ use std::time::Duration;
 use metrics::counter;
 use russh::{MethodKind, MethodSet};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -72,6 +72,10 @@ pub struct TunnelShared {
     pub hard_stop: CancellationToken,
     /// Every client stream's splice task.
     pub streams: TaskTracker,
+    /// Pre-login slots, shared fairly across sources.
+    pub pre_login: Arc<admission::PreLogin>,
+    /// Streams per user and target.
+    pub user_streams: Arc<admission::UserStreams>,
     pub(super) next_id: AtomicU64,
 }
 
@@ -99,25 +103,23 @@ impl TunnelShared {
             draining: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
             streams: TaskTracker::new(),
+            pre_login: Arc::default(),
+            user_streams: Arc::default(),
             next_id: AtomicU64::new(1),
         }
     }
 }
 
 /// Accepts tunnel connections until `draining` is cancelled. Each connection gets one task,
-/// tracked by `conns`; a semaphore bounds connections that have not logged in yet.
+/// tracked by `conns`, and a pre-login slot until it logs in (see [`admission`]: at most
+/// `max_unauthenticated`, shared fairly across source addresses).
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<TunnelShared>,
     max_unauthenticated: usize,
     conns: TaskTracker,
 ) {
-    let unauthenticated = Arc::new(Semaphore::new(max_unauthenticated));
     loop {
-        let permit = tokio::select! {
-            _ = shared.draining.cancelled() => break,
-            p = unauthenticated.clone().acquire_owned() => p.expect("semaphore never closed"),
-        };
         let (socket, peer) = tokio::select! {
             _ = shared.draining.cancelled() => break,
             r = listener.accept() => match r {
@@ -130,26 +132,56 @@ pub async fn serve(
                 }
             },
         };
-        if let Some((limit, why)) = over_source_limits(&shared, peer) {
-            info!(%peer, limit, "connection refused: {why}");
-            counter!(m::LIMIT_REFUSALS, "limit" => limit).increment(1);
-            // Lines before the SSH identification are allowed (RFC 4253 4.2): say why, then close.
-            tokio::spawn(async move {
-                let mut socket = socket;
-                let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                    use tokio::io::AsyncWriteExt;
-                    let _ = socket
-                        .write_all(format!("Postern: {why}\r\n").as_bytes())
-                        .await;
-                    let _ = socket.shutdown().await;
-                })
-                .await;
-            });
-            continue;
-        }
+        let admitted = over_source_limits(&shared, peer).map_or_else(
+            || {
+                shared
+                    .pre_login
+                    .admit(
+                        peer.ip(),
+                        max_unauthenticated,
+                        shared.limits.max_unauthenticated_per_source,
+                    )
+                    .map_err(|admission::Refusal::PerSource { limit }| {
+                        (
+                            "unauthenticated_per_source",
+                            format!(
+                                "too many connections from {} still logging in (limit {limit}): \
+                                 retry when they are done",
+                                peer.ip()
+                            ),
+                        )
+                    })
+            },
+            Err,
+        );
+        let slot = match admitted {
+            Ok((slot, evicted)) => {
+                if evicted {
+                    debug!(%peer, "pre-login pool full: dropped the oldest connection of the busiest source");
+                }
+                slot
+            }
+            Err((limit, why)) => {
+                info!(%peer, limit, "connection refused: {why}");
+                counter!(m::LIMIT_REFUSALS, "limit" => limit).increment(1);
+                // Lines before the SSH identification are allowed (RFC 4253 4.2): say why, then close.
+                tokio::spawn(async move {
+                    let mut socket = socket;
+                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                        use tokio::io::AsyncWriteExt;
+                        let _ = socket
+                            .write_all(format!("Postern: {why}\r\n").as_bytes())
+                            .await;
+                        let _ = socket.shutdown().await;
+                    })
+                    .await;
+                });
+                continue;
+            }
+        };
         let shared = shared.clone();
         let span = info_span!("conn", %peer);
-        conns.spawn(serve_conn(shared, socket, peer, permit).instrument(span));
+        conns.spawn(serve_conn(shared, socket, peer, slot).instrument(span));
     }
     debug!("tunnel listener stopped accepting");
 }
