@@ -28,6 +28,8 @@ pub struct ProxyConfig {
     pub limits: LimitsConfig,
     /// Graceful shutdown.
     pub shutdown: ShutdownConfig,
+    /// PROXY protocol from trusted load balancers (web and tunnel listeners).
+    pub proxy_protocol: crate::proxy_protocol::ProxyProtocolConfig,
     /// Clusters this proxy routes to, each with the CAs it trusts.
     pub clusters: Vec<ClusterConfig>,
 }
@@ -143,6 +145,7 @@ impl Default for ProxyConfig {
             ssh: SshConfig::default(),
             limits: LimitsConfig::default(),
             shutdown: ShutdownConfig::default(),
+            proxy_protocol: Default::default(),
             clusters: Vec::new(),
         }
     }
@@ -300,6 +303,9 @@ impl ProxyConfig {
                 "limits.web_max_header_bytes",
                 "must be 8192..=1048576",
             ));
+        }
+        if let Err(e) = self.proxy_protocol.policy() {
+            return Err(invalid("proxy_protocol.trusted_networks", e));
         }
         if self.limits.max_unauthenticated == 0 {
             return Err(invalid("limits.max_unauthenticated", "must be at least 1"));

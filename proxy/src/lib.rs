@@ -11,6 +11,7 @@
 //! - [`trust`]: which CA keys each cluster trusts.
 //! - [`tunnel`]: the SSH listener, login checks, stream routing and splicing, control channel.
 //! - [`routing`]: the cluster → tunnels table.
+//! - [`proxy_protocol`]: PROXY headers from trusted load balancers.
 //! - [`web`]: HTTPS discovery. [`ops`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`metrics`]: every `postern_*` metric. [`mint`]: minting CAs and certificates (`certs`).
 //!
@@ -22,6 +23,7 @@ pub mod login;
 pub mod metrics;
 pub use postern_dial::mint;
 pub mod ops;
+pub mod proxy_protocol;
 pub mod routing;
 pub mod trust;
 pub mod tunnel;
@@ -169,6 +171,12 @@ pub async fn run(
         proxy_id.clone(),
     );
     shared.limits = config.limits.clone();
+    shared.proxy_protocol = config.proxy_protocol.policy().map_err(|message| {
+        ProxyError::Config(config::ConfigError::Invalid {
+            field: "proxy_protocol.trusted_networks".into(),
+            message,
+        })
+    })?;
     let shared = Arc::new(shared);
     info!(
         proxy_id = %proxy_id,

@@ -171,7 +171,21 @@ pub async fn serve(
         let discovery = discovery.clone();
         let relay = relay.clone();
         let stop = stop.clone();
+        let proxy_protocol = relay.shared.proxy_protocol.clone();
         conns.spawn(async move {
+            let mut socket = socket;
+            // Behind a trusted balancer, the client's address comes in a PROXY header.
+            let peer = match proxy_protocol
+                .source(&mut socket, peer, limits.header_timeout)
+                .await
+            {
+                Ok(p) => p,
+                Err(r) => {
+                    info!(%peer, reason = r.reason(), "web connection refused: {r}");
+                    counter!(m::CONNECTIONS_DROPPED, "reason" => r.reason()).increment(1);
+                    return;
+                }
+            };
             let tls =
                 match tokio::time::timeout(limits.header_timeout, acceptor.accept(socket)).await {
                     Ok(Ok(t)) => t,

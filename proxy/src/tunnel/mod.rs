@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use metrics::counter;
 use russh::{MethodKind, MethodSet};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -76,6 +76,8 @@ pub struct TunnelShared {
     pub pre_login: Arc<admission::PreLogin>,
     /// Streams per user and target.
     pub user_streams: Arc<admission::UserStreams>,
+    /// Whose PROXY headers to believe (set after `new`; off by default).
+    pub proxy_protocol: crate::proxy_protocol::Policy,
     pub(super) next_id: AtomicU64,
 }
 
@@ -105,6 +107,7 @@ impl TunnelShared {
             streams: TaskTracker::new(),
             pre_login: Arc::default(),
             user_streams: Arc::default(),
+            proxy_protocol: Default::default(),
             next_id: AtomicU64::new(1),
         }
     }
@@ -132,58 +135,122 @@ pub async fn serve(
                 }
             },
         };
-        let admitted = over_source_limits(&shared, peer).map_or_else(
-            || {
-                shared
-                    .pre_login
-                    .admit(
-                        peer.ip(),
-                        max_unauthenticated,
-                        shared.limits.max_unauthenticated_per_source,
-                    )
-                    .map_err(|admission::Refusal::PerSource { limit }| {
-                        (
-                            "unauthenticated_per_source",
-                            format!(
-                                "too many connections from {} still logging in (limit {limit}): \
-                                 retry when they are done",
-                                peer.ip()
-                            ),
-                        )
-                    })
-            },
-            Err,
-        );
-        let slot = match admitted {
-            Ok((slot, evicted)) => {
-                if evicted {
-                    debug!(%peer, "pre-login pool full: dropped the oldest connection of the busiest source");
+        if shared.proxy_protocol.trusts(peer.ip()) {
+            // A trusted balancer: the client's own address comes in the PROXY header, and the
+            // limits apply to it.
+            let (shared, tracker) = (shared.clone(), conns.clone());
+            conns.spawn(async move {
+                let mut socket = socket;
+                let deadline = shared.handshake_timeout;
+                match shared
+                    .proxy_protocol
+                    .source(&mut socket, peer, deadline)
+                    .await
+                {
+                    Ok(client) => {
+                        admit(shared, socket, client, max_unauthenticated, &tracker, false)
+                    }
+                    Err(r) => refuse_header(peer, &r),
                 }
-                slot
-            }
-            Err((limit, why)) => {
-                info!(%peer, limit, "connection refused: {why}");
-                counter!(m::LIMIT_REFUSALS, "limit" => limit).increment(1);
-                // Lines before the SSH identification are allowed (RFC 4253 4.2): say why, then close.
-                tokio::spawn(async move {
-                    let mut socket = socket;
-                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                        use tokio::io::AsyncWriteExt;
-                        let _ = socket
-                            .write_all(format!("Postern: {why}\r\n").as_bytes())
-                            .await;
-                        let _ = socket.shutdown().await;
-                    })
-                    .await;
-                });
-                continue;
-            }
-        };
-        let shared = shared.clone();
-        let span = info_span!("conn", %peer);
-        conns.spawn(serve_conn(shared, socket, peer, slot).instrument(span));
+            });
+        } else {
+            admit(
+                shared.clone(),
+                socket,
+                peer,
+                max_unauthenticated,
+                &conns,
+                true,
+            );
+        }
     }
     debug!("tunnel listener stopped accepting");
+}
+
+/// A PROXY header refused: logged and counted, the connection dropped.
+fn refuse_header(peer: SocketAddr, r: &crate::proxy_protocol::Refusal) {
+    info!(%peer, reason = r.reason(), "connection refused: {r}");
+    counter!(m::CONNECTIONS_DROPPED, "reason" => r.reason()).increment(1);
+}
+
+/// Applies the per-source limits and pre-login admission to a connection from `peer`, then
+/// serves it in a task of its own (or says why not and closes it). `direct` is a connection that
+/// did not come through a trusted balancer: it may not start with a PROXY header.
+fn admit(
+    shared: Arc<TunnelShared>,
+    socket: TcpStream,
+    peer: SocketAddr,
+    max_unauthenticated: usize,
+    conns: &TaskTracker,
+    direct: bool,
+) {
+    let admitted = over_source_limits(&shared, peer).map_or_else(
+        || {
+            shared
+                .pre_login
+                .admit(
+                    peer.ip(),
+                    max_unauthenticated,
+                    shared.limits.max_unauthenticated_per_source,
+                )
+                .map_err(|admission::Refusal::PerSource { limit }| {
+                    (
+                        "unauthenticated_per_source",
+                        format!(
+                            "too many connections from {} still logging in (limit {limit}): \
+                             retry when they are done",
+                            peer.ip()
+                        ),
+                    )
+                })
+        },
+        Err,
+    );
+    let slot = match admitted {
+        Ok((slot, evicted)) => {
+            if evicted {
+                debug!(%peer, "pre-login pool full: dropped the oldest connection of the busiest source");
+            }
+            slot
+        }
+        Err((limit, why)) => {
+            info!(%peer, limit, "connection refused: {why}");
+            counter!(m::LIMIT_REFUSALS, "limit" => limit).increment(1);
+            // Lines before the SSH identification are allowed (RFC 4253 4.2): say why, then close.
+            conns.spawn(async move {
+                let mut socket = socket;
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    use tokio::io::AsyncWriteExt;
+                    let _ = socket
+                        .write_all(format!("Postern: {why}\r\n").as_bytes())
+                        .await;
+                    let _ = socket.shutdown().await;
+                })
+                .await;
+            });
+            return;
+        }
+    };
+    let span = info_span!("conn", %peer);
+    conns.spawn(
+        async move {
+            let mut socket = socket;
+            // Nobody but a trusted balancer may send a PROXY header (this connection is not
+            // from one): refuse one rather than take it for SSH garbage.
+            if direct && shared.proxy_protocol.enabled() {
+                let deadline = shared.handshake_timeout;
+                if let Err(r) = shared
+                    .proxy_protocol
+                    .source(&mut socket, peer, deadline)
+                    .await
+                {
+                    return refuse_header(peer, &r);
+                }
+            }
+            serve_conn(shared, socket, peer, slot).await
+        }
+        .instrument(span),
+    );
 }
 
 /// A refusal before the handshake: too many connections, or too many failed logins, from one
