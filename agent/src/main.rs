@@ -9,10 +9,19 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser)]
 #[command(
     name = "postern-agent",
-    version,
+    version = postern_ops::VERSION,
     about = "Postern agent: holds a reverse tunnel out to a proxy and serves local targets through it"
 )]
 struct Cli {
+    /// Log lines as `text` (coloured only on a terminal; `NO_COLOR` honoured) or `json`.
+    #[arg(
+        long,
+        global = true,
+        env = "POSTERN_LOG_FORMAT",
+        value_enum,
+        default_value_t
+    )]
+    log_format: postern_ops::LogFormat,
     /// TOML config file.
     #[arg(long, short)]
     config: PathBuf,
@@ -23,14 +32,8 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,russh=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    postern_ops::init_logging(cli.log_format, "info,russh=warn");
     let mut config = AgentConfig::from_file(&cli.config)?;
     if let Some(p) = cli.proxy {
         config.proxy = Some(p);

@@ -8,8 +8,18 @@ use postern_auth::AuthConfig;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "postern-auth", version, about = "The Postern Auth server")]
+#[command(name = "postern-auth", version = postern_ops::VERSION, about = "The Postern Auth server")]
 struct Cli {
+    /// Log lines as `text` (coloured only on a terminal; `NO_COLOR` honoured) or `json`.
+    #[arg(
+        long,
+        global = true,
+        env = "POSTERN_LOG_FORMAT",
+        value_enum,
+        default_value_t
+    )]
+    log_format: postern_ops::LogFormat,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -38,19 +48,15 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let cli = Cli::parse();
+    postern_ops::init_logging(cli.log_format, "info");
     let Command::Start {
         config,
         data_dir,
         listen,
         cluster,
         allow_root,
-    } = Cli::parse().command;
+    } = cli.command;
     let mut cfg = match &config {
         Some(p) => AuthConfig::from_file(p)?,
         None => AuthConfig::default(),

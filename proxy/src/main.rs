@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser)]
 #[command(
     name = "postern-proxy",
-    version,
+    version = postern_ops::VERSION,
     about = "Postern edge proxy: reverse tunnels from agents, streams from clients"
 )]
 #[command(args_conflicts_with_subcommands = true)]
@@ -21,6 +21,15 @@ struct Cli {
     command: Option<Command>,
     #[command(flatten)]
     run: RunArgs,
+    /// Log lines as `text` (coloured only on a terminal; `NO_COLOR` honoured) or `json`.
+    #[arg(
+        long,
+        global = true,
+        env = "POSTERN_LOG_FORMAT",
+        value_enum,
+        default_value_t
+    )]
+    log_format: postern_ops::LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -221,14 +230,8 @@ async fn signal(token: CancellationToken) {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,russh=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    postern_ops::init_logging(cli.log_format, "info,russh=warn");
     match cli.command {
         Some(Command::Certs(c)) => certs(c),
         Some(Command::Run(a)) => tokio::runtime::Runtime::new()?.block_on(run(a)),
