@@ -118,6 +118,8 @@ pub fn proxy_config(pkis: &[&Pki], data_dir: &Path) -> ProxyConfig {
     let mut c = ProxyConfig {
         data_dir: data_dir.to_owned(),
         clusters: pkis.iter().map(|p| p.cluster_config()).collect(),
+        // Tests may run as root (CI containers); the refusal itself is tested in `web.rs`.
+        allow_root: true,
         ..Default::default()
     };
     c.listen.web = "127.0.0.1:0".parse().unwrap();
