@@ -365,3 +365,22 @@ async fn unusable_host_keys_get_clear_errors() {
         "{e}"
     );
 }
+
+/// A TLS refusal still reaches the client through the listener's stream wrapper (it forwards
+/// vectored writes: rustls sends its last alert that way). The client SDK tells a proxy's web
+/// port from an Auth server by this alert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_alert_reaches_the_client() {
+    init_tracing();
+    let pki = Pki::new("wlalpn");
+    let proxy = start_proxy(&[&pki], |_| {}).await;
+    let mut cfg = postern_dial::web::tls_config(&proxy.web_trust()).unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(proxy.web).await.unwrap();
+    let e = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect("127.0.0.1".try_into().unwrap(), tcp)
+        .await
+        .expect_err("no common ALPN protocol");
+    assert!(e.to_string().contains("NoApplicationProtocol"), "{e}");
+    proxy.stop().await;
+}
