@@ -19,8 +19,9 @@ pub struct AuthConfig {
     pub listen: SocketAddr,
     /// Start even as root (only an SSH service needs root; the Auth server does not).
     pub allow_root: bool,
-    /// Lifetime of the admin identity written to `<data_dir>/admin.identity` at every start,
-    /// seconds. Default 30 days.
+    /// Lifetime of the admin identity in `<data_dir>/admin.identity`, seconds: written once the
+    /// listener is bound, reused while half of it is left, otherwise replaced with the previous
+    /// one revoked. Default 30 days.
     pub admin_identity_ttl_secs: u64,
     /// Where `GET /metrics` (Prometheus text) is served; absent means nowhere (the counters
     /// still run). Keep it on loopback or a firewalled address.
@@ -58,7 +59,8 @@ pub struct LimitsConfig {
     /// Default 10.
     pub api_handshake_timeout_secs: u64,
     /// Seconds an API connection may go without the client sending a byte before it is closed.
-    /// The server pings HTTP/2 clients at a third of this, so a live client is never idle.
+    /// The server pings HTTP/2 clients at a third of this (at most every 30 s), so a live client
+    /// is never idle.
     /// Default 120.
     pub api_idle_timeout_secs: u64,
 }
