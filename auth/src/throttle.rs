@@ -3,8 +3,9 @@
 //!
 //! Failures are counted per (source address, user), never per user alone: a stranger who
 //! guesses wrong five times locks only their own address out of that user, and the owner logs in
-//! from anywhere else. The proxy's per-user relay limit (10 a minute) bounds the guessing rate
-//! across all addresses. Both maps here are bounded: entries expire with their window and are
+//! from anywhere else. The proxy's relay limits (30 logins a minute per address, 10 per user
+//! per address) bound the rate from each address; many addresses guess faster, at one Argon2
+//! hash per core at a time at most. Both maps here are bounded: entries expire with their window and are
 //! pruned at least once a window, and at most [`MAX_TRACKED`] are kept.
 
 use std::collections::HashMap;

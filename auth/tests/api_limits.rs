@@ -171,3 +171,36 @@ async fn connection_caps_refuse_at_accept_with_a_reason() {
     }
     srv.stop().await;
 }
+
+/// A name over 256 bytes in a request is refused before anything else, and its audit record
+/// keeps only an escaped prefix (a 200 KB name used to cost about 200 KB of audit disk per call).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_names_in_requests_are_refused_and_audited_short() {
+    let dir = TempDir::new("names");
+    let srv = start(&dir.0, "names").await;
+    let admin = srv.admin().await;
+    let log = srv.data_dir.join("audit.log");
+    let before = std::fs::metadata(&log).unwrap().len();
+    let huge = format!("x\n{}", "n".repeat(200_000));
+    match admin.get_role(&huge).await {
+        Err(postern_client::auth::AuthClientError::Api { code, message }) => {
+            assert_eq!(code, tonic::Code::InvalidArgument, "{message}");
+            assert!(
+                message.contains("at most 256 bytes") && message.len() < 200,
+                "{message}"
+            );
+        }
+        other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+    }
+    let grew = std::fs::metadata(&log).unwrap().len() - before;
+    assert!(
+        grew < 1024,
+        "the audit log grew by {grew} bytes for one call"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("role/x\\\\nnnn"),
+        "the name is recorded escaped"
+    );
+    srv.stop().await;
+}

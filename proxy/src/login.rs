@@ -18,7 +18,9 @@ use crate::tunnel::TunnelShared;
 
 /// Logins relayed per source address per minute, at most.
 pub const PER_SOURCE_PER_MINUTE: u32 = 30;
-/// Logins relayed per user per minute, at most.
+/// Logins relayed per user per minute from one source address, at most. Counted per address so
+/// that a stranger using up the budget of a user does not lock its owner out from another
+/// address (issue 11, item 6).
 pub const PER_USER_PER_MINUTE: u32 = 10;
 /// How long the Auth server has to answer.
 const RELAY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -101,7 +103,7 @@ pub struct LoginRelay {
     pub shared: Arc<TunnelShared>,
     /// Per source address.
     pub by_source: Limiter,
-    /// Per `cluster/user`.
+    /// Per `cluster/user/source address`.
     pub by_user: Limiter,
 }
 
@@ -169,11 +171,14 @@ impl LoginRelay {
             );
         }
         if !self.by_user.allow(
-            &format!("{}/{}", req.cluster, req.user),
+            &format!("{}/{}/{source}", req.cluster, req.user),
             PER_USER_PER_MINUTE,
         ) {
             return result(
-                LoginResponse::failed(429, "too many logins for this user: wait a minute"),
+                LoginResponse::failed(
+                    429,
+                    "too many logins for this user from this address: wait a minute",
+                ),
                 "rate_limited",
             );
         }

@@ -384,3 +384,46 @@ async fn a_tls_alert_reaches_the_client() {
     assert!(e.to_string().contains("NoApplicationProtocol"), "{e}");
     proxy.stop().await;
 }
+
+/// The relay's per-user budget is per source address: a stranger who spends bob's budget does
+/// not lock bob out from his own address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_cannot_spend_a_users_relay_budget() {
+    init_tracing();
+    let pki = Pki::new("wlbudget");
+    let proxy = start_proxy(&[&pki], |_| {}).await;
+    let body = serde_json::json!({"cluster": "wlbudget", "user": "bob", "password": "pw", "public_key": "k"})
+        .to_string();
+    let from = |ip: &'static str| {
+        let body = body.clone();
+        let proxy = &proxy;
+        async move {
+            let mut s = web_tls_from(proxy, ip).await.unwrap();
+            s.write_all(
+                format!(
+                    "POST /webapi/login HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+            let a = until_closed(&mut s, Duration::from_secs(10)).await.0;
+            a.get(9..12)
+                .and_then(|s| s.parse::<u16>().ok())
+                .unwrap_or(0)
+        }
+    };
+    // The stranger: 10 logins for bob (relayed; no agent, so 502), then refused.
+    for _ in 0..10 {
+        assert_eq!(from("127.0.0.5").await, 502);
+    }
+    assert_eq!(from("127.0.0.5").await, 429);
+    // Bob, from his own address, is still relayed.
+    assert_eq!(
+        from("127.0.0.6").await,
+        502,
+        "bob was rate-limited by a stranger"
+    );
+    proxy.stop().await;
+}
