@@ -103,6 +103,7 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, stop: Cancel
                 return;
             }
             let (status, body) = if buf[..n].starts_with(b"GET /metrics ") {
+                handle.run_upkeep();
                 ("200 OK", handle.render())
             } else {
                 (

@@ -173,6 +173,15 @@ pub async fn start_proxy_with(config: ProxyConfig, data_dir: tempfile::TempDir) 
         !web_fp.is_empty(),
         "proxy did not write its web certificate"
     );
+    // Then its ready signal: /readyz turns 200 once every listener is serving.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while http_get(ops, "/readyz").await.0 != 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "proxy did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     Proxy {
         web,
         tunnel,
