@@ -427,3 +427,62 @@ async fn a_stranger_cannot_spend_a_users_relay_budget() {
     );
     proxy.stop().await;
 }
+
+/// A busy Auth server's answer reaches the web client as `503` with `Retry-After`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_auth_server_is_passed_on_as_503_with_retry_after() {
+    init_tracing();
+    let pki = Pki::new("wlbusy");
+    let proxy = start_proxy(&[&pki], |_| {}).await;
+    // A login service that is always busy.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let login_addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                use tokio::io::AsyncBufReadExt;
+                let (r, mut w) = s.into_split();
+                let mut line = String::new();
+                let _ = tokio::io::BufReader::new(r).read_line(&mut line).await;
+                let busy = tunnel_proto::login::LoginResponse::busy(
+                    3,
+                    "the Auth server is busy checking passwords: retry in 3 s",
+                );
+                let mut out = serde_json::to_vec(&busy).unwrap();
+                out.push(b'\n');
+                let _ = w.write_all(&out).await;
+            });
+        }
+    });
+    let agent = start_agent(agent_config(&pki, "a1", &proxy, &[("login", login_addr)]));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for i in 10u8.. {
+        let body = serde_json::json!({"cluster": "wlbusy", "user": format!("u{i}"), "password": "pw", "public_key": "k"})
+            .to_string();
+        let mut s = web_tls_from(&proxy, &format!("127.0.0.{i}")).await.unwrap();
+        s.write_all(
+            format!(
+                "POST /webapi/login HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let a = until_closed(&mut s, Duration::from_secs(10)).await.0;
+        if a.starts_with("HTTP/1.1 502") {
+            assert!(Instant::now() < deadline, "the agent never registered: {a}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        assert!(a.starts_with("HTTP/1.1 503"), "{a}");
+        assert!(
+            a.to_ascii_lowercase().contains("\r\nretry-after: 3\r\n"),
+            "{a}"
+        );
+        assert!(a.contains("busy checking passwords"), "{a}");
+        break;
+    }
+    agent.stop().await;
+    proxy.stop().await;
+}
