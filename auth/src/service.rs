@@ -397,14 +397,11 @@ impl Service {
             .map(|s| s.message().to_string())
             .unwrap_or_default();
         // An allowed call whose record cannot be kept is failed: nothing (a certificate, a
-        // listing) leaves the server unrecorded. A write has been applied by now; the message
-        // says so.
+        // listing) leaves the server unrecorded. A write (create, update, upsert, delete) has
+        // been applied by now; the message says so.
         if let Err(status) = self.audit_now(caller, action, resource, true, error).await {
-            let applied = if result.is_ok()
-                && !action.starts_with("Get")
-                && !action.starts_with("List")
-                && action != "Ping"
-            {
+            let writes = ["Create", "Update", "Upsert", "Delete"];
+            let applied = if result.is_ok() && writes.iter().any(|w| action.starts_with(w)) {
                 " (the change itself was applied)"
             } else {
                 ""
