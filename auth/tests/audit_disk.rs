@@ -53,6 +53,9 @@ async fn a_full_disk_fails_calls_instead_of_losing_their_audit_records() {
     let mut cfg = config(&mnt, "full");
     cfg.data_dir = mnt.join("data");
     let srv = start_with(cfg).await;
+    // The login service of a second Auth server on the same disk.
+    let logins = support::logins::Bench::new("fulllogin", |c| c.data_dir = mnt.join("logins"));
+    logins.add_user("carol", Some("carol's password!"), None);
     let admin = srv.admin().await;
     admin
         .get_role("editor")
@@ -84,6 +87,27 @@ async fn a_full_disk_fails_calls_instead_of_losing_their_audit_records() {
         answered.len()
     );
     assert!(failed > 0, "every call was answered on a full disk");
+    // Logins: a certificate only with its record.
+    let (mut issued, mut refused) = (Vec::new(), 0);
+    for i in 0..20 {
+        let source = format!("192.0.2.{i}");
+        let r = logins
+            .from(
+                &source,
+                logins.req("carol", Some("carol's password!"), None),
+            )
+            .await;
+        match r.status {
+            200 => issued.push(source),
+            503 => refused += 1,
+            _ => panic!("unexpected login answer: {r:?}"),
+        }
+    }
+    println!(
+        "disk full: {} logins issued certificates (recorded), {refused} refused",
+        issued.len()
+    );
+    assert!(refused > 0, "every login was answered on a full disk");
 
     // Space again: calls are answered, and every call answered before has its record.
     std::fs::remove_file(mnt.join("filler")).unwrap();
@@ -97,6 +121,13 @@ async fn a_full_disk_fails_calls_instead_of_losing_their_audit_records() {
         .await
         .unwrap()
         .events;
+    let login_log = std::fs::read_to_string(mnt.join("logins").join("audit.log")).unwrap();
+    for source in &issued {
+        assert!(
+            login_log.contains(&format!("\"{source}:40000\"")),
+            "a login from {source} issued certificates but its audit record is lost"
+        );
+    }
     for name in &answered {
         let res = format!("role/{name}");
         assert!(
