@@ -55,6 +55,11 @@ pub struct LimitsConfig {
     pub api_max_connections: usize,
     /// API connections open at once from one source address. Default 64.
     pub api_max_connections_per_source: usize,
+    /// Addresses `api_max_connections_per_source` does not apply to. Default `127.0.0.1` and
+    /// `::1`: the embedded agent dials the API from loopback, so every client that comes through
+    /// the proxy shares that address (per-user fairness for them is the proxy's job); they are
+    /// held by `api_max_connections` only.
+    pub api_per_source_exempt: Vec<std::net::IpAddr>,
     /// Seconds from accept to a finished TLS handshake, and then to the client's first bytes.
     /// Default 10.
     pub api_handshake_timeout_secs: u64,
@@ -75,6 +80,10 @@ impl Default for LimitsConfig {
             login_failure_window_secs: 300,
             api_max_connections: 1024,
             api_max_connections_per_source: 64,
+            api_per_source_exempt: vec![
+                std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::Ipv6Addr::LOCALHOST.into(),
+            ],
             api_handshake_timeout_secs: 10,
             api_idle_timeout_secs: 120,
         }

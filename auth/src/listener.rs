@@ -103,7 +103,8 @@ pub async fn accept_loop(
             max_connections: limits.api_max_connections,
             max_per_source: limits.api_max_connections_per_source,
         },
-    );
+    )
+    .exempt_from_per_source(limits.api_per_source_exempt.clone());
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     loop {
         let permit = tokio::select! {

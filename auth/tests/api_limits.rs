@@ -128,16 +128,18 @@ async fn connection_caps_refuse_at_accept_with_a_reason() {
     cfg.limits.api_max_connections_per_source = 2;
     let srv = start_with(cfg).await;
 
-    let _a = connect_from("127.0.0.1", srv.addr).await;
-    let _b = connect_from("127.0.0.1", srv.addr).await;
+    // 127.0.0.1 is exempt from the per-source cap by default (the embedded agent dials from
+    // it); 127.0.0.2 is an ordinary source.
+    let _a = connect_from("127.0.0.2", srv.addr).await;
+    let _b = connect_from("127.0.0.2", srv.addr).await;
     // A third from the same address is closed at once.
-    let mut c = connect_from("127.0.0.1", srv.addr).await;
+    let mut c = connect_from("127.0.0.2", srv.addr).await;
     assert!(
         closed_after(&mut c, Duration::from_secs(2)).await.is_some(),
         "over the per-source cap, yet kept open"
     );
     // Another address still gets in, up to the total.
-    let mut d = connect_from("127.0.0.2", srv.addr).await;
+    let mut d = connect_from("127.0.0.1", srv.addr).await;
     assert!(
         closed_after(&mut d, Duration::from_millis(300))
             .await
@@ -217,8 +219,8 @@ async fn metrics_are_served_on_metrics_listen() {
     cfg.limits.api_max_connections_per_source = 1;
     let srv = start_with(cfg).await;
     // One refusal to count.
-    let _held = connect_from("127.0.0.1", srv.addr).await;
-    let mut refused = connect_from("127.0.0.1", srv.addr).await;
+    let _held = connect_from("127.0.0.2", srv.addr).await;
+    let mut refused = connect_from("127.0.0.2", srv.addr).await;
     closed_after(&mut refused, Duration::from_secs(2)).await;
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();

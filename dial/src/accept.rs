@@ -117,6 +117,7 @@ pub struct Acceptor {
     listener: TcpListener,
     name: &'static str,
     limits: AcceptLimits,
+    exempt: Vec<IpAddr>,
     counts: Arc<Mutex<Counts>>,
     reserve: Option<std::fs::File>,
     backoff: Duration,
@@ -137,11 +138,20 @@ impl Acceptor {
             listener,
             name,
             limits,
+            exempt: Vec::new(),
             counts: Arc::default(),
             reserve: spare(),
             backoff: MIN_BACKOFF,
             warned: None,
         }
+    }
+
+    /// Addresses the per-source cap does not apply to (they still count in the total): for a
+    /// listener whose many clients share one address, such as the Auth API behind its embedded
+    /// agent, which dials from loopback.
+    pub fn exempt_from_per_source(mut self, addrs: Vec<IpAddr>) -> Acceptor {
+        self.exempt = addrs;
+        self
     }
 
     /// Connections holding a slot now.
@@ -154,8 +164,9 @@ impl Acceptor {
         if c.total >= self.limits.max_connections {
             return Err(Refusal::MaxConnections(self.limits.max_connections));
         }
+        let exempt = self.exempt.contains(&ip);
         let n = c.by_source.entry(ip).or_insert(0);
-        if *n >= self.limits.max_per_source {
+        if *n >= self.limits.max_per_source && !exempt {
             return Err(Refusal::MaxPerSource(self.limits.max_per_source));
         }
         *n += 1;
@@ -357,5 +368,29 @@ mod tests {
         clients.push(TcpStream::connect(addr).await.unwrap());
         assert!(a.accept().await.is_ok(), "a freed slot is reusable");
         assert!(nofile_limit().is_some());
+
+        // An exempt address is held only by the total.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut a = Acceptor::new(
+            l,
+            "test",
+            AcceptLimits {
+                max_connections: 3,
+                max_per_source: 1,
+            },
+        )
+        .exempt_from_per_source(vec!["127.0.0.1".parse().unwrap()]);
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            clients.push(TcpStream::connect(addr).await.unwrap());
+        }
+        for _ in 0..3 {
+            held.push(a.accept().await.unwrap());
+        }
+        assert_eq!(
+            a.accept().await.unwrap_err().reason,
+            Refusal::MaxConnections(3)
+        );
     }
 }
