@@ -97,6 +97,11 @@ async fn agent_refuses_targets_it_does_not_serve() {
         agent_key.to_openssh(LineEnding::LF).unwrap().as_bytes(),
     )
     .unwrap();
+    // Private keys must be 0600: the agent refuses one others can read.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     std::fs::write(
         dir.path().join("agent-cert.pub"),
         cert.to_openssh().unwrap(),

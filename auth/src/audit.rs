@@ -1,19 +1,45 @@
 //! The audit log: every API call, allowed or denied, recorded in the database and appended as a
 //! JSON line to `<data_dir>/audit.log` (0600) for log shippers.
+//!
+//! A record counts as kept when at least one of the two sinks took it. When neither did (a full
+//! disk, say), [`Audit::record`] says so: the call it records is failed (nothing is issued or
+//! returned unrecorded), the whole record is written to the process log at `error`, and
+//! `postern_auth_audit_failures_total{sink="both"}` counts it. See `docs/reliability.md`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use metrics::counter;
 use tracing::error;
 
+use crate::metrics as m;
 use crate::storage::{AuditRecord, Backend};
+
+/// Neither sink took an audit record.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "the audit log cannot be written ({0}): the call was not completed; free space in the Auth server's data dir"
+)]
+pub struct AuditError(pub String);
 
 /// Writes audit records to both sinks.
 pub struct Audit {
     backend: Arc<dyn Backend>,
     path: PathBuf,
     file: Mutex<std::fs::File>,
+}
+
+/// A string from the wire made safe for logs and records: control characters (newlines, ANSI
+/// escapes) escaped, and cut to 64 characters with the original length noted.
+pub fn untrusted(s: &str) -> String {
+    const KEEP: usize = 64;
+    let mut out: String = s.chars().take(KEEP).flat_map(char::escape_debug).collect();
+    // `escape_debug` also escapes quotes and backslashes; that is fine for a log.
+    if s.chars().nth(KEEP).is_some() {
+        out.push_str(&format!("…({} bytes)", s.len()));
+    }
+    out
 }
 
 impl Audit {
@@ -33,18 +59,58 @@ impl Audit {
     }
 
     /// Records one event (blocking: call from a blocking context). A failing sink is logged at
-    /// `error` and does not undo the call it records.
-    pub fn record(&self, mut rec: AuditRecord) {
-        match self.backend.append_audit(&rec) {
-            Ok(id) => rec.id = id,
-            Err(e) => {
-                error!(error = %e, action = %rec.action, "audit event not stored in the database")
+    /// `error` and counted; if both fail, the record goes to the process log and the error is
+    /// returned, so that the caller fails the call it records.
+    pub fn record(&self, mut rec: AuditRecord) -> Result<(), AuditError> {
+        let db = match self.backend.append_audit(&rec) {
+            Ok(id) => {
+                rec.id = id;
+                Ok(())
             }
-        }
+            Err(e) => {
+                counter!(m::AUDIT_FAILURES, "sink" => "database").increment(1);
+                error!(error = %e, action = %rec.action, "audit event not stored in the database");
+                Err(e.to_string())
+            }
+        };
         let line = serde_json::to_string(&rec).unwrap_or_default();
-        let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = writeln!(f, "{line}") {
+        let file = {
+            let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
+            // One write of the whole line, then a flush to the kernel: a full disk shows here.
+            writeln!(f, "{line}").and_then(|()| f.flush())
+        };
+        let file = file.map_err(|e| {
+            counter!(m::AUDIT_FAILURES, "sink" => "file").increment(1);
             error!(error = %e, path = %self.path.display(), "audit event not written to the log file");
+            e.to_string()
+        });
+        match (db, file) {
+            (Err(db), Err(file)) => {
+                counter!(m::AUDIT_FAILURES, "sink" => "both").increment(1);
+                error!(record = %line, "AUDIT RECORD LOST BY BOTH SINKS (kept only here); the call was failed");
+                Err(AuditError(format!(
+                    "database: {db}; {}: {file}",
+                    self.path.display()
+                )))
+            }
+            _ => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::untrusted;
+
+    #[test]
+    fn untrusted_strings_cannot_forge_log_lines() {
+        let s = untrusted("bob\n2026-11-30T00:00:00Z  INFO forged\x1b[31m");
+        assert!(!s.contains('\n') && !s.contains('\x1b'), "{s}");
+        assert!(s.starts_with("bob\\n2026"), "{s}");
+        let long = untrusted(&"a".repeat(59_000));
+        assert!(
+            long.len() < 100 && long.ends_with("(59000 bytes)"),
+            "{long}"
+        );
     }
 }

@@ -19,11 +19,86 @@ pub struct AuthConfig {
     pub listen: SocketAddr,
     /// Start even as root (only an SSH service needs root; the Auth server does not).
     pub allow_root: bool,
-    /// Lifetime of the admin identity written to `<data_dir>/admin.identity` at every start,
-    /// seconds. Default 30 days.
+    /// Lifetime of the admin identity in `<data_dir>/admin.identity`, seconds: written once the
+    /// listener is bound, reused while half of it is left, otherwise replaced with the previous
+    /// one revoked. Default 30 days.
     pub admin_identity_ttl_secs: u64,
+    /// Where `GET /metrics` (Prometheus text) is served; absent means nowhere (the counters
+    /// still run). Keep it on loopback or a firewalled address.
+    pub metrics_listen: Option<SocketAddr>,
     /// The reverse tunnel out to a proxy; absent means the API is served on `listen` only.
     pub tunnel: Option<TunnelConfig>,
+    /// Limits of the API listener and of logins.
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`: what one client, or many, can hold of the Auth server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Password hashes (Argon2id, about 19 MiB of memory each) computed at once. 0 (the default)
+    /// means one per CPU core.
+    pub max_concurrent_hashes: usize,
+    /// Logins waiting for a hashing slot, at most; further ones are answered 503 "busy, retry"
+    /// at once. Default 64.
+    pub max_queued_logins: usize,
+    /// Milliseconds a login waits for a hashing slot before it is answered 503 "busy, retry".
+    /// Default 5000 (under the proxy's 15 s relay deadline).
+    pub login_queue_timeout_ms: u64,
+    /// Failed logins for one user from one source address within `login_failure_window_secs`
+    /// before that address is refused for that user (other addresses are not). Default 5.
+    pub login_failures_per_source: u32,
+    /// The window failed logins are counted in, seconds. Default 300.
+    pub login_failure_window_secs: u64,
+    /// API connections open at once, TLS handshakes included; more are closed at accept.
+    /// Default 1024.
+    pub api_max_connections: usize,
+    /// API connections open at once from one source address. Default 64.
+    pub api_max_connections_per_source: usize,
+    /// Addresses `api_max_connections_per_source` does not apply to. Default `127.0.0.1` and
+    /// `::1`: the embedded agent dials the API from loopback, so every client that comes through
+    /// the proxy shares that address (per-user fairness for them is the proxy's job); they are
+    /// held by `api_max_connections` only.
+    pub api_per_source_exempt: Vec<std::net::IpAddr>,
+    /// Seconds from accept to a finished TLS handshake, and then to the client's first bytes.
+    /// Default 10.
+    pub api_handshake_timeout_secs: u64,
+    /// Seconds an API connection may go without the client sending a byte before it is closed.
+    /// The server pings HTTP/2 clients at a third of this (at most every 30 s), so a live client
+    /// is never idle.
+    /// Default 120.
+    pub api_idle_timeout_secs: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_concurrent_hashes: 0,
+            max_queued_logins: 64,
+            login_queue_timeout_ms: 5000,
+            login_failures_per_source: 5,
+            login_failure_window_secs: 300,
+            api_max_connections: 1024,
+            api_max_connections_per_source: 64,
+            api_per_source_exempt: vec![
+                std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::Ipv6Addr::LOCALHOST.into(),
+            ],
+            api_handshake_timeout_secs: 10,
+            api_idle_timeout_secs: 120,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// Hashing slots: the configured number, or one per core.
+    pub fn hash_slots(&self) -> usize {
+        if self.max_concurrent_hashes > 0 {
+            self.max_concurrent_hashes
+        } else {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        }
+    }
 }
 
 /// `[tunnel]`: the embedded agent that dials out to a proxy and serves the API as target `auth`.
@@ -63,7 +138,9 @@ impl Default for AuthConfig {
             listen: ([0, 0, 0, 0], tunnel_proto::names::DEFAULT_AUTH_PORT).into(),
             allow_root: false,
             admin_identity_ttl_secs: 30 * 24 * 3600,
+            metrics_listen: None,
             tunnel: None,
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -124,6 +201,71 @@ impl AuthConfig {
             return Err(invalid(
                 "admin_identity_ttl_secs",
                 "at least 3600 (an hour)".into(),
+            ));
+        }
+        let l = &self.limits;
+        for (field, value, range) in [
+            (
+                "limits.max_concurrent_hashes",
+                l.max_concurrent_hashes as u64,
+                0..=256,
+            ),
+            (
+                "limits.max_queued_logins",
+                l.max_queued_logins as u64,
+                0..=100_000,
+            ),
+            (
+                "limits.login_queue_timeout_ms",
+                l.login_queue_timeout_ms,
+                1..=14_000,
+            ),
+            (
+                "limits.login_failures_per_source",
+                u64::from(l.login_failures_per_source),
+                1..=1000,
+            ),
+            (
+                "limits.login_failure_window_secs",
+                l.login_failure_window_secs,
+                1..=86_400,
+            ),
+            (
+                "limits.api_max_connections",
+                l.api_max_connections as u64,
+                1..=1_000_000,
+            ),
+            (
+                "limits.api_max_connections_per_source",
+                l.api_max_connections_per_source as u64,
+                1..=1_000_000,
+            ),
+            (
+                "limits.api_handshake_timeout_secs",
+                l.api_handshake_timeout_secs,
+                1..=300,
+            ),
+            (
+                "limits.api_idle_timeout_secs",
+                l.api_idle_timeout_secs,
+                3..=86_400,
+            ),
+        ] {
+            if !range.contains(&value) {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "{value} is out of range: must be {}..={}",
+                        range.start(),
+                        range.end()
+                    ),
+                ));
+            }
+        }
+        if l.api_max_connections_per_source > l.api_max_connections {
+            return Err(invalid(
+                "limits.api_max_connections_per_source",
+                "must not exceed limits.api_max_connections".into(),
             ));
         }
         if let Some(t) = &self.tunnel {

@@ -13,15 +13,25 @@
 //! - [`service`]: the gRPC service: authentication, RBAC, audit, operations;
 //! - [`audit`]: the audit log (database table and JSON lines);
 //! - [`login`]: `psh login` behind the proxy's login relay (signup secret, then password);
-//! - [`server`]: data dir checks, the TLS listener, the admin identity, the embedded agent, `run`.
+//! - [`password`]: Argon2id verification on reused memory;
+//! - [`throttle`]: the password-hashing gate and failed logins per source and user;
+//! - [`listener`]: the API listener's caps and deadlines;
+//! - [`admin`]: the admin identity, at most one valid;
+//! - [`metrics`]: every `postern_auth_*` metric, and `GET /metrics`;
+//! - [`server`]: data dir checks, the TLS config, the embedded agent, `run`.
 
+pub mod admin;
 pub mod audit;
 pub mod authority;
 pub mod config;
+pub mod listener;
 pub mod login;
+pub mod metrics;
+pub mod password;
 pub mod server;
 pub mod service;
 pub mod storage;
+pub mod throttle;
 
 pub use config::AuthConfig;
 pub use server::{AuthError, run};

@@ -2,17 +2,15 @@
 //! as target `login`. One JSON line in, one JSON line out, per stream.
 //!
 //! A first login proves the user with the one-time signup secret and sets a password; later
-//! logins use the password. Passwords are stored as Argon2id hashes. Failed attempts are limited
-//! per user (the proxy also limits per user and per source address).
+//! logins use the password. Passwords are stored as Argon2id hashes, computed a bounded number at
+//! a time ([`HashGate`]). Failed attempts are limited per source address and user
+//! ([`Failures`]); the proxy also limits per user and per source address.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
-use argon2::Argon2;
-use argon2::password_hash::phc::PasswordHash;
-use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+use metrics::counter;
 use postern_api::rbac;
 use postern_dial::mint::now_unix;
 use russh::keys::ssh_key::PublicKey;
@@ -20,58 +18,124 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
-use tunnel_proto::login::{LoginRequest, LoginResponse, MAX_LOGIN_BYTES};
+use tunnel_proto::login::{LoginRequest, LoginResponse, MAX_LOGIN_BYTES, MAX_USER_LEN};
 
+use crate::audit::untrusted;
+use crate::config::LimitsConfig;
+use crate::metrics as m;
 use crate::service::{State, StoredUser, hash_secret, load_roles};
 use crate::storage::{AuditRecord, Condition};
+use crate::throttle::{Failures, HashGate};
 
-/// Failed logins allowed per user within [`FAILURE_WINDOW`].
-pub const MAX_FAILURES: u32 = 5;
-/// The window failed logins are counted in.
-pub const FAILURE_WINDOW: Duration = Duration::from_secs(300);
 /// Shortest password accepted.
 pub const MIN_PASSWORD_LEN: usize = 12;
 
-/// Failed attempts per user.
-#[derive(Default)]
-pub struct Failures(Mutex<HashMap<String, (Instant, u32)>>);
+/// The one answer to every wrong user, password or secret: an unknown user, a wrong password and
+/// a wrong, used or expired signup secret are told apart neither by message nor by timing.
+pub const DENIED: &str = "login failed: wrong user, secret or password (a signup secret works once: if yours is used or expired, ask an admin for a new one)";
 
-impl Failures {
-    fn locked(&self, user: &str) -> bool {
-        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        m.get(user)
-            .is_some_and(|(since, n)| since.elapsed() < FAILURE_WINDOW && *n >= MAX_FAILURES)
-    }
+/// The login service's shared parts.
+pub struct Logins {
+    /// Storage, CAs, audit.
+    pub state: Arc<State>,
+    /// Failed logins per (source address, user).
+    pub failures: Failures,
+    /// Bounds concurrent password hashing.
+    pub gate: HashGate,
+}
 
-    fn fail(&self, user: &str) {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let e = m.entry(user.to_string()).or_insert((Instant::now(), 0));
-        if e.0.elapsed() >= FAILURE_WINDOW {
-            *e = (Instant::now(), 0);
+impl Logins {
+    /// The service over `state` with `limits`.
+    pub fn new(state: Arc<State>, limits: &LimitsConfig) -> Logins {
+        Logins {
+            state,
+            failures: Failures::new(
+                limits.login_failures_per_source,
+                Duration::from_secs(limits.login_failure_window_secs),
+            ),
+            gate: HashGate::new(
+                limits.hash_slots(),
+                limits.max_queued_logins,
+                Duration::from_millis(limits.login_queue_timeout_ms),
+            ),
         }
-        e.1 += 1;
-    }
-
-    fn clear(&self, user: &str) {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(user);
     }
 }
 
-/// Checks a login and issues certificates (blocking: Argon2 and storage).
-pub fn login(state: &State, failures: &Failures, req: LoginRequest) -> LoginResponse {
-    let denied = || LoginResponse::failed(401, "login failed: wrong user, secret or password");
-    if failures.locked(&req.user) {
-        return LoginResponse::failed(429, "too many failed logins for this user: wait 5 minutes");
+pub use crate::password::hash_password;
+
+/// A hash of a random password, verified against when there is no real hash to check, so that
+/// every refused login costs the same Argon2 work.
+fn dummy_hash() -> &'static str {
+    static DUMMY: OnceLock<String> = OnceLock::new();
+    DUMMY.get_or_init(|| {
+        hash_password(&hex::encode(rand::random::<[u8; 16]>())).expect("hashing a random password")
+    })
+}
+
+/// Verifies `password` against `phc`, or against the dummy hash when there is none (the same
+/// work either way); true only for a real match.
+fn verify(password: &str, phc: Option<&str>) -> bool {
+    match phc {
+        Some(h) => crate::password::verify(password, h),
+        None => {
+            let _ = crate::password::verify(password, dummy_hash());
+            false
+        }
+    }
+}
+
+/// The address failures are counted against: the client's address as the proxy saw it, or the
+/// peer's when the login did not come through a proxy.
+pub fn source_ip(req: &LoginRequest, peer: SocketAddr) -> IpAddr {
+    req.source
+        .as_deref()
+        .and_then(|s| {
+            s.parse::<SocketAddr>()
+                .map(|a| a.ip())
+                .ok()
+                .or_else(|| s.parse().ok())
+        })
+        .unwrap_or(peer.ip())
+}
+
+fn throttled(failures: &Failures) -> LoginResponse {
+    let mins = failures_window_minutes(failures);
+    LoginResponse::failed(
+        429,
+        format!(
+            "too many failed logins for this user from your address: wait {mins} minute(s) (logins from other addresses are not affected)"
+        ),
+    )
+}
+
+fn failures_window_minutes(f: &Failures) -> u64 {
+    f.window().as_secs().div_ceil(60).max(1)
+}
+
+/// Checks a login and issues certificates (blocking: Argon2 and storage). Every refusal for a
+/// wrong user, password or secret is [`DENIED`], after the same Argon2 work.
+pub fn login(
+    state: &State,
+    failures: &Failures,
+    source: IpAddr,
+    req: LoginRequest,
+) -> LoginResponse {
+    if req.user.len() > MAX_USER_LEN {
+        return LoginResponse::failed(400, format!("user: at most {MAX_USER_LEN} bytes"));
+    }
+    if let Err(e) = postern_api::resource::validate_name(&req.user) {
+        return LoginResponse::failed(400, format!("user: {e}"));
     }
     let a = &state.authorities;
     if req.cluster != a.cluster {
         return LoginResponse::failed(
             400,
-            format!("this is cluster '{}', not '{}'", a.cluster, req.cluster),
+            format!("this is cluster '{}', not the one asked for", a.cluster),
         );
+    }
+    if failures.locked(source, &req.user) {
+        return throttled(failures);
     }
     let key = match PublicKey::from_openssh(req.public_key.trim()) {
         Ok(k) if k.key_data().ed25519().is_some() => k,
@@ -82,28 +146,45 @@ pub fn login(state: &State, failures: &Failures, req: LoginRequest) -> LoginResp
             );
         }
     };
+    if req.secret.is_none() && req.password.is_none() {
+        return LoginResponse::failed(
+            400,
+            "give a password (or, at the first login, the signup secret)",
+        );
+    }
     let item = match state.backend.get("user", &req.user) {
-        Ok(Some(i)) => i,
-        Ok(None) => {
-            failures.fail(&req.user);
-            return denied();
-        }
+        Ok(i) => i,
         Err(e) => return LoginResponse::failed(503, format!("storage failed: {e}")),
     };
-    let Ok(mut stored) = serde_json::from_str::<StoredUser>(&item.value) else {
-        return LoginResponse::failed(500, "stored user is corrupt");
+    let stored = match &item {
+        Some(i) => match serde_json::from_str::<StoredUser>(&i.value) {
+            Ok(s) => Some(s),
+            Err(_) => return LoginResponse::failed(500, "stored user is corrupt"),
+        },
+        None => None,
     };
-    let argon = Argon2::default();
+    let denied = || {
+        failures.fail(source, &req.user);
+        LoginResponse::failed(401, DENIED)
+    };
+    // Exactly one Argon2 verification on every path below, real or dummy.
+    let (Some(item), Some(mut stored)) = (item, stored) else {
+        let _ = verify(
+            req.password
+                .as_deref()
+                .or(req.secret.as_deref())
+                .unwrap_or(""),
+            None,
+        );
+        return denied();
+    };
     match (&req.secret, &req.password) {
         (Some(secret), _) => {
+            let _ = verify(secret, None);
             let valid = stored.signup_hash.as_deref() == Some(hash_secret(secret.trim()).as_str())
                 && stored.signup_expires > now_unix();
             if !valid {
-                failures.fail(&req.user);
-                return LoginResponse::failed(
-                    401,
-                    "login failed: the signup secret is wrong, used or expired (ask an admin for a new user)",
-                );
+                return denied();
             }
             let Some(pw) = req
                 .new_password
@@ -115,8 +196,8 @@ pub fn login(state: &State, failures: &Failures, req: LoginRequest) -> LoginResp
                     format!("new_password: at least {MIN_PASSWORD_LEN} characters"),
                 );
             };
-            let hash = match argon.hash_password(pw.as_bytes()) {
-                Ok(h) => h.to_string(),
+            let hash = match hash_password(pw) {
+                Ok(h) => h,
                 Err(e) => return LoginResponse::failed(500, format!("hashing failed: {e}")),
             };
             stored.password_hash = Some(hash);
@@ -135,24 +216,13 @@ pub fn login(state: &State, failures: &Failures, req: LoginRequest) -> LoginResp
             }
         }
         (None, Some(pw)) => {
-            let ok = stored
-                .password_hash
-                .as_deref()
-                .and_then(|h| PasswordHash::new(h).ok())
-                .is_some_and(|h| argon.verify_password(pw.as_bytes(), &h).is_ok());
-            if !ok {
-                failures.fail(&req.user);
+            if !verify(pw, stored.password_hash.as_deref()) {
                 return denied();
             }
         }
-        (None, None) => {
-            return LoginResponse::failed(
-                400,
-                "give a password (or, at the first login, the signup secret)",
-            );
-        }
+        (None, None) => unreachable!("checked above"),
     }
-    failures.clear(&req.user);
+    failures.clear(source, &req.user);
     let roles = match load_roles(state, &stored.roles) {
         Ok(r) => r,
         Err(s) => return LoginResponse::failed(500, s.message().to_string()),
@@ -183,15 +253,68 @@ pub fn login(state: &State, failures: &Failures, req: LoginRequest) -> LoginResp
         ssh_host_cas: vec![a.host_ca_line()],
         expires: issued.expires,
         roles: stored.roles,
+        retry_after_secs: 0,
     }
 }
 
-async fn handle(
-    stream: tokio::net::TcpStream,
-    peer: SocketAddr,
-    state: Arc<State>,
-    failures: Arc<Failures>,
-) {
+fn result_label(resp: &LoginResponse) -> &'static str {
+    match resp.status {
+        200 => "ok",
+        401 => "refused",
+        429 => "throttled",
+        503 if resp.retry_after_secs > 0 => "busy",
+        400 | 413 => "bad_request",
+        _ => "error",
+    }
+}
+
+/// Runs one parsed login: the throttle, the hashing gate, the check, the audit record.
+pub async fn answer(logins: &Arc<Logins>, req: LoginRequest, peer: SocketAddr) -> LoginResponse {
+    let source = source_ip(&req, peer);
+    let audit_peer = untrusted(req.source.as_deref().unwrap_or(&peer.to_string()));
+    let user = req.user.clone();
+    // A throttled pair is answered without waiting for a hashing slot.
+    let resp = if logins.failures.locked(source, &user) {
+        throttled(&logins.failures)
+    } else {
+        let l = logins.clone();
+        match logins
+            .gate
+            .run(move || login(&l.state, &l.failures, source, req))
+            .await
+        {
+            Ok(resp) => resp,
+            Err(busy) => {
+                counter!(m::LOGINS, "result" => "busy").increment(1);
+                return LoginResponse::busy(busy.retry_after_secs, busy.to_string());
+            }
+        }
+    };
+    let st = logins.state.clone();
+    let rec = AuditRecord {
+        id: 0,
+        time_ms: now_unix() * 1000,
+        user: untrusted(&user),
+        action: "Login".into(),
+        resource: format!("user/{}", untrusted(&user)),
+        allowed: resp.error.is_empty(),
+        error: resp.error.clone(),
+        peer: audit_peer,
+    };
+    let recorded = tokio::task::spawn_blocking(move || st.audit.record(rec))
+        .await
+        .unwrap_or_else(|e| Err(crate::audit::AuditError(e.to_string())));
+    let resp = match recorded {
+        Ok(()) => resp,
+        // Certificates are never handed out unrecorded.
+        Err(e) => LoginResponse::failed(503, format!("login not completed: {e}")),
+    };
+    counter!(m::LOGINS, "result" => result_label(&resp)).increment(1);
+    info!(user = %untrusted(&user), %source, ok = resp.error.is_empty(), status = resp.status, "login");
+    resp
+}
+
+async fn handle(stream: tokio::net::TcpStream, peer: SocketAddr, logins: Arc<Logins>) {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(r.take(MAX_LOGIN_BYTES as u64));
@@ -199,30 +322,7 @@ async fn handle(
     let resp = match tokio::time::timeout(Duration::from_secs(10), read).await {
         Ok(Ok(n)) if n > 0 && line.ends_with('\n') => {
             match serde_json::from_str::<LoginRequest>(&line) {
-                Ok(req) => {
-                    let user = req.user.clone();
-                    let source = req.source.clone().unwrap_or_else(|| peer.to_string());
-                    let st = state.clone();
-                    let who = user.clone();
-                    let resp = tokio::task::spawn_blocking(move || {
-                        let resp = login(&st, &failures, req);
-                        st.audit.record(AuditRecord {
-                            id: 0,
-                            time_ms: now_unix() * 1000,
-                            user: who.clone(),
-                            action: "Login".into(),
-                            resource: format!("user/{who}"),
-                            allowed: resp.error.is_empty(),
-                            error: resp.error.clone(),
-                            peer: source,
-                        });
-                        resp
-                    })
-                    .await
-                    .unwrap_or_else(|e| LoginResponse::failed(500, e.to_string()));
-                    info!(%user, ok = resp.error.is_empty(), "login");
-                    resp
-                }
+                Ok(req) => answer(&logins, req, peer).await,
                 Err(e) => LoginResponse::failed(400, format!("bad login request: {e}")),
             }
         }
@@ -237,19 +337,22 @@ async fn handle(
 }
 
 /// Serves logins on `listener` (loopback; reached through the agent) until `shutdown`.
-pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: CancellationToken) {
-    let failures = Arc::new(Failures::default());
+/// Accept errors back off from 10 ms to 1 s.
+pub async fn serve(listener: TcpListener, logins: Arc<Logins>, shutdown: CancellationToken) {
+    let mut backoff = Duration::from_millis(10);
     loop {
         let (s, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok(x) => { backoff = Duration::from_millis(10); x }
+                Err(e) => {
+                    debug!(error = %e, "login accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
                 }
             },
         };
-        tokio::spawn(handle(s, peer, state.clone(), failures.clone()));
+        tokio::spawn(handle(s, peer, logins.clone()));
     }
 }

@@ -3,30 +3,22 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use postern_api::identity::IdentityFile;
 use postern_api::proto::auth_service_server::AuthServiceServer;
 use postern_dial::mint;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::audit::Audit;
-use crate::authority::{self, Authorities, AuthorityError};
+use crate::authority::{Authorities, AuthorityError};
 use crate::config::{AuthConfig, ConfigError};
-use crate::service::{self, ConnInfo, Service, State};
+use crate::listener::TlsConn;
+use crate::service::{self, Service, State};
 use crate::storage::{Backend, Condition, SqliteBackend, StorageError};
 
-/// How long a client has from TCP accept to a finished TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// TLS handshakes in progress, at most (slowloris guard).
-const MAX_HANDSHAKES: usize = 256;
 /// Lifetime of the server's own TLS certificate (re-issued at every start).
 const SERVER_CERT_TTL: u64 = 365 * 24 * 3600;
 
@@ -99,10 +91,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> AuthError + '_ {
 
 /// Whether this process runs as root (the owner of `/proc/self` is the effective user).
 pub fn running_as_root() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false)
+    mint::running_as_root()
 }
 
 fn check_mode(path: &Path, want: u32) -> Result<(), AuthError> {
@@ -153,7 +142,8 @@ pub struct Prepared {
     /// The service state.
     pub state: Arc<State>,
     tls: Arc<rustls::ServerConfig>,
-    config: AuthConfig,
+    /// The configuration it was prepared from.
+    pub config: AuthConfig,
 }
 
 impl Prepared {
@@ -163,8 +153,9 @@ impl Prepared {
     }
 }
 
-/// Checks the environment, opens storage, loads or creates the cluster, writes the admin
-/// identity, and builds the TLS config.
+/// Checks the environment, opens storage, loads or creates the cluster, and builds the TLS
+/// config. Nothing is issued here: the admin identity is written by [`serve`], once the listener
+/// is bound.
 pub fn prepare(config: &AuthConfig) -> Result<Prepared, AuthError> {
     config.validate()?;
     if running_as_root() && !config.allow_root {
@@ -187,33 +178,6 @@ pub fn prepare(config: &AuthConfig) -> Result<Prepared, AuthError> {
     }
     let pruned = backend.forget_certs(None, mint::now_unix())?;
     debug!(pruned, "expired client certificates forgotten");
-
-    // The admin identity, re-issued at every start.
-    let key = mint::generate_key();
-    let issued = authorities.issue_user(
-        service::ADMIN_USER,
-        key.public_key(),
-        config.admin_identity_ttl_secs,
-    )?;
-    backend.add_cert(&issued.tls_fingerprint, service::ADMIN_USER, issued.expires)?;
-    let admin = IdentityFile {
-        version: postern_api::identity::IDENTITY_VERSION,
-        cluster: authorities.cluster.clone(),
-        user: service::ADMIN_USER.into(),
-        expires: issued.expires,
-        private_key: key
-            .to_openssh(russh::keys::ssh_key::LineEnding::LF)
-            .map_err(|e| AuthError::Tls(e.to_string()))?
-            .to_string(),
-        ssh_cert: issued.ssh_cert,
-        tls_cert: issued.tls_cert,
-        tls_cas: vec![authorities.tls_ca_pem.clone()],
-        ssh_host_cas: vec![authorities.host_ca_line()],
-    };
-    let admin_path = dir.join(files::ADMIN_IDENTITY);
-    admin
-        .save(&admin_path)
-        .map_err(|e| AuthError::Tls(e.to_string()))?;
 
     let tls = server_tls(&authorities)?;
     let audit = Audit::open(backend.clone(), &dir.join(files::AUDIT_LOG))
@@ -255,45 +219,6 @@ fn server_tls(a: &Authorities) -> Result<Arc<rustls::ServerConfig>, AuthError> {
         .map_err(|e| AuthError::Tls(e.to_string()))?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(cfg))
-}
-
-/// A TLS connection tonic serves, carrying who is on the other end.
-pub struct TlsConn {
-    inner: tokio_rustls::server::TlsStream<TcpStream>,
-    info: ConnInfo,
-}
-
-impl tonic::transport::server::Connected for TlsConn {
-    type ConnectInfo = ConnInfo;
-    fn connect_info(&self) -> ConnInfo {
-        self.info.clone()
-    }
-}
-
-impl AsyncRead for TlsConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
 
 /// The address `pctl --data-dir` and the embedded agent dial: the bound one, with an
@@ -381,14 +306,47 @@ pub async fn serve(
     prepared: Prepared,
     shutdown: CancellationToken,
 ) -> Result<(), AuthError> {
+    start(listener, prepared, shutdown)?.await
+}
+
+/// The steps that need the bound listener, done before this returns: the address file for
+/// `pctl --data-dir`, and the admin identity (issued or reused only now, so that a start that
+/// cannot bind issues nothing). The returned future serves until `shutdown`.
+pub fn start(
+    listener: TcpListener,
+    prepared: Prepared,
+    shutdown: CancellationToken,
+) -> Result<impl std::future::Future<Output = Result<(), AuthError>> + Send, AuthError> {
     let bound = listener
         .local_addr()
         .map_err(|e| AuthError::Serve(e.to_string()))?;
     let dial = local_dial_addr(bound);
+    crate::admin::ensure_identity(&prepared.state, &prepared.config)?;
+    // Written last: its presence tells `pctl --data-dir` (and tests) the server is up.
     let addr_file = prepared.config.data_dir.join(files::ADDR);
     mint::write_file(&addr_file, format!("{dial}\n").as_bytes(), 0o644)
         .map_err(|e| AuthError::Serve(e.to_string()))?;
+    Ok(serve_bound(listener, bound, dial, prepared, shutdown))
+}
+
+async fn serve_bound(
+    listener: TcpListener,
+    bound: SocketAddr,
+    dial: SocketAddr,
+    prepared: Prepared,
+    shutdown: CancellationToken,
+) -> Result<(), AuthError> {
     info!(listen = %bound, cluster = %prepared.cluster(), "Auth API listening (mTLS, TLS 1.3)");
+    if let Some(addr) = prepared.config.metrics_listen {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|e| AuthError::Serve(format!("metrics listener {addr}: {e}")))?;
+        tokio::spawn(crate::metrics::serve(
+            l,
+            crate::metrics::install(),
+            shutdown.clone(),
+        ));
+    }
 
     // The login service: loopback only, reached through the agent's `login` target.
     let login_listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
@@ -399,7 +357,10 @@ pub async fn serve(
         .map_err(|e| AuthError::Serve(e.to_string()))?;
     tokio::spawn(crate::login::serve(
         login_listener,
-        prepared.state.clone(),
+        Arc::new(crate::login::Logins::new(
+            prepared.state.clone(),
+            &prepared.config.limits,
+        )),
         shutdown.clone(),
     ));
 
@@ -412,51 +373,15 @@ pub async fn serve(
     };
 
     let (tx, rx) = tokio::sync::mpsc::channel::<TlsConn>(64);
-    let acceptor = TlsAcceptor::from(prepared.tls.clone());
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
-    let accept_shutdown = shutdown.clone();
-    let accept = tokio::spawn(async move {
-        loop {
-            let permit = tokio::select! {
-                _ = accept_shutdown.cancelled() => return,
-                p = handshakes.clone().acquire_owned() => p.expect("semaphore open"),
-            };
-            let (tcp, peer) = tokio::select! {
-                _ = accept_shutdown.cancelled() => return,
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let cert_fingerprint = tls
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .and_then(|c| c.first())
-                            .map(|c| authority::fingerprint(c));
-                        let info = ConnInfo {
-                            peer,
-                            cert_fingerprint,
-                        };
-                        let _ = tx.send(TlsConn { inner: tls, info }).await;
-                    }
-                    Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake refused"),
-                    Err(_) => debug!(%peer, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
+    let accept = tokio::spawn(crate::listener::accept_loop(
+        listener,
+        prepared.tls.clone(),
+        prepared.config.limits.clone(),
+        tx,
+        shutdown.clone(),
+    ));
+    // Pings keep a live but quiet client from reaching the idle timeout.
+    let ping = Duration::from_secs((prepared.config.limits.api_idle_timeout_secs / 3).clamp(1, 30));
 
     let svc = AuthServiceServer::new(Service::new(prepared.state.clone()))
         .max_decoding_message_size(postern_api::MAX_MESSAGE_BYTES)
@@ -464,7 +389,7 @@ pub async fn serve(
     let incoming = tokio_stream::wrappers::ReceiverStream::new(rx);
     let incoming = tokio_stream::StreamExt::map(incoming, Ok::<_, std::io::Error>);
     let result = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_interval(Some(ping))
         .add_service(svc)
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
         .await

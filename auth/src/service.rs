@@ -24,6 +24,16 @@ use crate::storage::{AuditRecord, Backend, Condition, StorageError};
 pub const ADMIN_USER: &str = "@admin";
 /// How a caller without a client certificate is named in the audit log.
 pub const ANONYMOUS: &str = "@anonymous";
+/// Longest resource name a request may carry, bytes; longer ones are refused (INVALID_ARGUMENT)
+/// before anything else, and the audit record keeps only an escaped prefix.
+pub const MAX_NAME_BYTES: usize = 256;
+
+fn peer_of<T>(req: &Request<T>) -> String {
+    req.extensions()
+        .get::<ConnInfo>()
+        .map(|i| i.peer.to_string())
+        .unwrap_or_default()
+}
 
 /// Default and largest lifetimes of host certificates, seconds.
 const HOST_TTL_DEFAULT: u64 = 30 * 24 * 3600;
@@ -234,6 +244,8 @@ impl Service {
             .map_err(|e| Status::internal(format!("worker failed: {e}")))
     }
 
+    /// Records one call in the audit log before its answer is sent. Err (UNAVAILABLE) when no
+    /// sink took the record: the caller fails the call rather than answer it unrecorded.
     async fn audit_now(
         &self,
         caller: &Caller,
@@ -241,7 +253,7 @@ impl Service {
         resource: String,
         allowed: bool,
         error: String,
-    ) {
+    ) -> Result<(), Status> {
         let state = self.state.clone();
         let rec = AuditRecord {
             id: 0,
@@ -257,7 +269,10 @@ impl Service {
             peer: caller.peer.clone(),
         };
         // Recorded before the response is sent: a caller that reads the log sees its call.
-        let _ = tokio::task::spawn_blocking(move || state.audit.record(rec)).await;
+        tokio::task::spawn_blocking(move || state.audit.record(rec))
+            .await
+            .map_err(|e| Status::internal(format!("worker failed: {e}")))?
+            .map_err(|e| Status::unavailable(e.to_string()))
     }
 
     /// Who is calling: the user the client certificate was issued to, still existing.
@@ -312,22 +327,35 @@ impl Service {
         let resource = if name.is_empty() {
             kind.to_string()
         } else {
-            format!("{kind}/{name}")
+            format!("{kind}/{}", crate::audit::untrusted(name))
         };
+        if name.len() > MAX_NAME_BYTES {
+            let status = Status::invalid_argument(format!(
+                "name: at most {MAX_NAME_BYTES} bytes (got {})",
+                name.len()
+            ));
+            let who = Caller {
+                user: "@unchecked".into(),
+                roles: Vec::new(),
+                peer: peer_of(req),
+            };
+            let _ = self
+                .audit_now(&who, action, resource, false, status.message().into())
+                .await;
+            return Err(status);
+        }
         let caller = match self.authenticate(req).await {
             Ok(c) => c,
             Err(status) => {
-                let peer = req
-                    .extensions()
-                    .get::<ConnInfo>()
-                    .map(|i| i.peer.to_string())
-                    .unwrap_or_default();
                 let who = Caller {
                     user: "@unknown".into(),
                     roles: Vec::new(),
-                    peer,
+                    peer: peer_of(req),
                 };
-                self.audit_now(&who, action, resource, false, status.message().into())
+                // A denial is returned even when it cannot be recorded (the record then goes to
+                // the process log; see `Audit::record`).
+                let _ = self
+                    .audit_now(&who, action, resource, false, status.message().into())
                     .await;
                 return Err(status);
             }
@@ -337,15 +365,17 @@ impl Service {
                 "{action} needs a client certificate issued by cluster '{}' (an identity from `pctl auth sign` or `psh login`)",
                 self.state.authorities.cluster
             ));
-            self.audit_now(&caller, action, resource, false, status.message().into())
+            let _ = self
+                .audit_now(&caller, action, resource, false, status.message().into())
                 .await;
             return Err(status);
         }
         for verb in verbs {
             if let Err(denied) = rbac::check(&caller.roles, kind, *verb) {
                 let msg = format!("user '{}': {denied}", caller.user);
-                info!(user = %caller.user, action, %resource, "denied");
-                self.audit_now(&caller, action, resource, false, msg.clone())
+                info!(user = ?caller.user, action, resource = ?resource, "denied");
+                let _ = self
+                    .audit_now(&caller, action, resource, false, msg.clone())
                     .await;
                 return Err(Status::permission_denied(msg));
             }
@@ -366,7 +396,21 @@ impl Service {
             .err()
             .map(|s| s.message().to_string())
             .unwrap_or_default();
-        self.audit_now(caller, action, resource, true, error).await;
+        // An allowed call whose record cannot be kept is failed: nothing (a certificate, a
+        // listing) leaves the server unrecorded. A write (create, update, upsert, delete) has
+        // been applied by now; the message says so.
+        if let Err(status) = self.audit_now(caller, action, resource, true, error).await {
+            let writes = ["Create", "Update", "Upsert", "Delete"];
+            let applied = if result.is_ok() && writes.iter().any(|w| action.starts_with(w)) {
+                " (the change itself was applied)"
+            } else {
+                ""
+            };
+            return Err(Status::unavailable(format!(
+                "{}{applied}",
+                status.message()
+            )));
+        }
         result.map(Response::new)
     }
 
@@ -854,7 +898,7 @@ impl AuthService for Service {
         self.audit_now(
             &caller,
             "RegisterAgent",
-            format!("host_cert/{}", r.host_id),
+            format!("host_cert/{}", crate::audit::untrusted(&r.host_id)),
             allowed,
             result
                 .as_ref()
@@ -862,7 +906,7 @@ impl AuthService for Service {
                 .map(|s| s.message().to_string())
                 .unwrap_or_default(),
         )
-        .await;
+        .await?;
         result.map(Response::new)
     }
 

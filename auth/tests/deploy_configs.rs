@@ -32,6 +32,26 @@ fn bad_values_name_the_field() {
             .to_string()
             .contains("admin_identity_ttl_secs")
     );
+    for (field, set) in [
+        (
+            "limits.login_queue_timeout_ms",
+            (|c: &mut AuthConfig| c.limits.login_queue_timeout_ms = 60_000) as fn(&mut AuthConfig),
+        ),
+        ("limits.api_idle_timeout_secs", |c| {
+            c.limits.api_idle_timeout_secs = 0
+        }),
+        ("limits.api_max_connections_per_source", |c| {
+            c.limits.api_max_connections_per_source = 5000
+        }),
+        ("limits.login_failures_per_source", |c| {
+            c.limits.login_failures_per_source = 0
+        }),
+    ] {
+        let mut c = example();
+        set(&mut c);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains(field), "{field}: {e}");
+    }
     let dir = std::env::temp_dir().join(format!("postern-authcfg-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join("auth.toml");

@@ -192,3 +192,51 @@ async fn killed_mid_write_loses_no_acknowledged_write() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// Whether `id` still opens the API: a call, not just a handshake, since revocation is checked
+/// per call.
+async fn works(addr: std::net::SocketAddr, id: &IdentityFile) -> bool {
+    match AuthClient::connect_direct(&addr.to_string(), id).await {
+        Ok(c) => c.get_role("editor").await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test]
+async fn at_most_one_admin_identity_is_valid_and_none_is_issued_before_the_bind() {
+    let dir = TempDir::new("admin");
+    let mut cfg = config(&dir.0, "admin");
+    let path = cfg.data_dir.join(files::ADMIN_IDENTITY);
+
+    // A start that never binds (a busy port: `prepare` ran, the bind failed) issues nothing.
+    prepare(&cfg).unwrap();
+    assert!(
+        !path.exists(),
+        "an admin identity was issued before the listener was bound"
+    );
+
+    // First start: a 3-hour identity.
+    cfg.admin_identity_ttl_secs = 3 * 3600;
+    let srv = start_with(cfg.clone()).await;
+    let first = srv.admin_identity();
+    assert!(works(srv.addr, &first).await);
+    srv.stop().await;
+
+    // A restart with the same lifetime keeps it (more than half of it is left).
+    let srv = start_with(cfg.clone()).await;
+    assert_eq!(srv.admin_identity().tls_cert, first.tls_cert, "reused");
+    assert!(works(srv.addr, &first).await);
+    srv.stop().await;
+
+    // A restart that wants a 30-day identity replaces it and revokes the old one.
+    cfg.admin_identity_ttl_secs = 30 * 24 * 3600;
+    let srv = start_with(cfg.clone()).await;
+    let second = srv.admin_identity();
+    assert_ne!(second.tls_cert, first.tls_cert, "replaced");
+    assert!(works(srv.addr, &second).await);
+    assert!(
+        !works(srv.addr, &first).await,
+        "the replaced admin identity still works: two are valid at once"
+    );
+    srv.stop().await;
+}

@@ -42,11 +42,7 @@ async fn start() -> Env {
     let prepared = postern_auth::server::prepare(&cfg).unwrap();
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.unwrap();
     let shutdown = CancellationToken::new();
-    tokio::spawn(postern_auth::server::serve(
-        listener,
-        prepared,
-        shutdown.clone(),
-    ));
+    tokio::spawn(postern_auth::server::start(listener, prepared, shutdown.clone()).unwrap());
     while !data.join("auth_addr").exists() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }

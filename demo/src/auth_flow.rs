@@ -117,7 +117,7 @@ pub async fn run(dir: &Path) -> anyhow::Result<(AuthDemo, AuthReport)> {
     );
     let proxy_dir = dir.join("proxy");
     let proxy_toml = format!(
-        "data_dir = {proxy_dir:?}\n\n[listen]\nweb = \"127.0.0.1:0\"\ntunnel = \"127.0.0.1:0\"\nops = \"127.0.0.1:0\"\n\n\
+        "data_dir = {proxy_dir:?}\n# The demo may run as root (a fresh container); a real proxy should not.\nallow_root = true\n\n[listen]\nweb = \"127.0.0.1:0\"\ntunnel = \"127.0.0.1:0\"\nops = \"127.0.0.1:0\"\n\n\
          [[clusters]]\nname = \"{CLUSTER}\"\nhost_ca = [{host_ca:?}]\nuser_ca = [{user_ca:?}]\n"
     );
     std::fs::write(dir.join("proxy.toml"), &proxy_toml)?;
@@ -154,11 +154,11 @@ pub async fn run(dir: &Path) -> anyhow::Result<(AuthDemo, AuthReport)> {
     let listener = tokio::net::TcpListener::bind(auth_cfg.listen).await?;
     let auth_addr = listener.local_addr()?;
     let auth_shutdown = shutdown.child_token();
-    let auth = tokio::spawn(postern_auth::server::serve(
+    let auth = tokio::spawn(postern_auth::server::start(
         listener,
         prepared,
         auth_shutdown.clone(),
-    ));
+    )?);
     println!(
         "    Auth API on {auth_addr} (mTLS, TLS 1.3); no inbound port is needed for the proxy path"
     );

@@ -106,7 +106,7 @@ pub async fn run_with_target(
     );
     let proxy_dir = dir.join("proxy");
     let proxy_toml = format!(
-        "data_dir = {proxy_dir:?}\n\n[listen]\nweb = \"127.0.0.1:0\"\ntunnel = \"127.0.0.1:0\"\nops = \"127.0.0.1:0\"\n\n\
+        "data_dir = {proxy_dir:?}\n# The demo may run as root (a fresh container); a real proxy should not.\nallow_root = true\n\n[listen]\nweb = \"127.0.0.1:0\"\ntunnel = \"127.0.0.1:0\"\nops = \"127.0.0.1:0\"\n\n\
          [[clusters]]\nname = \"{CLUSTER}\"\nhost_ca = [{:?}]\nuser_ca = [{:?}]\n",
         line(host_ca.public_key())?,
         line(user_ca.public_key())?,

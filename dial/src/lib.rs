@@ -8,8 +8,11 @@
 //! ## Layout
 //! - [`web`]: HTTPS `GET /webapi/ping|find` with certificate pinning, and tunnel-address discovery.
 //! - [`ssh`]: client config, proxy host-certificate verification, certificate login.
+//! - [`accept`]: server-side accept with connection caps, back-off and a descriptor reserve
+//!   (the proxy's listeners and the Auth API).
 //! - [`error`]: [`DialError`], what went wrong and what to do about it.
 
+pub mod accept;
 pub mod error;
 pub mod mint;
 pub mod splice;

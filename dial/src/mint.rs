@@ -36,6 +36,10 @@ pub enum MintError {
     /// ssh-key refused to build or sign.
     #[error("cannot mint certificate: {0}")]
     Key(#[from] russh::keys::ssh_key::Error),
+    /// A private key file could not be used: unreadable, readable by others, or not an OpenSSH
+    /// private key.
+    #[error(transparent)]
+    KeyFile(#[from] KeyFileError),
     /// A file could not be written or read.
     #[error("{path}: {source}")]
     Io {
@@ -158,7 +162,76 @@ pub fn cert_path(path: &Path) -> std::path::PathBuf {
     p.into()
 }
 
-/// Reads an OpenSSH private key file.
+/// Why a private key file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    /// The file cannot be read (missing, no permission, a directory).
+    #[error("cannot read private key {path}: {source}")]
+    Unreadable {
+        /// The file.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is readable by group or others.
+    #[error("private key {path} has mode {mode:o}, readable by other users: run chmod 600 {path}")]
+    LoosePermissions {
+        /// The file.
+        path: String,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The file holds no OpenSSH private key.
+    #[error("{path} is not an OpenSSH private key: {detail}")]
+    Malformed {
+        /// The file.
+        path: String,
+        /// What ssh-key said.
+        detail: String,
+    },
+}
+
+/// Refuses a private key file readable by group or others (as OpenSSH does). One check for the
+/// proxy, the agent and the Auth server.
+pub fn check_private_mode(path: &Path) -> Result<(), KeyFileError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|source| KeyFileError::Unreadable {
+            path: path.display().to_string(),
+            source,
+        })?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(KeyFileError::LoosePermissions {
+            path: path.display().to_string(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
+/// Reads an OpenSSH private key file after [`check_private_mode`], with an error that says
+/// which of the three things went wrong.
 pub fn read_key(path: &Path) -> Result<PrivateKey, MintError> {
-    PrivateKey::read_openssh_file(path).map_err(MintError::Key)
+    check_private_mode(path)?;
+    let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Unreadable {
+        path: path.display().to_string(),
+        source,
+    })?;
+    PrivateKey::from_openssh(text.trim()).map_err(|e| {
+        MintError::KeyFile(KeyFileError::Malformed {
+            path: path.display().to_string(),
+            detail: e.to_string(),
+        })
+    })
+}
+
+/// Whether this process runs as root (the owner of `/proc/self` is the effective user).
+pub fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
 }

@@ -35,8 +35,7 @@ impl std::fmt::Debug for Identity {
 impl Identity {
     /// Loads an OpenSSH private key file and certificate file, checking they belong together.
     pub fn load(key_path: &Path, cert_path: &Path) -> Result<Identity, DialError> {
-        let key = PrivateKey::read_openssh_file(key_path)
-            .map_err(|e| DialError::Config(format!("private key {}: {e}", key_path.display())))?;
+        let key = crate::mint::read_key(key_path).map_err(|e| DialError::Config(e.to_string()))?;
         let cert_text = std::fs::read_to_string(cert_path)
             .map_err(|e| DialError::Config(format!("certificate {}: {e}", cert_path.display())))?;
         let cert = Certificate::from_openssh(cert_text.trim())

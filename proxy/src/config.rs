@@ -32,6 +32,9 @@ pub struct ProxyConfig {
     pub proxy_protocol: crate::proxy_protocol::ProxyProtocolConfig,
     /// Clusters this proxy routes to, each with the CAs it trusts.
     pub clusters: Vec<ClusterConfig>,
+    /// Start even as root (`--allow-root`). The proxy needs no privileges: give it
+    /// `CAP_NET_BIND_SERVICE` for a port under 1024 instead.
+    pub allow_root: bool,
 }
 
 /// Listen addresses of the three listeners.
@@ -94,7 +97,7 @@ pub struct LimitsConfig {
     /// Pre-login connections one source address may hold, at most. Default 64.
     pub max_unauthenticated_per_source: usize,
     /// Streams one user may hold open to one target across its connections to this proxy, at
-    /// most. Default 32 (below the Auth API's 256 TLS handshake slots).
+    /// most. Default 64 (a quarter of the Auth API's 256 TLS handshake slots).
     pub max_streams_per_user_per_target: usize,
     /// Streams open through one agent tunnel, at most. Default 10000.
     pub max_streams_per_tunnel: usize,
@@ -111,6 +114,16 @@ pub struct LimitsConfig {
     pub web_header_timeout_secs: u64,
     /// Largest web request head (request line and headers), bytes. Default 65536.
     pub web_max_header_bytes: usize,
+    /// Seconds a web request body (a login) has to arrive in full after its headers. Default 10.
+    pub web_body_timeout_secs: u64,
+    /// Seconds a web connection may go without the client sending a byte before it is closed
+    /// (between requests, or a stalled body). Default 60.
+    pub web_idle_timeout_secs: u64,
+    /// Web connections open at once, at most; more are closed at accept. Keep it, with
+    /// `max_unauthenticated` and the tunnels, under the process's descriptor limit. Default 512.
+    pub web_max_connections: usize,
+    /// Web connections open at once from one source address, at most. Default 32.
+    pub web_max_connections_per_source: usize,
 }
 
 /// Graceful shutdown.
@@ -147,6 +160,7 @@ impl Default for ProxyConfig {
             shutdown: ShutdownConfig::default(),
             proxy_protocol: Default::default(),
             clusters: Vec::new(),
+            allow_root: false,
         }
     }
 }
@@ -178,7 +192,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_unauthenticated: 1024,
             max_unauthenticated_per_source: 64,
-            max_streams_per_user_per_target: 32,
+            max_streams_per_user_per_target: 64,
             max_streams_per_tunnel: 10_000,
             max_streams_per_client: 1000,
             max_tunnels_per_cluster: 1000,
@@ -186,6 +200,10 @@ impl Default for LimitsConfig {
             max_auth_failures_per_source_per_minute: 30,
             web_header_timeout_secs: 10,
             web_max_header_bytes: 64 * 1024,
+            web_body_timeout_secs: 10,
+            web_idle_timeout_secs: 60,
+            web_max_connections: 512,
+            web_max_connections_per_source: 32,
         }
     }
 }
@@ -306,6 +324,31 @@ impl ProxyConfig {
         }
         if let Err(e) = self.proxy_protocol.policy() {
             return Err(invalid("proxy_protocol.trusted_networks", e));
+        }
+        for (field, v) in [
+            (
+                "limits.web_body_timeout_secs",
+                self.limits.web_body_timeout_secs,
+            ),
+            (
+                "limits.web_idle_timeout_secs",
+                self.limits.web_idle_timeout_secs,
+            ),
+        ] {
+            if !(1..=3600).contains(&v) {
+                return Err(invalid(field, "must be 1..=3600"));
+            }
+        }
+        if self.limits.web_max_connections == 0 {
+            return Err(invalid("limits.web_max_connections", "must be at least 1"));
+        }
+        if !(1..=self.limits.web_max_connections)
+            .contains(&self.limits.web_max_connections_per_source)
+        {
+            return Err(invalid(
+                "limits.web_max_connections_per_source",
+                "must be 1..=limits.web_max_connections",
+            ));
         }
         if self.limits.max_unauthenticated == 0 {
             return Err(invalid("limits.max_unauthenticated", "must be at least 1"));

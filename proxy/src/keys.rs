@@ -23,6 +23,10 @@ pub enum KeyError {
         /// What is wrong.
         detail: String,
     },
+    /// A private key is unreadable, readable by others, or malformed (the message names the
+    /// file and what to do).
+    #[error("{0}")]
+    Key(String),
 }
 
 fn file_err(path: &Path, detail: impl ToString) -> KeyError {
@@ -36,8 +40,7 @@ fn file_err(path: &Path, detail: impl ToString) -> KeyError {
 pub fn ssh_host(config: &ProxyConfig) -> Result<(PrivateKey, Option<Certificate>), KeyError> {
     let key_path = config.host_key_path();
     let key = if key_path.exists() {
-        check_private_mode(&key_path)?;
-        mint::read_key(&key_path).map_err(|e| file_err(&key_path, e))?
+        mint::read_key(&key_path).map_err(|e| KeyError::Key(e.to_string()))?
     } else {
         let key = mint::generate_key();
         mint::write_key_pair(&key_path, &key).map_err(|e| file_err(&key_path, e))?;
@@ -66,20 +69,9 @@ pub fn ssh_host(config: &ProxyConfig) -> Result<(PrivateKey, Option<Certificate>
     Ok((key, cert))
 }
 
-/// Refuses a private key readable by group or others.
+/// Refuses a private key readable by group or others (`postern_dial::mint::check_private_mode`).
 pub fn check_private_mode(path: &Path) -> Result<(), KeyError> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path)
-        .map_err(|e| file_err(path, e))?
-        .permissions()
-        .mode();
-    if mode & 0o077 != 0 {
-        return Err(file_err(
-            path,
-            format!("private key has mode {:o}: run chmod 600", mode & 0o777),
-        ));
-    }
-    Ok(())
+    mint::check_private_mode(path).map_err(|e| KeyError::Key(e.to_string()))
 }
 
 /// The web TLS config: the configured certificate, or a self-signed one kept in the data dir.

@@ -84,6 +84,11 @@ pub enum ProxyError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// Running as root without `--allow-root` (or `allow_root = true`).
+    #[error(
+        "refusing to run as root: the proxy needs no privileges (for a port under 1024 give it CAP_NET_BIND_SERVICE). Run it as its own user, or pass --allow-root"
+    )]
+    Root,
     /// The data dir could not be prepared.
     #[error("data dir {path}: {source}")]
     DataDir {
@@ -124,11 +129,32 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ProxyError> {
     config.validate()?;
+    if mint::running_as_root() && !config.allow_root {
+        return Err(ProxyError::Root);
+    }
     let prom = metrics::install();
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| ProxyError::DataDir {
-        path: config.data_dir.display().to_string(),
-        source,
-    })?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.data_dir)
+            .map_err(|source| ProxyError::DataDir {
+                path: config.data_dir.display().to_string(),
+                source,
+            })?;
+    }
+    if let Some(nofile) = postern_dial::accept::nofile_limit() {
+        let budget = config.limits.web_max_connections + config.limits.max_unauthenticated + 64;
+        if (budget as u64) > nofile {
+            tracing::warn!(
+                nofile,
+                web_max_connections = config.limits.web_max_connections,
+                max_unauthenticated = config.limits.max_unauthenticated,
+                "the descriptor limit is below what the web and tunnel listeners may hold before login: raise LimitNOFILE or lower the limits"
+            );
+        }
+    }
     let proxy_id = proxy_id(&config)?;
     let (host_key, host_cert) = keys::ssh_host(&config)?;
     let (web_tls, web_fp) = keys::web_tls(&config)?;
@@ -202,10 +228,7 @@ pub async fn run(
         web_tls,
         discovery,
         Arc::new(login::LoginRelay::new(shared.clone())),
-        web::WebLimits {
-            header_timeout: Duration::from_secs(config.limits.web_header_timeout_secs),
-            max_header_bytes: config.limits.web_max_header_bytes,
-        },
+        web::WebLimits::from_config(&config.limits),
         shared.draining.clone(),
         conns.clone(),
     ));

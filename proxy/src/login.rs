@@ -9,43 +9,91 @@ use std::time::{Duration, Instant};
 
 use metrics::counter;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tunnel_proto::login::{LOGIN_TARGET, LoginRequest, LoginResponse, MAX_LOGIN_BYTES};
+use tunnel_proto::login::{
+    LOGIN_TARGET, LoginRequest, LoginResponse, MAX_LOGIN_BYTES, MAX_USER_LEN,
+};
 
 use crate::metrics as m;
 use crate::tunnel::TunnelShared;
 
 /// Logins relayed per source address per minute, at most.
 pub const PER_SOURCE_PER_MINUTE: u32 = 30;
-/// Logins relayed per user per minute, at most.
+/// Logins relayed per user per minute from one source address, at most. Counted per address so
+/// that a stranger using up the budget of a user does not lock its owner out from another
+/// address (issue 11, item 6).
 pub const PER_USER_PER_MINUTE: u32 = 10;
 /// How long the Auth server has to answer.
 const RELAY_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Fixed one-minute windows of attempts per key.
-#[derive(Default)]
-pub struct Limiter(Mutex<HashMap<String, (Instant, u32)>>);
+/// Keys a [`Limiter`] tracks at most; new keys beyond it are refused (counted as over the limit)
+/// until old windows expire.
+pub const MAX_KEYS: usize = 100_000;
+
+/// Fixed windows (one minute by default) of attempts per key. Expired windows are pruned at
+/// least once a window, and at most [`MAX_KEYS`] keys are held, so memory stays bounded whatever
+/// keys arrive.
+pub struct Limiter {
+    /// Window start and count per key, and when expired windows were last pruned.
+    map: Mutex<(Windows, Instant)>,
+    window: Duration,
+}
+
+/// Per key: when its window began, and the attempts counted in it.
+type Windows = HashMap<String, (Instant, u32)>;
+
+impl Default for Limiter {
+    fn default() -> Self {
+        Limiter::with_window(Duration::from_secs(60))
+    }
+}
 
 impl Limiter {
-    /// Counts an attempt for `key`; false once `limit` is reached within the minute.
+    /// A limiter counting in windows of `window`.
+    pub fn with_window(window: Duration) -> Limiter {
+        Limiter {
+            map: Mutex::new((HashMap::new(), Instant::now())),
+            window,
+        }
+    }
+
+    /// Counts an attempt for `key`; false once `limit` is reached within the window.
     pub fn allow(&self, key: &str, limit: u32) -> bool {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if m.len() > 100_000 {
-            m.retain(|_, (since, _)| since.elapsed() < Duration::from_secs(60));
+        let mut guard = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let (m, pruned) = &mut *guard;
+        let window = self.window;
+        if pruned.elapsed() >= window || m.len() >= MAX_KEYS {
+            m.retain(|_, (since, _)| since.elapsed() < window);
+            *pruned = Instant::now();
+        }
+        if m.len() >= MAX_KEYS && !m.contains_key(key) {
+            return false;
         }
         let e = m.entry(key.to_string()).or_insert((Instant::now(), 0));
-        if e.0.elapsed() >= Duration::from_secs(60) {
+        if e.0.elapsed() >= window {
             *e = (Instant::now(), 0);
         }
         e.1 = e.1.saturating_add(1);
         e.1 <= limit
     }
 
-    /// Attempts counted for `key` in the current minute.
+    /// Attempts counted for `key` in the current window.
     pub fn count(&self, key: &str) -> u32 {
-        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        m.get(key)
-            .filter(|(since, _)| since.elapsed() < Duration::from_secs(60))
+        let guard = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        guard
+            .0
+            .get(key)
+            .filter(|(since, _)| since.elapsed() < self.window)
             .map_or(0, |(_, n)| *n)
+    }
+
+    /// Keys held now (expired ones included until the next prune).
+    pub fn len(&self) -> usize {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).0.len()
+    }
+
+    /// Whether no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -55,7 +103,7 @@ pub struct LoginRelay {
     pub shared: Arc<TunnelShared>,
     /// Per source address.
     pub by_source: Limiter,
-    /// Per `cluster/user`.
+    /// Per `cluster/user/source address`.
     pub by_user: Limiter,
 }
 
@@ -95,12 +143,42 @@ impl LoginRelay {
                 );
             }
         };
+        // Names are capped before they become limiter keys or reach the Auth server.
+        if req.user.is_empty() || req.user.len() > MAX_USER_LEN {
+            return result(
+                LoginResponse::failed(400, format!("user: 1 to {MAX_USER_LEN} bytes")),
+                "bad_request",
+            );
+        }
+        if let Err(e) = tunnel_proto::names::validate_cluster(&req.cluster) {
+            let e = e.to_string();
+            let e: String = e.chars().take(200).collect();
+            return result(
+                LoginResponse::failed(400, format!("cluster: {e}")),
+                "bad_request",
+            );
+        }
+        if self.shared.trust.cluster(&req.cluster).is_none() {
+            return result(
+                LoginResponse::failed(
+                    404,
+                    format!(
+                        "unknown cluster {}: this proxy does not route to it",
+                        req.cluster
+                    ),
+                ),
+                "unknown_cluster",
+            );
+        }
         if !self.by_user.allow(
-            &format!("{}/{}", req.cluster, req.user),
+            &format!("{}/{}/{source}", req.cluster, req.user),
             PER_USER_PER_MINUTE,
         ) {
             return result(
-                LoginResponse::failed(429, "too many logins for this user: wait a minute"),
+                LoginResponse::failed(
+                    429,
+                    "too many logins for this user from this address: wait a minute",
+                ),
                 "rate_limited",
             );
         }
@@ -157,5 +235,23 @@ impl LoginRelay {
                 "error",
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expired_windows_are_pruned_and_the_map_is_bounded() {
+        let l = Limiter::with_window(Duration::from_millis(50));
+        for i in 0..1000 {
+            assert!(l.allow(&format!("user{i}"), 1));
+        }
+        assert!(!l.allow("user0", 1), "over the limit within the window");
+        assert_eq!(l.len(), 1000);
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(l.allow("late", 1));
+        assert_eq!(l.len(), 1, "expired windows are pruned");
     }
 }

@@ -58,6 +58,9 @@ struct RunArgs {
     /// Data directory for generated keys [default /var/lib/postern-proxy].
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Start even as root (the proxy needs no privileges; prefer CAP_NET_BIND_SERVICE).
+    #[arg(long)]
+    allow_root: bool,
 }
 
 #[derive(Subcommand)]
@@ -209,7 +212,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(d) = args.data_dir {
         config.data_dir = d;
     }
+    config.allow_root |= args.allow_root;
     config.validate()?;
+    // Checked before binding, as `run` does too, so that a refusal leaves no port half-open.
+    if postern_proxy::mint::running_as_root() && !config.allow_root {
+        bail!(postern_proxy::ProxyError::Root);
+    }
     let listeners = Listeners::bind(&config).await?;
     let shutdown = CancellationToken::new();
     tokio::spawn(signal(shutdown.clone()));

@@ -25,25 +25,30 @@ pub const BYTES_PROXIED: &str = "postern_bytes_proxied_total";
 pub const HANDSHAKE_SECONDS: &str = "postern_handshake_duration_seconds";
 /// Discovery requests, by `path` and `status`.
 pub const DISCOVERY_REQUESTS: &str = "postern_discovery_requests_total";
-/// Connections closed before login, by `reason` (`handshake_timeout`, `protocol`, `limit`,
-/// `prelogin_evicted`: dropped to make room for a newer connection when the pre-login pool was
-/// full).
+/// Connections closed before login or by a web deadline, by `reason` (`handshake_timeout`,
+/// `protocol`, `limit`, `prelogin_evicted`: dropped to make room for a newer connection when the
+/// pre-login pool was full, `web_header_timeout`, `web_header_too_large`, `web_body_timeout`,
+/// `web_first_bytes_timeout`, `web_idle_timeout`, `proxy_header_untrusted`, `proxy_header_missing`,
+/// `proxy_header_malformed`, `proxy_header_incomplete`).
 pub const CONNECTIONS_DROPPED: &str = "postern_connections_dropped_total";
 /// Connections, tunnels and streams refused by a limit, by `limit` (`connects_per_source`,
 /// `auth_failures_per_source`, `unauthenticated_per_source`, `tunnels_per_cluster`,
-/// `streams_per_client`, `streams_per_user_per_target`).
+/// `streams_per_client`, `streams_per_user_per_target`, `web_connections`,
+/// `web_connections_per_source`, `web_no_descriptors`).
 pub const LIMIT_REFUSALS: &str = "postern_limit_refusals_total";
 /// Logins relayed to an Auth server, by `result` (`ok`, `refused`, `rate_limited`,
-/// `bad_request`, `no_tunnel`, `error`).
+/// `bad_request`, `unknown_cluster`, `no_tunnel`, `error`).
 pub const LOGIN_RELAYS: &str = "postern_login_relays_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
-/// Installs the Prometheus recorder once per process and returns its handle.
+/// Installs the Prometheus recorder once per process and returns its handle. If another
+/// recorder is already installed (an embedding process), that one keeps the metrics and the
+/// handle renders nothing.
 pub fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
-            let handle = PrometheusBuilder::new()
+            let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(
                     metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
                     &[
@@ -51,9 +56,13 @@ pub fn install() -> PrometheusHandle {
                     ],
                 )
                 .expect("static buckets")
-                .install_recorder()
-                .expect("no other metrics recorder is installed");
-            describe();
+                .build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_ok() {
+                describe();
+            } else {
+                tracing::warn!("another metrics recorder is installed: /metrics will be empty");
+            }
             handle
         })
         .clone()

@@ -10,9 +10,10 @@ use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
+use postern_dial::accept::{AcceptLimits, Acceptor};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::debug;
 
 /// Readiness: true once every listener is serving, false again when draining starts.
 #[derive(Debug, Default)]
@@ -37,6 +38,9 @@ fn text(status: StatusCode, ctype: &'static str, body: String) -> Response<Full<
         .expect("static response parts")
 }
 
+/// Ops connections open at once, at most (closed at accept beyond it).
+const OPS_MAX_CONNECTIONS: usize = 64;
+
 /// Serves the ops endpoints until `stop` is cancelled.
 pub async fn serve(
     listener: TcpListener,
@@ -44,14 +48,23 @@ pub async fn serve(
     ready: Arc<Ready>,
     stop: CancellationToken,
 ) {
+    // Back-off on accept errors and a descriptor reserve, so that /healthz answers (or fails
+    // fast) when the process is short of descriptors; a scraper needs few connections.
+    let mut accept = Acceptor::new(
+        listener,
+        "ops",
+        AcceptLimits {
+            max_connections: OPS_MAX_CONNECTIONS,
+            max_per_source: OPS_MAX_CONNECTIONS,
+        },
+    );
     loop {
-        let socket = tokio::select! {
+        let (socket, slot) = tokio::select! {
             _ = stop.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    warn!(error = %e, "ops accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+            r = accept.accept() => match r {
+                Ok(c) => (c.stream, c.slot),
+                Err(refused) => {
+                    debug!(peer = %refused.peer, reason = %refused.reason, "ops connection refused");
                     continue;
                 }
             },
@@ -59,6 +72,7 @@ pub async fn serve(
         let prom = prom.clone();
         let ready = ready.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let resp = match req.uri().path() {
                     "/metrics" => {

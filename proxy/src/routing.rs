@@ -102,6 +102,42 @@ impl RouteError {
     }
 }
 
+/// What [`RoutingTable::insert_claiming`] did.
+#[derive(Default)]
+pub struct Claim {
+    /// Whether the tunnel was not in the table before.
+    pub new: bool,
+    /// Older tunnels of the same cluster and host id, now out of the table: close them.
+    pub replaced: Vec<Arc<Tunnel>>,
+}
+
+/// Closes tunnels a newer tunnel replaced, telling each agent why, and counts them in
+/// `postern_tunnel_disconnects_total{reason="replaced"}`. Their own connection tasks then end as
+/// usual (removing an id that is already gone is harmless).
+pub async fn close_replaced(replaced: Vec<Arc<Tunnel>>) {
+    for old in replaced {
+        tracing::warn!(
+            cluster = %old.cluster,
+            host_id = %old.host_id,
+            peer = %old.peer,
+            "tunnel replaced by a newer one for the same host id: closing the old one"
+        );
+        metrics::counter!(crate::metrics::TUNNEL_DISCONNECTS, "cluster" => old.cluster.clone(), "reason" => "replaced")
+            .increment(1);
+        let _ = old
+            .handle
+            .disconnect(
+                russh::Disconnect::ByApplication,
+                format!(
+                    "replaced by a newer tunnel for host id {}.{}",
+                    old.host_id, old.cluster
+                ),
+                String::new(),
+            )
+            .await;
+    }
+}
+
 /// Cluster → tunnels.
 #[derive(Default)]
 pub struct RoutingTable {
@@ -118,6 +154,29 @@ impl RoutingTable {
         }
         list.push(tunnel);
         true
+    }
+
+    /// Adds a tunnel as [`RoutingTable::insert`] does, and gives it its host id alone: any other
+    /// tunnel of the cluster with the same host id is taken out of the table and returned in
+    /// [`Claim::replaced`], for the caller to close with [`close_replaced`]. The newest tunnel
+    /// wins, so an agent that reconnects before its old connection is found dead is not locked
+    /// out, and two agents can never serve one host id side by side.
+    pub fn insert_claiming(&self, tunnel: Arc<Tunnel>) -> Claim {
+        let mut list = self.clusters.entry(tunnel.cluster.clone()).or_default();
+        if list.iter().any(|t| t.id == tunnel.id) {
+            return Claim {
+                new: false,
+                replaced: Vec::new(),
+            };
+        }
+        let (replaced, kept): (Vec<_>, Vec<_>) =
+            list.drain(..).partition(|t| t.host_id == tunnel.host_id);
+        *list = kept;
+        list.push(tunnel);
+        Claim {
+            new: true,
+            replaced,
+        }
     }
 
     /// Removes a tunnel; returns whether it was present. A cluster left with no tunnel is
@@ -167,5 +226,74 @@ impl RoutingTable {
         }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         Ok(serving[n % serving.len()].clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Quiet;
+    impl russh::server::Handler for Quiet {
+        type Error = russh::Error;
+    }
+
+    /// A live session handle over an in-memory pipe (no client beyond its version line).
+    async fn handle() -> russh::server::Handle {
+        use tokio::io::AsyncWriteExt;
+        let (server, mut client) = tokio::io::duplex(1 << 16);
+        client.write_all(b"SSH-2.0-test\r\n").await.unwrap();
+        let key = russh::keys::PrivateKey::random(
+            &mut rand::rng(),
+            russh::keys::ssh_key::Algorithm::Ed25519,
+        )
+        .unwrap();
+        let config = Arc::new(russh::server::Config {
+            keys: vec![key],
+            ..Default::default()
+        });
+        let running = russh::server::run_stream(config, server, Quiet)
+            .await
+            .unwrap();
+        std::mem::forget(client);
+        running.handle()
+    }
+
+    #[tokio::test]
+    async fn a_host_id_is_held_by_one_tunnel_the_newest() {
+        let table = RoutingTable::default();
+        let h = handle().await;
+        let t = |id, host: &str| {
+            let t = Arc::new(Tunnel::new(
+                id,
+                host.into(),
+                "c".into(),
+                "p".into(),
+                h.clone(),
+            ));
+            t.add_target("auth");
+            t
+        };
+        assert!(table.insert_claiming(t(1, "a")).new);
+        assert!(table.insert_claiming(t(2, "b")).new);
+        let claim = table.insert_claiming(t(3, "a"));
+        assert!(claim.new);
+        assert_eq!(
+            claim.replaced.iter().map(|t| t.id).collect::<Vec<_>>(),
+            vec![1]
+        );
+        assert_eq!(table.count("c"), 2);
+        let mut ids: Vec<u64> = table.all().iter().map(|t| t.id).collect();
+        ids.sort();
+        assert_eq!(ids, vec![2, 3]);
+        assert!(
+            !table.insert_claiming(t(3, "a")).new,
+            "re-inserting is a no-op"
+        );
+        close_replaced(claim.replaced).await;
+        // The plain insert still lets two tunnels hold one host id: the tunnel listener must
+        // call insert_claiming.
+        assert!(table.insert(t(4, "a")));
+        assert_eq!(table.count("c"), 3);
     }
 }

@@ -10,11 +10,12 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics::counter;
+use postern_dial::accept::{AcceptLimits, Acceptor, Refusal, Watched};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 use tunnel_proto::discovery::{
     ErrorBody, FIND_PATH, FindResponse, PING_PATH, PingResponse, ProxySettings,
 };
@@ -23,9 +24,6 @@ use tunnel_proto::login::{LOGIN_PATH, MAX_LOGIN_BYTES};
 
 use crate::login::LoginRelay;
 use crate::metrics as m;
-
-/// Deadline for the TLS handshake and for reading request headers.
-const WEB_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What discovery answers, fixed at start.
 pub struct Discovery {
@@ -52,6 +50,28 @@ fn error(status: StatusCode, msg: &str) -> Response<Full<Bytes>> {
             error: msg.to_owned(),
         },
     )
+}
+
+/// A path as echoed in an error: at most 64 characters, with the length of the rest noted.
+fn short_path(path: &str) -> String {
+    const KEEP: usize = 64;
+    match path.char_indices().nth(KEEP) {
+        Some((i, _)) => format!("{}… ({} bytes)", &path[..i], path.len()),
+        None => path.to_owned(),
+    }
+}
+
+/// The size of a request head as it came on the wire (request line, headers, blank line),
+/// counted again after parsing: hyper's buffer limit can let a head up to twice its size
+/// through.
+fn head_size<B>(req: &Request<B>) -> usize {
+    let line = req.method().as_str().len() + 1 + req.uri().to_string().len() + 1 + 8 + 2;
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + 2 + v.len() + 2)
+        .sum();
+    line + headers + 2
 }
 
 /// Answers one discovery request.
@@ -85,7 +105,10 @@ pub fn route(discovery: &Discovery, method: &Method, path: &str) -> Response<Ful
                 proxy: discovery.settings.clone(),
             },
         ),
-        _ => error(StatusCode::NOT_FOUND, &format!("no such path: {path}")),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            &format!("no such path: {}", short_path(path)),
+        ),
     };
     let label = if path == PING_PATH || path == FIND_PATH {
         path.to_owned()
@@ -101,6 +124,7 @@ async fn login(
     relay: &LoginRelay,
     req: Request<Incoming>,
     peer: std::net::SocketAddr,
+    body_timeout: Duration,
 ) -> Response<Full<Bytes>> {
     use http_body_util::BodyExt;
     if req.method() != Method::POST {
@@ -109,21 +133,41 @@ async fn login(
             &format!("{} is not allowed on {LOGIN_PATH}: use POST", req.method()),
         );
     }
-    let body = match http_body_util::Limited::new(req.into_body(), MAX_LOGIN_BYTES)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
+    let collect = http_body_util::Limited::new(req.into_body(), MAX_LOGIN_BYTES).collect();
+    let body = match tokio::time::timeout(body_timeout, collect).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) => {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 &format!("login request unreadable or over {MAX_LOGIN_BYTES} bytes: {e}"),
             );
         }
+        Err(_) => {
+            counter!(m::CONNECTIONS_DROPPED, "reason" => "web_body_timeout").increment(1);
+            let mut r = error(
+                StatusCode::REQUEST_TIMEOUT,
+                &format!(
+                    "the login request body did not arrive within {} s",
+                    body_timeout.as_secs()
+                ),
+            );
+            r.headers_mut().insert(
+                hyper::header::CONNECTION,
+                hyper::header::HeaderValue::from_static("close"),
+            );
+            return r;
+        }
     };
     let resp = relay.relay(&body, peer).await;
     let status = StatusCode::from_u16(resp.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    json(status, &resp)
+    let mut r = json(status, &resp);
+    if resp.retry_after_secs > 0 {
+        r.headers_mut().insert(
+            hyper::header::RETRY_AFTER,
+            hyper::header::HeaderValue::from(resp.retry_after_secs),
+        );
+    }
+    r
 }
 
 /// Limits of the web listener.
@@ -133,18 +177,46 @@ pub struct WebLimits {
     pub header_timeout: Duration,
     /// Largest request head (request line and headers), bytes.
     pub max_header_bytes: usize,
+    /// Deadline for a login body, from the end of its headers.
+    pub body_timeout: Duration,
+    /// A connection whose client sends nothing for this long is closed.
+    pub idle_timeout: Duration,
+    /// Connections open at once, and from one source address.
+    pub accept: AcceptLimits,
 }
 
 impl Default for WebLimits {
     fn default() -> Self {
+        WebLimits::from_config(&crate::config::LimitsConfig::default())
+    }
+}
+
+impl WebLimits {
+    /// The web limits of `proxy.toml`'s `[limits]`.
+    pub fn from_config(l: &crate::config::LimitsConfig) -> WebLimits {
         WebLimits {
-            header_timeout: WEB_TIMEOUT,
-            max_header_bytes: 64 * 1024,
+            header_timeout: Duration::from_secs(l.web_header_timeout_secs),
+            max_header_bytes: l.web_max_header_bytes,
+            body_timeout: Duration::from_secs(l.web_body_timeout_secs),
+            idle_timeout: Duration::from_secs(l.web_idle_timeout_secs),
+            accept: AcceptLimits {
+                max_connections: l.web_max_connections,
+                max_per_source: l.web_max_connections_per_source,
+            },
         }
     }
 }
 
-/// Serves HTTPS discovery and the login relay until `stop` is cancelled.
+fn cut(reason: &'static str) {
+    let label = match reason {
+        "first_bytes_timeout" => "web_first_bytes_timeout",
+        _ => "web_idle_timeout",
+    };
+    counter!(m::CONNECTIONS_DROPPED, "reason" => label).increment(1);
+}
+
+/// Serves HTTPS discovery and the login relay until `stop` is cancelled. Connections over
+/// `limits.accept` are closed at accept (`postern_limit_refusals_total{limit="web_…"}`).
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
@@ -155,14 +227,20 @@ pub async fn serve(
     conns: TaskTracker,
 ) {
     let acceptor = TlsAcceptor::from(tls);
+    let mut accept = Acceptor::new(listener, "web", limits.accept);
     loop {
-        let (socket, peer) = tokio::select! {
+        let conn = tokio::select! {
             _ = stop.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(error = %e, "web accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+            r = accept.accept() => match r {
+                Ok(c) => c,
+                Err(refused) => {
+                    let limit = match refused.reason {
+                        Refusal::MaxConnections(_) => "web_connections",
+                        Refusal::MaxPerSource(_) => "web_connections_per_source",
+                        Refusal::NoDescriptors => "web_no_descriptors",
+                    };
+                    counter!(m::LIMIT_REFUSALS, "limit" => limit).increment(1);
+                    debug!(peer = %refused.peer, reason = %refused.reason, "web connection refused");
                     continue;
                 }
             },
@@ -173,7 +251,7 @@ pub async fn serve(
         let stop = stop.clone();
         let proxy_protocol = relay.shared.proxy_protocol.clone();
         conns.spawn(async move {
-            let mut socket = socket;
+            let (mut socket, peer, _slot) = (conn.stream, conn.peer, conn.slot);
             // Behind a trusted balancer, the client's address comes in a PROXY header.
             let peer = match proxy_protocol
                 .source(&mut socket, peer, limits.header_timeout)
@@ -186,17 +264,31 @@ pub async fn serve(
                     return;
                 }
             };
-            let tls =
-                match tokio::time::timeout(limits.header_timeout, acceptor.accept(socket)).await {
+            let watched = Watched::new(socket, limits.header_timeout, limits.idle_timeout, cut);
+            let mut tls =
+                match tokio::time::timeout(limits.header_timeout, acceptor.accept(watched)).await {
                     Ok(Ok(t)) => t,
                     Ok(Err(e)) => return debug!(%peer, error = %e, "web TLS handshake failed"),
                     Err(_) => return debug!(%peer, "web TLS handshake timed out"),
                 };
+            tls.get_mut().0.arm();
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let (discovery, relay) = (discovery.clone(), relay.clone());
                 async move {
-                    let resp = if req.uri().path() == LOGIN_PATH {
-                        login(&relay, req, peer).await
+                    let resp = if head_size(&req) > limits.max_header_bytes {
+                        counter!(m::CONNECTIONS_DROPPED, "reason" => "web_header_too_large")
+                            .increment(1);
+                        let mut r = error(
+                            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                            &format!("request head over {} bytes", limits.max_header_bytes),
+                        );
+                        r.headers_mut().insert(
+                            hyper::header::CONNECTION,
+                            hyper::header::HeaderValue::from_static("close"),
+                        );
+                        r
+                    } else if req.uri().path() == LOGIN_PATH {
+                        login(&relay, req, peer, limits.body_timeout).await
                     } else {
                         route(&discovery, req.method(), req.uri().path())
                     };

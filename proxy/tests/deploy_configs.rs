@@ -79,3 +79,50 @@ proptest::proptest! {
         }
     }
 }
+
+/// `scripts/churn` runs 1,000 agents from one address: its proxy.toml must raise the limits that
+/// would refuse them, and the script must raise the descriptor limit and say what it set.
+#[test]
+fn churn_script_sets_the_limits_it_needs() {
+    let script = include_str!("../../scripts/churn");
+    let agents: u32 = 1000;
+    let toml = script
+        .split("cat > proxy.toml <<TOML\n")
+        .nth(1)
+        .and_then(|s| s.split("\nTOML").next())
+        .expect("the script writes proxy.toml from a heredoc");
+    // The shell's values, as the script computes them for the default run.
+    let toml = toml
+        .replace("$DIR", "/tmp/churn")
+        .replace("$ALLOW_ROOT", "false")
+        .replace("$(port)", "1")
+        .replace("$TUNNELS", &(agents * 2).to_string())
+        .replace("$TUNNEL", "2")
+        .replace("$CONNECTS", &(agents * 20).to_string())
+        .replace(
+            "$(cat ca/host_ca.pub)",
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGZ8Az1Ab5gU2j+N3XgdF1jhrzrWbxNvH1eS4PsV7ERz",
+        )
+        .replace(
+            "$(cat ca/user_ca.pub)",
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGZ8Az1Ab5gU2j+N3XgdF1jhrzrWbxNvH1eS4PsV7ERz",
+        );
+    let c = postern_proxy::ProxyConfig::from_toml(&toml).unwrap();
+    c.validate().unwrap();
+    assert!(
+        c.limits.max_connects_per_source_per_minute >= agents,
+        "1,000 agents from one address need more than {} connects a minute",
+        c.limits.max_connects_per_source_per_minute
+    );
+    assert!(c.limits.max_tunnels_per_cluster >= agents as usize);
+    assert!(
+        script.contains("ulimit -n"),
+        "the script raises the descriptor limit"
+    );
+    assert!(
+        script.contains("churn sets:"),
+        "the script says what it set"
+    );
+    assert!(script.contains("CONNECTS=$(( AGENTS * 20"));
+    assert!(script.contains("TUNNELS=$(( AGENTS * 2"));
+}

@@ -42,6 +42,7 @@ fn spawn_proxy(config: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_postern-proxy"))
         .arg("--config")
         .arg(config)
+        .arg("--allow-root")
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

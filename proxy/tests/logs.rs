@@ -14,7 +14,7 @@ fn startup_lines(args: &[&str], env: &[(&str, &str)]) -> Vec<String> {
     std::fs::write(
         &cfg,
         format!(
-            "data_dir = {:?}\n[listen]\nweb = \"127.0.0.1:0\"\ntunnel = \"127.0.0.1:0\"\nops = \"127.0.0.1:0\"\n",
+            "data_dir = {:?}\nallow_root = true\n[listen]\nweb = \"127.0.0.1:0\"\ntunnel = \"127.0.0.1:0\"\nops = \"127.0.0.1:0\"\n",
             dir.path().join("data")
         ),
     )

@@ -10,6 +10,9 @@ pub const LOGIN_PATH: &str = "/webapi/login";
 pub const LOGIN_TARGET: &str = "login";
 /// Largest request or response line, bytes.
 pub const MAX_LOGIN_BYTES: usize = 64 * 1024;
+/// Longest user name a login may carry, bytes (the Auth server's resource names are 1–64
+/// characters); longer ones are refused at the proxy and at the Auth server before any lookup.
+pub const MAX_USER_LEN: usize = 64;
 
 /// A login. `Debug` masks the secret and the passwords.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +86,14 @@ pub struct LoginResponse {
     /// The user's roles.
     #[serde(default)]
     pub roles: Vec<String>,
+    /// With status 503 or 429: seconds to wait before retrying (the proxy sends it as
+    /// `Retry-After`); 0 means no advice.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub retry_after_secs: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl LoginResponse {
@@ -91,6 +102,16 @@ impl LoginResponse {
         LoginResponse {
             status,
             error: error.into(),
+            ..Default::default()
+        }
+    }
+
+    /// A "busy, retry" answer: 503 with a `Retry-After` of `secs`.
+    pub fn busy(secs: u64, error: impl Into<String>) -> LoginResponse {
+        LoginResponse {
+            status: 503,
+            error: error.into(),
+            retry_after_secs: secs,
             ..Default::default()
         }
     }

@@ -12,6 +12,8 @@ use postern_dial::mint;
 use russh::keys::ssh_key::LineEnding;
 use tokio_util::sync::CancellationToken;
 
+pub mod logins;
+
 pub const SEED_ROLE: &str = r#"kind: role
 metadata:
   name: api-role
@@ -88,11 +90,8 @@ pub async fn start_with(config: AuthConfig) -> Running {
     let data_dir = config.data_dir.clone();
     let cluster = config.cluster.clone().unwrap_or_default();
     let prepared = postern_auth::server::prepare(&config).unwrap();
-    let task = tokio::spawn(postern_auth::server::serve(
-        listener,
-        prepared,
-        shutdown.clone(),
-    ));
+    let task =
+        tokio::spawn(postern_auth::server::start(listener, prepared, shutdown.clone()).unwrap());
     Running {
         addr,
         data_dir,

@@ -118,12 +118,16 @@ pub fn proxy_config(pkis: &[&Pki], data_dir: &Path) -> ProxyConfig {
     let mut c = ProxyConfig {
         data_dir: data_dir.to_owned(),
         clusters: pkis.iter().map(|p| p.cluster_config()).collect(),
+        // Tests may run as root (CI containers); the refusal itself is tested in `web.rs`.
+        allow_root: true,
         ..Default::default()
     };
     c.listen.web = "127.0.0.1:0".parse().unwrap();
     c.listen.tunnel = "127.0.0.1:0".parse().unwrap();
     c.listen.ops = "127.0.0.1:0".parse().unwrap();
     c.shutdown.grace_secs = 2;
+    // Tests open hundreds of streams as one user; the per-user limit has tests of its own.
+    c.limits.max_streams_per_user_per_target = 100_000;
     c
 }
 
@@ -171,6 +175,15 @@ pub async fn start_proxy_with(config: ProxyConfig, data_dir: tempfile::TempDir) 
         !web_fp.is_empty(),
         "proxy did not write its web certificate"
     );
+    // Then its ready signal: /readyz turns 200 once every listener is serving.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while http_get(ops, "/readyz").await.0 != 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "proxy did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     Proxy {
         web,
         tunnel,
