@@ -53,6 +53,13 @@ problems = []
 checks = 0
 
 
+def note(message, _seen=set()):
+    """Prints a line once (the Auth server variants re-check the same proxy)."""
+    if message not in _seen:
+        _seen.add(message)
+        print(message)
+
+
 def fail(where, message):
     problems.append(f"{where}: {message}")
 
@@ -325,8 +332,8 @@ def proxy_checks(where, doc, objects):
     check(tgps > need, where,
           f"terminationGracePeriodSeconds {tgps} must exceed preStop {pre_secs} s + "
           f"shutdown.grace_secs {grace} s + {CLOSE_SECS} s of closing = {need} s")
-    print(f"proxy: terminationGracePeriodSeconds {tgps} > preStop {pre_secs} + grace {grace} "
-          f"+ close {CLOSE_SECS} = {need}")
+    note(f"proxy: terminationGracePeriodSeconds {tgps} > preStop {pre_secs} s + grace {grace} s "
+         f"+ close {CLOSE_SECS} s = {need} s")
 
     # Key material: in the data dir (an emptyDir), put there by an init container.
     data_dir = conf.get("data_dir", "/var/lib/postern-proxy")
