@@ -92,7 +92,11 @@ impl Handler for Conn {
             return Ok(false);
         }
         tunnel.add_target(address);
-        let first = self.shared.routing.insert(tunnel.clone());
+        // A host id has one tunnel per proxy: a newer login of the same agent replaces the older
+        // (a reconnect racing its half-open predecessor), which is closed with a reason.
+        let claim = self.shared.routing.insert_claiming(tunnel.clone());
+        let first = claim.new;
+        crate::routing::close_replaced(claim.replaced).await;
         if first {
             counter!(m::TUNNEL_CONNECTS, "cluster" => tunnel.cluster.clone()).increment(1);
             info!(cluster = %tunnel.cluster, host_id = %tunnel.host_id, peer = %self.peer, "tunnel up");
@@ -146,7 +150,7 @@ impl Handler for Conn {
                 let max = self.shared.limits.max_streams_per_client;
                 if self.client_streams.load(Ordering::Relaxed) >= max {
                     let why = format!("too many open streams on this connection (limit {max})");
-                    info!(user = %user, why, "stream refused");
+                    info!(user = ?user, why, "stream refused");
                     counter!(m::STREAM_OPENS, "result" => "limit").increment(1);
                     counter!(m::LIMIT_REFUSALS, "limit" => "streams_per_client").increment(1);
                     reply
@@ -175,7 +179,7 @@ impl Handler for Conn {
                                 open.user,
                                 target.host()
                             );
-                            info!(user = %open.user, why, "stream refused");
+                            info!(user = ?open.user, why, "stream refused");
                             counter!(m::STREAM_OPENS, "result" => "limit").increment(1);
                             counter!(m::LIMIT_REFUSALS, "limit" => "streams_per_user_per_target")
                                 .increment(1);
@@ -184,7 +188,7 @@ impl Handler for Conn {
                                 .await;
                             return Ok(());
                         };
-                        let span = info_span!("stream", user = %open.user, cluster = %target.cluster, target = %target.target, host_id = %tunnel.host_id);
+                        let span = info_span!("stream", user = ?open.user, cluster = %target.cluster, target = %target.target, host_id = %tunnel.host_id);
                         let shared = self.shared.clone();
                         let held = StreamSlot::take(self.client_streams.clone());
                         self.shared.streams.spawn(
@@ -196,7 +200,7 @@ impl Handler for Conn {
                         );
                     }
                     Err((result, why)) => {
-                        info!(user = %open.user, host = %open.host, result, why, "stream refused");
+                        info!(user = ?open.user, host = ?open.host, result, why, "stream refused");
                         counter!(m::STREAM_OPENS, "result" => result).increment(1);
                         reply
                             .reject(reject_reason(ChannelOpenFailure::ConnectFailed, why))

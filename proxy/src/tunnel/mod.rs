@@ -19,6 +19,8 @@ pub mod splice;
 
 pub use splice::{SPLICE_QUEUE_CAP, splice};
 
+use postern_dial::accept::{AcceptLimits, Acceptor, Slot as AcceptSlot};
+
 use checks::{Conn, Role, reject_reason};
 use conn::{ConnState, serve_conn};
 use control::control;
@@ -35,7 +37,7 @@ use russh::{MethodKind, MethodSet};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span};
 
 use crate::metrics as m;
 use crate::routing::RoutingTable;
@@ -122,19 +124,30 @@ pub async fn serve(
     max_unauthenticated: usize,
     conns: TaskTracker,
 ) {
+    // Back-off on accept errors and a descriptor reserve, so that running out of descriptors
+    // sheds connections here instead of starving the other listeners; the caps are the
+    // pre-login pool's (below), not the acceptor's.
+    let mut acceptor = Acceptor::new(
+        listener,
+        "tunnel",
+        AcceptLimits {
+            max_connections: usize::MAX,
+            max_per_source: usize::MAX,
+        },
+    );
     loop {
-        let (socket, peer) = tokio::select! {
+        let accepted = tokio::select! {
             _ = shared.draining.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    warn!(error = %e, "tunnel accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+            r = acceptor.accept() => match r {
+                Ok(a) => a,
+                Err(refused) => {
+                    let limit = format!("tunnel_{}", refused.reason.label());
+                    counter!(m::LIMIT_REFUSALS, "limit" => limit).increment(1);
                     continue;
                 }
             },
         };
+        let (socket, peer, held) = (accepted.stream, accepted.peer, accepted.slot);
         if shared.proxy_protocol.trusts(peer.ip()) {
             // A trusted balancer: the client's own address comes in the PROXY header, and the
             // limits apply to it.
@@ -147,16 +160,21 @@ pub async fn serve(
                     .source(&mut socket, peer, deadline)
                     .await
                 {
-                    Ok(client) => {
-                        admit(shared, socket, client, max_unauthenticated, &tracker, false)
-                    }
+                    Ok(client) => admit(
+                        shared,
+                        (socket, held),
+                        client,
+                        max_unauthenticated,
+                        &tracker,
+                        false,
+                    ),
                     Err(r) => refuse_header(peer, &r),
                 }
             });
         } else {
             admit(
                 shared.clone(),
-                socket,
+                (socket, held),
                 peer,
                 max_unauthenticated,
                 &conns,
@@ -178,7 +196,7 @@ fn refuse_header(peer: SocketAddr, r: &crate::proxy_protocol::Refusal) {
 /// did not come through a trusted balancer: it may not start with a PROXY header.
 fn admit(
     shared: Arc<TunnelShared>,
-    socket: TcpStream,
+    (socket, held): (TcpStream, AcceptSlot),
     peer: SocketAddr,
     max_unauthenticated: usize,
     conns: &TaskTracker,
@@ -235,6 +253,7 @@ fn admit(
     conns.spawn(
         async move {
             let mut socket = socket;
+            let _held = held;
             // Nobody but a trusted balancer may send a PROXY header (this connection is not
             // from one): refuse one rather than take it for SSH garbage.
             if direct && shared.proxy_protocol.enabled() {
