@@ -12,6 +12,7 @@
 //! - [`authority`]: the SSH user and host CAs and the TLS CA, and what they issue;
 //! - [`service`]: the gRPC service: authentication, RBAC, audit, operations;
 //! - [`audit`]: the audit log (database table and JSON lines);
+//! - [`tokens`]: join tokens as stored, and spending one use atomically;
 //! - [`login`]: `psh login` behind the proxy's login relay (signup secret, then password);
 //! - [`server`]: data dir checks, the TLS listener, the admin identity, the embedded agent, `run`.
 
@@ -22,6 +23,7 @@ pub mod login;
 pub mod server;
 pub mod service;
 pub mod storage;
+pub mod tokens;
 
 pub use config::AuthConfig;
 pub use server::{AuthError, run};

@@ -20,8 +20,13 @@ use super::*;
 
 /// Who a logged-in connection is.
 pub(super) enum Role {
-    /// An agent with an accepted host certificate.
-    Agent { host_id: String, cluster: String },
+    /// An agent with an accepted host certificate; `role` is its certificate's role (`auth` or
+    /// `service`).
+    Agent {
+        host_id: String,
+        cluster: String,
+        role: String,
+    },
     /// A client with an accepted user certificate of `cluster`.
     Client { user: String, cluster: String },
 }
@@ -77,10 +82,12 @@ impl Conn {
                 "unknown_cluster",
                 format!("this proxy does not serve cluster '{cluster}'"),
             ))?;
-            check_agent_cert(cert, host_id, cluster, now, &trust.host_cas).map_err(cert_err)?;
+            let id =
+                check_agent_cert(cert, host_id, cluster, now, &trust.host_cas).map_err(cert_err)?;
             Ok(Role::Agent {
-                host_id: host_id.to_owned(),
-                cluster: cluster.to_owned(),
+                host_id: id.host_id,
+                cluster: id.cluster,
+                role: id.role,
             })
         } else {
             let signer = signer_fingerprint(cert);
@@ -104,7 +111,10 @@ impl Conn {
 
     /// Gets or creates this agent connection's tunnel.
     pub(super) fn tunnel(&self, session: &Session) -> Option<Arc<Tunnel>> {
-        let Some(Role::Agent { host_id, cluster }) = &self.role else {
+        let Some(Role::Agent {
+            host_id, cluster, ..
+        }) = &self.role
+        else {
             return None;
         };
         Some(

@@ -8,7 +8,10 @@ use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, Session};
 use russh::{Channel, ChannelOpenFailure};
 use tracing::{Instrument, info, info_span, warn};
 use tunnel_proto::certs::Certificate;
-use tunnel_proto::names::{CONTROL_HOST, NameError, StreamTarget, validate_label};
+use tunnel_proto::login::LOGIN_TARGET;
+use tunnel_proto::names::{
+    CONTROL_HOST, NameError, ROLE_AUTH, StreamTarget, is_reserved_target, validate_label,
+};
 
 use crate::metrics as m;
 use crate::routing::Tunnel;
@@ -48,7 +51,11 @@ impl Handler for Conn {
         match self.check(user, certificate) {
             Ok(role) => {
                 let (kind, who) = match &role {
-                    Role::Agent { host_id, cluster } => ("agent", format!("{host_id}.{cluster}")),
+                    Role::Agent {
+                        host_id,
+                        cluster,
+                        role,
+                    } => ("agent", format!("{host_id}.{cluster} (role {role})")),
                     Role::Client { user, cluster } => ("client", format!("{user}@{cluster}")),
                 };
                 info!(peer = %self.peer, role = kind, who, "login accepted");
@@ -75,6 +82,21 @@ impl Handler for Conn {
         };
         if let Err(e) = validate_label("target", address) {
             warn!(cluster = %tunnel.cluster, host_id = %tunnel.host_id, error = %e, "tcpip-forward refused");
+            counter!(m::TARGET_REFUSALS, "reason" => "bad_name").increment(1);
+            return Ok(false);
+        }
+        if let Some(Role::Agent { role, .. }) = &self.role
+            && role != ROLE_AUTH
+            && is_reserved_target(address)
+        {
+            warn!(
+                cluster = %tunnel.cluster,
+                host_id = %tunnel.host_id,
+                role = %role,
+                target = address,
+                "tcpip-forward refused: only the Auth server's own agent (certificate role 'auth') may register the reserved targets auth and login"
+            );
+            counter!(m::TARGET_REFUSALS, "reason" => "reserved_target").increment(1);
             return Ok(false);
         }
         let registered = self.shared.routing.all().iter().any(|t| t.id == tunnel.id);
@@ -89,6 +111,7 @@ impl Handler for Conn {
                 "tcpip-forward refused: the cluster is at its tunnel limit on this proxy"
             );
             counter!(m::LIMIT_REFUSALS, "limit" => "tunnels_per_cluster").increment(1);
+            counter!(m::TARGET_REFUSALS, "reason" => "tunnels_per_cluster").increment(1);
             return Ok(false);
         }
         tunnel.add_target(address);
@@ -125,7 +148,9 @@ impl Handler for Conn {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         match &self.role {
-            Some(Role::Agent { host_id, cluster }) => {
+            Some(Role::Agent {
+                host_id, cluster, ..
+            }) => {
                 if host_to_connect != CONTROL_HOST {
                     reply
                         .reject(reject_reason(
@@ -230,6 +255,14 @@ impl Conn {
             };
             (label, e.to_string())
         })?;
+        if target.target == LOGIN_TARGET {
+            return Err((
+                "reserved",
+                format!(
+                    "target '{LOGIN_TARGET}' is reserved for the proxy's login relay: log in with `psh login` (POST /webapi/login on the proxy's web address)"
+                ),
+            ));
+        }
         if self.shared.trust.cluster(&target.cluster).is_none() {
             return Err((
                 "unknown_cluster",
