@@ -13,6 +13,9 @@ use tunnel_proto::certs::{
 };
 use tunnel_proto::names::{AGENT_LOGIN_PREFIX, validate_label};
 
+/// The OpenSSH certificate extension that allows `direct-tcpip` (`ssh -W`, `-L`).
+pub(super) const EXT_PERMIT_PORT_FORWARDING: &str = "permit-port-forwarding";
+
 use crate::metrics as m;
 use crate::routing::Tunnel;
 
@@ -27,8 +30,13 @@ pub(super) enum Role {
         cluster: String,
         role: String,
     },
-    /// A client with an accepted user certificate of `cluster`.
-    Client { user: String, cluster: String },
+    /// A client with an accepted user certificate of `cluster`. `port_forwarding` is whether the
+    /// certificate has `permit-port-forwarding` (OpenSSH refuses `-W` without it, and so do we).
+    Client {
+        user: String,
+        cluster: String,
+        port_forwarding: bool,
+    },
 }
 
 /// The russh handler of one tunnel-listener connection.
@@ -105,6 +113,7 @@ impl Conn {
             Ok(Role::Client {
                 user: login.to_owned(),
                 cluster: cluster.to_owned(),
+                port_forwarding: cert.extensions().contains_key(EXT_PERMIT_PORT_FORWARDING),
             })
         }
     }

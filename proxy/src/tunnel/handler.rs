@@ -42,6 +42,25 @@ impl Handler for Conn {
         })
     }
 
+    async fn auth_publickey_offered(
+        &mut self,
+        user: &str,
+        offer: russh::server::PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        if offer.algorithm.clone().is_rsa() || offer.public_key.algorithm().is_rsa() {
+            // russh is built without RSA: it would fail the signature with a misleading
+            // "invalid", so say what is true here (and in the Rust client, which refuses to load
+            // an RSA identity with the same words).
+            warn!(peer = %self.peer, login = user, reason = "rsa_not_supported", "login refused: {}", postern_dial::ssh::RSA_NOT_SUPPORTED);
+            counter!(m::AUTH_FAILURES, "reason" => "rsa_not_supported").increment(1);
+            return Ok(Auth::Reject {
+                proceed_with_methods: None,
+                partial_success: false,
+            });
+        }
+        Ok(Auth::Accept)
+    }
+
     async fn auth_openssh_certificate(
         &mut self,
         user: &str,
@@ -56,7 +75,7 @@ impl Handler for Conn {
                         cluster,
                         role,
                     } => ("agent", format!("{host_id}.{cluster} (role {role})")),
-                    Role::Client { user, cluster } => ("client", format!("{user}@{cluster}")),
+                    Role::Client { user, cluster, .. } => ("client", format!("{user}@{cluster}")),
                 };
                 info!(peer = %self.peer, role = kind, who, "login accepted");
                 self.state
@@ -64,6 +83,18 @@ impl Handler for Conn {
                     .store(matches!(role, Role::Agent { .. }), Ordering::Relaxed);
                 self.role = Some(role);
                 self.state.authed.notify_one();
+                Ok(Auth::Accept)
+            }
+            Err((reason, detail)) if reason == "critical_option" => {
+                // The certificate is the cluster's and its key proved itself; only a restriction
+                // we cannot honour stands in the way. A USERAUTH_FAILURE carries no words, and
+                // `ssh` exits on it before reading a later disconnect, so the login "succeeds"
+                // with no role (every channel and forward is refused) and the connection is
+                // closed at once with the reason as the disconnect description, which `ssh`
+                // prints: "Received disconnect from ...: certificate has critical option ...".
+                *self.state.refusal.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(detail.clone());
+                let _ = self.refuse(user, reason, &detail);
                 Ok(Auth::Accept)
             }
             Err((reason, detail)) => Ok(self.refuse(user, reason, &detail)),
@@ -166,7 +197,22 @@ impl Handler for Conn {
                     .streams
                     .spawn(control(channel, self.shared.clone()).instrument(span));
             }
-            Some(Role::Client { user, cluster }) => {
+            Some(Role::Client {
+                user,
+                port_forwarding: false,
+                ..
+            }) => {
+                let why = "your certificate does not permit port forwarding (it lacks the permit-port-forwarding extension, as after ssh-keygen -O no-port-forwarding or -O clear): ask for a certificate without that restriction";
+                info!(user = %user, why, "stream refused");
+                counter!(m::STREAM_OPENS, "result" => "forbidden").increment(1);
+                reply
+                    .reject(reject_reason(
+                        ChannelOpenFailure::AdministrativelyProhibited,
+                        why,
+                    ))
+                    .await;
+            }
+            Some(Role::Client { user, cluster, .. }) => {
                 let max = self.shared.limits.max_streams_per_client;
                 if self.client_streams.load(Ordering::Relaxed) >= max {
                     let why = format!("too many open streams on this connection (limit {max})");
@@ -207,11 +253,21 @@ impl Handler for Conn {
                     }
                 }
             }
-            None => {
-                reply
-                    .reject(ChannelOpenFailure::AdministrativelyProhibited)
-                    .await
-            }
+            None => match self.state.refusal() {
+                Some(why) => {
+                    reply
+                        .reject(reject_reason(
+                            ChannelOpenFailure::AdministrativelyProhibited,
+                            why,
+                        ))
+                        .await
+                }
+                None => {
+                    reply
+                        .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                        .await
+                }
+            },
         }
         Ok(())
     }
