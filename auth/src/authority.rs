@@ -277,7 +277,8 @@ impl Authorities {
         })
     }
 
-    /// A host certificate: an agent's (`host_id`) or, with `proxy_principals`, a proxy's.
+    /// A host certificate: the Auth server's own agent's (`host_id`, role `auth`) or, with
+    /// `proxy_principals`, a proxy's. Other agents get [`Authorities::issue_service_agent`].
     pub fn issue_host(
         &self,
         key: &PublicKey,
@@ -294,6 +295,31 @@ impl Authorities {
             CertSpec::Proxy {
                 principals: proxy_principals.to_vec(),
             }
+        };
+        let now = mint::now_unix();
+        let cert = mint::issue(&self.host_ca, key, &spec, now - BACKDATE_SECS, now + ttl)
+            .map_err(|e| AuthorityError::Issue(e.to_string()))?;
+        Ok(Issued {
+            ssh_cert: cert
+                .to_openssh()
+                .map_err(|e| AuthorityError::Issue(e.to_string()))?,
+            tls_cert: String::new(),
+            tls_fingerprint: String::new(),
+            expires: now + ttl,
+        })
+    }
+
+    /// A service agent's host certificate (role `service`): what `RegisterAgent` and
+    /// `GenerateHostCerts` issue. The proxy refuses such an agent the reserved targets.
+    pub fn issue_service_agent(
+        &self,
+        key: &PublicKey,
+        host_id: &str,
+        ttl: u64,
+    ) -> Result<Issued, AuthorityError> {
+        let spec = CertSpec::ServiceAgent {
+            host_id: host_id.into(),
+            cluster: self.cluster.clone(),
         };
         let now = mint::now_unix();
         let cert = mint::issue(&self.host_ca, key, &spec, now - BACKDATE_SECS, now + ttl)

@@ -12,6 +12,7 @@
 //! - [`authority`]: the SSH user and host CAs and the TLS CA, and what they issue;
 //! - [`service`]: the gRPC service: authentication, RBAC, audit, operations;
 //! - [`audit`]: the audit log (database table and JSON lines);
+//! - [`tokens`]: join tokens as stored, and spending one use atomically;
 //! - [`login`]: `psh login` behind the proxy's login relay (signup secret, then password);
 //! - [`password`]: Argon2id verification on reused memory;
 //! - [`throttle`]: the password-hashing gate and failed logins per source and user;
@@ -32,6 +33,7 @@ pub mod server;
 pub mod service;
 pub mod storage;
 pub mod throttle;
+pub mod tokens;
 
 pub use config::AuthConfig;
 pub use server::{AuthError, run};

@@ -18,6 +18,7 @@ use tracing::{error, info};
 use crate::audit::Audit;
 use crate::authority::Authorities;
 use crate::storage::{AuditRecord, Backend, Condition, StorageError};
+use crate::tokens::StoredToken;
 
 /// The built-in identity of `<data_dir>/admin.identity` (`pctl --data-dir`): every verb on every
 /// resource, like tctl's local mode. Not a user: it cannot be deleted or listed.
@@ -66,14 +67,6 @@ pub struct StoredUser {
     /// Argon2id PHC string of the password, once set at the first login.
     #[serde(default)]
     pub password_hash: Option<String>,
-}
-
-/// A join token as stored (only its hash).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct StoredToken {
-    hash: String,
-    kind: String,
-    expires: u64,
 }
 
 /// Shared state of the service.
@@ -842,11 +835,13 @@ impl AuthService for Service {
                 0 => HOST_TTL_DEFAULT,
                 t => t.min(HOST_TTL_MAX),
             };
-            let issued = self
-                .state
-                .authorities
-                .issue_host(&key, &r.host_id, &r.proxy_principals, ttl)
-                .map_err(|e| Status::internal(e.to_string()))?;
+            let a = &self.state.authorities;
+            let issued = if r.proxy_principals.is_empty() {
+                a.issue_service_agent(&key, &r.host_id, ttl)
+            } else {
+                a.issue_host(&key, &r.host_id, &r.proxy_principals, ttl)
+            }
+            .map_err(|e| Status::internal(e.to_string()))?;
             Ok(self.certs(issued, Vec::new()))
         }
         .await;
@@ -880,18 +875,16 @@ impl AuthService for Service {
             tunnel_proto::names::validate_label("host_id", &r.host_id)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
             let key = parse_public_key(&r.public_key)?;
-            let i = id.clone();
-            let item = self.blocking(move |s| s.backend.get("token", &i)).await?.map_err(storage_status)?;
-            let refused = || Status::permission_denied("join token is unknown, expired or deleted: ask an admin for a new one (pctl tokens add)");
-            let item = item.ok_or_else(refused)?;
-            let t: StoredToken = serde_json::from_str(&item.value).map_err(|e| Status::internal(e.to_string()))?;
-            if t.hash != hash || t.expires < now_unix() || t.kind != "agent" {
-                return Err(refused());
-            }
-            let issued = self.state.authorities
-                .issue_host(&key, &r.host_id, &[], HOST_TTL_DEFAULT)
+            let (i, h) = (id.clone(), hash.clone());
+            self.blocking(move |s| crate::tokens::spend(s.backend.as_ref(), &i, &h, now_unix()))
+                .await?
+                .map_err(Status::from)?;
+            let issued = self
+                .state
+                .authorities
+                .issue_service_agent(&key, &r.host_id, HOST_TTL_DEFAULT)
                 .map_err(|e| Status::internal(e.to_string()))?;
-            Ok(self.certs(issued, Vec::new()))
+            Ok::<_, Status>(self.certs(issued, Vec::new()))
         }
         .await;
         let allowed = result.is_ok();
@@ -931,15 +924,28 @@ impl AuthService for Service {
             };
             let secret = random_secret();
             let hash = hash_secret(&secret);
+            let uses = match r.uses {
+                0 => 1,
+                n if n > crate::tokens::MAX_USES => {
+                    return Err(Status::invalid_argument(format!(
+                        "uses: {n} is more than {} uses for one token",
+                        crate::tokens::MAX_USES
+                    )));
+                }
+                n => n,
+            };
             let info = Token {
                 id: hash[..12].to_string(),
                 kind: r.kind.clone(),
                 expires: now_unix() + ttl,
+                uses_left: uses,
             };
             let stored = StoredToken {
                 hash,
                 kind: r.kind,
                 expires: info.expires,
+                uses,
+                uses_left: uses,
             };
             let json = serde_json::to_string(&stored).expect("token serializes");
             let id = info.id.clone();
@@ -976,6 +982,7 @@ impl AuthService for Service {
                     id: i.name,
                     kind: t.kind,
                     expires: t.expires,
+                    uses_left: t.uses_left,
                 });
             }
             Ok(ListTokensResponse { tokens })

@@ -128,7 +128,8 @@ async fn a_user_with_no_roles_can_do_nothing() {
     assert!(
         c.create_token(CreateTokenRequest {
             kind: "agent".into(),
-            ttl_secs: 0
+            ttl_secs: 0,
+            uses: 0,
         })
         .await
         .is_err()
@@ -358,6 +359,7 @@ async fn join_tokens_register_agents_and_nothing_else() {
         .create_token(CreateTokenRequest {
             kind: "agent".into(),
             ttl_secs: 600,
+            uses: 0,
         })
         .await
         .unwrap();

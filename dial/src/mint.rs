@@ -6,13 +6,22 @@ use std::path::Path;
 
 use russh::keys::ssh_key::certificate::{Builder, CertType};
 use russh::keys::ssh_key::{Algorithm, Certificate, LineEnding, PrivateKey, PublicKey};
-use tunnel_proto::names::{EXT_CLUSTER, EXT_ROLE, ROLE_AUTH, agent_principal};
+use tunnel_proto::names::{EXT_CLUSTER, EXT_ROLE, ROLE_AUTH, ROLE_SERVICE, agent_principal};
 
 /// What a certificate is for.
 #[derive(Debug, Clone)]
 pub enum CertSpec {
-    /// An agent's host certificate: principal `<host-id>.<cluster>`, Postern extensions.
+    /// The Auth server's own agent's host certificate: principal `<host-id>.<cluster>`, Postern
+    /// extensions with role `auth` (it alone may register the reserved targets).
     Agent {
+        /// The agent's host id.
+        host_id: String,
+        /// Its cluster.
+        cluster: String,
+    },
+    /// A service agent's host certificate: as [`CertSpec::Agent`] but role `service`, so the
+    /// proxy refuses it the reserved targets (`auth`, `login`).
+    ServiceAgent {
         /// The agent's host id.
         host_id: String,
         /// Its cluster.
@@ -70,13 +79,17 @@ pub fn issue(
         valid_before,
     )?;
     match spec {
-        CertSpec::Agent { host_id, cluster } => {
+        CertSpec::Agent { host_id, cluster } | CertSpec::ServiceAgent { host_id, cluster } => {
+            let role = match spec {
+                CertSpec::Agent { .. } => ROLE_AUTH,
+                _ => ROLE_SERVICE,
+            };
             let principal = agent_principal(host_id, cluster);
             b.cert_type(CertType::Host)?
                 .key_id(format!("agent {principal}"))?
                 .valid_principal(principal)?
                 .extension(EXT_CLUSTER, cluster.clone())?
-                .extension(EXT_ROLE, ROLE_AUTH)?;
+                .extension(EXT_ROLE, role)?;
         }
         CertSpec::User { user } => {
             b.cert_type(CertType::User)?

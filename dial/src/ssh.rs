@@ -51,6 +51,9 @@ impl Identity {
 
     /// Pairs a key and certificate, checking the certificate is for that key.
     pub fn new(key: PrivateKey, cert: Certificate) -> Result<Identity, String> {
+        if key.algorithm().is_rsa() || cert.signature_key().algorithm().is_rsa() {
+            return Err(RSA_NOT_SUPPORTED.into());
+        }
         if cert.public_key() != key.public_key().key_data() {
             return Err("the certificate is not for this private key".into());
         }
@@ -60,6 +63,10 @@ impl Identity {
         })
     }
 }
+
+/// Why an RSA key or CA is refused: russh is built without RSA, so Postern cannot verify it
+/// (an honest refusal instead of "signature invalid").
+pub const RSA_NOT_SUPPORTED: &str = "RSA is not supported: Postern verifies Ed25519 and ECDSA keys only (its SSH library is built without RSA); use an Ed25519 key or CA (ssh-keygen -t ed25519)";
 
 /// Parses OpenSSH public-key lines (`ssh-ed25519 AAAA... comment`), as trust lists hold CA keys.
 /// Also accepts `@cert-authority <hosts> <key>` known_hosts lines.
@@ -77,9 +84,12 @@ pub fn parse_ca_lines(lines: &[String]) -> Result<Vec<Fingerprint>, String> {
                     .unwrap_or(l)
                     .trim();
             }
-            PublicKey::from_openssh(l)
-                .map(|k| ca_fingerprint(&k))
-                .map_err(|e| format!("'{}': {e}", l.chars().take(40).collect::<String>()))
+            let short = || l.chars().take(40).collect::<String>();
+            let key = PublicKey::from_openssh(l).map_err(|e| format!("'{}': {e}", short()))?;
+            if key.algorithm().is_rsa() {
+                return Err(format!("'{}': {RSA_NOT_SUPPORTED}", short()));
+            }
+            Ok(ca_fingerprint(&key))
         })
         .collect()
 }

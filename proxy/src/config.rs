@@ -434,12 +434,19 @@ impl ProxyConfig {
 
 fn postern_ssh_lines(lines: &[String]) -> Result<(), String> {
     for line in lines {
-        russh::keys::ssh_key::PublicKey::from_openssh(line.trim()).map_err(|e| {
+        let key = russh::keys::ssh_key::PublicKey::from_openssh(line.trim()).map_err(|e| {
             format!(
                 "not an OpenSSH public key line ({e}): '{}'",
                 line.chars().take(40).collect::<String>()
             )
         })?;
+        if key.algorithm().is_rsa() {
+            return Err(format!(
+                "'{}': {}",
+                line.chars().take(40).collect::<String>(),
+                postern_dial::ssh::RSA_NOT_SUPPORTED
+            ));
+        }
     }
     Ok(())
 }
@@ -488,5 +495,23 @@ mod tests {
                 .to_string()
                 .contains("clusters[0].host_ca")
         );
+    }
+
+    /// An RSA CA line is refused at load with a message saying RSA is not supported (not a
+    /// later "signature invalid" at every login).
+    #[test]
+    fn an_rsa_ca_line_is_refused_at_load() {
+        const RSA: &str = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQCheqBUjDYcdWKbElfhC3kIJPs2bEPIjLfo1wENvyz0z5R2rPiTKVQayTeBiQSQxdBMbLjV7uSWTvYfamdPJZQANc79DTzpQZpzYRoZuwByhQ8P3OxnjTcQn5rwZSUvYF2ug8/DIOtU66VMeEv8D9n5J++3+TXkpFRTC8K2ZZUB2w== rsa-ca";
+        let c = ProxyConfig::from_toml(&format!(
+            "[[clusters]]\nname = \"ok\"\nhost_ca = [\"{RSA}\"]\nuser_ca = [\"{RSA}\"]\n"
+        ))
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("clusters[0].host_ca") && e.contains("RSA is not supported"),
+            "{e}"
+        );
+        let e = postern_dial::ssh::parse_ca_lines(&[RSA.to_string()]).unwrap_err();
+        assert!(e.contains("RSA is not supported"), "{e}");
     }
 }

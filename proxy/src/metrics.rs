@@ -17,7 +17,7 @@ pub const AUTH_FAILURES: &str = "postern_auth_failures_total";
 /// Client streams open now.
 pub const STREAMS_ACTIVE: &str = "postern_streams_active";
 /// Client stream open attempts, by `result` (`ok`, `unknown_cluster`, `no_tunnel`,
-/// `unknown_target`, `bad_target`, `forbidden`, `agent_refused`, `limit`).
+/// `unknown_target`, `bad_target`, `forbidden`, `reserved`, `agent_refused`, `limit`).
 pub const STREAM_OPENS: &str = "postern_stream_opens_total";
 /// Payload bytes spliced, by `direction` (`client_to_agent`, `agent_to_client`).
 pub const BYTES_PROXIED: &str = "postern_bytes_proxied_total";
@@ -39,6 +39,10 @@ pub const LIMIT_REFUSALS: &str = "postern_limit_refusals_total";
 /// Logins relayed to an Auth server, by `result` (`ok`, `refused`, `rate_limited`,
 /// `bad_request`, `unknown_cluster`, `no_tunnel`, `error`).
 pub const LOGIN_RELAYS: &str = "postern_login_relays_total";
+
+/// Target registrations (`tcpip-forward`) refused, by `reason` (`reserved_target`: a `service`
+/// agent asked for `auth` or `login`; `bad_name`; `tunnels_per_cluster`).
+pub const TARGET_REFUSALS: &str = "postern_target_registrations_refused_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -79,6 +83,10 @@ fn describe() {
         "Connections, tunnels and streams refused by a limit, by limit."
     );
     describe_counter!(LOGIN_RELAYS, "Logins relayed to an Auth server, by result.");
+    describe_counter!(
+        TARGET_REFUSALS,
+        "Target registrations refused, by reason (reserved_target: a service agent asked for auth or login)."
+    );
     describe_counter!(
         TUNNEL_DISCONNECTS,
         "Agent tunnels ended, by cluster and reason."

@@ -80,6 +80,17 @@ async fn keygen_sign(ca: &Path, key: &Path, id: &str, principals: &str, host: bo
     mint::cert_path(key)
 }
 
+/// `ssh-keygen -s ca` signs a user certificate for `principal` with extra `-O` options.
+async fn keygen_sign_user_with(ca: &Path, key: &Path, principal: &str, opts: &[&str]) {
+    let public = mint::pub_path(key);
+    let mut args = vec!["-q", "-s", s(ca), "-I", "restricted", "-n", principal];
+    for o in opts {
+        args.extend(["-O", o]);
+    }
+    args.extend(["-V", "-5m:+1h", s(&public)]);
+    ssh_keygen(&args).await;
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().expect("temp paths are UTF-8")
 }
@@ -401,6 +412,87 @@ async fn russh_client_verifies_ssh_keygen_host_cert() {
             Err(e) => panic!("expected a host verification failure, got: {e}"),
             Ok(_) => panic!("a proxy signed by another host CA must not be trusted"),
         }
+        proxy.stop().await;
+    })
+    .await;
+}
+
+/// A certificate made with `ssh-keygen -O no-port-forwarding` or `-O clear` lacks
+/// `permit-port-forwarding`: OpenSSH's sshd refuses its `-W`, and so does the proxy, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_without_permit_port_forwarding_is_refused_streams() {
+    require_openssh();
+    init_tracing();
+    within(async {
+        let pki = Pki::new("ossh7");
+        let (proxy, agent) = proxy_with_echo_agent(&pki).await;
+        let hosts = known_hosts(&pki);
+        let dest = format!("auth.{}:3025", pki.cluster);
+        for (i, opt) in ["no-port-forwarding", "clear"].iter().enumerate() {
+            let key = keygen_ed25519(&pki.path(&format!("id_nopf{i}"))).await;
+            keygen_sign_user_with(&pki.path("user_ca"), &key, "alice", &[opt]).await;
+            let err = ssh_must_fail(ssh_w(&hosts, &key, &proxy, "alice", &dest)).await;
+            assert!(
+                err.contains("open failed") && err.contains("does not permit port forwarding"),
+                "-O {opt}: {err}"
+            );
+        }
+        agent.stop().await;
+        proxy.stop().await;
+    })
+    .await;
+}
+
+/// A critical option the proxy cannot enforce is refused, and `ssh` is told which one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_is_told_the_critical_option_it_was_refused_for() {
+    require_openssh();
+    init_tracing();
+    within(async {
+        let pki = Pki::new("ossh8");
+        let (proxy, agent) = proxy_with_echo_agent(&pki).await;
+        let hosts = known_hosts(&pki);
+        let dest = format!("auth.{}:3025", pki.cluster);
+        let key = keygen_ed25519(&pki.path("id_forced")).await;
+        keygen_sign_user_with(
+            &pki.path("user_ca"),
+            &key,
+            "alice",
+            &["force-command=/bin/true"],
+        )
+        .await;
+        let err = ssh_must_fail(ssh_w(&hosts, &key, &proxy, "alice", &dest)).await;
+        assert!(
+            err.contains("critical option 'force-command'"),
+            "ssh was not told the option: {err}"
+        );
+        let m = scrape(proxy.ops).await;
+        assert!(auth_failures(&m, "critical_option") >= 1.0, "{m}");
+        agent.stop().await;
+        proxy.stop().await;
+    })
+    .await;
+}
+
+/// An RSA user key (certificate signed by the cluster's Ed25519 CA) is refused as "RSA is not
+/// supported" in the proxy's log and metric, not as a bad signature. (`ssh` itself prints only
+/// "Permission denied": an SSH auth failure carries no text.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rsa_user_key_is_refused_as_rsa_not_supported() {
+    require_openssh();
+    init_tracing();
+    within(async {
+        let pki = Pki::new("ossh9");
+        let proxy = start_proxy(&[&pki], |_| {}).await;
+        let hosts = known_hosts(&pki);
+        let key = pki.path("id_rsa");
+        ssh_keygen(&["-q", "-t", "rsa", "-b", "2048", "-N", "", "-f", s(&key)]).await;
+        keygen_sign_user_with(&pki.path("user_ca"), &key, "alice", &[]).await;
+        let dest = format!("auth.{}:3025", pki.cluster);
+        let err = ssh_must_fail(ssh_w(&hosts, &key, &proxy, "alice", &dest)).await;
+        assert!(err.contains("Permission denied"), "{err}");
+        let m = scrape(proxy.ops).await;
+        assert!(auth_failures(&m, "rsa_not_supported") >= 1.0, "{m}");
         proxy.stop().await;
     })
     .await;

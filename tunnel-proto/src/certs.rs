@@ -6,7 +6,7 @@
 //!
 //! | who | cert type | principal | extensions | login |
 //! |---|---|---|---|---|
-//! | agent | host | `<host-id>.<cluster>` | `postern-cluster@postern=<cluster>`, `postern-role@postern=auth` | `@agent/<host-id>.<cluster>` |
+//! | agent | host | `<host-id>.<cluster>` | `postern-cluster@postern=<cluster>`, `postern-role@postern=auth` (the Auth server's agent) or `service` | `@agent/<host-id>.<cluster>` |
 //! | client | user | the user name | none required | the user name |
 //! | proxy | host | every name clients dial it by | none required | — |
 
@@ -14,7 +14,7 @@ pub use russh::keys::ssh_key::{
     Certificate, Fingerprint, HashAlg, PublicKey, certificate::CertType,
 };
 
-use crate::names::{EXT_CLUSTER, EXT_ROLE, ROLE_AUTH};
+use crate::names::{EXT_CLUSTER, EXT_ROLE, ROLE_AUTH, ROLE_SERVICE};
 
 /// Why a certificate was refused. `reason()` gives the metric label.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -73,8 +73,8 @@ pub enum CertError {
         /// The cluster in the extension.
         got: String,
     },
-    /// The role extension is not one this login may take.
-    #[error("certificate role '{0}' may not register tunnels (role must be 'auth')")]
+    /// The role extension is not one an agent may take.
+    #[error("certificate role '{0}' may not register tunnels (role must be 'auth' or 'service')")]
     WrongRole(String),
     /// A critical option Postern cannot enforce is present (OpenSSH would refuse it too).
     #[error("certificate has critical option '{0}', which Postern does not support")]
@@ -117,7 +117,8 @@ pub struct AgentIdentity {
     pub host_id: String,
     /// The cluster it serves.
     pub cluster: String,
-    /// Its role extension (`auth`).
+    /// Its role extension: `auth` (the Auth server's own agent, which alone may register the
+    /// reserved targets) or `service`.
     pub role: String,
 }
 
@@ -199,7 +200,7 @@ pub fn check_agent_cert(
         .extensions()
         .get(EXT_ROLE)
         .ok_or(CertError::MissingExtension(EXT_ROLE))?;
-    if role != ROLE_AUTH {
+    if role != ROLE_AUTH && role != ROLE_SERVICE {
         return Err(CertError::WrongRole(role.clone()));
     }
     Ok(AgentIdentity {
@@ -319,6 +320,9 @@ mod tests {
         assert_eq!(err(&m.sign()).reason(), "cluster_mismatch");
         m.ext = vec![(EXT_CLUSTER, "example"), (EXT_ROLE, "proxy")];
         assert_eq!(err(&m.sign()).reason(), "wrong_role");
+        m.ext = vec![(EXT_CLUSTER, "example"), (EXT_ROLE, "service")];
+        let service = check_agent_cert(&m.sign(), "h1", "example", NOW, &fp).unwrap();
+        assert_eq!(service.role, "service");
         let mut m = agent_mint(&ca);
         m.crit = vec![("force-command", "/bin/true")];
         assert_eq!(err(&m.sign()).reason(), "critical_option");

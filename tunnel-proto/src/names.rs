@@ -22,8 +22,19 @@ pub const AGENT_LOGIN_PREFIX: &str = "@agent/";
 pub const EXT_CLUSTER: &str = "postern-cluster@postern";
 /// Host-certificate extension naming the agent's role (see [`ROLE_AUTH`], [`ROLE_PROXY`]).
 pub const EXT_ROLE: &str = "postern-role@postern";
-/// Role of an agent that serves a cluster's targets (the Auth server's agent).
+/// Role of the Auth server's own agent: the only agent that may register [`RESERVED_TARGETS`].
 pub const ROLE_AUTH: &str = "auth";
+/// Role of an agent enrolled with a join token (`RegisterAgent`) or signed with
+/// `pctl auth sign --host`: it serves its own targets, never the reserved ones.
+pub const ROLE_SERVICE: &str = "service";
+/// Target names only an agent of role [`ROLE_AUTH`] may register: the Auth API and the login
+/// relay's back end.
+pub const RESERVED_TARGETS: [&str; 2] = ["auth", "login"];
+
+/// Whether `target` is one of [`RESERVED_TARGETS`].
+pub fn is_reserved_target(target: &str) -> bool {
+    RESERVED_TARGETS.contains(&target)
+}
 /// Role of a proxy's own host certificate (what agents and clients check when they dial it).
 pub const ROLE_PROXY: &str = "proxy";
 

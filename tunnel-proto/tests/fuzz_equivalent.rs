@@ -376,7 +376,7 @@ proptest! {
 const NOW: u64 = 1_800_000_000;
 const PRINCIPALS: &[&str] = &["h1.example", "h2.example", "h1.other", "alice", "localhost"];
 const EXT_KEYS: &[&str] = &[EXT_CLUSTER, EXT_ROLE, "permit-pty"];
-const EXT_VALUES: &[&str] = &["example", "other", "auth", "proxy", ""];
+const EXT_VALUES: &[&str] = &["example", "other", "auth", "service", "proxy", ""];
 
 fn key(seed: u8) -> PrivateKey {
     PrivateKey::from(Ed25519Keypair::from_seed(&[seed; 32]))
@@ -422,7 +422,7 @@ proptest! {
         let (host_id, cluster) = login;
         let agent_ok = common(CertType::Host, &format!("{host_id}.{cluster}"))
             && exts.get(EXT_CLUSTER) == Some(&cluster)
-            && exts.get(EXT_ROLE) == Some(&"auth");
+            && matches!(exts.get(EXT_ROLE), Some(&"auth" | &"service"));
         let r = check_agent_cert(&cert, host_id, cluster, NOW, &trusted);
         prop_assert_eq!(r.is_ok(), agent_ok, "{:?}", r);
         let r = check_user_cert(&cert, host_id, NOW, &trusted);

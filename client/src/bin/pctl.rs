@@ -154,7 +154,7 @@ enum AuthCommand {
         /// User to sign for.
         #[arg(long, conflicts_with_all = ["host", "proxy_names"])]
         user: Option<String>,
-        /// Agent host id to sign a host certificate for.
+        /// Agent host id to sign a host certificate for (role `service`: not the reserved targets).
         #[arg(long, conflicts_with = "proxy_names")]
         host: Option<String>,
         /// Comma-separated names a proxy is reached by: sign a proxy host certificate.
@@ -191,6 +191,9 @@ enum TokensCommand {
         /// Lifetime (e.g. 30m).
         #[arg(long, default_value = "30m")]
         ttl: String,
+        /// How many agents it may enroll (single-use by default).
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
     },
     /// List tokens (ids and expiry; never the secrets).
     Ls,
@@ -588,26 +591,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         },
         Command::Tokens { command } => match command {
-            TokensCommand::Add { kind, out, ttl } => {
+            TokensCommand::Add {
+                kind,
+                out,
+                ttl,
+                uses,
+            } => {
                 let ttl = duration::parse_secs(&ttl).map_err(anyhow::Error::msg)?;
                 let r = client
                     .create_token(CreateTokenRequest {
                         kind,
                         ttl_secs: ttl,
+                        uses,
                     })
                     .await?;
                 write_secret(&out, &r.token)?;
                 let info = r.info.unwrap_or_default();
                 println!(
-                    "join token {} written to {} (expires {})",
+                    "join token {} written to {} (expires {}, {} use{})",
                     info.id,
                     out.display(),
-                    info.expires
+                    info.expires,
+                    info.uses_left,
+                    if info.uses_left == 1 { "" } else { "s" }
                 );
             }
             TokensCommand::Ls => {
                 for t in client.list_tokens(ListTokensRequest {}).await?.tokens {
-                    println!("{}  {}  expires {}", t.id, t.kind, t.expires);
+                    println!(
+                        "{}  {}  expires {}  uses left {}",
+                        t.id, t.kind, t.expires, t.uses_left
+                    );
                 }
             }
             TokensCommand::Rm { id } => {

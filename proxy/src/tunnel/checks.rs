@@ -13,6 +13,9 @@ use tunnel_proto::certs::{
 };
 use tunnel_proto::names::{AGENT_LOGIN_PREFIX, validate_label};
 
+/// The OpenSSH certificate extension that allows `direct-tcpip` (`ssh -W`, `-L`).
+pub(super) const EXT_PERMIT_PORT_FORWARDING: &str = "permit-port-forwarding";
+
 use crate::metrics as m;
 use crate::routing::Tunnel;
 
@@ -20,10 +23,20 @@ use super::*;
 
 /// Who a logged-in connection is.
 pub(super) enum Role {
-    /// An agent with an accepted host certificate.
-    Agent { host_id: String, cluster: String },
-    /// A client with an accepted user certificate of `cluster`.
-    Client { user: String, cluster: String },
+    /// An agent with an accepted host certificate; `role` is its certificate's role (`auth` or
+    /// `service`).
+    Agent {
+        host_id: String,
+        cluster: String,
+        role: String,
+    },
+    /// A client with an accepted user certificate of `cluster`. `port_forwarding` is whether the
+    /// certificate has `permit-port-forwarding` (OpenSSH refuses `-W` without it, and so do we).
+    Client {
+        user: String,
+        cluster: String,
+        port_forwarding: bool,
+    },
 }
 
 /// The russh handler of one tunnel-listener connection.
@@ -77,10 +90,12 @@ impl Conn {
                 "unknown_cluster",
                 format!("this proxy does not serve cluster '{cluster}'"),
             ))?;
-            check_agent_cert(cert, host_id, cluster, now, &trust.host_cas).map_err(cert_err)?;
+            let id =
+                check_agent_cert(cert, host_id, cluster, now, &trust.host_cas).map_err(cert_err)?;
             Ok(Role::Agent {
-                host_id: host_id.to_owned(),
-                cluster: cluster.to_owned(),
+                host_id: id.host_id,
+                cluster: id.cluster,
+                role: id.role,
             })
         } else {
             let signer = signer_fingerprint(cert);
@@ -98,13 +113,17 @@ impl Conn {
             Ok(Role::Client {
                 user: login.to_owned(),
                 cluster: cluster.to_owned(),
+                port_forwarding: cert.extensions().contains_key(EXT_PERMIT_PORT_FORWARDING),
             })
         }
     }
 
     /// Gets or creates this agent connection's tunnel.
     pub(super) fn tunnel(&self, session: &Session) -> Option<Arc<Tunnel>> {
-        let Some(Role::Agent { host_id, cluster }) = &self.role else {
+        let Some(Role::Agent {
+            host_id, cluster, ..
+        }) = &self.role
+        else {
             return None;
         };
         Some(

@@ -32,6 +32,19 @@ pub(super) struct ConnState {
     pub(super) is_agent: AtomicBool,
     /// Whether the client finished key exchange and asked for user authentication.
     pub(super) auth_started: AtomicBool,
+    /// Why the login was refused, when the client should be told in words (the disconnect
+    /// description, which `ssh` prints).
+    pub(super) refusal: std::sync::Mutex<Option<String>>,
+}
+
+impl ConnState {
+    /// The refusal to tell the client, if one was recorded.
+    pub(super) fn refusal(&self) -> Option<String> {
+        self.refusal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 /// Cuts a connection under russh's feet: shutting the duplicate down ends the session's reads.
@@ -118,12 +131,12 @@ pub(super) async fn serve_conn(
     tokio::pin!(session);
     // Say why (queued behind russh's auth-rejection delay), then give the session up to a
     // second to send it and end; the caller then cuts the socket in case it did not.
-    let close = |why: &'static str| {
+    let close = |why: String| {
         let handle = handle.clone();
         async move {
             let _ = tokio::time::timeout(
                 Duration::from_millis(500),
-                handle.disconnect(Disconnect::ByApplication, why.into(), String::new()),
+                handle.disconnect(Disconnect::ByApplication, why, String::new()),
             )
             .await;
         }
@@ -155,12 +168,13 @@ pub(super) async fn serve_conn(
         _ = state.authed.notified() => {}
         _ = slot.evicted.cancelled() => {
             evicted();
-            close("too many connections logging in: retry").await;
+            close("too many connections logging in: retry".into()).await;
             kill.cancel();
             return;
         }
         _ = state.refused.notified() => {
-            close("certificate refused").await;
+            let why = state.refusal().unwrap_or_else(|| "certificate refused".into());
+            close(why).await;
             let _ = tokio::time::timeout(Duration::from_secs(1), &mut session).await;
             kill.cancel();
             return;
@@ -169,7 +183,7 @@ pub(super) async fn serve_conn(
             ssh_layer_refusal();
             info!("closed: login not completed before the handshake timeout");
             counter!(m::CONNECTIONS_DROPPED, "reason" => "handshake_timeout").increment(1);
-            close("handshake timeout").await;
+            close("handshake timeout".into()).await;
             let _ = tokio::time::timeout(Duration::from_secs(1), &mut session).await;
             kill.cancel();
             return;
@@ -185,7 +199,7 @@ pub(super) async fn serve_conn(
     let result = tokio::select! {
         r = &mut session => r.map_err(|e| e.to_string()),
         _ = shared.hard_stop.cancelled() => {
-            close("proxy shutting down").await;
+            close("proxy shutting down".into()).await;
             let _ = tokio::time::timeout(Duration::from_secs(1), &mut session).await;
             kill.cancel();
             Err("shutdown".into())

@@ -8,7 +8,10 @@ use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, Session};
 use russh::{Channel, ChannelOpenFailure};
 use tracing::{Instrument, info, info_span, warn};
 use tunnel_proto::certs::Certificate;
-use tunnel_proto::names::{CONTROL_HOST, NameError, StreamTarget, validate_label};
+use tunnel_proto::login::LOGIN_TARGET;
+use tunnel_proto::names::{
+    CONTROL_HOST, NameError, ROLE_AUTH, StreamTarget, is_reserved_target, validate_label,
+};
 
 use crate::metrics as m;
 use crate::routing::Tunnel;
@@ -39,6 +42,25 @@ impl Handler for Conn {
         })
     }
 
+    async fn auth_publickey_offered(
+        &mut self,
+        user: &str,
+        offer: russh::server::PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        if offer.algorithm.clone().is_rsa() || offer.public_key.algorithm().is_rsa() {
+            // russh is built without RSA: it would fail the signature with a misleading
+            // "invalid", so say what is true here (and in the Rust client, which refuses to load
+            // an RSA identity with the same words).
+            warn!(peer = %self.peer, login = user, reason = "rsa_not_supported", "login refused: {}", postern_dial::ssh::RSA_NOT_SUPPORTED);
+            counter!(m::AUTH_FAILURES, "reason" => "rsa_not_supported").increment(1);
+            return Ok(Auth::Reject {
+                proceed_with_methods: None,
+                partial_success: false,
+            });
+        }
+        Ok(Auth::Accept)
+    }
+
     async fn auth_openssh_certificate(
         &mut self,
         user: &str,
@@ -48,8 +70,12 @@ impl Handler for Conn {
         match self.check(user, certificate) {
             Ok(role) => {
                 let (kind, who) = match &role {
-                    Role::Agent { host_id, cluster } => ("agent", format!("{host_id}.{cluster}")),
-                    Role::Client { user, cluster } => ("client", format!("{user}@{cluster}")),
+                    Role::Agent {
+                        host_id,
+                        cluster,
+                        role,
+                    } => ("agent", format!("{host_id}.{cluster} (role {role})")),
+                    Role::Client { user, cluster, .. } => ("client", format!("{user}@{cluster}")),
                 };
                 info!(peer = %self.peer, role = kind, who, "login accepted");
                 self.state
@@ -57,6 +83,18 @@ impl Handler for Conn {
                     .store(matches!(role, Role::Agent { .. }), Ordering::Relaxed);
                 self.role = Some(role);
                 self.state.authed.notify_one();
+                Ok(Auth::Accept)
+            }
+            Err((reason, detail)) if reason == "critical_option" => {
+                // The certificate is the cluster's and its key proved itself; only a restriction
+                // we cannot honour stands in the way. A USERAUTH_FAILURE carries no words, and
+                // `ssh` exits on it before reading a later disconnect, so the login "succeeds"
+                // with no role (every channel and forward is refused) and the connection is
+                // closed at once with the reason as the disconnect description, which `ssh`
+                // prints: "Received disconnect from ...: certificate has critical option ...".
+                *self.state.refusal.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(detail.clone());
+                let _ = self.refuse(user, reason, &detail);
                 Ok(Auth::Accept)
             }
             Err((reason, detail)) => Ok(self.refuse(user, reason, &detail)),
@@ -75,6 +113,21 @@ impl Handler for Conn {
         };
         if let Err(e) = validate_label("target", address) {
             warn!(cluster = %tunnel.cluster, host_id = %tunnel.host_id, error = %e, "tcpip-forward refused");
+            counter!(m::TARGET_REFUSALS, "reason" => "bad_name").increment(1);
+            return Ok(false);
+        }
+        if let Some(Role::Agent { role, .. }) = &self.role
+            && role != ROLE_AUTH
+            && is_reserved_target(address)
+        {
+            warn!(
+                cluster = %tunnel.cluster,
+                host_id = %tunnel.host_id,
+                role = %role,
+                target = address,
+                "tcpip-forward refused: only the Auth server's own agent (certificate role 'auth') may register the reserved targets auth and login"
+            );
+            counter!(m::TARGET_REFUSALS, "reason" => "reserved_target").increment(1);
             return Ok(false);
         }
         let registered = self.shared.routing.all().iter().any(|t| t.id == tunnel.id);
@@ -89,6 +142,7 @@ impl Handler for Conn {
                 "tcpip-forward refused: the cluster is at its tunnel limit on this proxy"
             );
             counter!(m::LIMIT_REFUSALS, "limit" => "tunnels_per_cluster").increment(1);
+            counter!(m::TARGET_REFUSALS, "reason" => "tunnels_per_cluster").increment(1);
             return Ok(false);
         }
         tunnel.add_target(address);
@@ -129,7 +183,9 @@ impl Handler for Conn {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         match &self.role {
-            Some(Role::Agent { host_id, cluster }) => {
+            Some(Role::Agent {
+                host_id, cluster, ..
+            }) => {
                 if host_to_connect != CONTROL_HOST {
                     reply
                         .reject(reject_reason(
@@ -146,7 +202,22 @@ impl Handler for Conn {
                     .streams
                     .spawn(control(channel, self.shared.clone(), tunnel).instrument(span));
             }
-            Some(Role::Client { user, cluster }) => {
+            Some(Role::Client {
+                user,
+                port_forwarding: false,
+                ..
+            }) => {
+                let why = "your certificate does not permit port forwarding (it lacks the permit-port-forwarding extension, as after ssh-keygen -O no-port-forwarding or -O clear): ask for a certificate without that restriction";
+                info!(user = %user, why, "stream refused");
+                counter!(m::STREAM_OPENS, "result" => "forbidden").increment(1);
+                reply
+                    .reject(reject_reason(
+                        ChannelOpenFailure::AdministrativelyProhibited,
+                        why,
+                    ))
+                    .await;
+            }
+            Some(Role::Client { user, cluster, .. }) => {
                 let max = self.shared.limits.max_streams_per_client;
                 if self.client_streams.load(Ordering::Relaxed) >= max {
                     let why = format!("too many open streams on this connection (limit {max})");
@@ -208,11 +279,21 @@ impl Handler for Conn {
                     }
                 }
             }
-            None => {
-                reply
-                    .reject(ChannelOpenFailure::AdministrativelyProhibited)
-                    .await
-            }
+            None => match self.state.refusal() {
+                Some(why) => {
+                    reply
+                        .reject(reject_reason(
+                            ChannelOpenFailure::AdministrativelyProhibited,
+                            why,
+                        ))
+                        .await
+                }
+                None => {
+                    reply
+                        .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                        .await
+                }
+            },
         }
         Ok(())
     }
@@ -256,6 +337,14 @@ impl Conn {
             };
             (label, e.to_string())
         })?;
+        if target.target == LOGIN_TARGET {
+            return Err((
+                "reserved",
+                format!(
+                    "target '{LOGIN_TARGET}' is reserved for the proxy's login relay: log in with `psh login` (POST /webapi/login on the proxy's web address)"
+                ),
+            ));
+        }
         if self.shared.trust.cluster(&target.cluster).is_none() {
             return Err((
                 "unknown_cluster",

@@ -87,15 +87,28 @@ impl Pki {
         Identity::new(k, c).unwrap()
     }
 
-    /// Writes an agent's key and cert files; returns the key path.
+    /// Writes an agent's key and cert files (role `auth`); returns the key path.
     pub fn agent_files(&self, host_id: &str) -> PathBuf {
-        let (k, c) = self.cert(
-            &self.host_ca,
-            &CertSpec::Agent {
-                host_id: host_id.into(),
-                cluster: self.cluster.clone(),
-            },
-        );
+        self.agent_files_for(&CertSpec::Agent {
+            host_id: host_id.into(),
+            cluster: self.cluster.clone(),
+        })
+    }
+
+    /// Writes a `service` agent's key and cert files; returns the key path.
+    pub fn service_agent_files(&self, host_id: &str) -> PathBuf {
+        self.agent_files_for(&CertSpec::ServiceAgent {
+            host_id: host_id.into(),
+            cluster: self.cluster.clone(),
+        })
+    }
+
+    fn agent_files_for(&self, spec: &CertSpec) -> PathBuf {
+        let (k, c) = self.cert(&self.host_ca, spec);
+        let host_id = match spec {
+            CertSpec::Agent { host_id, .. } | CertSpec::ServiceAgent { host_id, .. } => host_id,
+            _ => unreachable!("an agent spec"),
+        };
         let path = self.path(&format!("agent-{host_id}"));
         mint::write_key_pair(&path, &k).unwrap();
         mint::write_cert(&mint::cert_path(&path), &c).unwrap();

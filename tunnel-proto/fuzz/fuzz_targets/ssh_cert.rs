@@ -37,7 +37,7 @@ const PRINCIPALS: &[&str] = &[
     "::1",
 ];
 const EXT_KEYS: &[&str] = &[EXT_CLUSTER, EXT_ROLE, "permit-pty", "force-command"];
-const EXT_VALUES: &[&str] = &["example", "other", "auth", "proxy", "", "/bin/true"];
+const EXT_VALUES: &[&str] = &["example", "other", "auth", "service", "proxy", "", "/bin/true"];
 
 fn key(seed: u8) -> PrivateKey {
     PrivateKey::from(Ed25519Keypair::from_seed(&[seed; 32]))
@@ -124,13 +124,13 @@ fn structured(f: Fields) {
     let ext = |k: &str| cert.extensions().get(k).map(String::as_str);
     let agent_ok = common(CertType::Host, &principal)
         && ext(EXT_CLUSTER) == Some(cluster)
-        && ext(EXT_ROLE) == Some("auth");
+        && matches!(ext(EXT_ROLE), Some("auth" | "service"));
     let agent = check_agent_cert(&cert, host_id, cluster, NOW, &trusted);
     assert_eq!(agent.is_ok(), agent_ok, "{agent:?} {f:?}");
     if let Ok(id) = agent {
         assert_eq!(
-            (id.host_id.as_str(), id.cluster.as_str(), id.role.as_str()),
-            (host_id, cluster, "auth")
+            (id.host_id.as_str(), id.cluster.as_str(), Some(id.role.as_str())),
+            (host_id, cluster, ext(EXT_ROLE))
         );
     }
     let user = pick(NAMES, f.login.0);
