@@ -6,27 +6,37 @@
 //! read: a deadlock seen with 200 concurrent echo streams. [`WriteBehind`] hands writes to a
 //! task of their own through a queue of at most `cap` bytes, so the session loop goes back to
 //! reading while its output drains; only a peer that stops reading altogether for `cap` bytes
-//! makes a write wait (bounded memory).
+//! makes a write wait (bounded memory). A write that the kernel takes at once, with nothing
+//! queued before it, is not copied at all.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::PollSemaphore;
 
 /// Bytes a connection may have queued for its socket before writes wait.
 pub const WRITE_BEHIND_CAP: usize = 256 << 20;
 
-/// A TCP stream whose writes go through a bounded queue drained by a task of its own.
+/// A TCP stream whose writes never wait for the peer to read (up to a bounded queue).
+///
+/// A write goes straight to the socket when nothing is queued and the kernel takes it: no copy,
+/// the common case. Only what the kernel does not take at once is copied into the queue, which a
+/// task of its own drains; later writes queue behind it, so bytes stay in order.
 pub struct WriteBehind {
     read: OwnedReadHalf,
+    /// Shared with the draining task; `None` once shut down.
+    write: Option<Arc<OwnedWriteHalf>>,
     tx: Option<mpsc::UnboundedSender<Bytes>>,
+    /// Bytes handed to the task and not yet written (direct writes only while it is 0).
+    queued: Arc<AtomicUsize>,
     budget: PollSemaphore,
     /// Largest write taken at once (a quarter of the queue).
     chunk: usize,
@@ -37,31 +47,54 @@ pub struct WriteBehind {
 impl WriteBehind {
     /// Wraps `stream`, spawning the task that writes its queue out.
     pub fn new(stream: TcpStream, cap: usize) -> WriteBehind {
-        let (read, mut write) = stream.into_split();
+        let (read, write) = stream.into_split();
+        let write = Arc::new(write);
         let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
         let sem = Arc::new(Semaphore::new(cap));
-        let release = sem.clone();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let (release, drained, w) = (sem.clone(), queued.clone(), write.clone());
         tokio::spawn(async move {
             while let Some(chunk) = rx.recv().await {
                 let n = chunk.len();
-                if write.write_all(&chunk).await.is_err() {
+                if write_out(&w, &chunk).await.is_err() {
                     // The socket is gone: fail later writes quickly by closing the queue.
                     rx.close();
                     release.close();
                     return;
                 }
+                drained.fetch_sub(n, Ordering::Release);
                 release.add_permits(n);
             }
-            let _ = write.shutdown().await;
+            // Shut the socket down once the owner let go of its handle too.
+            if let Ok(mut w) = Arc::try_unwrap(w) {
+                let _ = w.shutdown().await;
+            }
         });
         WriteBehind {
             read,
+            write: Some(write),
             tx: Some(tx),
+            queued,
             budget: PollSemaphore::new(sem),
             chunk: (cap / 4).clamp(1, u32::MAX as usize),
             held: 0,
         }
     }
+}
+
+/// Writes all of `buf` through a shared write half.
+async fn write_out(w: &OwnedWriteHalf, buf: &[u8]) -> io::Result<()> {
+    let mut off = 0;
+    while off < buf.len() {
+        w.writable().await?;
+        match w.try_write(&buf[off..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => off += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 impl AsyncRead for WriteBehind {
@@ -88,8 +121,17 @@ impl AsyncWrite for WriteBehind {
             return Poll::Ready(Ok(0));
         }
         let this = &mut *self;
-        if this.tx.is_none() {
+        let (Some(_), Some(write)) = (&this.tx, &this.write) else {
             return Poll::Ready(Err(broken()));
+        };
+        // Nothing queued: give the kernel what it takes now, without a copy.
+        if this.queued.load(Ordering::Acquire) == 0 {
+            match write.try_write(buf) {
+                Ok(n) if n > 0 => return Poll::Ready(Ok(n)),
+                Ok(_) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
         }
         // Take at most what the budget can ever hold, so a huge write cannot wait forever.
         let want = buf.len().min(this.chunk);
@@ -105,6 +147,7 @@ impl AsyncWrite for WriteBehind {
         }
         this.held -= want;
         let chunk = Bytes::copy_from_slice(&buf[..want]);
+        this.queued.fetch_add(want, Ordering::Release);
         match this.tx.as_ref().map(|tx| tx.send(chunk)) {
             Some(Ok(())) => Poll::Ready(Ok(want)),
             _ => Poll::Ready(Err(broken())),
@@ -117,7 +160,9 @@ impl AsyncWrite for WriteBehind {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // Dropping the sender lets the writer task drain the queue, then shut the socket down.
+        // Let go of the write half, then of the queue: the task drains what is queued, and shuts
+        // the socket down.
+        self.write = None;
         self.tx = None;
         Poll::Ready(Ok(()))
     }
