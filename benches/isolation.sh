@@ -17,8 +17,10 @@ cd "$DIR"
 "$BIN/postern-proxy" certs issue --ca ca/host_ca --kind proxy --principal 127.0.0.1 --out proxy/ssh_host_ed25519_key >/dev/null
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 TUNNEL=$(port)
+ALLOW_ROOT=false; [ "$(id -u)" = 0 ] && ALLOW_ROOT=true
 cat > proxy.toml <<TOML
 data_dir = "$DIR/proxy"
+allow_root = $ALLOW_ROOT
 [listen]
 web = "127.0.0.1:$(port)"
 tunnel = "127.0.0.1:$TUNNEL"
