@@ -1,6 +1,8 @@
 //! The profile `psh login` writes: `profile.toml` (proxy, how its web certificate is trusted,
 //! user, cluster, roles) and `identity` (an identity file, 0600) in one directory, by default
-//! `$POSTERN_HOME` or `~/.postern`.
+//! `$POSTERN_HOME` or `~/.postern`; and the same key and certificate in OpenSSH's formats under
+//! `keys/` (`id`, `id-cert.pub`, and `known_hosts` trusting the cluster's host CA), so that plain
+//! `ssh`, `scp` and `rsync` can use them (`psh config`).
 
 use std::path::{Path, PathBuf};
 
@@ -131,6 +133,22 @@ impl Profile {
             .create(dir)?;
         id.save(&dir.join("identity"))
             .map_err(std::io::Error::other)?;
+        let keys = OpenSshFiles::in_dir(dir);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir.join("keys"))?;
+        write_private_atomic(&keys.key, id.private_key.as_bytes())?;
+        write_private_atomic(
+            &keys.cert,
+            format!("{}\n", id.ssh_cert.trim_end()).as_bytes(),
+        )?;
+        let known: String = id
+            .ssh_host_cas
+            .iter()
+            .map(|ca| format!("@cert-authority * {}\n", ca.trim_end()))
+            .collect();
+        write_private_atomic(&keys.known_hosts, known.as_bytes())?;
         let text = toml::to_string(self).map_err(std::io::Error::other)?;
         write_private_atomic(&dir.join("profile.toml"), text.as_bytes())
     }
@@ -138,13 +156,43 @@ impl Profile {
     /// Removes the profile from `dir`; false if there was none.
     pub fn remove(dir: &Path) -> std::io::Result<bool> {
         let mut found = false;
-        for f in ["profile.toml", "identity"] {
+        for f in [
+            "profile.toml",
+            "identity",
+            "keys/id",
+            "keys/id-cert.pub",
+            "keys/known_hosts",
+        ] {
             match std::fs::remove_file(dir.join(f)) {
                 Ok(()) => found = true,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
         }
+        let _ = std::fs::remove_dir(dir.join("keys"));
         Ok(found)
+    }
+}
+
+/// The profile's key and certificates in OpenSSH's formats.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenSshFiles {
+    /// The private key (OpenSSH format, 0600).
+    pub key: PathBuf,
+    /// The user certificate (`ssh -o CertificateFile=`).
+    pub cert: PathBuf,
+    /// `@cert-authority *` lines for the cluster's host CA (`ssh -o UserKnownHostsFile=`).
+    pub known_hosts: PathBuf,
+}
+
+impl OpenSshFiles {
+    /// Where a profile in `dir` keeps them.
+    pub fn in_dir(dir: &Path) -> OpenSshFiles {
+        let keys = dir.join("keys");
+        OpenSshFiles {
+            key: keys.join("id"),
+            cert: keys.join("id-cert.pub"),
+            known_hosts: keys.join("known_hosts"),
+        }
     }
 }

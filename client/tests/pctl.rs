@@ -230,6 +230,41 @@ async fn roles_users_and_identities_with_pctl() {
             .contains("BEGIN CERTIFICATE")
     );
 
+    // OpenSSH format: a key, a certificate ssh-keygen reads, and known_hosts for the host CA.
+    ok(&pctl(
+        &env,
+        &[
+            "auth",
+            "sign",
+            "--user=api-user",
+            "--format=openssh",
+            "--out=api-user-ssh",
+        ],
+        None,
+    )
+    .await);
+    assert_eq!(mode(&env.dir.join("api-user-ssh")), 0o600);
+    let listed = std::process::Command::new("/usr/bin/ssh-keygen")
+        .args(["-L", "-f"])
+        .arg(env.dir.join("api-user-ssh-cert.pub"))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).contains("api-user"),
+        "{listed:?}"
+    );
+    let derived = std::process::Command::new("/usr/bin/ssh-keygen")
+        .args(["-y", "-f"])
+        .arg(env.dir.join("api-user-ssh"))
+        .output()
+        .unwrap();
+    assert!(derived.status.success(), "ssh-keygen reads the private key");
+    assert!(
+        std::fs::read_to_string(env.dir.join("api-user-ssh.known_hosts"))
+            .unwrap()
+            .starts_with("@cert-authority * ssh-ed25519 ")
+    );
+
     // Host certificates, tokens, CA export.
     ok(&pctl(
         &env,

@@ -145,6 +145,9 @@ enum SignFormat {
     File,
     /// Key pair files: OUT.key, OUT.crt, OUT.cas.
     Tls,
+    /// OpenSSH files: OUT (private key), OUT-cert.pub, OUT.known_hosts (the cluster's host CA),
+    /// for `ssh -i OUT -o CertificateFile=OUT-cert.pub -o UserKnownHostsFile=OUT.known_hosts`.
+    Openssh,
 }
 
 #[derive(Subcommand)]
@@ -550,6 +553,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             )?;
                             println!(
                                 "{base}.key, {base}.crt and {base}.cas written (expires {})",
+                                certs.expires
+                            );
+                        }
+                        SignFormat::Openssh => {
+                            let base = out.display().to_string();
+                            write_private_atomic(&out, key.to_openssh(LineEnding::LF)?.as_bytes())?;
+                            mint::write_file(
+                                Path::new(&format!("{base}-cert.pub")),
+                                format!("{}\n", certs.ssh_cert.trim_end()).as_bytes(),
+                                0o644,
+                            )?;
+                            let known: String = certs
+                                .ssh_host_cas
+                                .iter()
+                                .map(|ca| format!("@cert-authority * {}\n", ca.trim_end()))
+                                .collect();
+                            mint::write_file(
+                                Path::new(&format!("{base}.known_hosts")),
+                                known.as_bytes(),
+                                0o644,
+                            )?;
+                            println!(
+                                "{base} (0600), {base}-cert.pub and {base}.known_hosts written (expires {})",
                                 certs.expires
                             );
                         }

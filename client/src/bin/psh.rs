@@ -1,17 +1,20 @@
 //! `psh`: the Postern user CLI (like tsh). `psh login` gets certificates through a proxy's web
 //! address and keeps them in a profile (`$POSTERN_HOME` or `~/.postern`); `psh status` shows it;
-//! `psh logout` removes it. Secrets and passwords come from files or a prompt, never from
-//! arguments.
+//! `psh logout` removes it; `psh proxy tcp` forwards a local port to a target; `psh config`
+//! prints an OpenSSH block that reaches targets with plain `ssh`, `scp` and `rsync`. Secrets and
+//! passwords come from files or a prompt, never from arguments.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use postern_api::identity::IdentityFile;
-use postern_client::profile::Profile;
+use postern_client::profile::{OpenSshFiles, Profile};
+use postern_client::{ProxyAddr, ProxySession};
 use postern_dial::mint;
 use postern_dial::web::WebTrust;
 use russh::keys::ssh_key::LineEnding;
+use tokio::io::AsyncWriteExt;
 use tunnel_proto::login::LoginRequest;
 
 #[derive(Parser)]
@@ -60,6 +63,34 @@ enum Command {
     Status,
     /// Remove the profile.
     Logout,
+    /// Print an OpenSSH `Host` block for the cluster's targets (append it to ~/.ssh/config).
+    Config,
+    /// Reach a target through the proxy with the profile's certificate.
+    Proxy {
+        #[command(subcommand)]
+        what: ProxyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProxyCommand {
+    /// Listen on a local port and forward each connection to TARGET (like `tsh proxy app`).
+    Tcp {
+        /// The target: its name (`db`) or `db.<cluster>`.
+        target: String,
+        /// Local port on 127.0.0.1 [default: any free port, printed].
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// The port passed on to the agent with each stream.
+        #[arg(long, default_value_t = 0)]
+        target_port: u32,
+    },
+    /// Splice standard input and output to HOST:PORT (`<target>.<cluster>:<port>`): an OpenSSH
+    /// `ProxyCommand`.
+    Ssh {
+        /// `<target>.<cluster>:<port>`.
+        dest: String,
+    },
 }
 
 fn read_secret(path: &Option<PathBuf>, prompt: &str) -> anyhow::Result<String> {
@@ -203,6 +234,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Err(e) => bail!("{e}"),
         },
+        Command::Config => {
+            let (p, id) = Profile::load(&home)?;
+            print!("{}", openssh_config(&home, &p, &id).await?);
+        }
+        Command::Proxy { what } => proxy(&home, what).await?,
         Command::Logout => {
             if Profile::remove(&home)? {
                 println!("logged out: profile removed from {}", home.display());
@@ -212,4 +248,123 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A logged-in session with the profile's proxy.
+async fn session(home: &std::path::Path) -> anyhow::Result<(Profile, ProxySession)> {
+    let (p, id) = Profile::load(home)?;
+    let trust = p.web_trust().map_err(anyhow::Error::msg)?;
+    let opts = postern_client::auth::proxy_options(
+        &id,
+        ProxyAddr::Web {
+            addr: p.proxy.clone(),
+            trust,
+        },
+    )?;
+    let s = ProxySession::connect(&opts)
+        .await
+        .with_context(|| format!("logging in to proxy {}", p.proxy))?;
+    Ok((p, s))
+}
+
+async fn proxy(home: &std::path::Path, what: ProxyCommand) -> anyhow::Result<()> {
+    match what {
+        ProxyCommand::Ssh { dest } => {
+            let (host, port) = dest
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h, p.parse::<u32>().ok()?)))
+                .with_context(|| format!("'{dest}' is not <target>.<cluster>:<port>"))?;
+            let (_, s) = session(home).await?;
+            let stream = s.open_host(host, port).await?;
+            let (mut rd, mut wr) = tokio::io::split(stream);
+            let up = async {
+                let _ = tokio::io::copy(&mut tokio::io::stdin(), &mut wr).await;
+                let _ = wr.shutdown().await;
+            };
+            let down = async {
+                let r = tokio::io::copy(&mut rd, &mut tokio::io::stdout()).await;
+                let _ = tokio::io::stdout().flush().await;
+                r
+            };
+            let (_, down) = tokio::join!(up, down);
+            down.with_context(|| format!("stream to {dest}"))?;
+        }
+        ProxyCommand::Tcp {
+            target,
+            port,
+            target_port,
+        } => {
+            let (p, s) = session(home).await?;
+            let host = if target.contains('.') {
+                target.clone()
+            } else {
+                format!("{target}.{}", p.cluster)
+            };
+            // Fail now, with the proxy's reason, if the target cannot be reached at all.
+            drop(s.open_host(&host, target_port).await?);
+            let l = tokio::net::TcpListener::bind(("127.0.0.1", port))
+                .await
+                .with_context(|| format!("listening on 127.0.0.1:{port}"))?;
+            println!(
+                "forwarding 127.0.0.1:{} -> {host} through {} (Ctrl-C to stop)",
+                l.local_addr()?.port(),
+                p.proxy
+            );
+            let s = std::sync::Arc::new(s);
+            loop {
+                let (mut conn, peer) = tokio::select! {
+                    r = l.accept() => r?,
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                };
+                let (s, host) = (s.clone(), host.clone());
+                tokio::spawn(async move {
+                    match s.open_host(&host, target_port).await {
+                        Ok(mut stream) => {
+                            let _ = tokio::io::copy_bidirectional(&mut conn, &mut stream).await;
+                        }
+                        Err(e) => eprintln!("psh: {peer}: {e}"),
+                    }
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The OpenSSH block `psh config` prints: targets of the profile's cluster through the proxy,
+/// with the key and certificate `psh login` wrote in OpenSSH's formats.
+async fn openssh_config(
+    home: &std::path::Path,
+    p: &Profile,
+    id: &IdentityFile,
+) -> anyhow::Result<String> {
+    let trust = p.web_trust().map_err(anyhow::Error::msg)?;
+    let tunnel = postern_dial::web::discover_tunnel_addr(&p.proxy, &trust)
+        .await
+        .with_context(|| format!("finding the tunnel address of {}", p.proxy))?;
+    let (host, port) = tunnel
+        .rsplit_once(':')
+        .with_context(|| format!("tunnel address '{tunnel}' has no port"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let f = OpenSshFiles::in_dir(home);
+    let q = |path: &std::path::Path| format!("\"{}\"", path.display());
+    Ok(format!(
+        "# Postern: targets of cluster {cluster} through {proxy}, as {user} (psh config).\n\
+         # The certificate is renewed by psh login; it is valid until {expires} (Unix time).\n\
+         Host *.{cluster}\n\
+         \x20   IdentityFile {key}\n\
+         \x20   CertificateFile {cert}\n\
+         \x20   IdentitiesOnly yes\n\
+         \x20   ProxyCommand ssh -F none -o BatchMode=yes -o IdentitiesOnly=yes -o IdentityAgent=none \
+         -i {key} -o CertificateFile={cert} -o UserKnownHostsFile={known} \
+         -o GlobalKnownHostsFile=/dev/null -o StrictHostKeyChecking=yes \
+         -l {user} -p {port} -W %h:%p {host}\n",
+        cluster = p.cluster,
+        proxy = p.proxy,
+        user = p.user,
+        expires = id.expires,
+        key = q(&f.key),
+        cert = q(&f.cert),
+        known = q(&f.known_hosts),
+    ))
 }
