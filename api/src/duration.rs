@@ -1,8 +1,10 @@
-//! Go-style durations as Teleport roles write them: `30h`, `8h`, `1h30m`, `90s`, `30h0m0s`.
+//! Durations as Teleport roles write them (`30h`, `8h`, `1h30m`, `90s`, `30h0m0s`), plus days
+//! (`30d`, `1d12h`): the one duration syntax of every Postern command and config.
 
 use std::fmt::Write;
 
-/// Parses a duration such as `8h`, `1h30m` or `45s` into seconds. Units: `h`, `m`, `s`.
+/// Parses a duration such as `30d`, `8h`, `1h30m` or `45s` into seconds. Units: `d`, `h`, `m`,
+/// `s`.
 pub fn parse_secs(text: &str) -> Result<u64, String> {
     let text = text.trim();
     if text.is_empty() {
@@ -16,12 +18,13 @@ pub fn parse_secs(text: &str) -> Result<u64, String> {
             continue;
         }
         let unit = match c {
+            'd' => 86400,
             'h' => 3600,
             'm' => 60,
             's' => 1,
             _ => {
                 return Err(format!(
-                    "bad duration '{text}': unknown unit '{c}' (use h, m, s)"
+                    "bad duration '{text}': unknown unit '{c}' (use d, h, m, s)"
                 ));
             }
         };
@@ -69,7 +72,9 @@ mod tests {
         assert_eq!(format_secs(5400), "1h30m");
         assert_eq!(format_secs(45), "45s");
         assert!(parse_secs("8").unwrap_err().contains("no unit"));
-        assert!(parse_secs("8d").unwrap_err().contains("unknown unit 'd'"));
+        assert_eq!(parse_secs("30d").unwrap(), 30 * 86400);
+        assert_eq!(parse_secs("1d12h").unwrap(), 36 * 3600);
+        assert!(parse_secs("8w").unwrap_err().contains("unknown unit 'w'"));
         assert!(parse_secs("h").is_err());
         assert!(parse_secs("99999999999999999999h").is_err());
     }

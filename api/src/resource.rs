@@ -163,11 +163,21 @@ impl OptionsDoc {
     }
 }
 
+/// `text` without a leading UTF-8 byte-order mark, with CRLF line ends as LF.
+fn normalize(text: &str) -> String {
+    text.strip_prefix('\u{feff}')
+        .unwrap_or(text)
+        .replace("\r\n", "\n")
+}
+
 /// Parses one or more `kind: role` YAML (or JSON) documents into validated roles.
 ///
 /// A document may also be a list of roles: that is how [`roles_to_json`] prints several (a JSON
-/// array), so what `pctl get` prints in either format reads back.
+/// array), so what `pctl get` prints in either format reads back. A byte-order mark and CRLF line
+/// ends are accepted.
 pub fn parse_roles(text: &str) -> Result<Vec<Role>, ResourceError> {
+    // Editors on Windows save a byte-order mark and CRLF line ends: both are the same file.
+    let text = &normalize(text);
     let blank = |l: &str| {
         let l = l.trim();
         l.is_empty() || l.starts_with('#') || l == "---" || l == "..."
@@ -455,6 +465,15 @@ pub fn roles_to_json(roles: &[Role]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_role_file_with_a_bom_and_crlf_loads() {
+        let yaml = "kind: role\nmetadata:\n  name: api-role\nspec:\n  allow:\n    rules:\n    - resources: ['role']\n      verbs: ['read']\n  deny:\n    node_labels:\n      '*': '*'\nversion: v5\n";
+        let windows = format!("\u{feff}{}", yaml.replace('\n', "\r\n"));
+        let roles = parse_roles(&windows).unwrap();
+        assert_eq!(roles.len(), 1);
+        assert_eq!(roles, parse_roles(yaml).unwrap());
+    }
 
     /// The seed's role, byte for byte.
     const SEED: &str = r#"kind: role
