@@ -20,6 +20,10 @@ pub mod resource;
 #[allow(missing_docs, clippy::all)]
 pub mod proto {
     tonic::include_proto!("postern.auth.v1");
+
+    /// The encoded `FileDescriptorSet` of `auth.proto`, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/auth_descriptor.bin"));
 }
 
 /// The TLS server name every client verifies on the Auth server's certificate: `auth.<cluster>`,

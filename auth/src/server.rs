@@ -386,11 +386,18 @@ async fn serve_bound(
     let svc = AuthServiceServer::new(Service::new(prepared.state.clone()))
         .max_decoding_message_size(postern_api::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(16 * postern_api::MAX_MESSAGE_BYTES);
+    // Server reflection, so that grpcurl, grpcui and Postman find the API without the .proto (it
+    // describes the schema only; every call is still authorized).
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(postern_api::proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| AuthError::Serve(format!("reflection: {e}")))?;
     let incoming = tokio_stream::wrappers::ReceiverStream::new(rx);
     let incoming = tokio_stream::StreamExt::map(incoming, Ok::<_, std::io::Error>);
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(ping))
         .add_service(svc)
+        .add_service(reflection)
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
         .await
         .map_err(|e| AuthError::Serve(e.to_string()));

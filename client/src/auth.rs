@@ -149,6 +149,8 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 #[derive(Clone)]
 pub struct AuthClient {
     rpc: AuthServiceClient<Channel>,
+    /// The connection, for other services of the Auth server (reflection, health).
+    channel: Channel,
     /// The cluster (from the identity, confirmed by Ping).
     pub cluster: String,
     /// The user the server sees.
@@ -280,7 +282,7 @@ impl AuthClient {
         cluster: Option<&str>,
         addr: &str,
     ) -> Result<AuthClient, AuthClientError> {
-        let mut rpc = AuthServiceClient::new(channel)
+        let mut rpc = AuthServiceClient::new(channel.clone())
             .max_decoding_message_size(16 * postern_api::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(4 * postern_api::MAX_MESSAGE_BYTES);
         // Ping proves the whole path, the client certificate included (TLS 1.3 reports a refused
@@ -306,6 +308,7 @@ impl AuthClient {
         }
         Ok(AuthClient {
             rpc,
+            channel,
             cluster: pong.cluster,
             user: pong.user,
             roles: pong.roles,
@@ -315,6 +318,12 @@ impl AuthClient {
     /// The raw generated client, for calls not wrapped here.
     pub fn rpc(&self) -> AuthServiceClient<Channel> {
         self.rpc.clone()
+    }
+
+    /// The authenticated connection, for the Auth server's other gRPC services (server
+    /// reflection).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
     }
 }
 
