@@ -163,7 +163,7 @@ pub fn login(state: &State, failures: &Failures, req: LoginRequest) -> LoginResp
     } else {
         req.ttl_secs.min(cap)
     };
-    let issued = match a.issue_user(&req.user, &key, ttl) {
+    let issued = match a.issue_user(&req.user, &key, ttl, &stored.roles) {
         Ok(i) => i,
         Err(e) => return LoginResponse::failed(500, e.to_string()),
     };

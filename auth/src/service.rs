@@ -67,6 +67,8 @@ pub struct State {
     pub authorities: Arc<Authorities>,
     /// The audit log.
     pub audit: Audit,
+    /// Open `WatchPolicy` streams, ended together at shutdown.
+    pub watches: crate::watch::Watches,
 }
 
 /// The `AuthService` implementation.
@@ -125,6 +127,17 @@ spec:
     rules:
       - resources: ['*']
         verbs: ['*']
+version: v7
+---
+kind: role
+metadata: {name: proxy, description: 'A proxy: watch roles, users and locks; write audit events'}
+spec:
+  allow:
+    rules:
+      - resources: ['role', 'lock']
+        verbs: ['list', 'read']
+      - resources: ['event']
+        verbs: ['create']
 version: v7
 ---
 kind: role
@@ -746,7 +759,7 @@ impl AuthService for Service {
                         r.ttl_secs.min(cap)
                     };
                     let issued = authorities
-                        .issue_user(&r.user, &key, ttl)
+                        .issue_user(&r.user, &key, ttl, &stored.roles)
                         .map_err(|e| Status::internal(e.to_string()))?;
                     s.backend
                         .add_cert(&issued.tls_fingerprint, &r.user, issued.expires)
@@ -987,6 +1000,147 @@ impl AuthService for Service {
             result,
         )
         .await
+    }
+
+    type WatchPolicyStream = crate::watch::EventStream;
+
+    async fn watch_policy(
+        &self,
+        req: Request<WatchPolicyRequest>,
+    ) -> Result<Response<Self::WatchPolicyStream>, Status> {
+        let list_read = [Verb::List, Verb::Read];
+        self.authorize(&req, "WatchPolicy", "role", "", &list_read)
+            .await?;
+        let caller = self
+            .authorize(&req, "WatchPolicy", "lock", "", &list_read)
+            .await?;
+        let from = req.get_ref().from_revision;
+        let stream = crate::watch::stream(self.state.clone(), from);
+        self.finish(&caller, "WatchPolicy", format!("policy@{from}"), Ok(stream))
+            .await
+    }
+
+    async fn create_lock(&self, req: Request<Lock>) -> Result<Response<Lock>, Status> {
+        let caller = self
+            .authorize(&req, "CreateLock", "lock", "", &[Verb::Create])
+            .await?;
+        let id = crate::locks::new_id();
+        let result = async {
+            let stored = crate::locks::from_request(req.get_ref(), &caller.user, now_unix())?;
+            let json = serde_json::to_string(&stored).expect("lock serializes");
+            let i = id.clone();
+            self.blocking(move |s| s.backend.put("lock", &i, &json, Condition::Absent))
+                .await?
+                .map_err(storage_status)?;
+            info!(lock = %id, user = %stored.user, role = %stored.role, agent = %stored.agent, "lock created");
+            Ok(stored.to_proto(&id))
+        }
+        .await;
+        self.finish(&caller, "CreateLock", format!("lock/{id}"), result)
+            .await
+    }
+
+    async fn list_locks(
+        &self,
+        req: Request<ListLocksRequest>,
+    ) -> Result<Response<ListLocksResponse>, Status> {
+        let caller = self
+            .authorize(&req, "ListLocks", "lock", "", &[Verb::List])
+            .await?;
+        let result = async {
+            let items = self
+                .blocking(|s| s.backend.list("lock"))
+                .await?
+                .map_err(storage_status)?;
+            let mut locks = Vec::new();
+            for i in items {
+                let l: crate::locks::StoredLock =
+                    serde_json::from_str(&i.value).map_err(|e| Status::internal(e.to_string()))?;
+                locks.push(l.to_proto(&i.name));
+            }
+            Ok(ListLocksResponse { locks })
+        }
+        .await;
+        self.finish(&caller, "ListLocks", "lock".into(), result)
+            .await
+    }
+
+    async fn delete_lock(
+        &self,
+        req: Request<DeleteLockRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        let id = req.get_ref().id.clone();
+        self.delete_named(&req, "DeleteLock", "lock", id).await
+    }
+
+    async fn emit_stream_events(
+        &self,
+        req: Request<EmitStreamEventsRequest>,
+    ) -> Result<Response<EmitStreamEventsResponse>, Status> {
+        let caller = self
+            .authorize(&req, "EmitStreamEvents", "event", "", &[Verb::Create])
+            .await?;
+        use prost::Message;
+        let rows: Vec<crate::storage::StreamRow> = req
+            .into_inner()
+            .events
+            .into_iter()
+            .take(10_000)
+            .filter(|e| !e.id.is_empty())
+            .map(|e| crate::storage::StreamRow {
+                id: e.id.clone(),
+                time_ms: e.time_ms,
+                user: e.user.clone(),
+                data: e.encode_to_vec(),
+            })
+            .collect();
+        let n = rows.len();
+        let result = self
+            .blocking(move |s| s.backend.append_stream_events(&rows))
+            .await
+            .and_then(|r| r.map_err(storage_status))
+            .map(|stored| EmitStreamEventsResponse {
+                stored: stored as u32,
+            });
+        // One audit record per batch, not per event: the events are their own record.
+        self.finish(
+            &caller,
+            "EmitStreamEvents",
+            format!("event/stream x{n}"),
+            result,
+        )
+        .await
+    }
+
+    async fn list_stream_events(
+        &self,
+        req: Request<ListStreamEventsRequest>,
+    ) -> Result<Response<ListStreamEventsResponse>, Status> {
+        let caller = self
+            .authorize(&req, "ListStreamEvents", "event", "", &[Verb::List])
+            .await?;
+        let r = req.into_inner();
+        let limit = match r.limit {
+            0 => 100,
+            n => n.min(10_000),
+        };
+        let result = async {
+            let user = (!r.user.is_empty()).then_some(r.user);
+            let rows = self
+                .blocking(move |s| s.backend.stream_events(user.as_deref(), r.since_ms, limit))
+                .await?
+                .map_err(storage_status)?;
+            use prost::Message;
+            let events = rows
+                .iter()
+                .map(|row| StreamEvent::decode(row.data.as_slice()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Status::internal(format!("stored stream event is corrupt: {e}")))?;
+            Ok(ListStreamEventsResponse { events })
+        }
+        .await;
+        self.finish(&caller, "ListStreamEvents", "event/stream".into(), result)
+            .await
     }
 
     async fn list_audit_events(

@@ -286,3 +286,41 @@ async fn pctl_says_what_is_missing() {
         .unwrap();
     assert!(err(&o).contains("needs an identity file"));
 }
+
+/// `pctl lock`, `pctl get locks`, `pctl rm lock/ID`; `tokens add --uses`.
+#[tokio::test]
+async fn pctl_locks_and_multi_use_tokens() {
+    let env = start().await;
+    let e = err(&pctl(&env, &["lock"], None).await);
+    assert!(e.contains("--user=NAME"), "{e}");
+    let out = ok(&pctl(
+        &env,
+        &["lock", "--user=carol", "--ttl=1h", "--message=incident 42"],
+        None,
+    )
+    .await);
+    let id = out
+        .split_whitespace()
+        .next()
+        .and_then(|w| w.strip_prefix("lock/"))
+        .expect("lock id printed")
+        .to_string();
+    let listed = ok(&pctl(&env, &["get", "locks", "--format=json"], None).await);
+    assert!(
+        listed.contains("\"user=carol\"") && listed.contains("incident 42"),
+        "{listed}"
+    );
+    ok(&pctl(&env, &["rm", &format!("lock/{id}")], None).await);
+    assert!(
+        ok(&pctl(&env, &["get", "locks"], None).await)
+            .trim()
+            .is_empty()
+    );
+    let out = ok(&pctl(
+        &env,
+        &["tokens", "add", "--out=many.token", "--uses=3"],
+        None,
+    )
+    .await);
+    assert!(out.contains("3 uses"), "{out}");
+}

@@ -11,7 +11,11 @@ use tunnel_proto::control::Message;
 use super::*;
 
 /// Serves an agent's `@control` channel: hello both ways, the proxy set, drain on shutdown.
-pub(super) async fn control(channel: Channel<Msg>, shared: Arc<TunnelShared>) {
+pub(super) async fn control(
+    channel: Channel<Msg>,
+    shared: Arc<TunnelShared>,
+    tunnel: Option<Arc<crate::routing::Tunnel>>,
+) {
     let (mut rx, tx) = channel.split();
     let mut out = BytesMut::new();
     let hello = Message::Hello {
@@ -38,6 +42,12 @@ pub(super) async fn control(channel: Channel<Msg>, shared: Arc<TunnelShared>) {
                             match msg {
                                 Message::Hello { version, id } => debug!(version, agent = %id, "control hello"),
                                 Message::Heartbeat { active_streams } => debug!(active_streams, "heartbeat"),
+                                Message::TargetLabels { target, labels } => {
+                                    debug!(%target, ?labels, "target labels");
+                                    if let Some(t) = &tunnel {
+                                        t.set_labels(&target, labels.into_iter().collect());
+                                    }
+                                }
                                 other => debug!(?other, "unexpected control message from agent"),
                             }
                         }

@@ -72,6 +72,10 @@ pub struct TunnelShared {
     pub hard_stop: CancellationToken,
     /// Every client stream's splice task.
     pub streams: TaskTracker,
+    /// Each cluster's policy and the live connections it governs (set after `new`).
+    pub policies: Arc<crate::policy::Policies>,
+    /// The stream access audit (set after `new`).
+    pub audit: Arc<crate::audit::StreamAudit>,
     pub(super) next_id: AtomicU64,
 }
 
@@ -99,6 +103,8 @@ impl TunnelShared {
             draining: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
             streams: TaskTracker::new(),
+            policies: Arc::default(),
+            audit: Arc::default(),
             next_id: AtomicU64::new(1),
         }
     }
