@@ -324,3 +324,68 @@ async fn pctl_locks_and_multi_use_tokens() {
     .await);
     assert!(out.contains("3 uses"), "{out}");
 }
+
+/// `pctl get events --type=stream --user=NAME --since=1h --format=json` shows what proxies
+/// shipped (emitted here as the admin, which may create events).
+#[tokio::test]
+async fn pctl_shows_stream_events_by_user_and_time() {
+    use postern_api::proto::{EmitStreamEventsRequest, StreamEvent};
+    let env = start().await;
+    let admin_id = IdentityFile::load(&env.data.join("admin.identity")).unwrap();
+    let addr = std::fs::read_to_string(env.data.join("auth_addr")).unwrap();
+    let admin = postern_client::auth::AuthClient::connect_direct(addr.trim(), &admin_id)
+        .await
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let ev = |id: &str, user: &str, time_ms: u64| StreamEvent {
+        id: id.into(),
+        time_ms,
+        kind: "close".into(),
+        user: user.into(),
+        target: "web".into(),
+        cluster: "pctl".into(),
+        bytes_in: 5,
+        ..Default::default()
+    };
+    let events = vec![
+        ev("p-1", "carol", now - 1000),
+        ev("p-2", "dave", now - 1000),
+        ev("p-3", "carol", now - 3 * 3600 * 1000),
+    ];
+    let r = admin
+        .emit_stream_events(EmitStreamEventsRequest {
+            events: events.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.stored, 3);
+    let again = admin
+        .emit_stream_events(EmitStreamEventsRequest { events })
+        .await
+        .unwrap();
+    assert_eq!(again.stored, 0, "a resent batch stores nothing twice");
+    let out = ok(&pctl(
+        &env,
+        &[
+            "get",
+            "events",
+            "--type=stream",
+            "--user=carol",
+            "--since=1h",
+            "--format=json",
+        ],
+        None,
+    )
+    .await);
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    assert_eq!(lines[0]["id"], "p-1");
+    assert_eq!(lines[0]["user"], "carol");
+    assert_eq!(lines[0]["bytes_in"], 5);
+}

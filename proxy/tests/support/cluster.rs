@@ -40,6 +40,88 @@ pub struct Cluster {
     pub host_ca: String,
     /// Extra `auth`-role agents (one per proxy after the first).
     pub auth_agents: Vec<Agent>,
+    /// For proxies run as `postern-proxy` processes: the child, killed with SIGKILL on demand.
+    pub children: Vec<Option<tokio::process::Child>>,
+    /// Each proxy's config file (process mode).
+    pub config_files: Vec<PathBuf>,
+}
+
+/// A free loopback port (bound, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Writes `config` as `proxy.toml` in its data dir and runs the real binary on it.
+async fn spawn_proxy_process(
+    config: &postern_proxy::ProxyConfig,
+    data_dir: tempfile::TempDir,
+) -> (Proxy, tokio::process::Child, PathBuf) {
+    let c = &config.clusters[0];
+    let toml = format!(
+        "data_dir = {:?}\n[listen]\nweb = \"{}\"\ntunnel = \"{}\"\nops = \"{}\"\n[shutdown]\ngrace_secs = 2\n\
+         [[clusters]]\nname = \"{}\"\nhost_ca = [{:?}]\nuser_ca = [{:?}]\n[clusters.policy]\nsource = \"auth\"\n\
+         identity_file = {:?}\nstale_after_secs = {}\n",
+        config.data_dir,
+        config.listen.web,
+        config.listen.tunnel,
+        config.listen.ops,
+        c.name,
+        c.host_ca[0],
+        c.user_ca[0],
+        c.policy.identity_file.as_ref().unwrap(),
+        c.policy.stale_after_secs,
+    );
+    let path = config.data_dir.join("proxy.toml");
+    std::fs::write(&path, toml).unwrap();
+    let child = run_proxy_process(&path);
+    let proxy = wait_proxy_process(config, data_dir).await;
+    (proxy, child, path)
+}
+
+fn run_proxy_process(config_file: &std::path::Path) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_postern-proxy"))
+        .arg("--config")
+        .arg(config_file)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+async fn wait_proxy_process(
+    config: &postern_proxy::ProxyConfig,
+    data_dir: tempfile::TempDir,
+) -> Proxy {
+    let crt = config.data_dir.join("web.crt");
+    let mut web_fp = String::new();
+    for _ in 0..1000 {
+        if let Ok(pem) = std::fs::read(&crt) {
+            use rustls_pki_types::pem::PemObject;
+            if let Ok(der) = rustls_pki_types::CertificateDer::from_pem_slice(&pem)
+                && tokio::net::TcpStream::connect(config.listen.ops)
+                    .await
+                    .is_ok()
+            {
+                web_fp = postern_dial::web::cert_fingerprint(&der);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!web_fp.is_empty(), "postern-proxy did not come up");
+    Proxy {
+        web: config.listen.web,
+        tunnel: config.listen.tunnel,
+        ops: config.listen.ops,
+        web_fp,
+        data_dir,
+        shutdown: CancellationToken::new(),
+        task: tokio::spawn(async { Ok(()) }),
+    }
 }
 
 fn auth_config(dir: &std::path::Path, name: &str) -> AuthConfig {
@@ -75,6 +157,16 @@ impl Cluster {
     /// Starts the Auth server, `proxies` proxies (policy `auth`, stale bound `stale_after_secs`)
     /// and the proxy identity; returns once every proxy has loaded the policy.
     pub async fn start(name: &str, proxies: usize, stale_after_secs: u64) -> Cluster {
+        Cluster::start_with(name, proxies, stale_after_secs, false).await
+    }
+
+    /// As [`Cluster::start`]; with `process`, each proxy is a `postern-proxy` process.
+    pub async fn start_with(
+        name: &str,
+        proxies: usize,
+        stale_after_secs: u64,
+        process: bool,
+    ) -> Cluster {
         init_tracing();
         let dir = tempfile::tempdir().unwrap();
         let mut auth_cfg = auth_config(dir.path(), name);
@@ -88,6 +180,8 @@ impl Cluster {
             )
         };
         let mut started = Vec::new();
+        let mut children = Vec::new();
+        let mut config_files = Vec::new();
         for i in 0..proxies {
             let data_dir = tempfile::tempdir().unwrap();
             let mut config = proxy_config(&[], data_dir.path());
@@ -117,7 +211,22 @@ impl Cluster {
                 0o644,
             )
             .unwrap();
-            started.push(start_proxy_with(config, data_dir).await);
+            if process {
+                for (field, port) in [
+                    (&mut config.listen.web, free_port()),
+                    (&mut config.listen.tunnel, free_port()),
+                    (&mut config.listen.ops, free_port()),
+                ] {
+                    *field = ([127, 0, 0, 1], port).into();
+                }
+                let (p, child, file) = spawn_proxy_process(&config, data_dir).await;
+                started.push(p);
+                children.push(Some(child));
+                config_files.push(file);
+            } else {
+                started.push(start_proxy_with(config, data_dir).await);
+                children.push(None);
+            }
         }
         auth_cfg.tunnel = Some(TunnelConfig {
             proxy: started[0].web.to_string(),
@@ -171,6 +280,8 @@ impl Cluster {
             proxies: started,
             host_ca,
             auth_agents,
+            children,
+            config_files,
         };
         c.admin
             .create_user(CreateUserRequest {
@@ -306,6 +417,21 @@ impl Cluster {
         self.admin = AuthClient::connect_direct(&addr.to_string(), &admin_id)
             .await
             .unwrap();
+    }
+
+    /// Kills process proxy `i` with SIGKILL (no drain, no flush) and starts it again on the same
+    /// data dir, config and ports.
+    pub async fn kill_and_restart_proxy(&mut self, i: usize) {
+        let mut child = self.children[i].take().expect("a process proxy");
+        child.start_kill().unwrap();
+        let _ = child.wait().await;
+        let file = self.config_files[i].clone();
+        let config = postern_proxy::ProxyConfig::from_file(&file).unwrap();
+        let old = self.proxies.remove(i);
+        let child = run_proxy_process(&file);
+        let p = wait_proxy_process(&config, old.data_dir).await;
+        self.proxies.insert(i, p);
+        self.children[i] = Some(child);
     }
 
     /// Stops everything.

@@ -18,6 +18,7 @@ use postern_dial::mint;
 use postern_dial::web::WebTrust;
 use russh::keys::ssh_key::LineEnding;
 
+mod events;
 mod locks;
 
 #[derive(Parser)]
@@ -74,6 +75,9 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value_t = Format::Yaml)]
         format: Format,
+        /// Event filters (`get events --type=stream --user=NAME --since=1h`).
+        #[command(flatten)]
+        filter: events::EventFilter,
     },
     /// Lock a user, a role or an agent: every proxy refuses its new streams and closes its open
     /// ones within seconds, with --message as the reason.
@@ -412,7 +416,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Get { what, format } => match what.split_once('/') {
+        Command::Get {
+            what,
+            format,
+            filter,
+        } => match what.split_once('/') {
+            None if what == "events" && filter.kind.as_deref() == Some("stream") => {
+                events::print_stream(&client, &filter, format == Format::Json).await?
+            }
+            None if what == "events" && filter.kind.is_some() => {
+                bail!("--type: only 'stream' (stream access events); without it, API calls")
+            }
             None if what == "roles" || what == "role" => {
                 print_roles(&client.list_roles(ListRolesRequest {}).await?.roles, format)
             }
