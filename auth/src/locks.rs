@@ -103,6 +103,67 @@ pub fn new_id() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
 
+mod rpc {
+    use postern_api::proto::{ListLocksRequest, ListLocksResponse, Lock};
+    use postern_api::rbac::Verb;
+    use postern_dial::mint::now_unix;
+    use tonic::{Request, Response, Status};
+    use tracing::info;
+
+    use crate::service::{Service, storage_status};
+    use crate::storage::Condition;
+
+    impl Service {
+        pub(crate) async fn create_lock_rpc(
+            &self,
+            req: Request<Lock>,
+        ) -> Result<Response<Lock>, Status> {
+            let caller = self
+                .authorize(&req, "CreateLock", "lock", "", &[Verb::Create])
+                .await?;
+            let id = crate::locks::new_id();
+            let result = async {
+            let stored = crate::locks::from_request(req.get_ref(), &caller.user, now_unix())?;
+            let json = serde_json::to_string(&stored).expect("lock serializes");
+            let i = id.clone();
+            self.blocking(move |s| s.backend.put("lock", &i, &json, Condition::Absent))
+                .await?
+                .map_err(storage_status)?;
+            info!(lock = %id, user = %stored.user, role = %stored.role, agent = %stored.agent, "lock created");
+            Ok(stored.to_proto(&id))
+        }
+        .await;
+            self.finish(&caller, "CreateLock", format!("lock/{id}"), result)
+                .await
+        }
+
+        pub(crate) async fn list_locks_rpc(
+            &self,
+            req: Request<ListLocksRequest>,
+        ) -> Result<Response<ListLocksResponse>, Status> {
+            let caller = self
+                .authorize(&req, "ListLocks", "lock", "", &[Verb::List])
+                .await?;
+            let result = async {
+                let items = self
+                    .blocking(|s| s.backend.list("lock"))
+                    .await?
+                    .map_err(storage_status)?;
+                let mut locks = Vec::new();
+                for i in items {
+                    let l: crate::locks::StoredLock = serde_json::from_str(&i.value)
+                        .map_err(|e| Status::internal(e.to_string()))?;
+                    locks.push(l.to_proto(&i.name));
+                }
+                Ok(ListLocksResponse { locks })
+            }
+            .await;
+            self.finish(&caller, "ListLocks", "lock".into(), result)
+                .await
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -74,18 +74,18 @@ pub struct State {
 /// The `AuthService` implementation.
 #[derive(Clone)]
 pub struct Service {
-    state: Arc<State>,
+    pub(crate) state: Arc<State>,
 }
 
 /// Who is calling.
 #[derive(Debug, Clone)]
-struct Caller {
-    user: String,
+pub(crate) struct Caller {
+    pub(crate) user: String,
     roles: Vec<Role>,
     peer: String,
 }
 
-fn storage_status(e: StorageError) -> Status {
+pub(crate) fn storage_status(e: StorageError) -> Status {
     match e {
         StorageError::Exists { .. } => Status::already_exists(e.to_string()),
         StorageError::NotFound { .. } => Status::not_found(e.to_string()),
@@ -230,7 +230,7 @@ impl Service {
     }
 
     /// Runs `f` on the blocking pool (storage and audit are synchronous).
-    async fn blocking<T: Send + 'static>(
+    pub(crate) async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&State) -> T + Send + 'static,
     ) -> Result<T, Status> {
@@ -240,7 +240,7 @@ impl Service {
             .map_err(|e| Status::internal(format!("worker failed: {e}")))
     }
 
-    async fn audit_now(
+    pub(crate) async fn audit_now(
         &self,
         caller: &Caller,
         action: &str,
@@ -307,7 +307,7 @@ impl Service {
     }
 
     /// Authenticates and checks every verb on `kind`; denials are audited and returned.
-    async fn authorize<T>(
+    pub(crate) async fn authorize<T>(
         &self,
         req: &Request<T>,
         action: &str,
@@ -360,7 +360,7 @@ impl Service {
     }
 
     /// Audits an allowed call's outcome and passes it on.
-    async fn finish<T>(
+    pub(crate) async fn finish<T>(
         &self,
         caller: &Caller,
         action: &str,
@@ -377,7 +377,7 @@ impl Service {
     }
 
     /// Deletes resource `kind/name` (`kind: delete`), audited; NOT_FOUND if it is absent.
-    async fn delete_named<T>(
+    pub(crate) async fn delete_named<T>(
         &self,
         req: &Request<T>,
         action: &str,
@@ -1008,61 +1008,18 @@ impl AuthService for Service {
         &self,
         req: Request<WatchPolicyRequest>,
     ) -> Result<Response<Self::WatchPolicyStream>, Status> {
-        let list_read = [Verb::List, Verb::Read];
-        self.authorize(&req, "WatchPolicy", "role", "", &list_read)
-            .await?;
-        let caller = self
-            .authorize(&req, "WatchPolicy", "lock", "", &list_read)
-            .await?;
-        let from = req.get_ref().from_revision;
-        let stream = crate::watch::stream(self.state.clone(), from);
-        self.finish(&caller, "WatchPolicy", format!("policy@{from}"), Ok(stream))
-            .await
+        self.watch_policy_rpc(req).await
     }
 
     async fn create_lock(&self, req: Request<Lock>) -> Result<Response<Lock>, Status> {
-        let caller = self
-            .authorize(&req, "CreateLock", "lock", "", &[Verb::Create])
-            .await?;
-        let id = crate::locks::new_id();
-        let result = async {
-            let stored = crate::locks::from_request(req.get_ref(), &caller.user, now_unix())?;
-            let json = serde_json::to_string(&stored).expect("lock serializes");
-            let i = id.clone();
-            self.blocking(move |s| s.backend.put("lock", &i, &json, Condition::Absent))
-                .await?
-                .map_err(storage_status)?;
-            info!(lock = %id, user = %stored.user, role = %stored.role, agent = %stored.agent, "lock created");
-            Ok(stored.to_proto(&id))
-        }
-        .await;
-        self.finish(&caller, "CreateLock", format!("lock/{id}"), result)
-            .await
+        self.create_lock_rpc(req).await
     }
 
     async fn list_locks(
         &self,
         req: Request<ListLocksRequest>,
     ) -> Result<Response<ListLocksResponse>, Status> {
-        let caller = self
-            .authorize(&req, "ListLocks", "lock", "", &[Verb::List])
-            .await?;
-        let result = async {
-            let items = self
-                .blocking(|s| s.backend.list("lock"))
-                .await?
-                .map_err(storage_status)?;
-            let mut locks = Vec::new();
-            for i in items {
-                let l: crate::locks::StoredLock =
-                    serde_json::from_str(&i.value).map_err(|e| Status::internal(e.to_string()))?;
-                locks.push(l.to_proto(&i.name));
-            }
-            Ok(ListLocksResponse { locks })
-        }
-        .await;
-        self.finish(&caller, "ListLocks", "lock".into(), result)
-            .await
+        self.list_locks_rpc(req).await
     }
 
     async fn delete_lock(
@@ -1077,70 +1034,14 @@ impl AuthService for Service {
         &self,
         req: Request<EmitStreamEventsRequest>,
     ) -> Result<Response<EmitStreamEventsResponse>, Status> {
-        let caller = self
-            .authorize(&req, "EmitStreamEvents", "event", "", &[Verb::Create])
-            .await?;
-        use prost::Message;
-        let rows: Vec<crate::storage::StreamRow> = req
-            .into_inner()
-            .events
-            .into_iter()
-            .take(10_000)
-            .filter(|e| !e.id.is_empty())
-            .map(|e| crate::storage::StreamRow {
-                id: e.id.clone(),
-                time_ms: e.time_ms,
-                user: e.user.clone(),
-                data: e.encode_to_vec(),
-            })
-            .collect();
-        let n = rows.len();
-        let result = self
-            .blocking(move |s| s.backend.append_stream_events(&rows))
-            .await
-            .and_then(|r| r.map_err(storage_status))
-            .map(|stored| EmitStreamEventsResponse {
-                stored: stored as u32,
-            });
-        // One audit record per batch, not per event: the events are their own record.
-        self.finish(
-            &caller,
-            "EmitStreamEvents",
-            format!("event/stream x{n}"),
-            result,
-        )
-        .await
+        self.emit_stream_events_rpc(req).await
     }
 
     async fn list_stream_events(
         &self,
         req: Request<ListStreamEventsRequest>,
     ) -> Result<Response<ListStreamEventsResponse>, Status> {
-        let caller = self
-            .authorize(&req, "ListStreamEvents", "event", "", &[Verb::List])
-            .await?;
-        let r = req.into_inner();
-        let limit = match r.limit {
-            0 => 100,
-            n => n.min(10_000),
-        };
-        let result = async {
-            let user = (!r.user.is_empty()).then_some(r.user);
-            let rows = self
-                .blocking(move |s| s.backend.stream_events(user.as_deref(), r.since_ms, limit))
-                .await?
-                .map_err(storage_status)?;
-            use prost::Message;
-            let events = rows
-                .iter()
-                .map(|row| StreamEvent::decode(row.data.as_slice()))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| Status::internal(format!("stored stream event is corrupt: {e}")))?;
-            Ok(ListStreamEventsResponse { events })
-        }
-        .await;
-        self.finish(&caller, "ListStreamEvents", "event/stream".into(), result)
-            .await
+        self.list_stream_events_rpc(req).await
     }
 
     async fn list_audit_events(

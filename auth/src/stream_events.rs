@@ -71,3 +71,88 @@ impl SqliteBackend {
         })
     }
 }
+
+mod rpc {
+    use postern_api::proto::{
+        EmitStreamEventsRequest, EmitStreamEventsResponse, ListStreamEventsRequest,
+        ListStreamEventsResponse, StreamEvent,
+    };
+    use postern_api::rbac::Verb;
+    use tonic::{Request, Response, Status};
+
+    use crate::service::{Service, storage_status};
+
+    impl Service {
+        pub(crate) async fn emit_stream_events_rpc(
+            &self,
+            req: Request<EmitStreamEventsRequest>,
+        ) -> Result<Response<EmitStreamEventsResponse>, Status> {
+            let caller = self
+                .authorize(&req, "EmitStreamEvents", "event", "", &[Verb::Create])
+                .await?;
+            use prost::Message;
+            let rows: Vec<crate::storage::StreamRow> = req
+                .into_inner()
+                .events
+                .into_iter()
+                .take(10_000)
+                .filter(|e| !e.id.is_empty())
+                .map(|e| crate::storage::StreamRow {
+                    id: e.id.clone(),
+                    time_ms: e.time_ms,
+                    user: e.user.clone(),
+                    data: e.encode_to_vec(),
+                })
+                .collect();
+            let n = rows.len();
+            let result = self
+                .blocking(move |s| s.backend.append_stream_events(&rows))
+                .await
+                .and_then(|r| r.map_err(storage_status))
+                .map(|stored| EmitStreamEventsResponse {
+                    stored: stored as u32,
+                });
+            // One audit record per batch, not per event: the events are their own record.
+            self.finish(
+                &caller,
+                "EmitStreamEvents",
+                format!("event/stream x{n}"),
+                result,
+            )
+            .await
+        }
+
+        pub(crate) async fn list_stream_events_rpc(
+            &self,
+            req: Request<ListStreamEventsRequest>,
+        ) -> Result<Response<ListStreamEventsResponse>, Status> {
+            let caller = self
+                .authorize(&req, "ListStreamEvents", "event", "", &[Verb::List])
+                .await?;
+            let r = req.into_inner();
+            let limit = match r.limit {
+                0 => 100,
+                n => n.min(10_000),
+            };
+            let result = async {
+                let user = (!r.user.is_empty()).then_some(r.user);
+                let rows = self
+                    .blocking(move |s| s.backend.stream_events(user.as_deref(), r.since_ms, limit))
+                    .await?
+                    .map_err(storage_status)?;
+                use prost::Message;
+                let events = rows
+                    .iter()
+                    .map(|row| StreamEvent::decode(row.data.as_slice()))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| {
+                        Status::internal(format!("stored stream event is corrupt: {e}"))
+                    })?;
+                Ok(ListStreamEventsResponse { events })
+            }
+            .await;
+            self.finish(&caller, "ListStreamEvents", "event/stream".into(), result)
+                .await
+        }
+    }
+}

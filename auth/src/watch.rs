@@ -194,3 +194,28 @@ pub fn stream(state: Arc<State>, from: u64) -> EventStream {
         rx.recv().await.map(|item| (item, rx))
     }))
 }
+
+use postern_api::proto::WatchPolicyRequest;
+use postern_api::rbac::Verb;
+use tonic::{Request, Response};
+
+use crate::service::Service;
+
+impl Service {
+    /// `WatchPolicy`: role list+read and lock list+read.
+    pub(crate) async fn watch_policy_rpc(
+        &self,
+        req: Request<WatchPolicyRequest>,
+    ) -> Result<Response<crate::watch::EventStream>, Status> {
+        let list_read = [Verb::List, Verb::Read];
+        self.authorize(&req, "WatchPolicy", "role", "", &list_read)
+            .await?;
+        let caller = self
+            .authorize(&req, "WatchPolicy", "lock", "", &list_read)
+            .await?;
+        let from = req.get_ref().from_revision;
+        let stream = crate::watch::stream(self.state.clone(), from);
+        self.finish(&caller, "WatchPolicy", format!("policy@{from}"), Ok(stream))
+            .await
+    }
+}

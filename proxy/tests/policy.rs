@@ -201,7 +201,7 @@ fn median(v: &mut [Duration]) -> Duration {
 }
 
 /// `pctl lock --user`: both proxies refuse the user's new streams and close its open ones with
-/// the lock's message, within 2 s. Prints the figures (median of 5 rounds).
+/// the lock's message, within 2 s. Prints the figures (median of 10 rounds).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_closes_and_refuses_on_two_proxies_within_two_seconds() {
     let c = Cluster::start("pol3", 2, 60).await;
@@ -215,7 +215,7 @@ async fn a_lock_closes_and_refuses_on_two_proxies_within_two_seconds() {
         .await;
     let mut refuse = [Vec::new(), Vec::new()];
     let mut close = [Vec::new(), Vec::new()];
-    for round in 0..5 {
+    for round in 0..10 {
         let user = format!("lee{round}");
         let msg = format!("incident {round}: access suspended");
         let mut held = Vec::new();
