@@ -26,6 +26,7 @@ ops = "127.0.0.1:$OPS"
 name = "copies"
 host_ca = ["$(cat ca/host_ca.pub)"]
 user_ca = ["$(cat ca/user_ca.pub)"]
+policy = { source = "open" }
 TOML
 RUST_LOG=error valgrind --tool=dhat --mode=copy --dhat-out-file="$DIR/dhat.json" "$BIN/postern-proxy" --config proxy.toml > dhat.log 2>&1 &
 PID=$!

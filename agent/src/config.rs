@@ -35,8 +35,10 @@ pub struct AgentConfig {
     /// Plain proxy host keys trusted without a certificate (pinning), as public-key lines.
     #[serde(default)]
     pub proxy_host_keys: Vec<String>,
-    /// Targets served: name → local address. The agent dials only these.
-    pub targets: BTreeMap<String, SocketAddr>,
+    /// Targets served: name → local address and labels (`web = "127.0.0.1:8080"` or
+    /// `web = { addr = "127.0.0.1:8080", labels = { env = "prod" } }`). The agent dials only
+    /// these; roles' `node_labels` match the labels.
+    pub targets: BTreeMap<String, Target>,
     /// Seconds between SSH keepalives when the tunnel is quiet. Default 15.
     #[serde(default = "default_keepalive")]
     pub keepalive_interval_secs: u64,
@@ -44,6 +46,61 @@ pub struct AgentConfig {
     #[serde(default)]
     pub reconnect: ReconnectConfig,
 }
+
+/// One target: where the agent dials it, and the labels roles select it by.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(from = "TargetForm")]
+pub struct Target {
+    /// The local address the agent dials.
+    pub addr: SocketAddr,
+    /// `key = value` labels (none by default).
+    pub labels: BTreeMap<String, String>,
+}
+
+impl From<SocketAddr> for Target {
+    fn from(addr: SocketAddr) -> Target {
+        Target {
+            addr,
+            labels: BTreeMap::new(),
+        }
+    }
+}
+
+/// The two ways to write a target in TOML.
+#[derive(Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a \"host:port\" string or { addr = \"host:port\", labels = { key = \"value\" } }"
+)]
+enum TargetForm {
+    /// `web = "127.0.0.1:8080"`.
+    Addr(SocketAddr),
+    /// `web = { addr = "127.0.0.1:8080", labels = { env = "prod" } }`.
+    Full(TargetTable),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TargetTable {
+    addr: SocketAddr,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+impl From<TargetForm> for Target {
+    fn from(f: TargetForm) -> Target {
+        match f {
+            TargetForm::Addr(addr) => addr.into(),
+            TargetForm::Full(t) => Target {
+                addr: t.addr,
+                labels: t.labels,
+            },
+        }
+    }
+}
+
+/// Longest label key or value accepted.
+pub const MAX_LABEL_BYTES: usize = 63;
 
 /// Web TLS trust for discovery: exactly one of a pin, a CA file or `insecure`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -181,8 +238,25 @@ impl AgentConfig {
                 "serve at least one target, e.g. auth = \"127.0.0.1:3025\"",
             ));
         }
-        for name in self.targets.keys() {
+        for (name, target) in &self.targets {
             validate_label("target", name).map_err(|e| invalid("targets", e.to_string()))?;
+            for (k, v) in &target.labels {
+                let ok = |x: &str| {
+                    !x.is_empty()
+                        && x.len() <= MAX_LABEL_BYTES
+                        && x.bytes().all(|b| {
+                            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/')
+                        })
+                };
+                if !ok(k) || !ok(v) || k == "*" {
+                    return Err(invalid(
+                        "targets",
+                        format!(
+                            "target '{name}': label '{k}' = '{v}': keys and values are 1-63 characters of a-z, A-Z, 0-9, '-', '_', '.', '/'"
+                        ),
+                    ));
+                }
+            }
         }
         if self.keepalive_interval_secs == 0 {
             return Err(invalid("keepalive_interval_secs", "must be at least 1"));
@@ -196,6 +270,14 @@ impl AgentConfig {
     /// Keepalive interval.
     pub fn keepalive(&self) -> Duration {
         Duration::from_secs(self.keepalive_interval_secs)
+    }
+
+    /// Every target's local address (what the tunnel dials).
+    pub fn target_addrs(&self) -> BTreeMap<String, SocketAddr> {
+        self.targets
+            .iter()
+            .map(|(n, t)| (n.clone(), t.addr))
+            .collect()
     }
 
     /// Path of the host certificate.

@@ -8,10 +8,12 @@
 //!
 //! ## Layout
 //! - [`config`]: `agent.toml`, validation.
+//! - [`labels`]: target labels as `@control` frames.
 //! - [`tunnel`]: one connection's life: login, registration, control channel, serving streams.
 //! - [`run`]: the reconnect loop.
 
 pub mod config;
+pub mod labels;
 pub mod tunnel;
 
 use std::time::Duration;

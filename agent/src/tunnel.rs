@@ -78,7 +78,7 @@ pub async fn connect_and_serve(
     let handler = AgentHandler {
         proxy_version,
         verifier: verifier.clone(),
-        targets: Arc::new(config.targets.clone()),
+        targets: Arc::new(config.target_addrs()),
         cluster: config.cluster.clone(),
         active: active.clone(),
     };
@@ -99,6 +99,29 @@ pub async fn connect_and_serve(
         _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
     };
     let _enter = span.enter();
+    // The control channel comes first: each target's labels go to the proxy before the target
+    // is registered, so no stream is ever decided on a target without its labels.
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel();
+    let mut control_task = None;
+    match handle
+        .channel_open_direct_tcpip(CONTROL_HOST, 0, "127.0.0.1", 0)
+        .await
+    {
+        Ok(ch) => {
+            let labels = crate::labels::encode_target_labels(config);
+            if let Err(e) = ch.data(&labels[..]).await {
+                warn!(error = %e, "could not send target labels: streams to them will be refused");
+            }
+            let hello = Message::Hello {
+                version: tunnel_proto::PROTOCOL_VERSION,
+                id: config.host_id.clone(),
+            };
+            control_task = Some(tokio::spawn(
+                control(ch, hello, active, drain_tx, proxy_version_tx).instrument(span.clone()),
+            ));
+        }
+        Err(e) => warn!(error = %e, "no control channel: drain orders will not arrive"),
+    }
     let mut registered = 0;
     for name in config.targets.keys() {
         match handle.tcpip_forward(name.clone(), 0).await {
@@ -113,23 +136,6 @@ pub async fn connect_and_serve(
         return Err(DialError::Config("the proxy refused every target".into()));
     }
     info!(targets = registered, "tunnel up");
-    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel();
-    let mut control_task = None;
-    match handle
-        .channel_open_direct_tcpip(CONTROL_HOST, 0, "127.0.0.1", 0)
-        .await
-    {
-        Ok(ch) => {
-            let hello = Message::Hello {
-                version: tunnel_proto::PROTOCOL_VERSION,
-                id: config.host_id.clone(),
-            };
-            control_task = Some(tokio::spawn(
-                control(ch, hello, active, drain_tx, proxy_version_tx).instrument(span.clone()),
-            ));
-        }
-        Err(e) => warn!(error = %e, "no control channel: drain orders will not arrive"),
-    }
     drop(_enter);
     let ended = tokio::select! {
         r = &mut handle => {

@@ -129,7 +129,7 @@ async fn agent_refuses_targets_it_does_not_serve() {
     // The agent serves only "auth", on a port where a listener would see any dial attempt.
     let service = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut targets = BTreeMap::new();
-    targets.insert("auth".to_string(), service.local_addr().unwrap());
+    targets.insert("auth".to_string(), service.local_addr().unwrap().into());
     let agent = AgentConfig {
         host_id: "h1".into(),
         cluster: "c1".into(),

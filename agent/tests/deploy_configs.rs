@@ -11,7 +11,7 @@ fn example() -> AgentConfig {
 fn deploy_agent_toml_is_valid() {
     let c = example();
     c.validate().unwrap();
-    assert_eq!(c.targets["auth"].port(), 3025);
+    assert_eq!(c.targets["auth"].addr.port(), 3025);
 }
 
 #[test]
@@ -39,7 +39,42 @@ fn bad_values_name_the_field() {
             .contains("`reconnect`")
     );
     let mut c = example();
-    c.targets
-        .insert("Bad Name".into(), "127.0.0.1:1".parse().unwrap());
+    c.targets.insert(
+        "Bad Name".into(),
+        "127.0.0.1:1"
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into(),
+    );
     assert!(c.validate().unwrap_err().to_string().contains("`targets`"));
+}
+
+/// A target is `name = "addr"` or `name = { addr = ..., labels = { ... } }`; unknown keys in the
+/// table and bad labels are refused naming the field.
+#[test]
+fn targets_take_labels() {
+    let base =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/agent.toml"))
+            .unwrap();
+    let with = |extra: &str| {
+        let text = base.replace(
+            "auth = \"127.0.0.1:3025\"",
+            &format!("auth = \"127.0.0.1:3025\"\n{extra}"),
+        );
+        toml::from_str::<AgentConfig>(&text)
+    };
+    let c = with("web = { addr = \"127.0.0.1:8080\", labels = { env = \"prod\", team = \"a\" } }")
+        .unwrap();
+    c.validate().unwrap();
+    assert_eq!(c.targets["web"].addr.port(), 8080);
+    assert_eq!(c.targets["web"].labels["env"], "prod");
+    assert!(c.targets["auth"].labels.is_empty());
+    let e = with("web = { addr = \"127.0.0.1:8080\", lables = {} }").unwrap_err();
+    assert!(
+        e.to_string().contains("web") || e.to_string().contains("lables"),
+        "{e}"
+    );
+    let c = with("web = { addr = \"127.0.0.1:8080\", labels = { env = \"pr od\" } }").unwrap();
+    let e = c.validate().unwrap_err().to_string();
+    assert!(e.contains("`targets`") && e.contains("label 'env'"), "{e}");
 }

@@ -25,7 +25,13 @@ fn config(key_path: std::path::PathBuf) -> AgentConfig {
                 .to_openssh()
                 .unwrap(),
         ],
-        targets: BTreeMap::from([("auth".to_string(), "127.0.0.1:9".parse().unwrap())]),
+        targets: BTreeMap::from([(
+            "auth".to_string(),
+            "127.0.0.1:9"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )]),
         keepalive_interval_secs: 5,
         reconnect: Default::default(),
     }

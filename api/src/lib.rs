@@ -8,6 +8,7 @@
 //! - [`resource`]: the YAML/JSON forms of resources (`kind: role`), their parsing with errors that
 //!   point at the line and field, validation, and conversion to and from the wire types;
 //! - [`rbac`]: verbs, resource names, and the rule evaluation (deny wins, default deny);
+//! - [`targets`]: which targets roles reach by label (`node_labels`, alias `target_labels`);
 //! - [`duration`]: Go-style durations (`8h`, `1h30m`) as roles write them;
 //! - [`identity`]: the identity file `pctl auth sign` writes (key, certificates, CAs, cluster).
 
@@ -15,6 +16,7 @@ pub mod duration;
 pub mod identity;
 pub mod rbac;
 pub mod resource;
+pub mod targets;
 
 /// Generated gRPC types and stubs for `postern.auth.v1`.
 #[allow(missing_docs, clippy::all)]

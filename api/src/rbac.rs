@@ -15,6 +15,7 @@ pub const RESOURCES: &[&str] = &[
     "host_cert",
     "cert_authority",
     "event",
+    "lock",
 ];
 
 /// Every verb a rule may name (besides `*`).

@@ -117,8 +117,9 @@ pub struct ConditionsDoc {
     /// SSH logins.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub logins: Vec<String>,
-    /// Node label selectors.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    /// Target label selectors (Teleport's name; `target_labels` is accepted as an alias): a
+    /// target matches when every key's value is among the listed ones; `'*': '*'` matches all.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", alias = "target_labels")]
     pub node_labels: BTreeMap<String, LabelValue>,
 }
 

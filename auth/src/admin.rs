@@ -53,7 +53,7 @@ pub fn ensure_identity(state: &State, config: &AuthConfig) -> Result<bool, AuthE
     let revoked = state.backend.forget_certs(Some(ADMIN_USER), now)?;
     let a = &state.authorities;
     let key = mint::generate_key();
-    let issued = a.issue_user(ADMIN_USER, key.public_key(), ttl)?;
+    let issued = a.issue_user(ADMIN_USER, key.public_key(), ttl, &[])?;
     state
         .backend
         .add_cert(&issued.tls_fingerprint, ADMIN_USER, issued.expires)?;

@@ -226,6 +226,18 @@ impl Authorities {
         eku: ExtendedKeyUsagePurpose,
         ttl: u64,
     ) -> Result<rcgen::Certificate, AuthorityError> {
+        self.tls_sign_ext(subject, cn, sans, eku, ttl, Vec::new())
+    }
+
+    fn tls_sign_ext(
+        &self,
+        subject: &impl rcgen::PublicKeyData,
+        cn: &str,
+        sans: Vec<String>,
+        eku: ExtendedKeyUsagePurpose,
+        ttl: u64,
+        extensions: Vec<rcgen::CustomExtension>,
+    ) -> Result<rcgen::Certificate, AuthorityError> {
         let mut p =
             CertificateParams::new(sans).map_err(|e| AuthorityError::Issue(e.to_string()))?;
         let mut dn = DistinguishedName::new();
@@ -238,34 +250,37 @@ impl Authorities {
         p.not_before = stamp(now - BACKDATE_SECS);
         p.not_after = stamp(now + ttl);
         p.serial_number = Some(rcgen::SerialNumber::from_slice(&rand::random::<[u8; 16]>()));
+        p.custom_extensions = extensions;
         let issuer = Issuer::new(ca_params(&self.cluster), &self.tls_key);
         p.signed_by(subject, &issuer)
             .map_err(|e| AuthorityError::Issue(e.to_string()))
     }
 
-    /// An SSH user certificate and a TLS client certificate for `key`, valid `ttl` seconds.
+    /// An SSH user certificate and a TLS client certificate for `key`, valid `ttl` seconds. Both
+    /// carry `roles`: the SSH one in the extension `postern-roles@postern`, the TLS one in the
+    /// extension [`ROLES_OID`] (a UTF8String of the comma-separated names).
     pub fn issue_user(
         &self,
         user: &str,
         key: &PublicKey,
         ttl: u64,
+        roles: &[String],
     ) -> Result<Issued, AuthorityError> {
         let now = mint::now_unix();
         let expires = now + ttl;
-        let ssh = mint::issue(
-            &self.user_ca,
-            key,
-            &CertSpec::User { user: user.into() },
-            now - BACKDATE_SECS,
-            expires,
-        )
-        .map_err(|e| AuthorityError::Issue(e.to_string()))?;
-        let tls = self.tls_sign(
+        let spec = CertSpec::UserWithRoles {
+            user: user.into(),
+            roles: roles.to_vec(),
+        };
+        let ssh = mint::issue(&self.user_ca, key, &spec, now - BACKDATE_SECS, expires)
+            .map_err(|e| AuthorityError::Issue(e.to_string()))?;
+        let tls = self.tls_sign_ext(
             &ed25519_spki(key)?,
             user,
             Vec::new(),
             ExtendedKeyUsagePurpose::ClientAuth,
             ttl,
+            vec![roles_extension(roles)],
         )?;
         Ok(Issued {
             ssh_cert: ssh
@@ -365,6 +380,26 @@ impl Authorities {
         rustls_pki_types::CertificateDer::from_pem_slice(self.tls_ca_pem.as_bytes())
             .map_err(|e| corrupt(keys::TLS_CA_CERT)(e.to_string()))
     }
+}
+
+/// OID of the TLS client-certificate extension carrying the user's roles (a UTF8String of the
+/// comma-separated names). A placeholder private arc until the project registers its own.
+pub const ROLES_OID: &[u64] = &[1, 3, 6, 1, 4, 1, 99999, 1, 1];
+
+/// The roles extension of a TLS client certificate: DER UTF8String, not critical.
+fn roles_extension(roles: &[String]) -> rcgen::CustomExtension {
+    let text = roles.join(",");
+    let mut der = vec![0x0c];
+    let n = text.len();
+    if n < 0x80 {
+        der.push(n as u8);
+    } else if n < 0x100 {
+        der.extend([0x81, n as u8]);
+    } else {
+        der.extend([0x82, (n >> 8) as u8, n as u8]);
+    }
+    der.extend_from_slice(text.as_bytes());
+    rcgen::CustomExtension::from_oid_content(ROLES_OID, der)
 }
 
 /// SHA-256 (hex) of a DER certificate: how client certificates are looked up.

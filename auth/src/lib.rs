@@ -12,6 +12,10 @@
 //! - [`authority`]: the SSH user and host CAs and the TLS CA, and what they issue;
 //! - [`service`]: the gRPC service: authentication, RBAC, audit, operations;
 //! - [`audit`]: the audit log (database table and JSON lines);
+//! - [`changes`]: the policy change feed (roles, users, locks) with its revisions;
+//! - [`watch`]: `WatchPolicy`, the feed as a gRPC stream with resume from a revision;
+//! - [`locks`]: locks on a user, a role or an agent;
+//! - [`stream_events`]: stream access events shipped by proxies;
 //! - [`tokens`]: join tokens as stored, and spending one use atomically;
 //! - [`login`]: `psh login` behind the proxy's login relay (signup secret, then password);
 //! - [`password`]: Argon2id verification on reused memory;
@@ -24,16 +28,20 @@
 pub mod admin;
 pub mod audit;
 pub mod authority;
+pub mod changes;
 pub mod config;
 pub mod listener;
+pub mod locks;
 pub mod login;
 pub mod metrics;
 pub mod password;
 pub mod server;
 pub mod service;
 pub mod storage;
+pub mod stream_events;
 pub mod throttle;
 pub mod tokens;
+pub mod watch;
 
 pub use config::AuthConfig;
 pub use server::{AuthError, run};

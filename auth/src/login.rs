@@ -233,7 +233,7 @@ pub fn login(
     } else {
         req.ttl_secs.min(cap)
     };
-    let issued = match a.issue_user(&req.user, &key, ttl) {
+    let issued = match a.issue_user(&req.user, &key, ttl, &stored.roles) {
         Ok(i) => i,
         Err(e) => return LoginResponse::failed(500, e.to_string()),
     };

@@ -188,6 +188,7 @@ pub fn prepare(config: &AuthConfig) -> Result<Prepared, AuthError> {
             backend,
             authorities,
             audit,
+            watches: Default::default(),
         }),
         tls,
         config: config.clone(),
@@ -278,8 +279,8 @@ fn agent_config(
         proxy_host_ca,
         proxy_host_keys: Vec::new(),
         targets: [
-            (tunnel_proto::names::ROLE_AUTH.to_string(), api),
-            (tunnel_proto::login::LOGIN_TARGET.to_string(), login),
+            (tunnel_proto::names::ROLE_AUTH.to_string(), api.into()),
+            (tunnel_proto::login::LOGIN_TARGET.to_string(), login.into()),
         ]
         .into(),
         keepalive_interval_secs: t.keepalive_interval_secs,
@@ -383,6 +384,14 @@ async fn serve_bound(
     // Pings keep a live but quiet client from reaching the idle timeout.
     let ping = Duration::from_secs((prepared.config.limits.api_idle_timeout_secs / 3).clamp(1, 30));
 
+    // Policy watch streams never end on their own: end them first, or the graceful shutdown
+    // below would wait for them.
+    let watches = prepared.state.watches.clone();
+    let watch_stop = shutdown.clone();
+    tokio::spawn(async move {
+        watch_stop.cancelled().await;
+        watches.stop()
+    });
     let svc = AuthServiceServer::new(Service::new(prepared.state.clone()))
         .max_decoding_message_size(postern_api::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(16 * postern_api::MAX_MESSAGE_BYTES);

@@ -77,23 +77,25 @@ pub struct State {
     pub authorities: Arc<Authorities>,
     /// The audit log.
     pub audit: Audit,
+    /// Open `WatchPolicy` streams, ended together at shutdown.
+    pub watches: crate::watch::Watches,
 }
 
 /// The `AuthService` implementation.
 #[derive(Clone)]
 pub struct Service {
-    state: Arc<State>,
+    pub(crate) state: Arc<State>,
 }
 
 /// Who is calling.
 #[derive(Debug, Clone)]
-struct Caller {
-    user: String,
+pub(crate) struct Caller {
+    pub(crate) user: String,
     roles: Vec<Role>,
     peer: String,
 }
 
-fn storage_status(e: StorageError) -> Status {
+pub(crate) fn storage_status(e: StorageError) -> Status {
     match e {
         StorageError::Exists { .. } => Status::already_exists(e.to_string()),
         StorageError::NotFound { .. } => Status::not_found(e.to_string()),
@@ -135,6 +137,17 @@ spec:
     rules:
       - resources: ['*']
         verbs: ['*']
+version: v7
+---
+kind: role
+metadata: {name: proxy, description: 'A proxy: watch roles, users and locks; write audit events'}
+spec:
+  allow:
+    rules:
+      - resources: ['role', 'lock']
+        verbs: ['list', 'read']
+      - resources: ['event']
+        verbs: ['create']
 version: v7
 ---
 kind: role
@@ -227,7 +240,7 @@ impl Service {
     }
 
     /// Runs `f` on the blocking pool (storage and audit are synchronous).
-    async fn blocking<T: Send + 'static>(
+    pub(crate) async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&State) -> T + Send + 'static,
     ) -> Result<T, Status> {
@@ -239,7 +252,7 @@ impl Service {
 
     /// Records one call in the audit log before its answer is sent. Err (UNAVAILABLE) when no
     /// sink took the record: the caller fails the call rather than answer it unrecorded.
-    async fn audit_now(
+    pub(crate) async fn audit_now(
         &self,
         caller: &Caller,
         action: &str,
@@ -309,7 +322,7 @@ impl Service {
     }
 
     /// Authenticates and checks every verb on `kind`; denials are audited and returned.
-    async fn authorize<T>(
+    pub(crate) async fn authorize<T>(
         &self,
         req: &Request<T>,
         action: &str,
@@ -377,7 +390,7 @@ impl Service {
     }
 
     /// Audits an allowed call's outcome and passes it on.
-    async fn finish<T>(
+    pub(crate) async fn finish<T>(
         &self,
         caller: &Caller,
         action: &str,
@@ -408,7 +421,7 @@ impl Service {
     }
 
     /// Deletes resource `kind/name` (`kind: delete`), audited; NOT_FOUND if it is absent.
-    async fn delete_named<T>(
+    pub(crate) async fn delete_named<T>(
         &self,
         req: &Request<T>,
         action: &str,
@@ -790,7 +803,7 @@ impl AuthService for Service {
                         r.ttl_secs.min(cap)
                     };
                     let issued = authorities
-                        .issue_user(&r.user, &key, ttl)
+                        .issue_user(&r.user, &key, ttl, &stored.roles)
                         .map_err(|e| Status::internal(e.to_string()))?;
                     s.backend
                         .add_cert(&issued.tls_fingerprint, &r.user, issued.expires)
@@ -1031,6 +1044,48 @@ impl AuthService for Service {
             result,
         )
         .await
+    }
+
+    type WatchPolicyStream = crate::watch::EventStream;
+
+    async fn watch_policy(
+        &self,
+        req: Request<WatchPolicyRequest>,
+    ) -> Result<Response<Self::WatchPolicyStream>, Status> {
+        self.watch_policy_rpc(req).await
+    }
+
+    async fn create_lock(&self, req: Request<Lock>) -> Result<Response<Lock>, Status> {
+        self.create_lock_rpc(req).await
+    }
+
+    async fn list_locks(
+        &self,
+        req: Request<ListLocksRequest>,
+    ) -> Result<Response<ListLocksResponse>, Status> {
+        self.list_locks_rpc(req).await
+    }
+
+    async fn delete_lock(
+        &self,
+        req: Request<DeleteLockRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        let id = req.get_ref().id.clone();
+        self.delete_named(&req, "DeleteLock", "lock", id).await
+    }
+
+    async fn emit_stream_events(
+        &self,
+        req: Request<EmitStreamEventsRequest>,
+    ) -> Result<Response<EmitStreamEventsResponse>, Status> {
+        self.emit_stream_events_rpc(req).await
+    }
+
+    async fn list_stream_events(
+        &self,
+        req: Request<ListStreamEventsRequest>,
+    ) -> Result<Response<ListStreamEventsResponse>, Status> {
+        self.list_stream_events_rpc(req).await
     }
 
     async fn list_audit_events(

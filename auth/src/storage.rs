@@ -150,7 +150,25 @@ pub trait Backend: Send + Sync + 'static {
     fn append_audit(&self, record: &AuditRecord) -> Result<u64, StorageError>;
     /// The newest `limit` audit records, newest first.
     fn audit(&self, limit: u32) -> Result<Vec<AuditRecord>, StorageError>;
+    /// Policy changes (roles, users, locks) after revision `after`, oldest first, at most `limit`.
+    fn changes_since(&self, after: u64, limit: u32) -> Result<Changes, StorageError>;
+    /// Every role, user and lock, and the revision they are current at, read atomically.
+    fn policy_snapshot(&self) -> Result<(u64, Vec<Change>), StorageError>;
+    /// Stores stream events (id, time, user, encoded event), skipping ids already stored;
+    /// returns how many were new. All or nothing.
+    fn append_stream_events(&self, events: &[StreamRow]) -> Result<usize, StorageError>;
+    /// Stream events newest first: of `user` if given, at or after `since_ms`, at most `limit`.
+    fn stream_events(
+        &self,
+        user: Option<&str>,
+        since_ms: u64,
+        limit: u32,
+    ) -> Result<Vec<StreamRow>, StorageError>;
 }
+
+pub use crate::stream_events::StreamRow;
+
+pub use crate::changes::{Change, Changes};
 
 /// The schema, one migration per version. Never edit a shipped entry: append a new one.
 const MIGRATIONS: &[&str] = &[
@@ -165,6 +183,31 @@ const MIGRATIONS: &[&str] = &[
          id INTEGER PRIMARY KEY AUTOINCREMENT, time_ms INTEGER NOT NULL, user TEXT NOT NULL,
          action TEXT NOT NULL, resource TEXT NOT NULL, allowed INTEGER NOT NULL,
          error TEXT NOT NULL, peer TEXT NOT NULL);",
+    // 2: the policy change feed (roles, users, locks) that proxies watch; written by triggers
+    // in the same transaction as the change itself, and pruned to the newest 100,000 entries.
+    "CREATE TABLE changes (
+         seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, name TEXT NOT NULL,
+         deleted INTEGER NOT NULL, value TEXT NOT NULL);
+     CREATE TRIGGER changes_insert AFTER INSERT ON resources
+         WHEN NEW.kind IN ('role', 'user', 'lock') BEGIN
+         INSERT INTO changes (kind, name, deleted, value) VALUES (NEW.kind, NEW.name, 0, NEW.value);
+     END;
+     CREATE TRIGGER changes_update AFTER UPDATE ON resources
+         WHEN NEW.kind IN ('role', 'user', 'lock') BEGIN
+         INSERT INTO changes (kind, name, deleted, value) VALUES (NEW.kind, NEW.name, 0, NEW.value);
+     END;
+     CREATE TRIGGER changes_delete AFTER DELETE ON resources
+         WHEN OLD.kind IN ('role', 'user', 'lock') BEGIN
+         INSERT INTO changes (kind, name, deleted, value) VALUES (OLD.kind, OLD.name, 1, '');
+     END;
+     CREATE TRIGGER changes_prune AFTER INSERT ON changes BEGIN
+         DELETE FROM changes WHERE seq <= NEW.seq - 100000;
+     END;",
+    // 3: stream access events shipped by proxies (the event as protobuf), unique by id.
+    "CREATE TABLE stream_events (
+         id TEXT PRIMARY KEY, time_ms INTEGER NOT NULL, user TEXT NOT NULL, data BLOB NOT NULL);
+     CREATE INDEX stream_events_time ON stream_events (time_ms);
+     CREATE INDEX stream_events_user ON stream_events (user, time_ms);",
 ];
 
 /// The embedded SQLite backend (one file, bundled SQLite).
@@ -238,7 +281,7 @@ impl SqliteBackend {
         MIGRATIONS.len() as u32
     }
 
-    fn with<T>(
+    pub(crate) fn with<T>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StorageError>,
     ) -> Result<T, StorageError> {
@@ -246,7 +289,7 @@ impl SqliteBackend {
         f(&mut c)
     }
 
-    fn db(&self) -> impl Fn(rusqlite::Error) -> StorageError + '_ {
+    pub(crate) fn db(&self) -> impl Fn(rusqlite::Error) -> StorageError + '_ {
         |source| StorageError::Db {
             path: self.path.clone(),
             source,
@@ -474,6 +517,27 @@ impl Backend for SqliteBackend {
                 .map_err(self.db())?;
             rows.collect::<Result<Vec<_>, _>>().map_err(self.db())
         })
+    }
+
+    fn changes_since(&self, after: u64, limit: u32) -> Result<Changes, StorageError> {
+        self.changes_after(after, limit)
+    }
+
+    fn policy_snapshot(&self) -> Result<(u64, Vec<Change>), StorageError> {
+        self.snapshot()
+    }
+
+    fn append_stream_events(&self, events: &[StreamRow]) -> Result<usize, StorageError> {
+        self.insert_stream_events(events)
+    }
+
+    fn stream_events(
+        &self,
+        user: Option<&str>,
+        since_ms: u64,
+        limit: u32,
+    ) -> Result<Vec<StreamRow>, StorageError> {
+        self.select_stream_events(user, since_ms, limit)
     }
 }
 

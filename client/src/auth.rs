@@ -142,8 +142,18 @@ pub fn reloading(creds: Credentials) -> Source {
 }
 
 /// A byte stream TLS can run over: TCP, or a tunnel stream.
-trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// Opens a fresh byte stream to an Auth server for each connection: what
+/// [`AuthClient::over_dialer`] runs mTLS over (a proxy uses a stream to the `auth` target of its
+/// own tunnel).
+pub type Dialer = Arc<
+    dyn Fn() -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = std::io::Result<Box<dyn Io>>> + Send>,
+        > + Send
+        + Sync,
+>;
 
 /// A connected Auth API client with typed methods for every call.
 #[derive(Clone)]
@@ -275,6 +285,43 @@ impl AuthClient {
             .await
             .map_err(|e| unreachable(error_chain(&e)))?;
         Self::finish(channel, Some(cluster), &addr).await
+    }
+
+    /// Connects over streams `dial` opens, with mTLS from `source`; `what` names the path in
+    /// errors.
+    pub async fn over_dialer(
+        source: Source,
+        what: &str,
+        dial: Dialer,
+    ) -> Result<AuthClient, AuthClientError> {
+        let first = source().map_err(|reason| AuthClientError::Connect {
+            addr: what.into(),
+            reason,
+        })?;
+        let cluster = first.cluster.clone();
+        let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+            let (source, dial) = (source.clone(), dial.clone());
+            async move {
+                let l = source().map_err(std::io::Error::other)?;
+                let stream = tokio::time::timeout(CONNECT_TIMEOUT, dial())
+                    .await
+                    .map_err(|_| {
+                        std::io::Error::new(std::io::ErrorKind::TimedOut, "stream open timed out")
+                    })??;
+                let s = tokio_rustls::TlsConnector::from(l.tls)
+                    .connect(l.server_name, stream)
+                    .await?;
+                Ok::<_, std::io::Error>(TokioIo::new(s))
+            }
+        });
+        let channel = endpoint()
+            .connect_with_connector(connector)
+            .await
+            .map_err(|e| AuthClientError::Connect {
+                addr: what.into(),
+                reason: error_chain(&e),
+            })?;
+        Self::finish(channel, cluster.as_deref(), what).await
     }
 
     async fn finish(
@@ -414,6 +461,16 @@ calls! {
     export_authorities(ExportAuthoritiesRequest) -> ExportAuthoritiesResponse;
     /// Newest audit events first (`event: list`).
     list_audit_events(ListAuditEventsRequest) -> ListAuditEventsResponse;
+    /// Locks a user, a role or an agent (`lock: create`); every proxy enforces it within seconds.
+    create_lock(Lock) -> Lock;
+    /// Every lock (`lock: list`).
+    list_locks(ListLocksRequest) -> ListLocksResponse;
+    /// Removes a lock (`lock: delete`).
+    delete_lock(DeleteLockRequest) -> Empty;
+    /// Stores a proxy's stream access events (`event: create`), idempotent by event id.
+    emit_stream_events(EmitStreamEventsRequest) -> EmitStreamEventsResponse;
+    /// Stream access events, newest first (`event: list`).
+    list_stream_events(ListStreamEventsRequest) -> ListStreamEventsResponse;
 }
 
 impl AuthClient {

@@ -87,9 +87,10 @@ pub enum ClientError {
     },
 }
 
-/// Records why the proxy refused each channel, since russh reports only the code.
+/// Records why the proxy refused each channel, since russh reports only the code, and why it
+/// closed the connection (a lock, a deleted user), since russh reports only "disconnected".
 #[derive(Default)]
-struct Refusals(Mutex<Vec<(ChannelId, String)>>);
+struct Refusals(Mutex<Vec<(ChannelId, String)>>, Mutex<Option<String>>);
 
 struct ClientHandler {
     verifier: ProxyVerifier,
@@ -120,6 +121,19 @@ impl russh::client::Handler for ClientHandler {
             v.remove(0);
         }
         Ok(())
+    }
+
+    async fn disconnected(
+        &mut self,
+        reason: russh::client::DisconnectReason<Self::Error>,
+    ) -> Result<(), Self::Error> {
+        match reason {
+            russh::client::DisconnectReason::ReceivedDisconnect(info) => {
+                *self.refusals.1.lock().unwrap_or_else(|p| p.into_inner()) = Some(info.message);
+                Ok(())
+            }
+            russh::client::DisconnectReason::Error(e) => Err(e),
+        }
     }
 }
 
@@ -212,11 +226,35 @@ impl ProxySession {
                     reason,
                 })
             }
-            Err(source) => Err(ClientError::Ssh {
-                host: host.to_owned(),
-                source,
-            }),
+            Err(source) => {
+                let closed = self
+                    .refusals
+                    .1
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+                    .filter(|m| !m.is_empty());
+                match closed {
+                    Some(why) => Err(ClientError::Refused {
+                        host: host.to_owned(),
+                        reason: format!("the proxy closed the connection: {why}"),
+                    }),
+                    None => Err(ClientError::Ssh {
+                        host: host.to_owned(),
+                        source,
+                    }),
+                }
+            }
         }
+    }
+
+    /// Why the proxy closed this session, if it said (a lock's message, a deleted user).
+    pub fn closed_reason(&self) -> Option<String> {
+        self.refusals
+            .1
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 

@@ -317,3 +317,106 @@ async fn pctl_says_what_is_missing() {
         .unwrap();
     assert!(err(&o).contains("needs an identity file"));
 }
+
+/// `pctl lock`, `pctl get locks`, `pctl rm lock/ID`; `tokens add --uses`.
+#[tokio::test]
+async fn pctl_locks_and_multi_use_tokens() {
+    let env = start().await;
+    let e = err(&pctl(&env, &["lock"], None).await);
+    assert!(e.contains("--user=NAME"), "{e}");
+    let out = ok(&pctl(
+        &env,
+        &["lock", "--user=carol", "--ttl=1h", "--message=incident 42"],
+        None,
+    )
+    .await);
+    let id = out
+        .split_whitespace()
+        .next()
+        .and_then(|w| w.strip_prefix("lock/"))
+        .expect("lock id printed")
+        .to_string();
+    let listed = ok(&pctl(&env, &["get", "locks", "--format=json"], None).await);
+    assert!(
+        listed.contains("\"user=carol\"") && listed.contains("incident 42"),
+        "{listed}"
+    );
+    ok(&pctl(&env, &["rm", &format!("lock/{id}")], None).await);
+    assert!(
+        ok(&pctl(&env, &["get", "locks"], None).await)
+            .trim()
+            .is_empty()
+    );
+    let out = ok(&pctl(
+        &env,
+        &["tokens", "add", "--out=many.token", "--uses=3"],
+        None,
+    )
+    .await);
+    assert!(out.contains("3 uses"), "{out}");
+}
+
+/// `pctl get events --type=stream --user=NAME --since=1h --format=json` shows what proxies
+/// shipped (emitted here as the admin, which may create events).
+#[tokio::test]
+async fn pctl_shows_stream_events_by_user_and_time() {
+    use postern_api::proto::{EmitStreamEventsRequest, StreamEvent};
+    let env = start().await;
+    let admin_id = IdentityFile::load(&env.data.join("admin.identity")).unwrap();
+    let addr = std::fs::read_to_string(env.data.join("auth_addr")).unwrap();
+    let admin = postern_client::auth::AuthClient::connect_direct(addr.trim(), &admin_id)
+        .await
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let ev = |id: &str, user: &str, time_ms: u64| StreamEvent {
+        id: id.into(),
+        time_ms,
+        kind: "close".into(),
+        user: user.into(),
+        target: "web".into(),
+        cluster: "pctl".into(),
+        bytes_in: 5,
+        ..Default::default()
+    };
+    let events = vec![
+        ev("p-1", "carol", now - 1000),
+        ev("p-2", "dave", now - 1000),
+        ev("p-3", "carol", now - 3 * 3600 * 1000),
+    ];
+    let r = admin
+        .emit_stream_events(EmitStreamEventsRequest {
+            events: events.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.stored, 3);
+    let again = admin
+        .emit_stream_events(EmitStreamEventsRequest { events })
+        .await
+        .unwrap();
+    assert_eq!(again.stored, 0, "a resent batch stores nothing twice");
+    let out = ok(&pctl(
+        &env,
+        &[
+            "get",
+            "events",
+            "--type=stream",
+            "--user=carol",
+            "--since=1h",
+            "--format=json",
+        ],
+        None,
+    )
+    .await);
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    assert_eq!(lines[0]["id"], "p-1");
+    assert_eq!(lines[0]["user"], "carol");
+    assert_eq!(lines[0]["bytes_in"], 5);
+}

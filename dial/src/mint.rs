@@ -6,7 +6,9 @@ use std::path::Path;
 
 use russh::keys::ssh_key::certificate::{Builder, CertType};
 use russh::keys::ssh_key::{Algorithm, Certificate, LineEnding, PrivateKey, PublicKey};
-use tunnel_proto::names::{EXT_CLUSTER, EXT_ROLE, ROLE_AUTH, ROLE_SERVICE, agent_principal};
+use tunnel_proto::names::{
+    EXT_CLUSTER, EXT_ROLE, EXT_ROLES, ROLE_AUTH, ROLE_SERVICE, agent_principal,
+};
 
 /// What a certificate is for.
 #[derive(Debug, Clone)]
@@ -31,6 +33,14 @@ pub enum CertSpec {
     User {
         /// The user name (principal).
         user: String,
+    },
+    /// A user certificate that also carries the user's roles in the extension
+    /// `postern-roles@postern` (comma-separated), so the proxy decides without a round trip.
+    UserWithRoles {
+        /// The user name (principal).
+        user: String,
+        /// Its roles when the certificate was issued.
+        roles: Vec<String>,
     },
     /// A proxy's host certificate, listing every name it is dialled by.
     Proxy {
@@ -95,8 +105,15 @@ pub fn issue(
             b.cert_type(CertType::User)?
                 .key_id(format!("user {user}"))?
                 .valid_principal(user.clone())?
-                // What OpenSSH grants by default; the proxy only uses the login.
+                // What OpenSSH grants by default; the proxy refuses streams without it.
                 .extension("permit-port-forwarding", "")?;
+        }
+        CertSpec::UserWithRoles { user, roles } => {
+            b.cert_type(CertType::User)?
+                .key_id(format!("user {user}"))?
+                .valid_principal(user.clone())?
+                .extension("permit-port-forwarding", "")?
+                .extension(EXT_ROLES, roles.join(","))?;
         }
         CertSpec::Proxy { principals } => {
             b.cert_type(CertType::Host)?

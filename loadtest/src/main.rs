@@ -172,7 +172,11 @@ async fn main() -> anyhow::Result<()> {
             host_cert_file: None,
             proxy_host_ca: vec![host_ca_line.clone()],
             proxy_host_keys: Vec::new(),
-            targets: [("load".to_string(), service), ("hose".to_string(), hose)].into(),
+            targets: [
+                ("load".to_string(), service.into()),
+                ("hose".to_string(), hose.into()),
+            ]
+            .into(),
             keepalive_interval_secs: 15,
             reconnect: Default::default(),
         };

@@ -145,6 +145,48 @@ pub struct ClusterConfig {
     pub host_ca: Vec<String>,
     /// OpenSSH public-key lines of the user CA that signs client certificates.
     pub user_ca: Vec<String>,
+    /// Where the roles and locks that decide this cluster's streams come from.
+    #[serde(default)]
+    pub policy: PolicyConfig,
+}
+
+/// Where a cluster's policy comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicySource {
+    /// No policy source: only the Auth target `auth` is reachable (the default).
+    #[default]
+    Deny,
+    /// Roles, users and locks watched from the cluster's Auth server, through the cluster's own
+    /// tunnel, with `identity_file` (a user with the preset role `proxy`).
+    Auth,
+    /// No authorization beyond the certificate: every user of the cluster reaches every target.
+    /// Only for a tunnel-only setup without an Auth server (certificates from `certs issue`).
+    Open,
+}
+
+/// A cluster's policy settings (`[clusters.policy]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// `deny` (default), `auth` or `open`.
+    pub source: PolicySource,
+    /// With `auth`: the proxy's identity file (`pctl auth sign --user=<proxy user>`), re-read at
+    /// every connection to the Auth server, so a renewed file is picked up.
+    pub identity_file: Option<PathBuf>,
+    /// With `auth`: how long the last known policy is used while the Auth server is unreachable;
+    /// after that new streams are refused. Default 60.
+    pub stale_after_secs: u64,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            source: PolicySource::Deny,
+            identity_file: None,
+            stale_after_secs: 60,
+        }
+    }
 }
 
 impl Default for ProxyConfig {
@@ -383,6 +425,18 @@ impl ProxyConfig {
                 return Err(invalid(
                     format!("clusters[{i}].name"),
                     format!("cluster '{}' listed twice", c.name),
+                ));
+            }
+            if c.policy.source == PolicySource::Auth && c.policy.identity_file.is_none() {
+                return Err(invalid(
+                    format!("clusters[{i}].policy.identity_file"),
+                    "source = \"auth\" needs the proxy's identity file (pctl users add <proxy> --roles=proxy; pctl auth sign --user=<proxy> --out=FILE)",
+                ));
+            }
+            if !(1..=86_400).contains(&c.policy.stale_after_secs) {
+                return Err(invalid(
+                    format!("clusters[{i}].policy.stale_after_secs"),
+                    "must be 1..=86400",
                 ));
             }
             for (field, lines) in [("host_ca", &c.host_ca), ("user_ca", &c.user_ca)] {

@@ -10,19 +10,24 @@
 //! - [`keys`]: host key/certificate and web TLS certificate, generated when absent.
 //! - [`trust`]: which CA keys each cluster trusts.
 //! - [`tunnel`]: the SSH listener, login checks, stream routing and splicing, control channel.
-//! - [`routing`]: the cluster → tunnels table.
+//! - [`routing`]: the cluster → tunnels table, with each target's labels.
 //! - [`proxy_protocol`]: PROXY headers from trusted load balancers.
+//! - [`audit`]: the stream access audit: events logged, spooled in the data dir, shipped.
+//! - [`policy`]: who may open streams to which target (roles by labels, locks, deleted users),
+//!   watched from each cluster's Auth server through the cluster's own tunnel.
 //! - [`web`]: HTTPS discovery. [`ops`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`metrics`]: every `postern_*` metric. [`mint`]: minting CAs and certificates (`certs`).
 //!
 //! [`run`] takes bound listeners and a shutdown token; `main.rs` only parses flags and binds.
 
+pub mod audit;
 pub mod config;
 pub mod keys;
 pub mod login;
 pub mod metrics;
 pub use postern_dial::mint;
 pub mod ops;
+pub mod policy;
 pub mod proxy_protocol;
 pub mod routing;
 pub mod trust;
@@ -121,6 +126,80 @@ fn proxy_id(config: &ProxyConfig) -> Result<String, ProxyError> {
     }
 }
 
+/// The stream audit: a spool in `<data_dir>/audit/<cluster>` for each cluster whose policy
+/// source is `auth` (their events are shipped to the Auth server); others are only logged.
+fn stream_audit(config: &ProxyConfig, proxy_id: &str) -> Result<audit::StreamAudit, ProxyError> {
+    let mut spools = std::collections::HashMap::new();
+    for c in &config.clusters {
+        if c.policy.source != config::PolicySource::Auth {
+            continue;
+        }
+        let dir = config.data_dir.join("audit").join(&c.name);
+        let spool = audit::Spool::open(&dir, AUDIT_SPOOL_MAX_BYTES).map_err(|source| {
+            ProxyError::DataDir {
+                path: dir.display().to_string(),
+                source,
+            }
+        })?;
+        spools.insert(c.name.clone(), Arc::new(spool));
+    }
+    Ok(audit::StreamAudit::new(proxy_id.to_owned(), spools))
+}
+
+/// Largest audit spool per cluster, bytes (about 1.5 million events).
+const AUDIT_SPOOL_MAX_BYTES: u64 = 256 << 20;
+
+/// Starts one audit shipper per spooled cluster; they stop at hard stop (what is left stays
+/// spooled for the next start).
+fn audit_shippers(
+    config: &ProxyConfig,
+    shared: &Arc<tunnel::TunnelShared>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for c in &config.clusters {
+        let (Some(spool), Some(identity_file)) = (
+            shared.audit.spools().get(&c.name).cloned(),
+            c.policy.identity_file.clone(),
+        ) else {
+            continue;
+        };
+        let shipper = audit::ship::Shipper {
+            cluster: c.name.clone(),
+            spool,
+            identity_file,
+            shared: shared.clone(),
+        };
+        tasks.push(tokio::spawn(shipper.run(shared.hard_stop.clone())));
+    }
+    tasks
+}
+
+/// Starts one policy watcher per cluster whose policy source is `auth`; they stop at hard stop.
+fn policy_watchers(
+    config: &ProxyConfig,
+    shared: &Arc<tunnel::TunnelShared>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for c in &config.clusters {
+        let (config::PolicySource::Auth, Some(identity_file)) =
+            (c.policy.source, c.policy.identity_file.clone())
+        else {
+            continue;
+        };
+        let Some(policy) = shared.policies.cluster(&c.name).cloned() else {
+            continue;
+        };
+        let watcher = policy::watch::Watcher {
+            policy,
+            identity_file,
+            shared: shared.clone(),
+            registry: shared.policies.registry.clone(),
+        };
+        tasks.push(tokio::spawn(watcher.run(shared.hard_stop.clone())));
+    }
+    tasks
+}
+
 /// Runs the proxy on bound listeners until `shutdown` is cancelled, then drains: stop accepting,
 /// tell agents to move, let streams finish for `shutdown.grace_secs`, close the rest.
 pub async fn run(
@@ -203,7 +282,11 @@ pub async fn run(
             message,
         })
     })?;
+    shared.policies = Arc::new(policy::Policies::from_config(&config.clusters));
+    shared.audit = Arc::new(stream_audit(&config, &proxy_id)?);
     let shared = Arc::new(shared);
+    let mut watchers = policy_watchers(&config, &shared);
+    watchers.extend(audit_shippers(&config, &shared));
     info!(
         proxy_id = %proxy_id,
         web = ?listeners.web.local_addr().ok(),
@@ -267,6 +350,9 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     shared.hard_stop.cancel();
+    for w in watchers {
+        let _ = w.await;
+    }
     conns.close();
     shared.streams.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), async {

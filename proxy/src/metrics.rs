@@ -17,7 +17,8 @@ pub const AUTH_FAILURES: &str = "postern_auth_failures_total";
 /// Client streams open now.
 pub const STREAMS_ACTIVE: &str = "postern_streams_active";
 /// Client stream open attempts, by `result` (`ok`, `unknown_cluster`, `no_tunnel`,
-/// `unknown_target`, `bad_target`, `forbidden`, `reserved`, `agent_refused`, `limit`).
+/// `unknown_target`, `bad_target`, `forbidden`, `locked`, `policy_unavailable`, `reserved`,
+/// `agent_refused`, `limit`).
 pub const STREAM_OPENS: &str = "postern_stream_opens_total";
 /// Payload bytes spliced, by `direction` (`client_to_agent`, `agent_to_client`).
 pub const BYTES_PROXIED: &str = "postern_bytes_proxied_total";
@@ -43,6 +44,23 @@ pub const LOGIN_RELAYS: &str = "postern_login_relays_total";
 /// Target registrations (`tcpip-forward`) refused, by `reason` (`reserved_target`: a `service`
 /// agent asked for `auth` or `login`; `bad_name`; `tunnels_per_cluster`).
 pub const TARGET_REFUSALS: &str = "postern_target_registrations_refused_total";
+
+/// Policy watch attempts that failed or were cut, by `cluster`.
+pub const POLICY_WATCH_ERRORS: &str = "postern_policy_watch_errors_total";
+
+/// Full policy snapshots applied, by `cluster` (a watch that resumes from its revision adds none).
+pub const POLICY_SNAPSHOTS: &str = "postern_policy_snapshots_total";
+/// The policy revision each cluster's cache is at, by `cluster`.
+pub const POLICY_REVISION: &str = "postern_policy_revision";
+
+/// Stream audit events recorded, by `kind` (`open`, `close`, `refused`).
+pub const AUDIT_EVENTS: &str = "postern_audit_events_total";
+/// Stream audit events lost, by `reason` (`spool_write`, `spool_full`).
+pub const AUDIT_DROPPED: &str = "postern_audit_events_dropped_total";
+/// Stream audit events the Auth server stored, by `cluster`.
+pub const AUDIT_SHIPPED: &str = "postern_audit_events_shipped_total";
+/// Failed attempts to ship audit events, by `cluster` (they stay spooled and are retried).
+pub const AUDIT_SHIP_ERRORS: &str = "postern_audit_ship_errors_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -83,6 +101,25 @@ fn describe() {
         "Connections, tunnels and streams refused by a limit, by limit."
     );
     describe_counter!(LOGIN_RELAYS, "Logins relayed to an Auth server, by result.");
+    describe_counter!(AUDIT_EVENTS, "Stream audit events recorded, by kind.");
+    describe_counter!(AUDIT_DROPPED, "Stream audit events lost, by reason.");
+    describe_counter!(
+        AUDIT_SHIPPED,
+        "Stream audit events stored by the Auth server, by cluster."
+    );
+    describe_counter!(
+        AUDIT_SHIP_ERRORS,
+        "Failed audit shipping attempts, by cluster."
+    );
+    describe_counter!(
+        POLICY_SNAPSHOTS,
+        "Full policy snapshots applied, by cluster."
+    );
+    describe_gauge!(POLICY_REVISION, "Policy revision of each cluster's cache.");
+    describe_counter!(
+        POLICY_WATCH_ERRORS,
+        "Policy watch attempts that failed or were cut, by cluster."
+    );
     describe_counter!(
         TARGET_REFUSALS,
         "Target registrations refused, by reason (reserved_target: a service agent asked for auth or login)."

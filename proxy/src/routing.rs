@@ -3,11 +3,14 @@
 //! Lookups take no global lock: a `DashMap` shard per cluster, and each tunnel's target set is
 //! written only by that tunnel's own connection.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use dashmap::DashMap;
+
+/// A target's labels: `key = value`.
+pub type Labels = BTreeMap<String, String>;
 
 /// One agent's live tunnel.
 pub struct Tunnel {
@@ -23,6 +26,8 @@ pub struct Tunnel {
     pub handle: russh::server::Handle,
     /// Targets registered with `tcpip-forward`.
     targets: RwLock<HashSet<String>>,
+    /// Each target's labels, as the agent sent them on `@control` (before registering it).
+    labels: RwLock<HashMap<String, Labels>>,
     /// Streams open through this tunnel now.
     pub active_streams: AtomicUsize,
     /// The agent's protocol version from its control hello (0 until it arrives): streams use
@@ -46,6 +51,7 @@ impl Tunnel {
             peer,
             handle,
             targets: RwLock::default(),
+            labels: RwLock::default(),
             active_streams: AtomicUsize::new(0),
             agent_version: tokio::sync::watch::Sender::new(0),
         }
@@ -65,6 +71,23 @@ impl Tunnel {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(target)
+    }
+
+    /// Records a target's labels (from the agent's `@control` channel).
+    pub fn set_labels(&self, target: &str, labels: Labels) {
+        self.labels
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(target.to_owned(), labels);
+    }
+
+    /// A target's labels, if the agent sent them.
+    pub fn labels(&self, target: &str) -> Option<Labels> {
+        self.labels
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(target)
+            .cloned()
     }
 
     /// Whether this tunnel serves `target`.

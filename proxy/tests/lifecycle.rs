@@ -30,7 +30,7 @@ fn write_config(pki: &Pki, dir: &Path, ports: &Ports, grace: u64) -> std::path::
         "data_dir = {dir:?}\n\
          [listen]\nweb = \"127.0.0.1:{}\"\ntunnel = \"127.0.0.1:{}\"\nops = \"127.0.0.1:{}\"\n\
          [shutdown]\ngrace_secs = {grace}\n\
-         [[clusters]]\nname = \"{}\"\nhost_ca = [{:?}]\nuser_ca = [{:?}]\n",
+         [[clusters]]\nname = \"{}\"\nhost_ca = [{:?}]\nuser_ca = [{:?}]\npolicy = {{ source = \"open\" }}\n",
         ports.web, ports.tunnel, ports.ops, c.name, c.host_ca[0], c.user_ca[0]
     );
     let path = dir.join("proxy.toml");

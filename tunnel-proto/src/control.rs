@@ -9,6 +9,7 @@
 //! | 2 | [`Message::ProxySet`] | proxy |
 //! | 3 | [`Message::Drain`] | proxy, when shutting down |
 //! | 4 | [`Message::Heartbeat`] | agent |
+//! | 5 | [`Message::TargetLabels`] | agent, once per target before it registers the target |
 
 use bytes::{Buf, BufMut, BytesMut};
 
@@ -42,6 +43,15 @@ pub enum Message {
         /// Streams the agent is serving now.
         active_streams: u32,
     },
+    /// The labels of one target the agent serves (what roles' `node_labels` match). Sent before
+    /// the target's `tcpip-forward`; the proxy refuses streams to a target whose labels it has
+    /// not received.
+    TargetLabels {
+        /// The target name.
+        target: String,
+        /// `key = value` pairs, sorted by key, keys unique.
+        labels: Vec<(String, String)>,
+    },
 }
 
 /// Why bytes did not decode.
@@ -70,6 +80,7 @@ impl Message {
             Message::ProxySet { .. } => 2,
             Message::Drain { .. } => 3,
             Message::Heartbeat { .. } => 4,
+            Message::TargetLabels { .. } => 5,
         }
     }
 
@@ -94,6 +105,15 @@ impl Message {
                 body.put_u32(*grace_secs);
             }
             Message::Heartbeat { active_streams } => body.put_u32(*active_streams),
+            Message::TargetLabels { target, labels } => {
+                put_str(&mut body, target)?;
+                let n = u16::try_from(labels.len()).map_err(|_| EncodeError::TooLarge)?;
+                body.put_u16(n);
+                for (k, v) in labels {
+                    put_str(&mut body, k)?;
+                    put_str(&mut body, v)?;
+                }
+            }
         }
         if body.len() + 4 > MAX_FRAME {
             return Err(EncodeError::TooLarge);
@@ -139,6 +159,15 @@ impl Message {
             4 => Message::Heartbeat {
                 active_streams: get_u32(&mut body)?,
             },
+            5 => {
+                let target = get_str(&mut body)?;
+                let n = get_u16(&mut body)?;
+                let mut labels = Vec::with_capacity(usize::from(n).min(256));
+                for _ in 0..n {
+                    labels.push((get_str(&mut body)?, get_str(&mut body)?));
+                }
+                Message::TargetLabels { target, labels }
+            }
             _ => return Err(DecodeError::Malformed("unknown message type")),
         };
         if body.has_remaining() {
@@ -225,6 +254,14 @@ mod tests {
                 grace_secs: 30,
             },
             Message::Heartbeat { active_streams: 7 },
+            Message::TargetLabels {
+                target: "web".into(),
+                labels: vec![("env".into(), "prod".into()), ("team".into(), "a".into())],
+            },
+            Message::TargetLabels {
+                target: "db".into(),
+                labels: vec![],
+            },
         ]
     }
 
@@ -292,6 +329,10 @@ mod tests {
             &[0, 0, 0, 6, 4, 0, 0, 0, 1, 0],
             &[0, 0, 0, 7, 1, 0, 0, 0, 1, 0, 5],
             &[0, 0, 0, 8, 1, 0, 0, 0, 1, 0, 1, 0xff],
+            // TargetLabels: one label announced, none there.
+            &[0, 0, 0, 6, 5, 0, 1, b'w', 0, 1],
+            // TargetLabels: a key with no value.
+            &[0, 0, 0, 9, 5, 0, 1, b'w', 0, 1, 0, 1, b'k'],
         ];
         for c in cases {
             assert!(

@@ -35,6 +35,9 @@ pub const RESERVED_TARGETS: [&str; 2] = ["auth", "login"];
 pub fn is_reserved_target(target: &str) -> bool {
     RESERVED_TARGETS.contains(&target)
 }
+/// User-certificate extension listing the user's roles, comma-separated (what the proxy decides
+/// targets by, without a round trip to the Auth server).
+pub const EXT_ROLES: &str = "postern-roles@postern";
 /// Role of a proxy's own host certificate (what agents and clients check when they dial it).
 pub const ROLE_PROXY: &str = "proxy";
 

@@ -53,6 +53,11 @@ fn message() -> impl Strategy<Value = Message> {
         (any_text(12), any::<u32>())
             .prop_map(|(reason, grace_secs)| Message::Drain { reason, grace_secs }),
         any::<u32>().prop_map(|active_streams| Message::Heartbeat { active_streams }),
+        (
+            any_text(8),
+            proptest::collection::vec((any_text(6), any_text(6)), 0..4)
+        )
+            .prop_map(|(target, labels)| Message::TargetLabels { target, labels }),
     ]
 }
 

@@ -11,7 +11,7 @@ use tracing::warn;
 use tunnel_proto::certs::{
     CertError, Certificate, check_agent_cert, check_user_cert, signer_fingerprint,
 };
-use tunnel_proto::names::{AGENT_LOGIN_PREFIX, validate_label};
+use tunnel_proto::names::{AGENT_LOGIN_PREFIX, EXT_ROLES, validate_label};
 
 /// The OpenSSH certificate extension that allows `direct-tcpip` (`ssh -W`, `-L`).
 pub(super) const EXT_PERMIT_PORT_FORWARDING: &str = "permit-port-forwarding";
@@ -36,6 +36,8 @@ pub(super) enum Role {
         user: String,
         cluster: String,
         port_forwarding: bool,
+        cert_roles: Option<Vec<String>>,
+        key_id: String,
     },
 }
 
@@ -114,8 +116,54 @@ impl Conn {
                 user: login.to_owned(),
                 cluster: cluster.to_owned(),
                 port_forwarding: cert.extensions().contains_key(EXT_PERMIT_PORT_FORWARDING),
+                key_id: cert.key_id().to_owned(),
+                cert_roles: cert.extensions().get(EXT_ROLES).map(|r| {
+                    r.split(',')
+                        .filter(|x| !x.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                }),
             })
         }
+    }
+
+    /// The policy's word on a login that passed the certificate checks: a locked or deleted
+    /// identity is refused (a stale policy refuses streams, not logins). On success the
+    /// connection is registered, so a later policy change can close it.
+    pub(super) fn admit(&self, role: &Role) -> Result<(), String> {
+        use crate::policy::registry::Kind;
+        let (cluster, kind) = match role {
+            Role::Agent {
+                host_id, cluster, ..
+            } => (cluster, Kind::Agent(host_id.clone())),
+            Role::Client {
+                user,
+                cluster,
+                cert_roles,
+                ..
+            } => (
+                cluster,
+                Kind::Client(crate::policy::Who {
+                    user: user.clone(),
+                    cert_roles: cert_roles.clone(),
+                }),
+            ),
+        };
+        let policies = &self.shared.policies;
+        if let Some(policy) = policies.cluster(cluster) {
+            let verdict = match &kind {
+                Kind::Agent(host_id) => policy.check_agent(host_id),
+                Kind::Client(who) => policy.check_login(who),
+            };
+            if let Err(r) = verdict
+                && r.result != "policy_unavailable"
+            {
+                return Err(r.reason);
+            }
+        }
+        let registration = policies.registry.register(cluster, kind);
+        let _ = self.state.registration.set(registration);
+        Ok(())
     }
 
     /// Gets or creates this agent connection's tunnel.

@@ -35,6 +35,8 @@ pub(super) struct ConnState {
     /// Why the login was refused, when the client should be told in words (the disconnect
     /// description, which `ssh` prints).
     pub(super) refusal: std::sync::Mutex<Option<String>>,
+    /// The connection in the policy registry, once logged in (unregistered when dropped).
+    pub(super) registration: OnceLock<crate::policy::registry::Registration>,
 }
 
 impl ConnState {
@@ -196,8 +198,31 @@ pub(super) async fn serve_conn(
         "client"
     };
     histogram!(m::HANDSHAKE_SECONDS, "role" => role).record(started.elapsed().as_secs_f64());
+    let kicked = state
+        .registration
+        .get()
+        .map(|r| r.entry.clone())
+        .map(|e| async move {
+            e.kicked.cancelled().await;
+            e.reason().unwrap_or_default()
+        });
+    let kicked = async move {
+        match kicked {
+            Some(k) => k.await,
+            None => std::future::pending().await,
+        }
+    };
     let result = tokio::select! {
         r = &mut session => r.map_err(|e| e.to_string()),
+        why = kicked => {
+            // A lock, a deleted user or a role taken away: the reason is the disconnect
+            // message, which `ssh` prints.
+            info!(reason = %why, "connection closed by policy");
+            close(why).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), &mut session).await;
+            kill.cancel();
+            Err("policy".into())
+        }
         _ = shared.hard_stop.cancelled() => {
             close("proxy shutting down".into()).await;
             let _ = tokio::time::timeout(Duration::from_secs(1), &mut session).await;

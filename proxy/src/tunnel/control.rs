@@ -48,6 +48,12 @@ pub(super) async fn control(
                                     }
                                 }
                                 Message::Heartbeat { active_streams } => debug!(active_streams, "heartbeat"),
+                                Message::TargetLabels { target, labels } => {
+                                    debug!(%target, ?labels, "target labels");
+                                    if let Some(t) = &tunnel {
+                                        t.set_labels(&target, labels.into_iter().collect());
+                                    }
+                                }
                                 other => debug!(?other, "unexpected control message from agent"),
                             }
                         }

@@ -67,7 +67,12 @@ impl Handler for Conn {
         certificate: &Certificate,
     ) -> Result<Auth, Self::Error> {
         self.state.attempt_seen.store(true, Ordering::Relaxed);
-        match self.check(user, certificate) {
+        let checked = self.check(user, certificate).and_then(|role| {
+            self.admit(&role)
+                .map(|()| role)
+                .map_err(|why| ("locked", why))
+        });
+        match checked {
             Ok(role) => {
                 let (kind, who) = match &role {
                     Role::Agent {
@@ -85,7 +90,7 @@ impl Handler for Conn {
                 self.state.authed.notify_one();
                 Ok(Auth::Accept)
             }
-            Err((reason, detail)) if reason == "critical_option" => {
+            Err((reason, detail)) if reason == "critical_option" || reason == "locked" => {
                 // The certificate is the cluster's and its key proved itself; only a restriction
                 // we cannot honour stands in the way. A USERAUTH_FAILURE carries no words, and
                 // `ssh` exits on it before reading a later disconnect, so the login "succeeds"
@@ -210,6 +215,9 @@ impl Handler for Conn {
                 let why = "your certificate does not permit port forwarding (it lacks the permit-port-forwarding extension, as after ssh-keygen -O no-port-forwarding or -O clear): ask for a certificate without that restriction";
                 info!(user = %user, why, "stream refused");
                 counter!(m::STREAM_OPENS, "result" => "forbidden").increment(1);
+                self.shared
+                    .audit
+                    .refused(&self.stream_info(host_to_connect), "forbidden", why);
                 reply
                     .reject(reject_reason(
                         ChannelOpenFailure::AdministrativelyProhibited,
@@ -224,6 +232,9 @@ impl Handler for Conn {
                     info!(user = ?user, why, "stream refused");
                     counter!(m::STREAM_OPENS, "result" => "limit").increment(1);
                     counter!(m::LIMIT_REFUSALS, "limit" => "streams_per_client").increment(1);
+                    self.shared
+                        .audit
+                        .refused(&self.stream_info(host_to_connect), "limit", &why);
                     reply
                         .reject(reject_reason(ChannelOpenFailure::ConnectFailed, why))
                         .await;
@@ -235,36 +246,20 @@ impl Handler for Conn {
                     host: host_to_connect.to_owned(),
                     port: port_to_connect,
                     originator: (originator_address.to_owned(), originator_port),
+                    info: self.stream_info(host_to_connect),
                 };
-                match self.route(&open) {
-                    Ok((tunnel, target)) => {
-                        let max = self.shared.limits.max_streams_per_user_per_target;
-                        let Some(user_slot) = self.shared.user_streams.take(
-                            &target.cluster,
-                            &open.user,
-                            &target.target,
-                            max,
-                        ) else {
-                            let why = format!(
-                                "user {} has {max} streams open to {} through this proxy (limit {max} per user and target): close some and retry",
-                                open.user,
-                                target.host()
-                            );
-                            info!(user = ?open.user, why, "stream refused");
-                            counter!(m::STREAM_OPENS, "result" => "limit").increment(1);
-                            counter!(m::LIMIT_REFUSALS, "limit" => "streams_per_user_per_target")
-                                .increment(1);
-                            reply
-                                .reject(reject_reason(ChannelOpenFailure::ConnectFailed, why))
-                                .await;
-                            return Ok(());
-                        };
+                match self.route(&open).and_then(|(tunnel, target)| {
+                    let guard = self.authorize(&tunnel, &target)?;
+                    let user_slot = self.user_stream(&open, &target)?;
+                    Ok((tunnel, target, guard, user_slot))
+                }) {
+                    Ok((tunnel, target, guard, user_slot)) => {
                         let span = info_span!("stream", user = ?open.user, cluster = %target.cluster, target = %target.target, host_id = %tunnel.host_id);
                         let shared = self.shared.clone();
                         let held = StreamSlot::take(self.client_streams.clone());
                         self.shared.streams.spawn(
                             async move {
-                                let _held = (held, user_slot);
+                                let _held = (held, guard, user_slot);
                                 open_stream(shared, tunnel, target, open, channel, reply).await
                             }
                             .instrument(span),
@@ -273,6 +268,7 @@ impl Handler for Conn {
                     Err((result, why)) => {
                         info!(user = ?open.user, host = ?open.host, result, why, "stream refused");
                         counter!(m::STREAM_OPENS, "result" => result).increment(1);
+                        self.shared.audit.refused(&open.info, result, &why);
                         reply
                             .reject(reject_reason(ChannelOpenFailure::ConnectFailed, why))
                             .await;
@@ -299,6 +295,32 @@ impl Handler for Conn {
     }
 }
 
+impl Conn {
+    /// A place for one more stream of this user to `target`, under
+    /// `limits.max_streams_per_user_per_target`; the refusal is counted here.
+    fn user_stream(
+        &self,
+        open: &OpenRequest,
+        target: &StreamTarget,
+    ) -> Result<admission::UserStream, (&'static str, String)> {
+        let max = self.shared.limits.max_streams_per_user_per_target;
+        self.shared
+            .user_streams
+            .take(&target.cluster, &open.user, &target.target, max)
+            .ok_or_else(|| {
+                counter!(m::LIMIT_REFUSALS, "limit" => "streams_per_user_per_target").increment(1);
+                (
+                    "limit",
+                    format!(
+                        "user {} has {max} streams open to {} through this proxy (limit {max} per user and target): close some and retry",
+                        open.user,
+                        target.host()
+                    ),
+                )
+            })
+    }
+}
+
 /// One of a client connection's open streams; dropping it frees the slot.
 pub(super) struct StreamSlot(Arc<AtomicUsize>);
 
@@ -317,6 +339,8 @@ impl Drop for StreamSlot {
 
 /// A client's `direct-tcpip` request.
 pub(super) struct OpenRequest {
+    /// Who asked for what, for the audit.
+    pub(super) info: crate::audit::StreamInfo,
     pub(super) user: String,
     pub(super) cluster: String,
     pub(super) host: String,
@@ -325,6 +349,59 @@ pub(super) struct OpenRequest {
 }
 
 impl Conn {
+    /// The audit's view of a stream this client asks for (`host` as asked).
+    pub(super) fn stream_info(&self, host: &str) -> crate::audit::StreamInfo {
+        let (user, cluster, key_id) = match &self.role {
+            Some(Role::Client {
+                user,
+                cluster,
+                key_id,
+                ..
+            }) => (user.clone(), cluster.clone(), key_id.clone()),
+            _ => Default::default(),
+        };
+        let target = StreamTarget::parse(host)
+            .map(|t| t.target)
+            .unwrap_or_else(|_| host.chars().take(80).collect());
+        crate::audit::StreamInfo {
+            user,
+            key_id,
+            source: self.peer.to_string(),
+            cluster,
+            target,
+        }
+    }
+
+    /// The policy's decision on a routed stream; on success the stream is recorded on the
+    /// connection's registry entry (so a policy change re-decides it) until the guard drops.
+    pub(super) fn authorize(
+        &self,
+        tunnel: &Tunnel,
+        target: &StreamTarget,
+    ) -> Result<Option<crate::policy::registry::StreamGuard>, (&'static str, String)> {
+        let Some(Role::Client {
+            user, cert_roles, ..
+        }) = &self.role
+        else {
+            return Err(("forbidden", "only clients open streams".into()));
+        };
+        let who = crate::policy::Who {
+            user: user.clone(),
+            cert_roles: cert_roles.clone(),
+        };
+        let labels = tunnel.labels(&target.target);
+        if let Some(policy) = self.shared.policies.cluster(&target.cluster) {
+            policy
+                .decide(&who, &target.target, labels.as_ref())
+                .map_err(|r| (r.result, r.reason))?;
+        }
+        Ok(self
+            .state
+            .registration
+            .get()
+            .map(|r| r.entry.add_stream(&target.target, labels)))
+    }
+
     /// Resolves a client's request to a tunnel, or a `(result label, reason)` refusal.
     pub(super) fn route(
         &self,

@@ -80,6 +80,10 @@ pub struct TunnelShared {
     pub user_streams: Arc<admission::UserStreams>,
     /// Whose PROXY headers to believe (set after `new`; off by default).
     pub proxy_protocol: crate::proxy_protocol::Policy,
+    /// Each cluster's policy and the live connections it governs (set after `new`).
+    pub policies: Arc<crate::policy::Policies>,
+    /// The stream access audit (set after `new`).
+    pub audit: Arc<crate::audit::StreamAudit>,
     pub(super) next_id: AtomicU64,
 }
 
@@ -110,6 +114,8 @@ impl TunnelShared {
             pre_login: Arc::default(),
             user_streams: Arc::default(),
             proxy_protocol: Default::default(),
+            policies: Arc::default(),
+            audit: Arc::default(),
             next_id: AtomicU64::new(1),
         }
     }

@@ -48,6 +48,7 @@ pub(super) async fn open_stream(
             );
             info!(%why, "stream refused");
             counter!(m::STREAM_OPENS, "result" => "agent_refused").increment(1);
+            shared.audit.refused(&open.info, "agent_refused", &why);
             reply
                 .reject(reject_reason(ChannelOpenFailure::ConnectFailed, why))
                 .await;
@@ -55,6 +56,9 @@ pub(super) async fn open_stream(
         }
         Err(_) => {
             counter!(m::STREAM_OPENS, "result" => "agent_timeout").increment(1);
+            shared
+                .audit
+                .refused(&open.info, "agent_timeout", "agent did not answer in time");
             reply
                 .reject(reject_reason(
                     ChannelOpenFailure::ConnectFailed,
@@ -64,12 +68,23 @@ pub(super) async fn open_stream(
             return;
         }
     };
+    // Spooled before the client hears the stream is open: no answered stream goes unaudited.
+    shared.audit.opened(&open.info);
+    let opened = std::time::Instant::now();
     reply.accept().await;
     counter!(m::STREAM_OPENS, "result" => "ok").increment(1);
     tunnel.active_streams.fetch_add(1, Ordering::Relaxed);
     gauge!(m::STREAMS_ACTIVE).increment(1.0);
     debug!("stream open");
     let (up, down) = splice(client, agent, &shared.hard_stop, credit).await;
+    let why = if shared.hard_stop.is_cancelled() {
+        "proxy shutting down"
+    } else {
+        ""
+    };
+    shared
+        .audit
+        .closed(&open.info, up, down, opened.elapsed(), why);
     tunnel.active_streams.fetch_sub(1, Ordering::Relaxed);
     gauge!(m::STREAMS_ACTIVE).decrement(1.0);
     debug!(

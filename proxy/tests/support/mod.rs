@@ -61,6 +61,11 @@ impl Pki {
             name: self.cluster.clone(),
             host_ca: vec![self.host_ca.public_key().to_openssh().unwrap()],
             user_ca: vec![self.user_ca.public_key().to_openssh().unwrap()],
+            // A tunnel-only setup with hand-minted certificates: no Auth server to ask.
+            policy: postern_proxy::config::PolicyConfig {
+                source: postern_proxy::config::PolicySource::Open,
+                ..Default::default()
+            },
         }
     }
 
@@ -245,7 +250,7 @@ pub fn agent_config(
         proxy_host_keys: vec![],
         targets: targets
             .iter()
-            .map(|(n, a)| (n.to_string(), *a))
+            .map(|(n, a)| (n.to_string(), (*a).into()))
             .collect::<BTreeMap<_, _>>(),
         keepalive_interval_secs: 5,
         reconnect: Default::default(),

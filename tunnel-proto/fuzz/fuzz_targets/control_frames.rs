@@ -17,6 +17,7 @@ enum Msg {
     ProxySet(Vec<String>),
     Drain(String, u32),
     Heartbeat(u32),
+    TargetLabels(String, Vec<(String, String)>),
 }
 
 impl From<Msg> for Message {
@@ -26,6 +27,7 @@ impl From<Msg> for Message {
             Msg::ProxySet(ids) => Message::ProxySet { ids },
             Msg::Drain(reason, grace_secs) => Message::Drain { reason, grace_secs },
             Msg::Heartbeat(active_streams) => Message::Heartbeat { active_streams },
+            Msg::TargetLabels(target, labels) => Message::TargetLabels { target, labels },
         }
     }
 }

@@ -18,6 +18,9 @@ use postern_dial::mint;
 use postern_dial::web::WebTrust;
 use russh::keys::ssh_key::LineEnding;
 
+mod events;
+mod locks;
+
 #[derive(Parser)]
 #[command(name = "pctl", version, about = "Administer a Postern cluster")]
 struct Cli {
@@ -65,15 +68,21 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Show resources: roles, role/NAME, users, user/NAME, tokens, events.
+    /// Show resources: roles, role/NAME, users, user/NAME, tokens, locks, events.
     Get {
         /// What to show.
         what: String,
         /// Output format.
         #[arg(long, value_enum, default_value_t = Format::Yaml)]
         format: Format,
+        /// Event filters (`get events --type=stream --user=NAME --since=1h`).
+        #[command(flatten)]
+        filter: events::EventFilter,
     },
-    /// Remove a resource: role/NAME, user/NAME, token/ID.
+    /// Lock a user, a role or an agent: every proxy refuses its new streams and closes its open
+    /// ones within seconds, with --message as the reason.
+    Lock(locks::LockArgs),
+    /// Remove a resource: role/NAME, user/NAME, token/ID, lock/ID.
     Rm {
         /// What to remove.
         what: String,
@@ -410,7 +419,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Get { what, format } => match what.split_once('/') {
+        Command::Get {
+            what,
+            format,
+            filter,
+        } => match what.split_once('/') {
+            None if what == "events" && filter.kind.as_deref() == Some("stream") => {
+                events::print_stream(&client, &filter, format == Format::Json).await?
+            }
+            None if what == "events" && filter.kind.is_some() => {
+                bail!("--type: only 'stream' (stream access events); without it, API calls")
+            }
             None if what == "roles" || what == "role" => {
                 print_roles(&client.list_roles(ListRolesRequest {}).await?.roles, format)
             }
@@ -424,6 +443,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("{}  {}  expires {}", t.id, t.kind, t.expires);
                 }
             }
+            None if what == "locks" => locks::print(&client, format == Format::Json).await?,
             None if what == "events" => {
                 for e in client
                     .list_audit_events(ListAuditEventsRequest { limit: 50 })
@@ -438,7 +458,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             _ => bail!(
-                "cannot get '{what}': use roles, role/NAME, users, user/NAME, tokens or events"
+                "cannot get '{what}': use roles, role/NAME, users, user/NAME, tokens, locks or events"
             ),
         },
         Command::Rm { what } => match what.split_once('/') {
@@ -454,8 +474,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 client.delete_token(id).await?;
                 println!("token '{id}' has been deleted");
             }
-            _ => bail!("cannot remove '{what}': use role/NAME, user/NAME or token/ID"),
+            Some(("lock", id)) => locks::rm(&client, id).await?,
+            _ => bail!("cannot remove '{what}': use role/NAME, user/NAME, token/ID or lock/ID"),
         },
+        Command::Lock(args) => locks::lock(&client, args).await?,
         Command::Users { command } => match command {
             UsersCommand::Add {
                 name,

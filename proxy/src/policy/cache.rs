@@ -1,0 +1,220 @@
+//! The roles, users and locks of one cluster as its Auth server last sent them, the revision they
+//! are at, and when the proxy last heard from the Auth server.
+
+use std::collections::HashMap;
+use std::sync::{RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
+
+use postern_api::proto::{Lock, PolicyEvent, Role};
+
+use super::Who;
+
+/// The cached policy.
+#[derive(Debug, Default, Clone)]
+pub struct PolicyState {
+    /// Role definitions by name.
+    roles: HashMap<String, Role>,
+    /// Each user's current roles.
+    users: HashMap<String, Vec<String>>,
+    /// Users deleted while this proxy watched (a new login of theirs is refused; a user not yet
+    /// seen may just be newer than the cache, and is refused only when it opens a stream).
+    deleted: std::collections::HashSet<String>,
+    /// Locks by id.
+    locks: HashMap<String, Lock>,
+    /// The revision everything here is at.
+    revision: u64,
+    /// Whether a whole snapshot has been applied.
+    loaded: bool,
+    /// When the Auth server last said anything (an event or a heartbeat).
+    last_heard: Option<Instant>,
+    /// Snapshots applied so far (a resumed watch applies none).
+    snapshots: u64,
+    /// A snapshot being received, swapped in whole at its end.
+    pending: Option<Box<PolicyState>>,
+}
+
+/// A cluster's policy cache, written by its watcher and read at every decision.
+#[derive(Debug)]
+pub struct PolicyCache {
+    state: RwLock<PolicyState>,
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for PolicyCache {
+    fn default() -> Self {
+        PolicyCache {
+            state: RwLock::default(),
+            changed: tokio::sync::watch::channel(0).0,
+        }
+    }
+}
+
+fn now_unix() -> u64 {
+    postern_dial::mint::now_unix()
+}
+
+fn apply_one(s: &mut PolicyState, ev: PolicyEvent) {
+    match ev.kind.as_str() {
+        "role" if ev.deleted => {
+            s.roles.remove(&ev.name);
+        }
+        "role" => {
+            if let Some(r) = ev.role {
+                s.roles.insert(ev.name, r);
+            }
+        }
+        "user" if ev.deleted => {
+            s.users.remove(&ev.name);
+            s.deleted.insert(ev.name);
+        }
+        "user" => {
+            if let Some(u) = ev.user {
+                s.deleted.remove(&ev.name);
+                s.users.insert(ev.name, u.roles);
+            }
+        }
+        "lock" if ev.deleted => {
+            s.locks.remove(&ev.name);
+        }
+        "lock" => {
+            if let Some(l) = ev.lock {
+                s.locks.insert(ev.name, l);
+            }
+        }
+        _ => {}
+    }
+}
+
+impl PolicyCache {
+    /// Applies one event of the watch; returns whether the policy changed (callers then
+    /// re-check what is open). Snapshot events are gathered and swapped in whole at the end.
+    pub fn apply(&self, ev: PolicyEvent) -> bool {
+        let mut s = self.state.write().unwrap_or_else(|p| p.into_inner());
+        s.last_heard = Some(Instant::now());
+        if ev.snapshot {
+            if ev.snapshot_end {
+                let mut next = *s.pending.take().unwrap_or_default();
+                next.revision = ev.revision;
+                next.loaded = true;
+                next.last_heard = s.last_heard;
+                next.snapshots = s.snapshots + 1;
+                *s = next;
+                drop(s);
+                self.changed.send_replace(ev.revision);
+                return true;
+            }
+            let pending = s.pending.get_or_insert_with(Box::default);
+            apply_one(pending, ev);
+            return false;
+        }
+        if ev.kind.is_empty() {
+            return false; // a heartbeat
+        }
+        s.revision = ev.revision;
+        apply_one(&mut s, ev);
+        let rev = s.revision;
+        drop(s);
+        self.changed.send_replace(rev);
+        true
+    }
+
+    /// The revision the cache is at (what a resumed watch starts from); 0 before any snapshot.
+    pub fn revision(&self) -> u64 {
+        let s = self.state.read().unwrap_or_else(|p| p.into_inner());
+        if s.loaded { s.revision } else { 0 }
+    }
+
+    /// How many snapshots were applied (a watch that resumed adds none).
+    pub fn snapshots(&self) -> u64 {
+        self.state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .snapshots
+    }
+
+    /// Notified with the revision after each change.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// A consistent read of the cache.
+    pub fn view(&self) -> View<'_> {
+        View(self.state.read().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// A read of the cache; decisions take one so they see a single revision.
+pub struct View<'a>(RwLockReadGuard<'a, PolicyState>);
+
+impl View<'_> {
+    /// `None` if fresh; `Some(None)` if never loaded; `Some(Some(age))` if older than `bound`.
+    pub fn stale(&self, bound: Duration) -> Option<Option<Duration>> {
+        if !self.0.loaded {
+            return Some(None);
+        }
+        let age = self
+            .0
+            .last_heard
+            .map(|t| t.elapsed())
+            .unwrap_or(Duration::MAX);
+        (age > bound).then_some(Some(age))
+    }
+
+    fn live_locks(&self) -> impl Iterator<Item = &Lock> {
+        let now = now_unix();
+        self.0
+            .locks
+            .values()
+            .filter(move |l| l.expires == 0 || l.expires > now)
+    }
+
+    /// The message of a live lock on `user`.
+    pub fn lock_on_user(&self, user: &str) -> Option<String> {
+        self.live_locks()
+            .find(|l| l.user == user)
+            .map(|l| l.message.clone())
+    }
+
+    /// The message of a live lock on `role`.
+    pub fn lock_on_role(&self, role: &str) -> Option<String> {
+        self.live_locks()
+            .find(|l| l.role == role)
+            .map(|l| l.message.clone())
+    }
+
+    /// The message of a live lock on the agent `host_id`.
+    pub fn lock_on_agent(&self, host_id: &str) -> Option<String> {
+        self.live_locks()
+            .find(|l| l.agent == host_id)
+            .map(|l| l.message.clone())
+    }
+
+    /// Whether the user was deleted while this proxy watched.
+    pub fn user_deleted(&self, user: &str) -> bool {
+        self.0.deleted.contains(user)
+    }
+
+    /// Whether the user exists now.
+    pub fn user_exists(&self, user: &str) -> bool {
+        self.0.users.contains_key(user)
+    }
+
+    /// The roles `who` holds now: the user's current roles, and of those only the ones its
+    /// certificate lists when it lists any (a role removed from the user stops counting at once;
+    /// a role added later needs a new certificate).
+    pub fn effective_roles(&self, who: &Who) -> Vec<String> {
+        let current = self.0.users.get(&who.user).cloned().unwrap_or_default();
+        match &who.cert_roles {
+            Some(cert) => current.into_iter().filter(|r| cert.contains(r)).collect(),
+            None => current,
+        }
+    }
+
+    /// The definitions of `names` that exist.
+    pub fn role_defs(&self, names: &[String]) -> Vec<Role> {
+        names
+            .iter()
+            .filter_map(|n| self.0.roles.get(n).cloned())
+            .collect()
+    }
+}
