@@ -282,6 +282,7 @@ pub async fn run(
             message,
         })
     })?;
+    metrics::zero_cluster_counters(config.clusters.iter().map(|c| c.name.as_str()));
     shared.policies = Arc::new(policy::Policies::from_config(&config.clusters));
     shared.audit = Arc::new(stream_audit(&config, &proxy_id)?);
     let shared = Arc::new(shared);

@@ -117,19 +117,9 @@ struct IssueArgs {
     ttl: String,
 }
 
+/// The one duration syntax of every Postern command (`30m`, `8h`, `30d`, `1d12h`).
 fn parse_ttl(s: &str) -> anyhow::Result<u64> {
-    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = n
-        .parse()
-        .with_context(|| format!("bad --ttl '{s}': use e.g. 30m, 8h, 30d"))?;
-    let mult = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" | "" => 3600,
-        "d" => 86400,
-        _ => bail!("bad --ttl unit '{unit}': use s, m, h or d"),
-    };
-    Ok(n * mult)
+    postern_api::duration::parse_secs(s).map_err(|e| anyhow::anyhow!("--ttl: {e}"))
 }
 
 fn certs(cmd: Certs) -> anyhow::Result<()> {

@@ -90,6 +90,29 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
+/// Exports the audit, policy and target-registration series of `clusters` at zero from the start, so that a
+/// dashboard or an alert on them sees 0 rather than no series before the first event.
+pub fn zero_cluster_counters<'a>(clusters: impl IntoIterator<Item = &'a str>) {
+    use metrics::counter;
+    for kind in ["open", "close", "refused"] {
+        counter!(AUDIT_EVENTS, "kind" => kind).increment(0);
+    }
+    for reason in ["spool_write", "spool_full"] {
+        counter!(AUDIT_DROPPED, "reason" => reason).increment(0);
+    }
+    for reason in ["reserved_target", "bad_name", "tunnels_per_cluster"] {
+        counter!(TARGET_REFUSALS, "reason" => reason).increment(0);
+    }
+    for cluster in clusters {
+        let c = cluster.to_owned();
+        counter!(AUDIT_SHIPPED, "cluster" => c.clone()).increment(0);
+        counter!(AUDIT_SHIP_ERRORS, "cluster" => c.clone()).increment(0);
+        counter!(POLICY_WATCH_ERRORS, "cluster" => c.clone()).increment(0);
+        counter!(POLICY_SNAPSHOTS, "cluster" => c.clone()).increment(0);
+        metrics::gauge!(POLICY_REVISION, "cluster" => c).increment(0.0);
+    }
+}
+
 fn describe() {
     describe_gauge!(
         TUNNELS_CONNECTED,

@@ -62,7 +62,7 @@ async fn spawn_proxy_process(
 ) -> (Proxy, tokio::process::Child, PathBuf) {
     let c = &config.clusters[0];
     let toml = format!(
-        "data_dir = {:?}\n[listen]\nweb = \"{}\"\ntunnel = \"{}\"\nops = \"{}\"\n[shutdown]\ngrace_secs = 2\n\
+        "data_dir = {:?}\nallow_root = true\n[listen]\nweb = \"{}\"\ntunnel = \"{}\"\nops = \"{}\"\n[shutdown]\ngrace_secs = 2\n\
          [[clusters]]\nname = \"{}\"\nhost_ca = [{:?}]\nuser_ca = [{:?}]\n[clusters.policy]\nsource = \"auth\"\n\
          identity_file = {:?}\nstale_after_secs = {}\n",
         config.data_dir,
@@ -145,11 +145,9 @@ async fn serve_auth(
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
-    let task = tokio::spawn(postern_auth::server::serve(
-        listener,
-        prepared,
-        stop.clone(),
-    ));
+    // `start` writes the admin identity before it returns (after the bind), then serves.
+    let serving = postern_auth::server::start(listener, prepared, stop.clone()).unwrap();
+    let task = tokio::spawn(serving);
     (addr, stop, task)
 }
 
