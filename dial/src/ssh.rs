@@ -35,12 +35,19 @@ impl std::fmt::Debug for Identity {
 impl Identity {
     /// Loads an OpenSSH private key file and certificate file, checking they belong together.
     pub fn load(key_path: &Path, cert_path: &Path) -> Result<Identity, DialError> {
-        let key = PrivateKey::read_openssh_file(key_path)
-            .map_err(|e| DialError::Config(format!("private key {}: {e}", key_path.display())))?;
         let cert_text = std::fs::read_to_string(cert_path)
             .map_err(|e| DialError::Config(format!("certificate {}: {e}", cert_path.display())))?;
         let cert = Certificate::from_openssh(cert_text.trim())
             .map_err(|e| DialError::Config(format!("certificate {}: {e}", cert_path.display())))?;
+        // Said before the key is read: an RSA private key may not even parse here.
+        if cert.public_key().algorithm().is_rsa() || cert.signature_key().algorithm().is_rsa() {
+            return Err(DialError::Config(format!(
+                "certificate {}: {RSA_NOT_SUPPORTED}",
+                cert_path.display()
+            )));
+        }
+        let key = PrivateKey::read_openssh_file(key_path)
+            .map_err(|e| DialError::Config(format!("private key {}: {e}", key_path.display())))?;
         Identity::new(key, cert).map_err(|e| {
             DialError::Config(format!(
                 "{} and {}: {e}",

@@ -493,6 +493,15 @@ async fn an_rsa_user_key_is_refused_as_rsa_not_supported() {
         assert!(err.contains("Permission denied"), "{err}");
         let m = scrape(proxy.ops).await;
         assert!(auth_failures(&m, "rsa_not_supported") >= 1.0, "{m}");
+        // The Rust client says so before it dials: an RSA key, or a certificate from an RSA CA.
+        let e = postern_dial::ssh::Identity::load(&key, &mint::cert_path(&key)).unwrap_err();
+        assert!(e.to_string().contains("RSA is not supported"), "{e}");
+        let rsa_ca = pki.path("rsa_ca");
+        ssh_keygen(&["-q", "-t", "rsa", "-b", "2048", "-N", "", "-f", s(&rsa_ca)]).await;
+        let ed = keygen_ed25519(&pki.path("id_ed_rsa_ca")).await;
+        keygen_sign_user_with(&rsa_ca, &ed, "alice", &[]).await;
+        let e = postern_dial::ssh::Identity::load(&ed, &mint::cert_path(&ed)).unwrap_err();
+        assert!(e.to_string().contains("RSA is not supported"), "{e}");
         proxy.stop().await;
     })
     .await;
