@@ -35,11 +35,19 @@ impl std::fmt::Debug for Identity {
 impl Identity {
     /// Loads an OpenSSH private key file and certificate file, checking they belong together.
     pub fn load(key_path: &Path, cert_path: &Path) -> Result<Identity, DialError> {
-        let key = crate::mint::read_key(key_path).map_err(|e| DialError::Config(e.to_string()))?;
         let cert_text = std::fs::read_to_string(cert_path)
             .map_err(|e| DialError::Config(format!("certificate {}: {e}", cert_path.display())))?;
         let cert = Certificate::from_openssh(cert_text.trim())
             .map_err(|e| DialError::Config(format!("certificate {}: {e}", cert_path.display())))?;
+        // Said before the key is read: an RSA private key may not even parse here.
+        if cert.public_key().algorithm().is_rsa() || cert.signature_key().algorithm().is_rsa() {
+            return Err(DialError::Config(format!(
+                "certificate {}: {RSA_NOT_SUPPORTED}",
+                cert_path.display()
+            )));
+        }
+        // Refuses a key file others can read, like the proxy and the Auth server.
+        let key = crate::mint::read_key(key_path).map_err(|e| DialError::Config(e.to_string()))?;
         Identity::new(key, cert).map_err(|e| {
             DialError::Config(format!(
                 "{} and {}: {e}",

@@ -2,6 +2,9 @@
 //! `ssh-keygen`-signed user certificates, refusal reasons as `ssh` prints them, refused logins,
 //! and a proxy host certificate signed by `ssh-keygen` as the russh client sees it.
 
+#[path = "support/cluster.rs"]
+#[allow(dead_code)]
+mod cluster;
 mod support;
 
 use std::path::{Path, PathBuf};
@@ -493,7 +496,66 @@ async fn an_rsa_user_key_is_refused_as_rsa_not_supported() {
         assert!(err.contains("Permission denied"), "{err}");
         let m = scrape(proxy.ops).await;
         assert!(auth_failures(&m, "rsa_not_supported") >= 1.0, "{m}");
+        // The Rust client says so before it dials: an RSA key, or a certificate from an RSA CA.
+        let e = postern_dial::ssh::Identity::load(&key, &mint::cert_path(&key)).unwrap_err();
+        assert!(e.to_string().contains("RSA is not supported"), "{e}");
+        let rsa_ca = pki.path("rsa_ca");
+        ssh_keygen(&["-q", "-t", "rsa", "-b", "2048", "-N", "", "-f", s(&rsa_ca)]).await;
+        let ed = keygen_ed25519(&pki.path("id_ed_rsa_ca")).await;
+        keygen_sign_user_with(&rsa_ca, &ed, "alice", &[]).await;
+        let e = postern_dial::ssh::Identity::load(&ed, &mint::cert_path(&ed)).unwrap_err();
+        assert!(e.to_string().contains("RSA is not supported"), "{e}");
         proxy.stop().await;
+    })
+    .await;
+}
+
+/// `pctl lock --user`: an `ssh -W` stream already open is closed, and `ssh` prints the lock's
+/// message (the disconnect description).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_prints_the_lock_message_when_its_stream_is_closed() {
+    require_openssh();
+    within(async {
+        let c = cluster::Cluster::start("ossh10", 1, 60).await;
+        c.role("kind: role\nmetadata: {name: web-prod}\nspec:\n  allow:\n    target_labels: {env: prod}\nversion: v7\n")
+            .await;
+        let echo = echo_server().await;
+        let agent = c
+            .service_agent("web-1", 0, &[("web", echo, &[("env", "prod")])])
+            .await;
+        let probe = c.user_session("wendy", &["web-prod"], 0).await;
+        wait_stream(&probe, "web", "ossh10", Duration::from_secs(20)).await;
+        let id = c.identity("wendy").await;
+        let key = c.dir.path().join("id_wendy");
+        postern_api::identity::write_private_atomic(&key, id.private_key.as_bytes()).unwrap();
+        std::fs::write(mint::cert_path(&key), format!("{}\n", id.ssh_cert)).unwrap();
+        let hosts = c.dir.path().join("known_hosts");
+        std::fs::write(&hosts, format!("@cert-authority * {}\n", c.host_ca)).unwrap();
+        let mut child = spawn_piped(ssh_w(&hosts, &key, &c.proxies[0], "wendy", "web.ossh10:80"));
+        let mut stdin = child.stdin.take().unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        stdin.write_all(b"ping").await.unwrap();
+        let mut back = [0u8; 4];
+        tokio::time::timeout(RUN_LIMIT, stdout.read_exact(&mut back))
+            .await
+            .expect("echo through ssh -W")
+            .unwrap();
+        c.admin
+            .create_lock(postern_api::proto::Lock {
+                user: "wendy".into(),
+                message: "incident 7: wendy suspended".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        child.stdout = Some(stdout);
+        let out = wait_or_kill(child, "ssh -W after the lock").await;
+        drop(stdin);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains("incident 7: wendy suspended"), "ssh said: {err}");
+        agent.stop().await;
+        c.stop().await;
     })
     .await;
 }
