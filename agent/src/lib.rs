@@ -8,10 +8,13 @@
 //!
 //! ## Layout
 //! - [`config`]: `agent.toml`, validation.
-//! - [`tunnel`]: one connection's life: login, registration, control channel, serving streams.
+//! - [`tunnel`]: one connection's life: login, registration, control channel, serving streams;
+//!   QUIC first when the proxy offers it, SSH over TCP otherwise or when UDP is blocked.
+//! - [`quic`]: the QUIC transport (login bound to the TLS exporter, one QUIC stream per stream).
 //! - [`run`]: the reconnect loop.
 
 pub mod config;
+pub mod quic;
 pub mod tunnel;
 
 use std::time::Duration;

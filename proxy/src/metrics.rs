@@ -5,14 +5,15 @@ use std::sync::OnceLock;
 use metrics::{describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-/// Agent tunnels connected now, by `cluster`.
+/// Agent tunnels connected now, by `cluster` and `transport` (`ssh`, `quic`).
 pub const TUNNELS_CONNECTED: &str = "postern_tunnels_connected";
-/// Agent tunnels established, by `cluster`.
+/// Agent tunnels established, by `cluster` and `transport`.
 pub const TUNNEL_CONNECTS: &str = "postern_tunnel_connects_total";
-/// Agent tunnels ended, by `cluster` and `reason` (`closed`, `error`, `shutdown`).
+/// Agent tunnels ended, by `cluster`, `reason` (`closed`, `error`, `shutdown`) and `transport`.
 pub const TUNNEL_DISCONNECTS: &str = "postern_tunnel_disconnects_total";
 /// Refused logins, by `reason` (see `CertError::reason`, plus `no_certificate`, `unknown_cluster`,
-/// `rejected_by_ssh_layer`).
+/// `rejected_by_ssh_layer`, and on QUIC `binding_mismatch`, `bad_binding`, `not_an_agent`), and
+/// `transport`.
 pub const AUTH_FAILURES: &str = "postern_auth_failures_total";
 /// Client streams open now.
 pub const STREAMS_ACTIVE: &str = "postern_streams_active";

@@ -19,8 +19,8 @@ pub struct Tunnel {
     pub cluster: String,
     /// Peer address, for logs.
     pub peer: String,
-    /// Handle to open `forwarded-tcpip` channels on the agent's connection.
-    pub handle: russh::server::Handle,
+    /// How streams are opened to the agent: SSH `forwarded-tcpip` channels or QUIC streams.
+    pub link: crate::link::TunnelLink,
     /// Targets registered with `tcpip-forward`.
     targets: RwLock<HashSet<String>>,
     /// Streams open through this tunnel now.
@@ -37,14 +37,14 @@ impl Tunnel {
         host_id: String,
         cluster: String,
         peer: String,
-        handle: russh::server::Handle,
+        link: impl Into<crate::link::TunnelLink>,
     ) -> Tunnel {
         Tunnel {
             id,
             host_id,
             cluster,
             peer,
-            handle,
+            link: link.into(),
             targets: RwLock::default(),
             active_streams: AtomicUsize::new(0),
             agent_version: tokio::sync::watch::Sender::new(0),
@@ -138,6 +138,14 @@ impl RoutingTable {
     /// Tunnels of a cluster connected now.
     pub fn count(&self, cluster: &str) -> usize {
         self.clusters.get(cluster).map(|l| l.len()).unwrap_or(0)
+    }
+
+    /// Tunnels of a cluster connected now over one transport (`ssh` or `quic`).
+    pub fn count_transport(&self, cluster: &str, transport: &str) -> usize {
+        self.clusters
+            .get(cluster)
+            .map(|l| l.iter().filter(|t| t.link.transport() == transport).count())
+            .unwrap_or(0)
     }
 
     /// Every tunnel (for drain).

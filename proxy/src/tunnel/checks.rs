@@ -19,7 +19,7 @@ use crate::routing::Tunnel;
 use super::*;
 
 /// Who a logged-in connection is.
-pub(super) enum Role {
+pub(crate) enum Role {
     /// An agent with an accepted host certificate.
     Agent { host_id: String, cluster: String },
     /// A client with an accepted user certificate of `cluster`.
@@ -36,7 +36,7 @@ pub(super) struct Conn {
     pub(super) client_streams: Arc<AtomicUsize>,
 }
 
-pub(super) fn reject_reason(
+pub(crate) fn reject_reason(
     code: ChannelOpenFailure,
     reason: impl Into<String>,
 ) -> ChannelOpenFailure {
@@ -48,11 +48,14 @@ pub(super) fn reject_reason(
 
 impl Conn {
     pub(super) fn refuse(&self, login: &str, reason: &'static str, detail: &str) -> Auth {
-        warn!(peer = %self.peer, login, reason, detail, "login refused");
-        counter!(m::AUTH_FAILURES, "reason" => reason).increment(1);
-        self.shared
-            .failures_by_source
-            .allow(&self.peer.ip().to_string(), u32::MAX);
+        record_refusal(
+            &self.shared,
+            self.peer,
+            login,
+            reason,
+            detail,
+            crate::link::SSH,
+        );
         self.state.refused.notify_one();
         Auth::Reject {
             proceed_with_methods: Some(MethodSet::empty()),
@@ -65,41 +68,7 @@ impl Conn {
         login: &str,
         cert: &Certificate,
     ) -> Result<Role, (&'static str, String)> {
-        let now = crate::mint::now_unix();
-        let cert_err = |e: CertError| (e.reason(), e.to_string());
-        if let Some(principal) = login.strip_prefix(AGENT_LOGIN_PREFIX) {
-            let (host_id, cluster) = principal.split_once('.').ok_or((
-                "bad_login",
-                format!("agent login '{login}' is not @agent/<host-id>.<cluster>"),
-            ))?;
-            validate_label("host id", host_id).map_err(|e| ("bad_login", e.to_string()))?;
-            let trust = self.shared.trust.cluster(cluster).ok_or((
-                "unknown_cluster",
-                format!("this proxy does not serve cluster '{cluster}'"),
-            ))?;
-            check_agent_cert(cert, host_id, cluster, now, &trust.host_cas).map_err(cert_err)?;
-            Ok(Role::Agent {
-                host_id: host_id.to_owned(),
-                cluster: cluster.to_owned(),
-            })
-        } else {
-            let signer = signer_fingerprint(cert);
-            let Some((cluster, trust)) = self.shared.trust.cluster_of_user_ca(&signer) else {
-                // Maybe a host certificate of a known host CA: say so precisely.
-                if self.shared.trust.is_host_ca(&signer) {
-                    return Err(cert_err(CertError::WrongType {
-                        expected: "user",
-                        got: "host",
-                    }));
-                }
-                return Err(cert_err(CertError::UntrustedCa(signer.to_string())));
-            };
-            check_user_cert(cert, login, now, &trust.user_cas).map_err(cert_err)?;
-            Ok(Role::Client {
-                user: login.to_owned(),
-                cluster: cluster.to_owned(),
-            })
-        }
+        check_login(&self.shared.trust, login, cert)
     }
 
     /// Gets or creates this agent connection's tunnel.
@@ -122,4 +91,65 @@ impl Conn {
                 .clone(),
         )
     }
+}
+
+/// The login checks of both transports: whether `cert` may log in as `login` (an agent's
+/// `@agent/<host-id>.<cluster>` or a user name), against the CAs each cluster trusts. A refusal
+/// is `(metric reason, detail)`.
+pub(crate) fn check_login(
+    trust: &Trust,
+    login: &str,
+    cert: &Certificate,
+) -> Result<Role, (&'static str, String)> {
+    let now = crate::mint::now_unix();
+    let cert_err = |e: CertError| (e.reason(), e.to_string());
+    if let Some(principal) = login.strip_prefix(AGENT_LOGIN_PREFIX) {
+        let (host_id, cluster) = principal.split_once('.').ok_or((
+            "bad_login",
+            format!("agent login '{login}' is not @agent/<host-id>.<cluster>"),
+        ))?;
+        validate_label("host id", host_id).map_err(|e| ("bad_login", e.to_string()))?;
+        let trust = trust.cluster(cluster).ok_or((
+            "unknown_cluster",
+            format!("this proxy does not serve cluster '{cluster}'"),
+        ))?;
+        check_agent_cert(cert, host_id, cluster, now, &trust.host_cas).map_err(cert_err)?;
+        Ok(Role::Agent {
+            host_id: host_id.to_owned(),
+            cluster: cluster.to_owned(),
+        })
+    } else {
+        let signer = signer_fingerprint(cert);
+        let Some((cluster, trust)) = trust.cluster_of_user_ca(&signer) else {
+            // Maybe a host certificate of a known host CA: say so precisely.
+            if trust.is_host_ca(&signer) {
+                return Err(cert_err(CertError::WrongType {
+                    expected: "user",
+                    got: "host",
+                }));
+            }
+            return Err(cert_err(CertError::UntrustedCa(signer.to_string())));
+        };
+        check_user_cert(cert, login, now, &trust.user_cas).map_err(cert_err)?;
+        Ok(Role::Client {
+            user: login.to_owned(),
+            cluster: cluster.to_owned(),
+        })
+    }
+}
+
+/// Logs and counts a refused login (either transport) and charges it to the source address.
+pub(crate) fn record_refusal(
+    shared: &TunnelShared,
+    peer: SocketAddr,
+    login: &str,
+    reason: &'static str,
+    detail: &str,
+    transport: &'static str,
+) {
+    warn!(%peer, login, reason, detail, transport, "login refused");
+    counter!(m::AUTH_FAILURES, "reason" => reason, "transport" => transport).increment(1);
+    shared
+        .failures_by_source
+        .allow(&peer.ip().to_string(), u32::MAX);
 }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use metrics::{counter, gauge};
+use metrics::counter;
 use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, Session};
 use russh::{Channel, ChannelOpenFailure};
 use tracing::{Instrument, info, info_span, warn};
@@ -32,7 +32,8 @@ impl Handler for Conn {
         // A plain key may be one of several a client tries before its certificate: refuse it
         // without closing; the handshake timeout and max_auth_attempts bound the retries.
         warn!(peer = %self.peer, login = user, reason = "no_certificate", "login refused: plain public key without a certificate");
-        counter!(m::AUTH_FAILURES, "reason" => "no_certificate").increment(1);
+        counter!(m::AUTH_FAILURES, "reason" => "no_certificate", "transport" => crate::link::SSH)
+            .increment(1);
         Ok(Auth::Reject {
             proceed_with_methods: None,
             partial_success: false,
@@ -94,11 +95,10 @@ impl Handler for Conn {
         tunnel.add_target(address);
         let first = self.shared.routing.insert(tunnel.clone());
         if first {
-            counter!(m::TUNNEL_CONNECTS, "cluster" => tunnel.cluster.clone()).increment(1);
+            counter!(m::TUNNEL_CONNECTS, "cluster" => tunnel.cluster.clone(), "transport" => crate::link::SSH).increment(1);
             info!(cluster = %tunnel.cluster, host_id = %tunnel.host_id, peer = %self.peer, "tunnel up");
         }
-        gauge!(m::TUNNELS_CONNECTED, "cluster" => tunnel.cluster.clone())
-            .set(self.shared.routing.count(&tunnel.cluster) as f64);
+        super::register::set_tunnel_gauge(&self.shared, &tunnel.cluster, crate::link::SSH);
         info!(cluster = %tunnel.cluster, host_id = %tunnel.host_id, target = address, "target registered");
         Ok(true)
     }

@@ -8,12 +8,14 @@
 //! - `handler`: the russh handler: logins, target registration, stream requests and routing;
 //! - [`splice`]: opening the agent side of a stream and passing bytes both ways;
 //! - `control`: the `@control` channel;
+//! - `register`: target registration (QUIC; SSH's handler applies the same rules);
 //! - [`ssh_config`]: the russh server settings.
 
-mod checks;
+pub(crate) mod checks;
 mod conn;
 mod control;
 mod handler;
+pub(crate) mod register;
 pub mod splice;
 
 pub use splice::{SPLICE_QUEUE_CAP, splice};
@@ -42,7 +44,7 @@ use crate::routing::RoutingTable;
 use crate::trust::Trust;
 
 /// Deadline for an agent to answer a `forwarded-tcpip` open.
-pub(super) const AGENT_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const AGENT_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// State shared by every tunnel-listener connection.
 pub struct TunnelShared {
@@ -72,7 +74,7 @@ pub struct TunnelShared {
     pub hard_stop: CancellationToken,
     /// Every client stream's splice task.
     pub streams: TaskTracker,
-    pub(super) next_id: AtomicU64,
+    pub(crate) next_id: AtomicU64,
 }
 
 impl TunnelShared {
@@ -156,7 +158,10 @@ pub async fn serve(
 
 /// A refusal before the handshake: too many connections, or too many failed logins, from one
 /// source address this minute.
-fn over_source_limits(shared: &TunnelShared, peer: SocketAddr) -> Option<(&'static str, String)> {
+pub(crate) fn over_source_limits(
+    shared: &TunnelShared,
+    peer: SocketAddr,
+) -> Option<(&'static str, String)> {
     let ip = peer.ip().to_string();
     let l = &shared.limits;
     if shared.failures_by_source.count(&ip) >= l.max_auth_failures_per_source_per_minute {

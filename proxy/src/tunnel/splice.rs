@@ -1,4 +1,5 @@
-//! A client stream: the agent side opened, then bytes passed both ways.
+//! A client stream: the agent side opened, then bytes passed both ways. Streams routed to a
+//! QUIC tunnel go to [`crate::quic::splice`].
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -26,12 +27,29 @@ pub(super) async fn open_stream(
     client: Channel<Msg>,
     reply: ChannelOpenHandle,
 ) {
+    let handle = match &tunnel.link {
+        crate::link::TunnelLink::Ssh(h) => h.clone(),
+        crate::link::TunnelLink::Quic(conn) => {
+            let conn = conn.clone();
+            return crate::quic::splice::open_stream(
+                shared,
+                tunnel,
+                conn,
+                target,
+                open.port,
+                open.originator,
+                client,
+                reply,
+            )
+            .await;
+        }
+    };
     // Whether the agent speaks per-stream credit: its control hello says (normally long since
     // arrived; a stream racing the agent's first hello waits for it).
     let credit = peer_version(tunnel.agent_version.subscribe()).await >= CREDIT_VERSION;
     let agent = tokio::time::timeout(
         AGENT_OPEN_TIMEOUT,
-        tunnel.handle.channel_open_forwarded_tcpip(
+        handle.channel_open_forwarded_tcpip(
             target.target.clone(),
             open.port,
             open.originator.0.clone(),
