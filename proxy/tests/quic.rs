@@ -430,3 +430,135 @@ async fn garbage_and_initial_floods_do_not_take_the_proxy_down() {
     agent.stop().await;
     proxy.stop().await;
 }
+
+/// A UDP relay between one agent and the proxy that can be frozen (a half-open network: every
+/// datagram dropped, both ways, with no error to either side). `flows` counts the agent
+/// addresses (QUIC connections from new sockets) it has relayed.
+struct UdpRelay {
+    addr: SocketAddr,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+    flows: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl UdpRelay {
+    async fn start(upstream: SocketAddr) -> UdpRelay {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let front = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let addr = front.local_addr().unwrap();
+        let frozen = Arc::new(AtomicBool::new(false));
+        let flows = Arc::new(AtomicUsize::new(0));
+        let (f, n) = (frozen.clone(), flows.clone());
+        tokio::spawn(async move {
+            let mut backs: std::collections::HashMap<SocketAddr, Arc<tokio::net::UdpSocket>> =
+                Default::default();
+            let mut buf = vec![0u8; 65536];
+            while let Ok((len, from)) = front.recv_from(&mut buf).await {
+                if f.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let back = match backs.get(&from) {
+                    Some(b) => b.clone(),
+                    None => {
+                        let b = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+                        b.connect(upstream).await.unwrap();
+                        n.fetch_add(1, Ordering::SeqCst);
+                        let (b2, front2, f2) = (b.clone(), front.clone(), f.clone());
+                        tokio::spawn(async move {
+                            let mut buf = vec![0u8; 65536];
+                            while let Ok(len) = b2.recv(&mut buf).await {
+                                if !f2.load(Ordering::SeqCst) {
+                                    let _ = front2.send_to(&buf[..len], from).await;
+                                }
+                            }
+                        });
+                        backs.insert(from, b.clone());
+                        b
+                    }
+                };
+                let _ = back.send(&buf[..len]).await;
+            }
+        });
+        UdpRelay {
+            addr,
+            frozen,
+            flows,
+        }
+    }
+
+    fn freeze(&self) {
+        self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn flows(&self) -> usize {
+        self.flows.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A half-open network under a QUIC tunnel: both sides notice within their idle timeouts, the
+/// stream on it ends with an error, and the agent redials and serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_quic_tunnel_is_detected_on_both_sides() {
+    init_tracing();
+    let pki = Pki::new("qhalf");
+    let proxy = start_proxy(&[&pki], |c| {
+        c.ssh.keepalive_interval_secs = 1;
+        c.ssh.keepalive_max = 2;
+    })
+    .await;
+    let relay = UdpRelay::start(quic_addr(&proxy)).await;
+    let echo = echo_server().await;
+    let mut cfg = quic_agent_config(&pki, "a1", &proxy, &[("auth", echo)]);
+    cfg.proxy = None;
+    cfg.tunnel_addr = Some(proxy.tunnel.to_string());
+    cfg.transport.quic_addr = Some(relay.addr.to_string());
+    cfg.keepalive_interval_secs = 1;
+    let agent = start_agent(cfg);
+    let session = ProxySession::connect(&client_opts(&pki, &proxy, "alice"))
+        .await
+        .unwrap();
+    let mut s = wait_stream(&session, "auth", "qhalf", Duration::from_secs(10)).await;
+    assert_eq!(echo_once(&mut s, b"before").await, b"before");
+
+    relay.freeze();
+    let frozen_at = Instant::now();
+    loop {
+        let m = scrape(proxy.ops).await;
+        if metric(&m, "postern_tunnels_connected", &[("cluster", "qhalf")]) == 0.0 {
+            break;
+        }
+        assert!(
+            frozen_at.elapsed() < Duration::from_secs(30),
+            "the proxy kept the half-open tunnel"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let proxy_side = frozen_at.elapsed();
+    let mut buf = [0u8; 1];
+    let r = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("stream ends");
+    assert!(
+        r.is_err(),
+        "a stream on a dead tunnel must end with an error, got {r:?}"
+    );
+    let relay = Arc::new(relay);
+    relay
+        .frozen
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while relay.flows() < 2 {
+        assert!(Instant::now() < deadline, "the agent did not redial");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let agent_side = frozen_at.elapsed();
+    let mut s2 = wait_stream(&session, "auth", "qhalf", Duration::from_secs(30)).await;
+    assert_eq!(echo_once(&mut s2, b"after").await, b"after");
+    eprintln!(
+        "QUIC half-open (keepalive 1 s, idle 3-4 s): proxy dropped the tunnel after {:.1} s, agent redialled after {:.1} s, streams served again after {:.1} s",
+        proxy_side.as_secs_f64(),
+        agent_side.as_secs_f64(),
+        frozen_at.elapsed().as_secs_f64()
+    );
+    agent.stop().await;
+    proxy.stop().await;
+}
