@@ -67,7 +67,10 @@ impl Control {
 }
 
 fn quic_err(addr: &str, what: impl std::fmt::Display) -> DialError {
-    DialError::Config(format!("QUIC to {addr}: {what}"))
+    DialError::Quic {
+        addr: addr.to_owned(),
+        detail: what.to_string(),
+    }
 }
 
 /// Dials `addr` over QUIC. The QUIC/TLS handshake must complete within

@@ -178,6 +178,11 @@ pub fn endpoint(
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_key);
     let mut config = quinn::EndpointConfig::new(Arc::new(key.clone()));
     config.cid_generator(move || Box::new(CidGenerator(key.clone())));
+    // quinn sends at most one stateless reset per 20 ms by default: after a restart, 500 agents
+    // then took 18.7 s to learn their tunnels were gone (50 resets/s). Our connection ids carry a
+    // 32-bit MAC, so garbage almost never earns a reset, and a reset is always smaller than the
+    // packet that caused it (no amplification): 1 ms (1,000 resets/s) is safe.
+    config.min_reset_interval(Duration::from_millis(1));
     quinn::Endpoint::new(config, Some(server), socket, Arc::new(quinn::TokioRuntime))
         .map_err(|source| QuicError::Socket { addr, source })
 }
