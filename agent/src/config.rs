@@ -73,10 +73,10 @@ pub struct TransportConfig {
     pub quic_addr: Option<String>,
     /// Milliseconds for the QUIC handshake before falling back to SSH over TCP. Default 1500.
     pub quic_handshake_timeout_ms: u64,
-    /// Milliseconds between QUIC keepalives (one small datagram each). Default 1000: a proxy that
-    /// restarted answers the next one with a stateless reset, so the agent is back within about
-    /// a second of its return. The tunnel is declared dead after four `keepalive_interval_secs`
-    /// of silence.
+    /// Milliseconds between QUIC keepalives (one small datagram each, acknowledged by the
+    /// proxy). Default 1000. The agent redials when nothing at all has come from the proxy for
+    /// four of these intervals (over UDP a dead proxy sends no reset), and a restarted proxy
+    /// answers a keepalive with a stateless reset.
     pub quic_keepalive_ms: u64,
     /// Bytes one stream may have in flight toward the agent that the agent has not written to its
     /// target. Default 2 MiB.

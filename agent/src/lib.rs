@@ -60,8 +60,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let base = Duration::from_millis(config.reconnect.base_ms);
     let cap = Duration::from_millis(config.reconnect.cap_ms);
     let mut attempt = 0u32;
+    let quic = quic::QuicClient::default();
     loop {
-        let outcome = tunnel::connect_and_serve(&config, &identity, &shutdown).await;
+        let outcome = tunnel::connect_and_serve(&quic, &config, &identity, &shutdown).await;
         match outcome {
             Ok(tunnel::Ended::Shutdown) => return Ok(()),
             Ok(ended) => {

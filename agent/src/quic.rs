@@ -27,6 +27,45 @@ use tunnel_proto::quic::{
 use crate::config::AgentConfig;
 use crate::tunnel::{Ended, HEARTBEAT, SPLICE_BUF, TARGET_CONNECT_TIMEOUT, web_trust};
 
+/// Keepalive intervals without a single datagram from the proxy before the agent gives the
+/// connection up and redials.
+const LIVENESS_PROBES: u32 = 3;
+
+/// The agent's QUIC client endpoints: one UDP socket per address family for all its dials,
+/// created on first use, so that redialling does not churn sockets (a handshake that timed out
+/// would otherwise hold its socket until its idle timeout).
+#[derive(Default)]
+pub struct QuicClient {
+    endpoints: std::sync::Mutex<[Option<quinn::Endpoint>; 2]>,
+}
+
+impl QuicClient {
+    fn endpoint(&self, v6: bool) -> std::io::Result<quinn::Endpoint> {
+        let mut slots = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = &mut slots[usize::from(v6)];
+        if let Some(e) = slot {
+            return Ok(e.clone());
+        }
+        let bind: SocketAddr = if v6 {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            ([0, 0, 0, 0], 0).into()
+        };
+        let socket = std::net::UdpSocket::bind(bind)?;
+        let sock = socket2::SockRef::from(&socket);
+        let _ = sock.set_recv_buffer_size(4 << 20);
+        let _ = sock.set_send_buffer_size(4 << 20);
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            None,
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        *slot = Some(endpoint.clone());
+        Ok(endpoint)
+    }
+}
+
 /// A logged-in QUIC tunnel, targets registered.
 pub struct QuicTunnel {
     endpoint: quinn::Endpoint,
@@ -77,6 +116,7 @@ fn quic_err(addr: &str, what: impl std::fmt::Display) -> DialError {
 /// `transport.quic_handshake_timeout_ms` (past that the caller falls back to SSH); the login and
 /// registration then get [`postern_dial::ssh::HANDSHAKE_TIMEOUT`].
 pub async fn dial(
+    client: &QuicClient,
     config: &AgentConfig,
     identity: &Identity,
     addr: &str,
@@ -88,22 +128,9 @@ pub async fn dial(
         .map_err(|e| quic_err(addr, e))?
         .next()
         .ok_or_else(|| quic_err(addr, "no address"))?;
-    let bind: SocketAddr = if target.is_ipv4() {
-        ([0, 0, 0, 0], 0).into()
-    } else {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    };
-    let socket = std::net::UdpSocket::bind(bind).map_err(|e| quic_err(addr, e))?;
-    let sock = socket2::SockRef::from(&socket);
-    let _ = sock.set_recv_buffer_size(4 << 20);
-    let _ = sock.set_send_buffer_size(4 << 20);
-    let endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        None,
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .map_err(|e| quic_err(addr, e))?;
+    let endpoint = client
+        .endpoint(target.is_ipv6())
+        .map_err(|e| quic_err(addr, e))?;
     // TLS: the proxy's web certificate, trusted as discovery trusts it (pin, CA, or anything);
     // the proxy is then authenticated by its SSH host certificate bound to this connection.
     let mut tls = postern_dial::web::tls_config(&web_trust(config)?)?;
@@ -269,6 +296,14 @@ impl QuicTunnel {
         });
         let mut beat = tokio::time::interval(HEARTBEAT);
         beat.tick().await;
+        // Liveness: the proxy acknowledges every keepalive, so a connection that has received
+        // nothing for LIVENESS_PROBES keepalive intervals is dead (a restarted or vanished proxy:
+        // UDP brings no reset, and QUIC's own probes back off exponentially meanwhile).
+        let probe = Duration::from_millis(config.transport.quic_keepalive_ms);
+        let mut check = tokio::time::interval(probe);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_rx = conn.stats().udp_rx.datagrams;
+        let mut silent = 0u32;
         let ended = if control.write(&[hello]).await.is_err() {
             Ended::Closed
         } else {
@@ -293,6 +328,15 @@ impl QuicTunnel {
                             break Ended::Closed;
                         }
                     }
+                    _ = check.tick() => {
+                        let rx = conn.stats().udp_rx.datagrams;
+                        silent = if rx == last_rx { silent + 1 } else { 0 };
+                        last_rx = rx;
+                        if silent > LIVENESS_PROBES {
+                            info!(silent_ms = (probe * silent).as_millis() as u64, "no datagram from the proxy: redialling");
+                            break Ended::Closed;
+                        }
+                    }
                     _ = shutdown.cancelled() => break Ended::Shutdown,
                 }
             }
@@ -313,6 +357,7 @@ impl QuicTunnel {
             }
             Ended::Shutdown => {
                 conn.close(0u32.into(), b"agent shutting down");
+                // Let the close reach the proxy before the endpoint may go away.
                 let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
             }
             Ended::Closed => conn.close(0u32.into(), b"closed"),

@@ -58,6 +58,7 @@ pub fn web_trust(config: &AgentConfig) -> Result<WebTrust, DialError> {
 
 /// Dials the proxy and serves until the connection ends or `shutdown` is cancelled.
 pub async fn connect_and_serve(
+    quic: &crate::quic::QuicClient,
     config: &AgentConfig,
     identity: &Identity,
     shutdown: &CancellationToken,
@@ -87,7 +88,7 @@ pub async fn connect_and_serve(
         let span = info_span!("tunnel", cluster = %config.cluster, host_id = %config.host_id, proxy = %quic_addr, transport = "quic");
         let started = std::time::Instant::now();
         let dialled = tokio::select! {
-            r = crate::quic::dial(config, identity, &quic_addr, &verifier).instrument(span.clone()) => r,
+            r = crate::quic::dial(quic, config, identity, &quic_addr, &verifier).instrument(span.clone()) => r,
             _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
         };
         match dialled {

@@ -214,7 +214,11 @@ async fn two_hundred_streams_over_quic_keep_every_byte() {
     );
     let m = scrape(proxy.ops).await;
     assert_eq!(
-        metric(&m, "postern_tunnels_connected", &[("transport", "quic")]),
+        metric(
+            &m,
+            "postern_tunnels_connected",
+            &[("cluster", "qbulk"), ("transport", "quic")]
+        ),
         1.0
     );
     agent.stop().await;
@@ -424,7 +428,11 @@ async fn garbage_and_initial_floods_do_not_take_the_proxy_down() {
     assert_eq!(echo_once(&mut s, b"still serving").await, b"still serving");
     let m = scrape(proxy.ops).await;
     assert_eq!(
-        metric(&m, "postern_tunnels_connected", &[("transport", "quic")]),
+        metric(
+            &m,
+            "postern_tunnels_connected",
+            &[("cluster", "qflood"), ("transport", "quic")]
+        ),
         1.0
     );
     agent.stop().await;
@@ -432,22 +440,19 @@ async fn garbage_and_initial_floods_do_not_take_the_proxy_down() {
 }
 
 /// A UDP relay between one agent and the proxy that can be frozen (a half-open network: every
-/// datagram dropped, both ways, with no error to either side). `flows` counts the agent
-/// addresses (QUIC connections from new sockets) it has relayed.
+/// datagram dropped, both ways, with no error to either side).
 struct UdpRelay {
     addr: SocketAddr,
     frozen: Arc<std::sync::atomic::AtomicBool>,
-    flows: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl UdpRelay {
     async fn start(upstream: SocketAddr) -> UdpRelay {
-        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::atomic::{AtomicBool, Ordering};
         let front = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let addr = front.local_addr().unwrap();
         let frozen = Arc::new(AtomicBool::new(false));
-        let flows = Arc::new(AtomicUsize::new(0));
-        let (f, n) = (frozen.clone(), flows.clone());
+        let f = frozen.clone();
         tokio::spawn(async move {
             let mut backs: std::collections::HashMap<SocketAddr, Arc<tokio::net::UdpSocket>> =
                 Default::default();
@@ -461,7 +466,6 @@ impl UdpRelay {
                     None => {
                         let b = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
                         b.connect(upstream).await.unwrap();
-                        n.fetch_add(1, Ordering::SeqCst);
                         let (b2, front2, f2) = (b.clone(), front.clone(), f.clone());
                         tokio::spawn(async move {
                             let mut buf = vec![0u8; 65536];
@@ -478,19 +482,11 @@ impl UdpRelay {
                 let _ = back.send(&buf[..len]).await;
             }
         });
-        UdpRelay {
-            addr,
-            frozen,
-            flows,
-        }
+        UdpRelay { addr, frozen }
     }
 
     fn freeze(&self) {
         self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    fn flows(&self) -> usize {
-        self.flows.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -541,12 +537,21 @@ async fn a_half_open_quic_tunnel_is_detected_on_both_sides() {
         r.is_err(),
         "a stream on a dead tunnel must end with an error, got {r:?}"
     );
-    let relay = Arc::new(relay);
     relay
         .frozen
         .store(false, std::sync::atomic::Ordering::SeqCst);
+    // The agent redials (from the same UDP socket: one per agent) and logs in again.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while relay.flows() < 2 {
+    loop {
+        let m = scrape(proxy.ops).await;
+        let connects = metric(
+            &m,
+            "postern_tunnel_connects_total",
+            &[("cluster", "qhalf"), ("transport", "quic")],
+        );
+        if connects >= 2.0 {
+            break;
+        }
         assert!(Instant::now() < deadline, "the agent did not redial");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
