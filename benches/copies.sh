@@ -47,6 +47,6 @@ for p in d["pps"]:
     by_site[key] += p["tb"]
 total = sum(by_site.values())
 print(f"transport {__import__('os').environ.get('TRANSPORT', 'ssh')}: bytes copied per payload byte forwarded: {total / payload:.2f}")
-for k, v in by_site.most_common(6):
+for k, v in by_site.most_common(int(__import__("os").environ.get("COPIES_SITES", "6"))):
     print(f"  {v / payload:5.2f}  {k}")
 PY
