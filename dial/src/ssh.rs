@@ -35,20 +35,30 @@ impl std::fmt::Debug for Identity {
 impl Identity {
     /// Loads an OpenSSH private key file and certificate file, checking they belong together.
     pub fn load(key_path: &Path, cert_path: &Path) -> Result<Identity, DialError> {
-        let cert_text = std::fs::read_to_string(cert_path)
-            .map_err(|e| DialError::Config(format!("certificate {}: {e}", cert_path.display())))?;
-        let cert = Certificate::from_openssh(cert_text.trim())
-            .map_err(|e| DialError::Config(format!("certificate {}: {e}", cert_path.display())))?;
-        // Said before the key is read: an RSA private key may not even parse here.
-        if cert.public_key().algorithm().is_rsa() || cert.signature_key().algorithm().is_rsa() {
-            return Err(DialError::Config(format!(
-                "certificate {}: {RSA_NOT_SUPPORTED}",
-                cert_path.display()
-            )));
-        }
-        // Refuses a key file others can read, like the proxy and the Auth server.
-        let key = crate::mint::read_key(key_path).map_err(|e| DialError::Config(e.to_string()))?;
-        Identity::new(key, cert).map_err(|e| {
+        let cert = || -> Result<Certificate, DialError> {
+            let bad = |e: &dyn std::fmt::Display| {
+                DialError::Config(format!("certificate {}: {e}", cert_path.display()))
+            };
+            let text = std::fs::read_to_string(cert_path).map_err(|e| bad(&e))?;
+            let cert = Certificate::from_openssh(text.trim()).map_err(|e| bad(&e))?;
+            if cert.public_key().algorithm().is_rsa() || cert.signature_key().algorithm().is_rsa() {
+                return Err(bad(&RSA_NOT_SUPPORTED));
+            }
+            Ok(cert)
+        };
+        // The key file first: one that others can read is refused (like the proxy and the Auth
+        // server), and an unreadable one says so. A key that does not parse may be an RSA key:
+        // then the certificate's own refusal says why.
+        let key = match crate::mint::read_key(key_path) {
+            Ok(k) => k,
+            Err(e) => {
+                return Err(match cert() {
+                    Err(rsa) if rsa.to_string().contains(RSA_NOT_SUPPORTED) => rsa,
+                    _ => DialError::Config(e.to_string()),
+                });
+            }
+        };
+        Identity::new(key, cert()?).map_err(|e| {
             DialError::Config(format!(
                 "{} and {}: {e}",
                 key_path.display(),
