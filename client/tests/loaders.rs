@@ -1,8 +1,11 @@
 //! The credential loaders and `Config` connection against the whole stack on loopback (the
 //! demo's Auth server, reached through its proxy), and `psh` (the real binary).
 
+mod support;
+
+use support::{psh, text};
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use postern_api::identity::IdentityFile;
@@ -294,23 +297,6 @@ async fn bad_credentials_and_untrusted_proxies_get_clear_errors() {
         "{last}"
     );
     demo.stop().await.unwrap();
-}
-
-fn psh(home: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_psh"))
-        .arg("--home")
-        .arg(home)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn text(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,6 +3,10 @@
 //! `ProxyCommand` (plain `ssh -W` with those files) reaches a target through the proxy; `psh proxy
 //! tcp` forwards a local port to a target, and an API client calls the Auth API through it.
 
+mod support;
+
+use support::{psh, text};
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -12,23 +16,6 @@ use std::time::Duration;
 use postern_api::identity::IdentityFile;
 use postern_api::proto::CreateUserRequest;
 use postern_client::auth::AuthClient;
-
-fn psh(home: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_psh"))
-        .arg("--home")
-        .arg(home)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn text(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// Runs the block's `ProxyCommand` for `host:port` with `input` on stdin.
 fn proxy_command(config: &str, host: &str, port: u16, input: &[u8]) -> std::process::Output {
