@@ -322,7 +322,7 @@ async fn start_postern(
         dir.join("proxy.toml"),
         format!(
             "data_dir = {pdir:?}\nallow_root = true\n[listen]\nweb = \"127.0.0.1:{web}\"\ntunnel = \"127.0.0.1:{tunnel}\"\nops = \"127.0.0.1:{ops}\"\n\
-             [limits]\nmax_unauthenticated = 4096\nmax_streams_per_tunnel = 100000\nmax_streams_per_client = 100000\nmax_tunnels_per_cluster = 100000\nmax_connects_per_source_per_minute = 100000\n\
+             [limits]\nmax_unauthenticated = 4096\nmax_unauthenticated_per_source = 4096\nmax_streams_per_user_per_target = 100000\nmax_streams_per_tunnel = 100000\nmax_streams_per_client = 100000\nmax_tunnels_per_cluster = 100000\nmax_connects_per_source_per_minute = 100000\n\
              [[clusters]]\nname = \"bench\"\nhost_ca = [{:?}]\nuser_ca = [{:?}]\npolicy = {{ source = \"open\" }}\n",
             line(&host_ca)?,
             line(&user_ca)?
