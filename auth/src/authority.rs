@@ -311,8 +311,18 @@ impl Authorities {
                 principals: proxy_principals.to_vec(),
             }
         };
+        self.issue_from_host_ca(key, &spec, ttl)
+    }
+
+    /// Signs `spec` for `key` with the host CA, valid from a little before now for `ttl`.
+    fn issue_from_host_ca(
+        &self,
+        key: &PublicKey,
+        spec: &CertSpec,
+        ttl: u64,
+    ) -> Result<Issued, AuthorityError> {
         let now = mint::now_unix();
-        let cert = mint::issue(&self.host_ca, key, &spec, now - BACKDATE_SECS, now + ttl)
+        let cert = mint::issue(&self.host_ca, key, spec, now - BACKDATE_SECS, now + ttl)
             .map_err(|e| AuthorityError::Issue(e.to_string()))?;
         Ok(Issued {
             ssh_cert: cert
@@ -336,17 +346,7 @@ impl Authorities {
             host_id: host_id.into(),
             cluster: self.cluster.clone(),
         };
-        let now = mint::now_unix();
-        let cert = mint::issue(&self.host_ca, key, &spec, now - BACKDATE_SECS, now + ttl)
-            .map_err(|e| AuthorityError::Issue(e.to_string()))?;
-        Ok(Issued {
-            ssh_cert: cert
-                .to_openssh()
-                .map_err(|e| AuthorityError::Issue(e.to_string()))?,
-            tls_cert: String::new(),
-            tls_fingerprint: String::new(),
-            expires: now + ttl,
-        })
+        self.issue_from_host_ca(key, &spec, ttl)
     }
 
     /// A fresh TLS server key and certificate for `auth.<cluster>` (DER cert chain, PKCS#8 key).

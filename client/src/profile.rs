@@ -143,12 +143,7 @@ impl Profile {
             &keys.cert,
             format!("{}\n", id.ssh_cert.trim_end()).as_bytes(),
         )?;
-        let known: String = id
-            .ssh_host_cas
-            .iter()
-            .map(|ca| format!("@cert-authority * {}\n", ca.trim_end()))
-            .collect();
-        write_private_atomic(&keys.known_hosts, known.as_bytes())?;
+        write_private_atomic(&keys.known_hosts, known_hosts(&id.ssh_host_cas).as_bytes())?;
         let text = toml::to_string(self).map_err(std::io::Error::other)?;
         write_private_atomic(&dir.join("profile.toml"), text.as_bytes())
     }
@@ -172,6 +167,14 @@ impl Profile {
         let _ = std::fs::remove_dir(dir.join("keys"));
         Ok(found)
     }
+}
+
+/// An OpenSSH `known_hosts` trusting each of `host_cas` (public-key lines) for every host.
+pub fn known_hosts(host_cas: &[String]) -> String {
+    host_cas
+        .iter()
+        .map(|ca| format!("@cert-authority * {}\n", ca.trim_end()))
+        .collect()
 }
 
 /// The profile's key and certificates in OpenSSH's formats.

@@ -586,11 +586,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                                 format!("{}\n", certs.ssh_cert.trim_end()).as_bytes(),
                                 0o644,
                             )?;
-                            let known: String = certs
-                                .ssh_host_cas
-                                .iter()
-                                .map(|ca| format!("@cert-authority * {}\n", ca.trim_end()))
-                                .collect();
+                            let known = postern_client::profile::known_hosts(&certs.ssh_host_cas);
                             mint::write_file(
                                 Path::new(&format!("{base}.known_hosts")),
                                 known.as_bytes(),
