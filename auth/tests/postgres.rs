@@ -479,3 +479,35 @@ fn the_feed_is_global_and_gapless_and_one_init_and_one_conditional_write_win() {
     assert_eq!(rev, backends[1].changes_since(0, 1).unwrap().newest);
     assert_eq!(snap.iter().filter(|c| c.kind == "user").count(), writes);
 }
+
+/// TLS to the database: with `backend_ca_file` the connection is TLS and verified (a wrong CA
+/// is refused, naming the database); `sslmode=require` then works.
+#[test]
+fn tls_to_the_database_is_verified_against_backend_ca_file() {
+    let (pg, ca) = Postgres::start_tls();
+    let opts = PostgresOptions {
+        url: format!("{}?sslmode=require", pg.url()),
+        password: Some(pg.password.clone()),
+        ca_file: Some(ca),
+    };
+    let b = PostgresBackend::open(&opts).unwrap();
+    b.put("role", "over-tls", "{}", Condition::Any).unwrap();
+    assert!(b.get("role", "over-tls").unwrap().is_some());
+    drop(b);
+
+    // A CA that did not sign the server's certificate: refused.
+    let dir = TempDir::new("pg-wrong-ca");
+    let other = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let wrong = dir.0.join("wrong-ca.pem");
+    std::fs::write(&wrong, p.self_signed(&other).unwrap().pem()).unwrap();
+    let e = PostgresBackend::open(&PostgresOptions {
+        ca_file: Some(wrong),
+        ..opts
+    })
+    .expect_err("an unknown CA is refused")
+    .to_string();
+    assert!(e.contains(&format!("127.0.0.1:{}", pg.port)), "{e}");
+    assert!(e.contains("certificate"), "{e}");
+}

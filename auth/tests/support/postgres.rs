@@ -86,6 +86,46 @@ impl Postgres {
         pg
     }
 
+    /// Like [`Postgres::start`], with TLS on: a server certificate for `127.0.0.1` from a CA
+    /// minted here. Returns the server and the CA's PEM file.
+    pub fn start_tls() -> (Postgres, PathBuf) {
+        let pg = Postgres::start();
+        pg.stop();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, &ca_key);
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let data = pg.dir.join("data");
+        std::fs::write(data.join("server.crt"), cert.pem()).unwrap();
+        std::fs::write(data.join("server.key"), key.serialize_pem()).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            data.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        let mut conf = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
+        conf.push_str("\nssl = on\n");
+        std::fs::write(data.join("postgresql.conf"), conf).unwrap();
+        if pg.as_postgres {
+            pg.run(
+                Command::new("chown")
+                    .args(["-R", "postgres:postgres"])
+                    .arg(&data),
+            );
+        }
+        let ca_file = pg.dir.join("ca.pem");
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        pg.start_again();
+        (pg, ca_file)
+    }
+
     fn run(&self, c: &mut Command) {
         let out = c.output().unwrap_or_else(|e| panic!("{c:?}: {e}"));
         assert!(
