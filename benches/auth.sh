@@ -4,6 +4,7 @@
 # installed if missing) in a temp dir on a loopback port, and stops and removes it at the end.
 #   benches/auth.sh                         # 5 s per cell, 16 calls in flight
 #   benches/auth.sh --secs 10 --concurrency 64
+#   PROFILE=dev benches/auth.sh             # the debug build (dependencies at opt-level 2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,7 +39,9 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); p
 "${as[@]}" "$bin/pg_ctl" -D "$tmp/data" -l "$tmp/log" -w -t 30 \
     -o "-c listen_addresses=127.0.0.1 -p $port -k $tmp -c max_connections=100" start >/dev/null
 
-cargo build --release --locked -p postern-benches --bin postern-auth-bench >&2
-"${CARGO_TARGET_DIR:-target}/release/postern-auth-bench" \
+profile=${PROFILE:-release}
+dir=$profile; [ "$profile" = dev ] && dir=debug
+cargo build --profile "$profile" --locked -p postern-benches --bin postern-auth-bench >&2
+"${CARGO_TARGET_DIR:-target}/$dir/postern-auth-bench" \
     --postgres-url "postgres://postern@127.0.0.1:$port/postgres" \
     --postgres-password-file "$tmp/password" "$@"
