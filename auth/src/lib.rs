@@ -8,7 +8,8 @@
 //!
 //! Layout:
 //! - [`config`]: `auth.toml`, validated in one place;
-//! - [`storage`]: the `Backend` trait and its SQLite implementation (WAL, versioned migrations);
+//! - [`storage`]: the `Backend` trait, SQLite (embedded default) and PostgreSQL (several Auth
+//!   servers on one database), versioned migrations;
 //! - [`authority`]: the SSH user and host CAs and the TLS CA, and what they issue;
 //! - [`service`]: the gRPC service: authentication, RBAC, audit, operations;
 //! - [`audit`]: the audit log (database table and JSON lines);
