@@ -144,6 +144,17 @@ pub trait Backend: Send + Sync + 'static {
     fn add_cert(&self, fingerprint: &str, user: &str, expires: u64) -> Result<(), StorageError>;
     /// The user a TLS client certificate was issued to, and its expiry.
     fn cert_owner(&self, fingerprint: &str) -> Result<Option<(String, u64)>, StorageError>;
+    /// Records an issued TLS client certificate that carries the roles of access request
+    /// `request_id` (see [`Backend::cert_request`]).
+    fn add_elevated_cert(
+        &self,
+        fingerprint: &str,
+        user: &str,
+        expires: u64,
+        request_id: &str,
+    ) -> Result<(), StorageError>;
+    /// The access request whose roles a TLS client certificate carries, if any.
+    fn cert_request(&self, fingerprint: &str) -> Result<Option<String>, StorageError>;
     /// Forgets every certificate of `user` (on delete) and every expired one; returns how many.
     fn forget_certs(&self, user: Option<&str>, now: u64) -> Result<usize, StorageError>;
     /// Appends an audit record; returns its id.
@@ -208,6 +219,25 @@ const MIGRATIONS: &[&str] = &[
          id TEXT PRIMARY KEY, time_ms INTEGER NOT NULL, user TEXT NOT NULL, data BLOB NOT NULL);
      CREATE INDEX stream_events_time ON stream_events (time_ms);
      CREATE INDEX stream_events_user ON stream_events (user, time_ms);",
+    // 4: access requests. They are resources of kind `access_request` (so a review is a
+    // conditional write) and join the policy feed, so that proxies learn of approvals; a TLS
+    // client certificate may carry the roles of one request.
+    "ALTER TABLE tls_certs ADD COLUMN request_id TEXT NOT NULL DEFAULT '';
+     DROP TRIGGER changes_insert;
+     DROP TRIGGER changes_update;
+     DROP TRIGGER changes_delete;
+     CREATE TRIGGER changes_insert AFTER INSERT ON resources
+         WHEN NEW.kind IN ('role', 'user', 'lock', 'access_request') BEGIN
+         INSERT INTO changes (kind, name, deleted, value) VALUES (NEW.kind, NEW.name, 0, NEW.value);
+     END;
+     CREATE TRIGGER changes_update AFTER UPDATE ON resources
+         WHEN NEW.kind IN ('role', 'user', 'lock', 'access_request') BEGIN
+         INSERT INTO changes (kind, name, deleted, value) VALUES (NEW.kind, NEW.name, 0, NEW.value);
+     END;
+     CREATE TRIGGER changes_delete AFTER DELETE ON resources
+         WHEN OLD.kind IN ('role', 'user', 'lock', 'access_request') BEGIN
+         INSERT INTO changes (kind, name, deleted, value) VALUES (OLD.kind, OLD.name, 1, '');
+     END;",
 ];
 
 /// The embedded SQLite backend (one file, bundled SQLite).
@@ -465,6 +495,37 @@ impl Backend for SqliteBackend {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()
+            .map_err(self.db())
+        })
+    }
+
+    fn add_elevated_cert(
+        &self,
+        fingerprint: &str,
+        user: &str,
+        expires: u64,
+        request_id: &str,
+    ) -> Result<(), StorageError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO tls_certs (fingerprint, user, expires, request_id)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![fingerprint, user, expires, request_id],
+            )
+            .map_err(self.db())?;
+            Ok(())
+        })
+    }
+
+    fn cert_request(&self, fingerprint: &str) -> Result<Option<String>, StorageError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT request_id FROM tls_certs WHERE fingerprint = ?1",
+                [fingerprint],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()
+            .map(|r| r.filter(|id| !id.is_empty()))
             .map_err(self.db())
         })
     }
