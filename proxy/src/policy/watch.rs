@@ -104,9 +104,16 @@ impl Watcher {
             .into_inner();
         info!(cluster = %self.policy.cluster, from_revision = from, user = %client.user, "watching the cluster's policy");
         loop {
+            // The soonest end of an elevation: what is open under it is re-decided then.
+            let elevation_end = until_unix(self.policy.cache.next_elevation_end());
             let next = tokio::select! {
                 n = tokio::time::timeout(SILENCE, stream.message()) => n,
                 _ = stop.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(elevation_end) => {
+                    let closed = self.registry.enforce(&self.policy);
+                    debug!(cluster = %self.policy.cluster, closed, "an elevation ended");
+                    continue;
+                }
             };
             match next {
                 Ok(Ok(Some(ev))) => {
@@ -134,6 +141,16 @@ impl Watcher {
             }
         }
     }
+}
+
+/// How long until unix second `at` has begun (a year when `None`).
+fn until_unix(at: Option<u64>) -> Duration {
+    let Some(at) = at else {
+        return Duration::from_secs(365 * 24 * 3600);
+    };
+    let end = std::time::UNIX_EPOCH + Duration::from_secs(at);
+    end.duration_since(std::time::SystemTime::now())
+        .unwrap_or(Duration::ZERO)
 }
 
 /// Opens streams to target `auth` of `cluster` on this proxy's own tunnels.
