@@ -85,3 +85,56 @@ impl AuthClient {
         Ok(IdentityFile::from_certs(&self.user, pem, certs))
     }
 }
+
+impl AuthClient {
+    /// Polls request `id` every `every` until a reviewer has decided it (or it lapses), or
+    /// until `timeout`; returns the request as last seen.
+    pub async fn wait_for_review(
+        &self,
+        id: &str,
+        every: std::time::Duration,
+        timeout: std::time::Duration,
+    ) -> Result<AccessRequest, AuthClientError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let r = self.get_access_request(id).await?;
+            let lapsed = r.state == "pending" && r.expires <= postern_dial::mint::now_unix();
+            if r.state != "pending" || lapsed || tokio::time::Instant::now() + every > deadline {
+                return Ok(r);
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+}
+
+/// One line describing a request, as `psh request show` and `pctl requests ls` print it.
+pub fn describe(r: &AccessRequest) -> String {
+    let now = postern_dial::mint::now_unix();
+    let fmt = postern_api::duration::format_secs;
+    let when = match r.state.as_str() {
+        "pending" if r.expires <= now => "lapsed unreviewed".to_string(),
+        "pending" => format!("for {}, awaiting review", fmt(r.duration_secs)),
+        "approved" if r.expires <= now => format!("by {}, elevation ended", r.reviewer),
+        "approved" => format!(
+            "by {}, elevation ends in {} (unix {})",
+            r.reviewer,
+            fmt(r.expires - now),
+            r.expires
+        ),
+        _ => format!("by {}", r.reviewer),
+    };
+    let mut line = format!(
+        "{}  {}  user={}  roles={}  {when}",
+        r.id,
+        r.state,
+        r.user,
+        r.roles.join(",")
+    );
+    if !r.reason.is_empty() {
+        line.push_str(&format!("  reason={:?}", r.reason));
+    }
+    if !r.review_reason.is_empty() {
+        line.push_str(&format!("  review={:?}", r.review_reason));
+    }
+    line
+}
