@@ -210,3 +210,25 @@ async fn a_lock_on_the_request_or_the_user_closes_the_elevated_stream_at_once() 
     );
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_elevation_ends_on_time_while_the_auth_server_is_out_of_reach() {
+    // A short staleness bound: the policy is stale well before the elevation ends.
+    let mut c = Cluster::start("req3", 1, 2).await;
+    let (alice, bob, _agent) = setup(&c).await;
+    let (id, approved) = elevate(&alice, &bob, 6).await;
+    let s = c.session(&id, 0).await;
+    let mut stream = wait_stream(&s, "web", "req3", Duration::from_secs(10)).await;
+    assert_eq!(echo_once(&mut stream, b"before").await, b"before");
+    drop((alice, bob));
+    c.stop_auth().await;
+    let end = instant_of(approved.expires);
+    let closed = until_closed(stream).await;
+    let late = closed.saturating_duration_since(end);
+    eprintln!("figure: elevation end to the closed stream, Auth server down: {late:?}");
+    assert!(closed >= end, "closed before the elevation's end");
+    assert!(
+        late < Duration::from_secs(2),
+        "closed {late:?} after the end"
+    );
+}

@@ -127,6 +127,9 @@ impl ClusterPolicy {
             PolicySource::Auth => {}
         }
         let view = self.cache.view();
+        // Before staleness: an elevation's end is known in advance and cannot move, so it ends
+        // what it opened even while the Auth server is out of reach.
+        check_elevation(&view, who, true)?;
         if let Some(age) = view.stale(self.stale_after) {
             return Err(Refusal::new(
                 "policy_unavailable",
@@ -156,7 +159,6 @@ impl ClusterPolicy {
                 ),
             ));
         }
-        check_elevation(&view, who, true)?;
         let roles = view.effective_roles(who);
         if let Some(msg) = roles.iter().find_map(|r| view.lock_on_role(r)) {
             return Err(Refusal::new("locked", msg));

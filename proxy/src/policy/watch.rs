@@ -59,12 +59,34 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    /// Watches until `stop`, reconnecting with a short back-off.
+    /// Watches until `stop`, reconnecting with a short back-off; meanwhile ends elevations on
+    /// time (see [`Watcher::end_elevations`]).
     pub async fn run(self, stop: CancellationToken) {
+        tokio::join!(self.watch(&stop), self.end_elevations(&stop));
+    }
+
+    /// Re-decides what is open at each elevation's end (the soonest approved access request's
+    /// `expires`), whether or not the watch is connected: an end is known in advance.
+    async fn end_elevations(&self, stop: &CancellationToken) {
+        let mut changed = self.policy.cache.subscribe();
+        loop {
+            let wait = until_unix(self.policy.cache.next_elevation_end());
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {
+                    let closed = self.registry.enforce(&self.policy);
+                    debug!(cluster = %self.policy.cluster, closed, "an elevation ended");
+                }
+                r = changed.changed() => if r.is_err() { return },
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    async fn watch(&self, stop: &CancellationToken) {
         let mut backoff = Duration::from_millis(100);
         let mut last_error = String::new();
         loop {
-            let attempt = self.watch_once(&stop);
+            let attempt = self.watch_once(stop);
             let r = tokio::select! {
                 r = attempt => r,
                 _ = stop.cancelled() => return,
@@ -104,16 +126,9 @@ impl Watcher {
             .into_inner();
         info!(cluster = %self.policy.cluster, from_revision = from, user = %client.user, "watching the cluster's policy");
         loop {
-            // The soonest end of an elevation: what is open under it is re-decided then.
-            let elevation_end = until_unix(self.policy.cache.next_elevation_end());
             let next = tokio::select! {
                 n = tokio::time::timeout(SILENCE, stream.message()) => n,
                 _ = stop.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(elevation_end) => {
-                    let closed = self.registry.enforce(&self.policy);
-                    debug!(cluster = %self.policy.cluster, closed, "an elevation ended");
-                    continue;
-                }
             };
             match next {
                 Ok(Ok(Some(ev))) => {
