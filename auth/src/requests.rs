@@ -7,7 +7,7 @@
 //! reviewers cannot both decide) and travel in the policy feed, so proxies count the elevated
 //! roles only while the request is approved, unexpired and unlocked. The TLS certificate is
 //! recorded with its request id, so the Auth API does the same at every call
-//! ([`caller_roles`]). The RPCs are in [`rpc`].
+//! ([`caller_roles`]). The RPCs are in `rpc`, the certificate records in `store`.
 
 use postern_api::proto::{AccessRequest, PolicyAccessRequest};
 use postern_dial::mint::now_unix;
@@ -18,6 +18,7 @@ use crate::locks::StoredLock;
 use crate::service::{State, storage_status};
 
 mod rpc;
+mod store;
 
 /// Resource kind of a stored request.
 pub const KIND: &str = "access_request";

@@ -182,7 +182,7 @@ pub use crate::stream_events::StreamRow;
 pub use crate::changes::{Change, Changes};
 
 /// The schema, one migration per version. Never edit a shipped entry: append a new one.
-const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     // 1: the initial schema.
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
      CREATE TABLE resources (
@@ -506,28 +506,11 @@ impl Backend for SqliteBackend {
         expires: u64,
         request_id: &str,
     ) -> Result<(), StorageError> {
-        self.with(|c| {
-            c.execute(
-                "INSERT OR REPLACE INTO tls_certs (fingerprint, user, expires, request_id)
-                 VALUES (?1, ?2, ?3, ?4)",
-                params![fingerprint, user, expires, request_id],
-            )
-            .map_err(self.db())?;
-            Ok(())
-        })
+        self.insert_elevated_cert(fingerprint, user, expires, request_id)
     }
 
     fn cert_request(&self, fingerprint: &str) -> Result<Option<String>, StorageError> {
-        self.with(|c| {
-            c.query_row(
-                "SELECT request_id FROM tls_certs WHERE fingerprint = ?1",
-                [fingerprint],
-                |r| r.get::<_, String>(0),
-            )
-            .optional()
-            .map(|r| r.filter(|id| !id.is_empty()))
-            .map_err(self.db())
-        })
+        self.select_cert_request(fingerprint)
     }
 
     fn forget_certs(&self, user: Option<&str>, now: u64) -> Result<usize, StorageError> {

@@ -296,3 +296,85 @@ impl View<'_> {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache_with(state: &str, user: &str, expires: u64) -> PolicyCache {
+        let c = PolicyCache::default();
+        c.apply(PolicyEvent {
+            kind: "user".into(),
+            name: "alice".into(),
+            snapshot: true,
+            user: Some(postern_api::proto::PolicyUser {
+                name: "alice".into(),
+                roles: vec!["base".into()],
+            }),
+            ..Default::default()
+        });
+        c.apply(PolicyEvent {
+            kind: "access_request".into(),
+            name: "r1".into(),
+            snapshot: true,
+            access_request: Some(PolicyAccessRequest {
+                id: "r1".into(),
+                user: user.into(),
+                roles: vec!["editor".into()],
+                state: state.into(),
+                expires,
+            }),
+            ..Default::default()
+        });
+        c.apply(PolicyEvent {
+            revision: 2,
+            snapshot: true,
+            snapshot_end: true,
+            ..Default::default()
+        });
+        c
+    }
+
+    fn alice(request: Option<&str>) -> Who {
+        Who {
+            user: "alice".into(),
+            cert_roles: Some(vec!["base".into(), "editor".into()]),
+            request: request.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn elevated_roles_count_only_while_the_request_is_live_and_the_users() {
+        let later = now_unix() + 600;
+        let live = cache_with("approved", "alice", later);
+        assert_eq!(
+            live.view().effective_roles(&alice(Some("r1"))),
+            ["base", "editor"]
+        );
+        // Without the request in the certificate, listing the role is not enough.
+        assert_eq!(live.view().effective_roles(&alice(None)), ["base"]);
+        // Another user's request, a denied or expired one: ended.
+        for c in [
+            cache_with("approved", "mallory", later),
+            cache_with("denied", "alice", later),
+            cache_with("approved", "alice", now_unix()),
+        ] {
+            assert!(matches!(
+                c.view().elevation_ended(&alice(Some("r1"))),
+                Some(Ok(_))
+            ));
+            assert_eq!(c.view().effective_roles(&alice(Some("r1"))), ["base"]);
+        }
+        // Pending or unknown: this proxy is behind the certificate, not a reason to close.
+        let behind = cache_with("pending", "alice", later);
+        assert!(matches!(
+            behind.view().elevation_ended(&alice(Some("r1"))),
+            Some(Err(_))
+        ));
+        assert!(matches!(
+            live.view().elevation_ended(&alice(Some("r2"))),
+            Some(Err(_))
+        ));
+        assert_eq!(live.next_elevation_end(), Some(later));
+    }
+}
