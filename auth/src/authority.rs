@@ -266,11 +266,25 @@ impl Authorities {
         ttl: u64,
         roles: &[String],
     ) -> Result<Issued, AuthorityError> {
+        self.issue_user_for_request(user, key, ttl, roles, None)
+    }
+
+    /// A user certificate pair whose `roles` include those of the access request `request`
+    /// (named in the SSH certificate's `postern-request@postern` extension).
+    pub fn issue_user_for_request(
+        &self,
+        user: &str,
+        key: &PublicKey,
+        ttl: u64,
+        roles: &[String],
+        request: Option<&str>,
+    ) -> Result<Issued, AuthorityError> {
         let now = mint::now_unix();
         let expires = now + ttl;
         let spec = CertSpec::UserWithRoles {
             user: user.into(),
             roles: roles.to_vec(),
+            request: request.map(str::to_owned),
         };
         let ssh = mint::issue(&self.user_ca, key, &spec, now - BACKDATE_SECS, expires)
             .map_err(|e| AuthorityError::Issue(e.to_string()))?;

@@ -41,6 +41,9 @@ pub enum CertSpec {
         user: String,
         /// Its roles when the certificate was issued.
         roles: Vec<String>,
+        /// The access request whose approved roles `roles` include, if any (extension
+        /// `postern-request@postern`).
+        request: Option<String>,
     },
     /// A proxy's host certificate, listing every name it is dialled by.
     Proxy {
@@ -108,12 +111,19 @@ pub fn issue(
                 // What OpenSSH grants by default; the proxy refuses streams without it.
                 .extension("permit-port-forwarding", "")?;
         }
-        CertSpec::UserWithRoles { user, roles } => {
+        CertSpec::UserWithRoles {
+            user,
+            roles,
+            request,
+        } => {
             b.cert_type(CertType::User)?
                 .key_id(format!("user {user}"))?
                 .valid_principal(user.clone())?
                 .extension("permit-port-forwarding", "")?
                 .extension(EXT_ROLES, roles.join(","))?;
+            if let Some(id) = request {
+                b.extension(tunnel_proto::names::EXT_REQUEST, id.clone())?;
+            }
         }
         CertSpec::Proxy { principals } => {
             b.cert_type(CertType::Host)?

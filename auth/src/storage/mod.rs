@@ -14,7 +14,7 @@
 
 use std::path::PathBuf;
 
-mod migrations;
+pub(crate) mod migrations;
 pub mod postgres;
 pub mod sqlite;
 
@@ -171,6 +171,17 @@ pub trait Backend: Send + Sync + 'static {
     fn add_cert(&self, fingerprint: &str, user: &str, expires: u64) -> Result<(), StorageError>;
     /// The user a TLS client certificate was issued to, and its expiry.
     fn cert_owner(&self, fingerprint: &str) -> Result<Option<(String, u64)>, StorageError>;
+    /// Records an issued TLS client certificate that carries the roles of access request
+    /// `request_id` (see [`Backend::cert_request`]).
+    fn add_elevated_cert(
+        &self,
+        fingerprint: &str,
+        user: &str,
+        expires: u64,
+        request_id: &str,
+    ) -> Result<(), StorageError>;
+    /// The access request whose roles a TLS client certificate carries, if any.
+    fn cert_request(&self, fingerprint: &str) -> Result<Option<String>, StorageError>;
     /// Forgets every certificate of `user` (on delete) and every expired one; returns how many.
     fn forget_certs(&self, user: Option<&str>, now: u64) -> Result<usize, StorageError>;
     /// Appends an audit record; returns its id.

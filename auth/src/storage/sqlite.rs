@@ -267,6 +267,20 @@ impl Backend for SqliteBackend {
         })
     }
 
+    fn add_elevated_cert(
+        &self,
+        fingerprint: &str,
+        user: &str,
+        expires: u64,
+        request_id: &str,
+    ) -> Result<(), StorageError> {
+        self.insert_elevated_cert(fingerprint, user, expires, request_id)
+    }
+
+    fn cert_request(&self, fingerprint: &str) -> Result<Option<String>, StorageError> {
+        self.select_cert_request(fingerprint)
+    }
+
     fn forget_certs(&self, user: Option<&str>, now: u64) -> Result<usize, StorageError> {
         self.with(|c| {
             c.execute(

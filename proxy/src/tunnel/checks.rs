@@ -11,7 +11,7 @@ use tracing::warn;
 use tunnel_proto::certs::{
     CertError, Certificate, check_agent_cert, check_user_cert, signer_fingerprint,
 };
-use tunnel_proto::names::{AGENT_LOGIN_PREFIX, EXT_ROLES, validate_label};
+use tunnel_proto::names::{AGENT_LOGIN_PREFIX, EXT_REQUEST, EXT_ROLES, validate_label};
 
 /// The OpenSSH certificate extension that allows `direct-tcpip` (`ssh -W`, `-L`).
 pub(super) const EXT_PERMIT_PORT_FORWARDING: &str = "permit-port-forwarding";
@@ -37,6 +37,8 @@ pub(super) enum Role {
         cluster: String,
         port_forwarding: bool,
         cert_roles: Option<Vec<String>>,
+        /// The access request the certificate's elevation comes from.
+        request: Option<String>,
         key_id: String,
     },
 }
@@ -123,6 +125,7 @@ impl Conn {
                         .map(str::to_owned)
                         .collect()
                 }),
+                request: cert.extensions().get(EXT_REQUEST).cloned(),
             })
         }
     }
@@ -140,12 +143,14 @@ impl Conn {
                 user,
                 cluster,
                 cert_roles,
+                request,
                 ..
             } => (
                 cluster,
                 Kind::Client(crate::policy::Who {
                     user: user.clone(),
                     cert_roles: cert_roles.clone(),
+                    request: request.clone(),
                 }),
             ),
         };

@@ -380,7 +380,10 @@ impl Conn {
         target: &StreamTarget,
     ) -> Result<Option<crate::policy::registry::StreamGuard>, (&'static str, String)> {
         let Some(Role::Client {
-            user, cert_roles, ..
+            user,
+            cert_roles,
+            request,
+            ..
         }) = &self.role
         else {
             return Err(("forbidden", "only clients open streams".into()));
@@ -388,6 +391,7 @@ impl Conn {
         let who = crate::policy::Who {
             user: user.clone(),
             cert_roles: cert_roles.clone(),
+            request: request.clone(),
         };
         let labels = tunnel.labels(&target.target);
         if let Some(policy) = self.shared.policies.cluster(&target.cluster) {

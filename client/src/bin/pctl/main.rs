@@ -20,6 +20,7 @@ use russh::keys::ssh_key::LineEnding;
 
 mod events;
 mod locks;
+mod requests;
 
 #[derive(Parser)]
 #[command(name = "pctl", version, about = "Administer a Postern cluster")]
@@ -82,6 +83,11 @@ enum Command {
     /// Lock a user, a role or an agent: every proxy refuses its new streams and closes its open
     /// ones within seconds, with --message as the reason.
     Lock(locks::LockArgs),
+    /// Review access requests: ls, approve ID, deny ID.
+    Requests {
+        #[command(subcommand)]
+        command: requests::RequestsCommand,
+    },
     /// Remove a resource: role/NAME, user/NAME, token/ID, lock/ID.
     Rm {
         /// What to remove.
@@ -478,6 +484,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             _ => bail!("cannot remove '{what}': use role/NAME, user/NAME, token/ID or lock/ID"),
         },
         Command::Lock(args) => locks::lock(&client, args).await?,
+        Command::Requests { command } => requests::run(&client, command).await?,
         Command::Users { command } => match command {
             UsersCommand::Add {
                 name,
