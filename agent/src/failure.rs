@@ -106,6 +106,37 @@ mod tests {
         assert_eq!(utc(1_767_225_599), "2025-12-31 23:59:59 UTC");
     }
 
+    fn cert(after: u64, before: u64) -> Certificate {
+        let ca = postern_dial::mint::generate_key();
+        let key = postern_dial::mint::generate_key();
+        let spec = postern_dial::mint::CertSpec::ServiceAgent {
+            host_id: "web".into(),
+            cluster: "c".into(),
+        };
+        postern_dial::mint::issue(&ca, key.public_key(), &spec, after, before).unwrap()
+    }
+
+    #[test]
+    fn an_expired_or_future_certificate_is_permanent_with_its_dates() {
+        let now = 1_767_225_600; // 2026-01-01 00:00:00 UTC
+        let expired = cert(now - 7200, now - 3600);
+        let Err(Failure::Permanent(m)) = check_own_cert(&expired, "k-cert.pub", now) else {
+            panic!("an expired certificate is a permanent failure");
+        };
+        assert!(m.contains("expired at 2025-12-31 23:00:00 UTC"), "{m}");
+        assert!(m.contains("valid from 2025-12-31 22:00:00 UTC"), "{m}");
+        assert!(
+            m.contains("k-cert.pub") && m.contains("join_token_file"),
+            "{m}"
+        );
+        let future = cert(now + 3600, now + 7200);
+        let Err(Failure::Permanent(m)) = check_own_cert(&future, "k-cert.pub", now) else {
+            panic!("a not-yet-valid certificate is a permanent failure");
+        };
+        assert!(m.contains("not valid yet") && m.contains("clock"), "{m}");
+        assert!(check_own_cert(&cert(now - 10, now + 10), "k", now).is_ok());
+    }
+
     #[test]
     fn refusals_are_permanent_and_network_errors_transient() {
         let refused = DialError::AuthRefused {

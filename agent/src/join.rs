@@ -186,7 +186,7 @@ pub fn check_joined_cert(
         ));
     }
     let principal = tunnel_proto::names::agent_principal(&config.host_id, &config.cluster);
-    if !cert.valid_principals().iter().any(|p| *p == principal) {
+    if !cert.valid_principals().contains(&principal) {
         return Err(JoinError::BadCertificate(format!(
             "it does not list {principal}"
         )));
