@@ -218,6 +218,19 @@ impl Authorities {
         self.host_ca.public_key().to_openssh().unwrap_or_default()
     }
 
+    /// SHA-256 fingerprint of the host CA's public key.
+    pub fn host_ca_fingerprint(&self) -> russh::keys::ssh_key::Fingerprint {
+        self.host_ca
+            .public_key()
+            .fingerprint(russh::keys::HashAlg::Sha256)
+    }
+
+    /// The cluster's CA pin (`sha256:<hex>` of the host CA's public key), what an agent's
+    /// `ca_pin` names.
+    pub fn host_ca_pin(&self) -> String {
+        tunnel_proto::join::ca_pin(self.host_ca_fingerprint().as_bytes())
+    }
+
     fn tls_sign(
         &self,
         subject: &impl rcgen::PublicKeyData,

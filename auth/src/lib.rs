@@ -20,6 +20,7 @@
 //! - [`stream_events`]: stream access events shipped by proxies;
 //! - [`tokens`]: join tokens as stored, and spending one use atomically;
 //! - [`login`]: `psh login` behind the proxy's login relay (signup secret, then password);
+//! - [`join`]: agents joining with a token behind the proxy's join relay;
 //! - [`password`]: Argon2id verification on reused memory;
 //! - [`throttle`]: the password-hashing gate and failed logins per source and user;
 //! - [`listener`]: the API listener's caps and deadlines;
@@ -32,6 +33,7 @@ pub mod audit;
 pub mod authority;
 pub mod changes;
 pub mod config;
+pub mod join;
 pub mod listener;
 pub mod locks;
 pub mod login;

@@ -311,6 +311,8 @@ fn agent_config(
         web: t.web.clone(),
         host_key_file: key_path,
         host_cert_file: Some(cert_path),
+        join_token_file: None,
+        ca_pin: None,
         proxy_host_ca,
         proxy_host_keys: Vec::new(),
         targets: [
@@ -393,10 +395,10 @@ async fn serve_bound(
         .map_err(|e| AuthError::Serve(e.to_string()))?;
     tokio::spawn(crate::login::serve(
         login_listener,
-        Arc::new(crate::login::Logins::new(
-            prepared.state.clone(),
-            &prepared.config.limits,
-        )),
+        Arc::new(crate::login::Logins {
+            agent_ttl: prepared.config.agent_cert_ttl_secs,
+            ..crate::login::Logins::new(prepared.state.clone(), &prepared.config.limits)
+        }),
         shutdown.clone(),
     ));
 

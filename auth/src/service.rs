@@ -891,9 +891,17 @@ impl AuthService for Service {
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
             let key = parse_public_key(&r.public_key)?;
             let (i, h) = (id.clone(), hash.clone());
-            self.blocking(move |s| crate::tokens::spend(s.backend.as_ref(), &i, &h, now_unix()))
-                .await?
-                .map_err(Status::from)?;
+            self.blocking(move |s| {
+                crate::tokens::spend(
+                    s.backend.as_ref(),
+                    &i,
+                    &h,
+                    now_unix(),
+                    crate::tokens::KIND_AGENT,
+                )
+            })
+            .await?
+            .map_err(Status::from)?;
             let issued = self
                 .state
                 .authorities

@@ -175,6 +175,34 @@ pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), MintErr
     Ok(())
 }
 
+/// Replaces `path` with `contents` atomically: written to a temporary file beside it (mode
+/// `mode`), flushed to disk, then renamed over `path`. A failure (a full disk, a file-size
+/// limit, a read-only directory) leaves the old file as it was and removes the temporary one.
+pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), MintError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp{}", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(contents)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    written.map_err(|source| {
+        let _ = std::fs::remove_file(&tmp);
+        MintError::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    })
+}
+
 /// Writes a private key (0600) and its `.pub` (0644).
 pub fn write_key_pair(path: &Path, key: &PrivateKey) -> Result<(), MintError> {
     let pem = key.to_openssh(LineEnding::LF)?;

@@ -12,11 +12,14 @@
 //!   checks russh does not do (trusted CA, type, principals, extensions, critical options).
 //! - [`control`]: the length-prefixed messages on an agent's `@control` channel.
 //! - [`credit`]: per-stream credit between proxy and agent (flow control russh does not give).
+//! - [`login`], [`join`]: the JSON the web listener relays to the Auth server (logins, agent
+//!   joins) and the CA pin.
 
 pub mod certs;
 pub mod control;
 pub mod credit;
 pub mod discovery;
+pub mod join;
 pub mod login;
 pub mod names;
 

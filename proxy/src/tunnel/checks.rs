@@ -53,6 +53,13 @@ pub(super) struct Conn {
     pub(super) client_streams: Arc<AtomicUsize>,
 }
 
+/// The key failed logins are counted under per identity: source address and login name (capped,
+/// so a long name cannot grow the map's keys).
+fn identity_key(ip: &str, login: &str) -> String {
+    let login: String = login.chars().take(128).collect();
+    format!("{ip} {login}")
+}
+
 pub(super) fn reject_reason(
     code: ChannelOpenFailure,
     reason: impl Into<String>,
@@ -67,14 +74,35 @@ impl Conn {
     pub(super) fn refuse(&self, login: &str, reason: &'static str, detail: &str) -> Auth {
         warn!(peer = %self.peer, login, reason, detail, "login refused");
         counter!(m::AUTH_FAILURES, "reason" => reason).increment(1);
-        self.shared
-            .failures_by_source
-            .allow(&self.peer.ip().to_string(), u32::MAX);
+        let ip = self.peer.ip().to_string();
+        let key = identity_key(&ip, login);
+        // The source's count grows by one per identity, not per attempt.
+        if self.shared.failures_by_identity.count(&key) == 0 {
+            self.shared.failures_by_source.allow(&ip, u32::MAX);
+        }
+        self.shared.failures_by_identity.allow(&key, u32::MAX);
         self.state.refused.notify_one();
         Auth::Reject {
             proceed_with_methods: Some(MethodSet::empty()),
             partial_success: false,
         }
+    }
+
+    /// Refuses a login name that failed too often from this source this minute (before any
+    /// check, so its retries cost nothing), without touching other identities at that address.
+    pub(super) fn over_identity_limit(&self, login: &str) -> Option<String> {
+        let limit = self.shared.limits.max_auth_failures_per_source_per_minute;
+        let ip = self.peer.ip().to_string();
+        (self
+            .shared
+            .failures_by_identity
+            .count(&identity_key(&ip, login))
+            >= limit)
+            .then(|| {
+                format!(
+                    "too many failed logins as '{login}' from {ip} (limit {limit} per minute): retry in a minute"
+                )
+            })
     }
 
     pub(super) fn check(

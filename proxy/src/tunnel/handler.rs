@@ -67,6 +67,15 @@ impl Handler for Conn {
         certificate: &Certificate,
     ) -> Result<Auth, Self::Error> {
         self.state.attempt_seen.store(true, Ordering::Relaxed);
+        if let Some(why) = self.over_identity_limit(user) {
+            warn!(peer = %self.peer, login = user, reason = "auth_failures_per_identity", "login refused: {why}");
+            counter!(m::LIMIT_REFUSALS, "limit" => "auth_failures_per_identity").increment(1);
+            self.state.refused.notify_one();
+            return Ok(Auth::Reject {
+                proceed_with_methods: Some(russh::MethodSet::empty()),
+                partial_success: false,
+            });
+        }
         let checked = self.check(user, certificate).and_then(|role| {
             self.admit(&role)
                 .map(|()| role)

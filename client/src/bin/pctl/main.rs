@@ -394,6 +394,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 p.user,
                 p.roles.join(", ")
             );
+            // The pin agents join with (`ca_pin` in agent.toml): the host CA's SHA-256.
+            match client
+                .export_authorities(ExportAuthoritiesRequest {
+                    kind: "host".into(),
+                })
+                .await
+            {
+                Ok(r) => {
+                    for line in r.entries {
+                        let key = russh::keys::ssh_key::PublicKey::from_openssh(line.trim())?;
+                        let fp = key.fingerprint(russh::keys::HashAlg::Sha256);
+                        println!("CA pin:   {}", tunnel_proto::join::ca_pin(fp.as_bytes()));
+                    }
+                }
+                Err(e) => println!("CA pin:   (not shown: {e})"),
+            }
         }
         Command::Create { file, force } => {
             let text = read_input(&file)?;
