@@ -198,9 +198,9 @@ pub fn prepare(config: &AuthConfig) -> Result<Prepared, AuthError> {
 fn server_tls(a: &Authorities) -> Result<Arc<rustls::ServerConfig>, AuthError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(a.tls_ca_der()?)
-        .map_err(|e| AuthError::Tls(e.to_string()))?;
+    for ca in a.tls_client_roots()? {
+        roots.add(ca).map_err(|e| AuthError::Tls(e.to_string()))?;
+    }
     // Clients without a certificate get through the handshake but can call only Ping and
     // RegisterAgent (the join token is their credential); a certificate that does not chain to
     // the cluster's TLS CA, or is expired, fails the handshake.

@@ -122,8 +122,8 @@ pub enum StorageError {
 pub trait Backend: Send + Sync + 'static {
     /// A cluster-wide value (name, CA keys).
     fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError>;
-    /// Stores every entry if `key_guard` is absent, all in one transaction; returns whether it
-    /// wrote (false: another start already initialised the cluster).
+    /// Stores every entry (replacing a stored value of the same key) if `key_guard` is absent,
+    /// all in one transaction; returns whether it wrote (false: another start got there first).
     fn init_meta(&self, key_guard: &str, entries: &[(&str, Vec<u8>)])
     -> Result<bool, StorageError>;
     /// One resource.
@@ -325,7 +325,7 @@ impl Backend for SqliteBackend {
             }
             for (k, v) in entries {
                 tx.execute(
-                    "INSERT INTO meta (key, value) VALUES (?1, ?2)",
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
                     params![k, v],
                 )
                 .map_err(self.db())?;
