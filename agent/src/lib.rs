@@ -10,10 +10,14 @@
 //! - [`config`]: `agent.toml`, validation.
 //! - [`labels`]: target labels as `@control` frames.
 //! - [`tunnel`]: one connection's life: login, registration, control channel, serving streams.
+//! - [`dial`]: dialling a target, its name resolved at each dial.
+//! - [`metrics`]: every `postern_agent_*` metric, and readiness for the ops listener.
 //! - [`run`]: the reconnect loop.
 
 pub mod config;
+pub mod dial;
 pub mod labels;
+pub mod metrics;
 pub mod tunnel;
 
 use std::time::Duration;
@@ -33,6 +37,14 @@ pub enum AgentError {
     /// Key or certificate unusable (not retried).
     #[error(transparent)]
     Identity(DialError),
+    /// The ops listener could not be bound.
+    #[error("ops listener {addr}: {source}")]
+    Ops {
+        /// The configured address.
+        addr: std::net::SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
 }
 
 /// The back-off ceiling before retry `attempt` (0-based): `min(cap, base * 2^attempt)`.
@@ -56,6 +68,14 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let identity =
         postern_dial::ssh::Identity::load(&config.host_key_file, &config.host_cert_path())
             .map_err(AgentError::Identity)?;
+    // The recorder is installed by the ops listener (first), so that the series exported at zero
+    // land in it; an agent embedded without one records into its host's recorder, if any.
+    if let Some(addr) = config.ops_listen {
+        postern_ops::http::bind_and_serve(addr, crate::metrics::ready(), shutdown.child_token())
+            .await
+            .map_err(|e| AgentError::Ops { addr, source: e })?;
+    }
+    crate::metrics::describe(config.targets.keys());
     let base = Duration::from_millis(config.reconnect.base_ms);
     let cap = Duration::from_millis(config.reconnect.cap_ms);
     let mut attempt = 0u32;
@@ -65,10 +85,18 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             Ok(tunnel::Ended::Shutdown) => return Ok(()),
             Ok(ended) => {
                 info!(?ended, "tunnel ended: reconnecting");
+                let reason = if ended == tunnel::Ended::Drained {
+                    "drained"
+                } else {
+                    "closed"
+                };
+                ::metrics::counter!(crate::metrics::RECONNECTS, "reason" => reason).increment(1);
                 attempt = 0;
             }
             Err(e) => {
                 warn!(error = %e, attempt, "tunnel attempt failed");
+                ::metrics::counter!(crate::metrics::RECONNECTS, "reason" => crate::metrics::failure_reason(&e))
+                    .increment(1);
             }
         }
         let wait = full_jitter(backoff_ceiling(base, cap, attempt));

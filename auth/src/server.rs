@@ -285,6 +285,7 @@ fn agent_config(
         .into(),
         keepalive_interval_secs: t.keepalive_interval_secs,
         reconnect: Default::default(),
+        ops_listen: None,
     };
     cfg.validate()
         .map_err(|e| AuthError::Agent(e.to_string()))?;
@@ -338,15 +339,12 @@ async fn serve_bound(
     shutdown: CancellationToken,
 ) -> Result<(), AuthError> {
     info!(listen = %bound, cluster = %prepared.cluster(), "Auth API listening (mTLS, TLS 1.3)");
-    if let Some(addr) = prepared.config.metrics_listen {
-        let l = TcpListener::bind(addr)
+    if let Some(addr) = prepared.config.ops_listen {
+        // Only with an ops listener: a process embedding the Auth server may install its own.
+        crate::metrics::install();
+        postern_ops::http::bind_and_serve(addr, crate::metrics::ready(), shutdown.child_token())
             .await
-            .map_err(|e| AuthError::Serve(format!("metrics listener {addr}: {e}")))?;
-        tokio::spawn(crate::metrics::serve(
-            l,
-            crate::metrics::install(),
-            shutdown.clone(),
-        ));
+            .map_err(|e| AuthError::Serve(format!("ops listener {addr}: {e}")))?;
     }
 
     // The login service: loopback only, reached through the agent's `login` target.
@@ -403,13 +401,16 @@ async fn serve_bound(
         .map_err(|e| AuthError::Serve(format!("reflection: {e}")))?;
     let incoming = tokio_stream::wrappers::ReceiverStream::new(rx);
     let incoming = tokio_stream::StreamExt::map(incoming, Ok::<_, std::io::Error>);
+    crate::metrics::ready().set(true);
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(ping))
+        .layer(crate::metrics::ApiCallsLayer)
         .add_service(svc)
         .add_service(reflection)
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
         .await
         .map_err(|e| AuthError::Serve(e.to_string()));
+    crate::metrics::ready().set(false);
     accept.abort();
     if let Some(a) = agent {
         match a.await {

@@ -275,8 +275,11 @@ impl Service {
             peer: caller.peer.clone(),
         };
         // Recorded before the response is sent: a caller that reads the log sees its call.
-        tokio::task::spawn_blocking(move || state.audit.record(rec))
-            .await
+        let start = std::time::Instant::now();
+        let written = tokio::task::spawn_blocking(move || state.audit.record(rec)).await;
+        metrics::histogram!(crate::metrics::AUDIT_WRITE_SECONDS)
+            .record(start.elapsed().as_secs_f64());
+        written
             .map_err(|e| Status::internal(format!("worker failed: {e}")))?
             .map_err(|e| Status::unavailable(e.to_string()))
     }
