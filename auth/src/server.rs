@@ -222,6 +222,32 @@ fn server_tls(a: &Authorities) -> Result<Arc<rustls::ServerConfig>, AuthError> {
     Ok(Arc::new(cfg))
 }
 
+/// Reopens the audit log file on each SIGHUP (logrotate's `postrotate`), until `shutdown`.
+fn reopen_audit_on_sighup(
+    state: &Arc<State>,
+    shutdown: &CancellationToken,
+) -> Result<(), AuthError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup =
+        signal(SignalKind::hangup()).map_err(|e| AuthError::Serve(format!("SIGHUP: {e}")))?;
+    let (state, shutdown) = (state.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = hup.recv() => if r.is_none() { return },
+            }
+            match state.audit.reopen() {
+                Ok(()) => info!("SIGHUP: audit log reopened"),
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: audit log not reopened; still writing the old file")
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
 /// The address `pctl --data-dir` and the embedded agent dial: the bound one, with an
 /// unspecified host replaced by loopback.
 pub fn local_dial_addr(bound: SocketAddr) -> SocketAddr {
@@ -339,6 +365,7 @@ async fn serve_bound(
     shutdown: CancellationToken,
 ) -> Result<(), AuthError> {
     info!(listen = %bound, cluster = %prepared.cluster(), "Auth API listening (mTLS, TLS 1.3)");
+    reopen_audit_on_sighup(&prepared.state, &shutdown)?;
     if let Some(addr) = prepared.config.ops_listen {
         // Only with an ops listener: a process embedding the Auth server may install its own.
         crate::metrics::install();
