@@ -21,6 +21,7 @@ use russh::keys::ssh_key::LineEnding;
 mod output;
 
 mod create;
+mod doctor;
 mod events;
 mod get;
 mod locks;
@@ -116,6 +117,9 @@ enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+    /// Check the path to the Auth API through a proxy, step by step, and say how to fix the first
+    /// step that fails: `pctl --proxy WEB --web-pin SHA256 -i FILE doctor`.
+    Doctor,
     /// Write man pages (pctl.1 and one per subcommand) into a directory.
     Man {
         /// Where to write them.
@@ -233,17 +237,22 @@ enum TokensCommand {
     },
 }
 
-/// Connects with the same loaders the SDK offers: `-i FILE` (an identity file) with
-/// `--auth-server` or `--proxy`; the admin identity with `--data-dir`; else the `psh login`
-/// profile if there is one, else the local Auth server's data dir.
-async fn connect(c: &Conn) -> anyhow::Result<AuthClient> {
-    let trust = match (&c.web_pin, &c.web_ca, c.insecure) {
+/// How the proxy's web certificate is trusted: --web-pin, --web-ca, --insecure, or none given.
+fn web_trust(c: &Conn) -> anyhow::Result<Option<WebTrust>> {
+    Ok(match (&c.web_pin, &c.web_ca, c.insecure) {
         (Some(p), None, false) => Some(WebTrust::Pin(p.clone())),
         (None, Some(f), false) => Some(WebTrust::roots_from_pem_file(f)?),
         (None, None, true) => Some(WebTrust::Insecure),
         (None, None, false) => None,
         _ => bail!("give at most one of --web-pin, --web-ca and --insecure"),
-    };
+    })
+}
+
+/// Connects with the same loaders the SDK offers: `-i FILE` (an identity file) with
+/// `--auth-server` or `--proxy`; the admin identity with `--data-dir`; else the `psh login`
+/// profile if there is one, else the local Auth server's data dir.
+async fn connect(c: &Conn) -> anyhow::Result<AuthClient> {
+    let trust = web_trust(c)?;
     let with_identity = |addr: &str, flag: &str| -> anyhow::Result<Config> {
         let id = c
             .identity
@@ -339,6 +348,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             clap_complete::generate(*shell, &mut Cli::command(), "pctl", &mut buf);
             out!("{}", String::from_utf8_lossy(&buf));
             return Ok(());
+        }
+        Command::Doctor => {
+            let web =
+                cli.conn.proxy.as_deref().context(
+                    "doctor checks the path through a proxy: give --proxy WEB and -i FILE",
+                )?;
+            let id = cli
+                .conn
+                .identity
+                .as_deref()
+                .context("doctor needs an identity file (-i FILE)")?;
+            let trust = web_trust(&cli.conn)?
+                .context("doctor needs --web-pin SHA256, --web-ca FILE or --insecure")?;
+            return doctor::run(web, trust, id).await;
         }
         Command::Man { out_dir } => {
             std::fs::create_dir_all(out_dir).with_context(|| format!("{}", out_dir.display()))?;
@@ -547,7 +570,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         },
         // Answered above, before connecting.
-        Command::Completion { .. } | Command::Man { .. } => {}
+        Command::Completion { .. } | Command::Man { .. } | Command::Doctor => {}
         Command::Tokens { command } => match command {
             TokensCommand::Add {
                 kind,
