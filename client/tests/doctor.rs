@@ -1,6 +1,6 @@
-//! `pctl doctor` against a real cluster (the demo's Auth server, tunnel and proxy): every step ✓
-//! on a working path; then each break in turn gets its own ✗ and fix: a wrong port, a wrong pin,
-//! an expired certificate, and no agent connected for the cluster.
+//! `pctl doctor` and `psh doctor` against a real cluster (the demo's Auth server, tunnel and
+//! proxy): every step ✓ on a working path; then each break in turn gets its own ✗ and fix: a wrong
+//! port, a wrong pin, an expired certificate, and no agent connected for the cluster.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -48,6 +48,32 @@ async fn doctor_walks_the_path_and_names_each_fix() {
         assert!(text.contains(&format!("✓ {step}:")), "{step}: {text}");
     }
     assert!(!text.contains('✗'), "{text}");
+
+    // psh doctor: the same walk from the psh login profile.
+    let home = d.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let profile = format!(
+        "proxy = \"{web}\"\nweb_cert_sha256 = \"{pin}\"\nuser = \"api-user\"\ncluster = \"demo\"\n"
+    );
+    std::fs::write(home.join("profile.toml"), profile).unwrap();
+    std::fs::copy(&id, home.join("identity")).unwrap();
+    let h = home.clone();
+    let o = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_psh"))
+            .arg("--home")
+            .arg(&h)
+            .arg("doctor")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && said.contains("✓ Auth API:") && !said.contains('✗'),
+        "psh doctor: {said}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 
     // A port nothing listens on.
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -21,7 +21,6 @@ use russh::keys::ssh_key::LineEnding;
 mod output;
 
 mod create;
-mod doctor;
 mod events;
 mod get;
 mod locks;
@@ -361,7 +360,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("doctor needs an identity file (-i FILE)")?;
             let trust = web_trust(&cli.conn)?
                 .context("doctor needs --web-pin SHA256, --web-ca FILE or --insecure")?;
-            return doctor::run(web, trust, id).await;
+            postern_client::doctor::run(web, trust, id, &mut |step| outln!("{step}")).await?;
+            return Ok(());
         }
         Command::Man { out_dir } => {
             std::fs::create_dir_all(out_dir).with_context(|| format!("{}", out_dir.display()))?;

@@ -1,57 +1,137 @@
-//! `pctl doctor`: walks the path a client takes to the Auth API through a proxy and prints each
-//! step with ✓, or ✗ and the fix: DNS, TCP to the web address, TLS and the pin, discovery, the
-//! tunnel address it resolves to, the identity's expiry, then the SSH login with the proxy's host
-//! certificate checked against the cluster's host CA, the tunnel for the cluster and the Auth API
-//! through it. It stops at the first step that fails (exit status 1).
+//! The doctor behind `pctl doctor` and `psh doctor`: walks the path a client takes to the Auth API
+//! through a proxy and reports each step as passed, or failed with the fix: DNS, TCP to the web
+//! address, TLS and the pin, discovery, the tunnel address it resolves to, the identity's expiry,
+//! then the SSH login with the proxy's host certificate checked against the cluster's host CA, the
+//! tunnel for the cluster and the Auth API through it. It stops at the first step that fails.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::bail;
 use postern_api::identity::IdentityFile;
 use postern_api::proto::PingRequest;
-use postern_client::auth::AuthClient;
-use postern_client::connect::Config;
-use postern_client::credentials::Credentials;
 use postern_dial::web::{WebTrust, cert_fingerprint, host_of, normalize_fingerprint, tls_config};
 
-use crate::output::{human_time, outln};
+use crate::auth::AuthClient;
+use crate::connect::Config;
+use crate::credentials::Credentials;
 
 /// How long each network step may take.
 const STEP: Duration = Duration::from_secs(10);
 
-fn ok(step: &str, detail: impl std::fmt::Display) {
-    outln!("✓ {step}: {detail}");
+/// One step's outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    /// Its name (`DNS`, `TCP`, `TLS`, `discovery`, `tunnel address`, `certificate`, `SSH`,
+    /// `tunnel`, `login`, `Auth API`).
+    pub name: &'static str,
+    /// What was found.
+    pub detail: String,
+    /// How to fix it; `None` when the step passed.
+    pub fix: Option<String>,
 }
 
-fn fail(step: &str, problem: impl std::fmt::Display, fix: impl std::fmt::Display) -> anyhow::Error {
-    outln!("✗ {step}: {problem}\n  fix: {fix}");
-    anyhow::anyhow!("{step} failed")
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.fix {
+            None => write!(f, "✓ {}: {}", self.name, self.detail),
+            Some(fix) => write!(f, "✗ {}: {}\n  fix: {fix}", self.name, self.detail),
+        }
+    }
+}
+
+/// The doctor found a step that fails (already reported).
+#[derive(Debug, thiserror::Error)]
+#[error("{0} failed")]
+pub struct DoctorFailed(pub &'static str);
+
+fn human_time(secs: u64) -> String {
+    let now = now();
+    let rel = if secs >= now {
+        format!("in {}", postern_api::duration::format_secs(secs - now))
+    } else {
+        format!("{} ago", postern_api::duration::format_secs(now - secs))
+    };
+    let at = time::OffsetDateTime::from_unix_timestamp(secs as i64)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| secs.to_string());
+    format!("{at} ({rel})")
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// The SHA-256 (hex) of the certificate the web listener at `web` presents, whatever it is.
-async fn presented_fingerprint(web: &str, addr: std::net::SocketAddr) -> anyhow::Result<String> {
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config(&WebTrust::Insecure)?));
-    let name = rustls_pki_types::ServerName::try_from(host_of(web).to_string())?;
-    let tls = connector.connect(name, tcp).await?;
+async fn presented_fingerprint(web: &str, addr: std::net::SocketAddr) -> Result<String, String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let config = tls_config(&WebTrust::Insecure).map_err(|e| e.to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = rustls_pki_types::ServerName::try_from(host_of(web).to_string())
+        .map_err(|e| e.to_string())?;
+    let tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
     let der = tls
         .get_ref()
         .1
         .peer_certificates()
         .and_then(|c| c.first())
-        .ok_or_else(|| anyhow::anyhow!("no certificate presented"))?;
+        .ok_or_else(|| "no certificate presented".to_string())?;
     Ok(cert_fingerprint(der))
 }
 
-/// Runs every step against the proxy `web` with `trust` and the identity file `identity`.
-pub async fn run(web: &str, trust: WebTrust, identity: &Path) -> anyhow::Result<()> {
+/// Reports steps as they are known.
+struct Out<'a>(&'a mut dyn FnMut(&Step));
+
+impl Out<'_> {
+    fn ok(&mut self, name: &'static str, detail: impl std::fmt::Display) {
+        (self.0)(&Step {
+            name,
+            detail: detail.to_string(),
+            fix: None,
+        });
+    }
+
+    fn fail(
+        &mut self,
+        name: &'static str,
+        detail: impl std::fmt::Display,
+        fix: impl std::fmt::Display,
+    ) -> DoctorFailed {
+        (self.0)(&Step {
+            name,
+            detail: detail.to_string(),
+            fix: Some(fix.to_string()),
+        });
+        DoctorFailed(name)
+    }
+}
+
+/// Runs every step against the proxy `web` with `trust` and the identity file `identity`,
+/// handing each outcome to `report` as it is known; stops at the first failure.
+pub async fn run(
+    web: &str,
+    trust: WebTrust,
+    identity: &Path,
+    report: &mut dyn FnMut(&Step),
+) -> Result<(), DoctorFailed> {
+    let mut out = Out(report);
     // DNS.
     let addrs: Vec<std::net::SocketAddr> = match tokio::net::lookup_host(web).await {
         Ok(a) => a.collect(),
         Err(e) => {
-            return Err(fail(
+            return Err(out.fail(
                 "DNS",
                 format!("'{web}' does not resolve: {e}"),
                 "check the proxy's name (host:port), or give its IP address",
@@ -59,26 +139,26 @@ pub async fn run(web: &str, trust: WebTrust, identity: &Path) -> anyhow::Result<
         }
     };
     let Some(&addr) = addrs.first() else {
-        return Err(fail(
+        return Err(out.fail(
             "DNS",
             format!("'{web}' resolves to nothing"),
             "check the name",
         ));
     };
-    ok("DNS", format!("{web} is {addr}"));
+    out.ok("DNS", format!("{web} is {addr}"));
 
     // TCP to the web address.
     match tokio::time::timeout(STEP, tokio::net::TcpStream::connect(addr)).await {
-        Ok(Ok(_)) => ok("TCP", format!("{addr} answers")),
+        Ok(Ok(_)) => out.ok("TCP", format!("{addr} answers")),
         Ok(Err(e)) => {
-            return Err(fail(
+            return Err(out.fail(
                 "TCP",
                 format!("nothing answers on {addr}: {e}"),
                 "is the proxy running, and is this its web listener's port (listen.web in proxy.toml, 3080 by default)?",
             ));
         }
         Err(_) => {
-            return Err(fail(
+            return Err(out.fail(
                 "TCP",
                 format!("{addr} does not answer within {STEP:?}"),
                 "a firewall drops the connection, or the address is wrong",
@@ -90,17 +170,17 @@ pub async fn run(web: &str, trust: WebTrust, identity: &Path) -> anyhow::Result<
     let presented = match tokio::time::timeout(STEP, presented_fingerprint(web, addr)).await {
         Ok(Ok(fp)) => fp,
         Ok(Err(e)) => {
-            return Err(fail(
+            return Err(out.fail(
                 "TLS",
                 format!("no TLS handshake with {web}: {e}"),
                 "this port is not the proxy's web listener (the tunnel listener is SSH, the ops listener plain HTTP)",
             ));
         }
-        Err(_) => return Err(fail("TLS", "handshake timed out", "check the port")),
+        Err(_) => return Err(out.fail("TLS", "handshake timed out", "check the port")),
     };
     match &trust {
         WebTrust::Pin(pin) if normalize_fingerprint(pin) != presented => {
-            return Err(fail(
+            return Err(out.fail(
                 "TLS",
                 format!(
                     "the proxy's web certificate is SHA-256 {presented}, not the pin given ({pin})"
@@ -110,19 +190,19 @@ pub async fn run(web: &str, trust: WebTrust, identity: &Path) -> anyhow::Result<
                 ),
             ));
         }
-        WebTrust::Pin(_) => ok("TLS", format!("certificate matches the pin {presented}")),
-        WebTrust::Insecure => ok(
+        WebTrust::Pin(_) => out.ok("TLS", format!("certificate matches the pin {presented}")),
+        WebTrust::Insecure => out.ok(
             "TLS",
             format!("certificate SHA-256 {presented} (not checked: --insecure)"),
         ),
-        _ => ok("TLS", format!("certificate SHA-256 {presented}")),
+        _ => out.ok("TLS", format!("certificate SHA-256 {presented}")),
     }
 
     // Discovery.
     let id = match IdentityFile::load(identity) {
         Ok(id) => id,
         Err(e) => {
-            return Err(fail(
+            return Err(out.fail(
                 "identity",
                 e,
                 "give the identity file from `pctl auth sign` or `psh login` with -i",
@@ -132,7 +212,7 @@ pub async fn run(web: &str, trust: WebTrust, identity: &Path) -> anyhow::Result<
     let pong = match postern_dial::web::ping(web, &trust).await {
         Ok(p) => p,
         Err(e) => {
-            return Err(fail(
+            return Err(out.fail(
                 "discovery",
                 e,
                 "check --web-pin / --web-ca; the address must be the proxy's web listener",
@@ -140,7 +220,7 @@ pub async fn run(web: &str, trust: WebTrust, identity: &Path) -> anyhow::Result<
         }
     };
     if !pong.cluster_names.contains(&id.cluster) {
-        return Err(fail(
+        return Err(out.fail(
             "discovery",
             format!(
                 "the proxy routes clusters {:?}, not '{}' (your identity's)",
@@ -149,7 +229,7 @@ pub async fn run(web: &str, trust: WebTrust, identity: &Path) -> anyhow::Result<
             "add the cluster's CAs to the proxy's [[clusters]], or use this cluster's proxy",
         ));
     }
-    ok(
+    out.ok(
         "discovery",
         format!(
             "proxy {} routes cluster '{}'",
@@ -161,16 +241,16 @@ pub async fn run(web: &str, trust: WebTrust, identity: &Path) -> anyhow::Result<
     let env = std::env::var(tunnel_proto::discovery::TUNNEL_ADDR_ENV).ok();
     let tunnel = pong.proxy.tunnel_addr(env.as_deref(), host_of(web));
     match tokio::time::timeout(STEP, tokio::net::TcpStream::connect(&tunnel)).await {
-        Ok(Ok(_)) => ok("tunnel address", format!("{tunnel} answers")),
+        Ok(Ok(_)) => out.ok("tunnel address", format!("{tunnel} answers")),
         Ok(Err(e)) => {
-            return Err(fail(
+            return Err(out.fail(
                 "tunnel address",
                 format!("the proxy advertises {tunnel} for SSH, but it does not answer: {e}"),
                 "set tunnel_public_addr in proxy.toml to an address clients reach (or POSTERN_TUNNEL_ADDR here)",
             ));
         }
         Err(_) => {
-            return Err(fail(
+            return Err(out.fail(
                 "tunnel address",
                 format!("{tunnel} does not answer within {STEP:?}"),
                 "a firewall drops it: open the tunnel port (3024 by default)",
@@ -179,9 +259,9 @@ pub async fn run(web: &str, trust: WebTrust, identity: &Path) -> anyhow::Result<
     }
 
     // The identity's certificate.
-    let now = crate::output::now();
+    let now = now();
     if id.expires <= now {
-        return Err(fail(
+        return Err(out.fail(
             "certificate",
             format!(
                 "the identity of '{}' expired {}",
@@ -191,7 +271,7 @@ pub async fn run(web: &str, trust: WebTrust, identity: &Path) -> anyhow::Result<
             "run psh login, or pctl auth sign, again",
         ));
     }
-    ok(
+    out.ok(
         "certificate",
         format!(
             "'{}' of cluster '{}', expires {}",
@@ -233,16 +313,22 @@ pub async fn run(web: &str, trust: WebTrust, identity: &Path) -> anyhow::Result<
             } else {
                 ("Auth API", "see the error above".to_string())
             };
-            return Err(fail(step, text, fix));
+            return Err(out.fail(step, text, fix));
         }
-        Err(_) => bail!("✗ Auth API: no answer within {:?}", STEP * 3),
+        Err(_) => {
+            return Err(out.fail(
+                "Auth API",
+                format!("no answer within {:?}", STEP * 3),
+                "check the proxy's and the Auth server's logs",
+            ));
+        }
     };
-    ok(
+    out.ok(
         "SSH",
         "the proxy's host certificate is signed by the cluster's host CA; logged in",
     );
     match client.ping(PingRequest {}).await {
-        Ok(p) => ok(
+        Ok(p) => out.ok(
             "Auth API",
             format!(
                 "through the tunnel: cluster '{}', server {}, you are '{}'",
@@ -250,7 +336,7 @@ pub async fn run(web: &str, trust: WebTrust, identity: &Path) -> anyhow::Result<
             ),
         ),
         Err(e) => {
-            return Err(fail(
+            return Err(out.fail(
                 "Auth API",
                 e,
                 "the Auth server answered with an error: see its log",
