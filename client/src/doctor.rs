@@ -69,8 +69,13 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-/// The SHA-256 (hex) of the certificate the web listener at `web` presents, whatever it is.
-async fn presented_fingerprint(web: &str, addr: std::net::SocketAddr) -> Result<String, String> {
+/// The SHA-256 (hex) of the certificate the web listener at `web` presents, whatever it is, and
+/// the proxy's clock (the `Date` of its answer to `GET /webapi/ping`, Unix seconds) if it says.
+async fn presented_fingerprint(
+    web: &str,
+    addr: std::net::SocketAddr,
+) -> Result<(String, Option<u64>), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| e.to_string())?;
@@ -78,17 +83,64 @@ async fn presented_fingerprint(web: &str, addr: std::net::SocketAddr) -> Result<
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let name = rustls_pki_types::ServerName::try_from(host_of(web).to_string())
         .map_err(|e| e.to_string())?;
-    let tls = connector
+    let mut tls = connector
         .connect(name, tcp)
         .await
         .map_err(|e| e.to_string())?;
-    let der = tls
+    let fp = tls
         .get_ref()
         .1
         .peer_certificates()
         .and_then(|c| c.first())
+        .map(|der| cert_fingerprint(der))
         .ok_or_else(|| "no certificate presented".to_string())?;
-    Ok(cert_fingerprint(der))
+    // The proxy's clock, from the Date header of a discovery answer (best effort).
+    let req = format!("GET /webapi/ping HTTP/1.1\r\nHost: {web}\r\nConnection: close\r\n\r\n");
+    let mut head = Vec::new();
+    if tls.write_all(req.as_bytes()).await.is_ok() {
+        let mut buf = [0u8; 4096];
+        while head.len() < 16 * 1024 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+    let date = String::from_utf8_lossy(&head)
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("date").then(|| v.trim().to_string())
+        })
+        .and_then(|d| httpdate::parse_http_date(&d).ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs());
+    Ok((fp, date))
+}
+
+/// How far this clock may be from the proxy's: certificates are valid from 60 s before issue.
+pub const MAX_CLOCK_SKEW_SECS: u64 = 60;
+
+/// The clock step: `local` and `proxy` clocks (Unix seconds); Err(detail, fix) beyond
+/// [`MAX_CLOCK_SKEW_SECS`].
+pub fn clock_skew(local: u64, proxy: u64) -> Result<String, (String, String)> {
+    let (skew, ahead) = if local >= proxy {
+        (local - proxy, "ahead of")
+    } else {
+        (proxy - local, "behind")
+    };
+    if skew <= MAX_CLOCK_SKEW_SECS {
+        return Ok(format!("within {skew}s of the proxy's"));
+    }
+    Err((
+        format!(
+            "this clock is {} {ahead} the proxy's",
+            postern_api::duration::format_secs(skew)
+        ),
+        format!(
+            "certificates are backdated only {MAX_CLOCK_SKEW_SECS}s: synchronise the clocks (NTP, e.g. systemd-timesyncd or chrony)"
+        ),
+    ))
 }
 
 /// Reports steps as they are known.
@@ -167,8 +219,13 @@ pub async fn run(
     }
 
     // TLS and the pin.
-    let presented = match tokio::time::timeout(STEP, presented_fingerprint(web, addr)).await {
-        Ok(Ok(fp)) => fp,
+    let (presented, proxy_clock) = match tokio::time::timeout(
+        STEP,
+        presented_fingerprint(web, addr),
+    )
+    .await
+    {
+        Ok(Ok(x)) => x,
         Ok(Err(e)) => {
             return Err(out.fail(
                 "TLS",
@@ -258,6 +315,13 @@ pub async fn run(
         }
     }
 
+    // The clock against the proxy's.
+    match proxy_clock.map(|p| clock_skew(now(), p)) {
+        Some(Ok(detail)) => out.ok("clock", detail),
+        Some(Err((detail, fix))) => return Err(out.fail("clock", detail, fix)),
+        None => out.ok("clock", "not checked: the proxy's answer had no Date"),
+    }
+
     // The identity's certificate.
     let now = now();
     if id.expires <= now {
@@ -344,4 +408,20 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clock_skew_beyond_the_backdating_is_a_failure_with_the_fix() {
+        assert!(clock_skew(1_000, 1_000).is_ok());
+        assert!(clock_skew(1_060, 1_000).is_ok());
+        let (detail, fix) = clock_skew(1_000, 1_000 + 3600).unwrap_err();
+        assert!(detail.contains("1h behind"), "{detail}");
+        assert!(fix.contains("NTP"), "{fix}");
+        let (detail, _) = clock_skew(1_000 + 61, 1_000).unwrap_err();
+        assert!(detail.contains("1m1s ahead of"), "{detail}");
+    }
 }

@@ -1,6 +1,7 @@
 //! `pctl doctor` and `psh doctor` against a real cluster (the demo's Auth server, tunnel and
 //! proxy): every step ✓ on a working path; then each break in turn gets its own ✗ and fix: a wrong
-//! port, a wrong pin, an expired certificate, and no agent connected for the cluster.
+//! port, a wrong pin, the wrong host CA, an expired certificate, and no agent connected for the
+//! cluster. (A skewed clock is covered by the doctor's unit test: the clock cannot be moved here.)
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -41,6 +42,7 @@ async fn doctor_walks_the_path_and_names_each_fix() {
         "TLS",
         "discovery",
         "tunnel address",
+        "clock",
         "certificate",
         "SSH",
         "Auth API",
@@ -48,6 +50,10 @@ async fn doctor_walks_the_path_and_names_each_fix() {
         assert!(text.contains(&format!("✓ {step}:")), "{step}: {text}");
     }
     assert!(!text.contains('✗'), "{text}");
+    assert!(
+        text.contains("✓ clock: within"),
+        "the proxy's clock is read: {text}"
+    );
 
     // psh doctor: the same walk from the psh login profile.
     let home = d.path().join("home");
@@ -90,6 +96,18 @@ async fn doctor_walks_the_path_and_names_each_fix() {
     let (ok, text) = run(web.clone(), wrong, id.clone()).await;
     assert!(
         !ok && text.contains("✗ TLS:") && text.contains(&format!("--web-pin {pin}")),
+        "{text}"
+    );
+
+    // The cluster's host CA is not the one that signed the proxy's host certificate.
+    let mut foreign = postern_api::identity::IdentityFile::load(&id).unwrap();
+    let other_ca = postern_dial::mint::generate_key();
+    foreign.ssh_host_cas = vec![other_ca.public_key().to_openssh().unwrap()];
+    let foreign_path = d.path().join("foreign.identity");
+    foreign.save(&foreign_path).unwrap();
+    let (ok, text) = run(web.clone(), pin.clone(), foreign_path).await;
+    assert!(
+        !ok && text.contains("✗ SSH:") && text.contains("host CA"),
         "{text}"
     );
 
