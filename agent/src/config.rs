@@ -55,14 +55,18 @@ pub struct AgentConfig {
     /// Reconnect back-off.
     #[serde(default)]
     pub reconnect: ReconnectConfig,
+    /// Plain-HTTP ops listener (`/metrics`, `/healthz`, `/readyz`); off when unset. Keep it on
+    /// loopback or a private network. `POSTERN_AGENT_OPS_LISTEN` overrides it.
+    #[serde(default)]
+    pub ops_listen: Option<SocketAddr>,
 }
 
 /// One target: where the agent dials it, and the labels roles select it by.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(from = "TargetForm")]
 pub struct Target {
-    /// The local address the agent dials.
-    pub addr: SocketAddr,
+    /// The address the agent dials: an IP or a DNS name, resolved at each dial.
+    pub addr: TargetAddr,
     /// `key = value` labels (none by default).
     pub labels: BTreeMap<String, String>,
 }
@@ -70,9 +74,84 @@ pub struct Target {
 impl From<SocketAddr> for Target {
     fn from(addr: SocketAddr) -> Target {
         Target {
+            addr: addr.into(),
+            labels: BTreeMap::new(),
+        }
+    }
+}
+
+impl From<TargetAddr> for Target {
+    fn from(addr: TargetAddr) -> Target {
+        Target {
             addr,
             labels: BTreeMap::new(),
         }
+    }
+}
+
+/// A target's `host:port`: an IP address (`127.0.0.1:5432`, `[::1]:5432`) or a DNS name
+/// (`localhost:5432`, `db.internal:5432`, a Kubernetes service name), resolved when a stream is
+/// dialled, so a name that moves is followed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub struct TargetAddr {
+    /// Host name or IP (without brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+impl From<SocketAddr> for TargetAddr {
+    fn from(a: SocketAddr) -> TargetAddr {
+        TargetAddr {
+            host: a.ip().to_string(),
+            port: a.port(),
+        }
+    }
+}
+
+impl std::fmt::Display for TargetAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl std::str::FromStr for TargetAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<TargetAddr, String> {
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            return Ok(a.into());
+        }
+        let bad = |why: &str| format!("'{s}' is not host:port ({why})");
+        let (host, port) = s.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+        let port: u16 = port.parse().map_err(|_| bad("bad port"))?;
+        let valid = !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            });
+        if !valid {
+            return Err(bad("not an IP address or a DNS name"));
+        }
+        Ok(TargetAddr {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl TryFrom<String> for TargetAddr {
+    type Error = String;
+    fn try_from(s: String) -> Result<TargetAddr, String> {
+        s.parse()
     }
 }
 
@@ -83,8 +162,8 @@ impl From<SocketAddr> for Target {
     expecting = "a \"host:port\" string or { addr = \"host:port\", labels = { key = \"value\" } }"
 )]
 enum TargetForm {
-    /// `web = "127.0.0.1:8080"`.
-    Addr(SocketAddr),
+    /// `web = "127.0.0.1:8080"` or `db = "db.internal:5432"`.
+    Addr(TargetAddr),
     /// `web = { addr = "127.0.0.1:8080", labels = { env = "prod" } }`.
     Full(TargetTable),
 }
@@ -92,7 +171,7 @@ enum TargetForm {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TargetTable {
-    addr: SocketAddr,
+    addr: TargetAddr,
     #[serde(default)]
     labels: BTreeMap<String, String>,
 }
@@ -304,11 +383,11 @@ impl AgentConfig {
         Duration::from_secs(self.keepalive_interval_secs)
     }
 
-    /// Every target's local address (what the tunnel dials).
-    pub fn target_addrs(&self) -> BTreeMap<String, SocketAddr> {
+    /// Every target's address (what the tunnel dials).
+    pub fn target_addrs(&self) -> BTreeMap<String, TargetAddr> {
         self.targets
             .iter()
-            .map(|(n, t)| (n.clone(), t.addr))
+            .map(|(n, t)| (n.clone(), t.addr.clone()))
             .collect()
     }
 

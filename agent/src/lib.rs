@@ -10,15 +10,19 @@
 //! - [`config`]: `agent.toml`, validation.
 //! - [`labels`]: target labels as `@control` frames.
 //! - [`tunnel`]: one connection's life: login, registration, control channel, serving streams.
+//! - [`dial`]: dialling a target, its name resolved at each dial.
 //! - [`failure`]: the own-certificate check before dialling; permanent vs transient failures.
 //! - [`join`]: the first start with a join token: key, certificate through the proxy, CA pin.
+//! - [`metrics`]: every `postern_agent_*` metric, and readiness for the ops listener.
 //! - [`renew`]: renewing the certificate at two-thirds of its life, written atomically.
 //! - [`run`]: the reconnect loop.
 
 pub mod config;
+pub mod dial;
 pub mod failure;
 pub mod join;
 pub mod labels;
+pub mod metrics;
 pub mod renew;
 pub mod tunnel;
 
@@ -43,6 +47,14 @@ pub enum AgentError {
     /// match): not retried.
     #[error(transparent)]
     Join(#[from] join::JoinError),
+    /// The ops listener could not be bound.
+    #[error("ops listener {addr}: {source}")]
+    Ops {
+        /// The configured address.
+        addr: std::net::SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
 }
 
 /// The back-off ceiling before retry `attempt` (0-based): `min(cap, base * 2^attempt)`.
@@ -77,6 +89,14 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let mut identity =
         postern_dial::ssh::Identity::load(&config.host_key_file, &config.host_cert_path())
             .map_err(AgentError::Identity)?;
+    // The recorder is installed by the ops listener (first), so that the series exported at zero
+    // land in it; an agent embedded without one records into its host's recorder, if any.
+    if let Some(addr) = config.ops_listen {
+        postern_ops::http::bind_and_serve(addr, crate::metrics::ready(), shutdown.child_token())
+            .await
+            .map_err(|e| AgentError::Ops { addr, source: e })?;
+    }
+    crate::metrics::describe(config.targets.keys());
     let mut loaded = cert_stamp(&config);
     // A service agent renews its own certificate; the Auth server's own agent (role `auth`) is
     // issued in-process by its server.
@@ -118,10 +138,21 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             &cert_path,
             postern_dial::mint::now_unix(),
         ) {
-            Err(f) => Err(f),
+            Err(f) => {
+                ::metrics::counter!(crate::metrics::RECONNECTS, "reason" => "own_certificate")
+                    .increment(1);
+                Err(f)
+            }
             Ok(()) => tunnel::connect_and_serve(&config, &identity, &shutdown)
                 .await
-                .map_err(|e| failure::classify(&e, &config.cluster)),
+                .map_err(|e| {
+                    ::metrics::counter!(
+                        crate::metrics::RECONNECTS,
+                        "reason" => crate::metrics::failure_reason(&e)
+                    )
+                    .increment(1);
+                    failure::classify(&e, &config.cluster)
+                }),
         };
         let outcome = match outcome {
             Err(f) => Err(refine_unknown_cluster(&config, f).await),
@@ -131,6 +162,12 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             Ok(tunnel::Ended::Shutdown) => return Ok(()),
             Ok(ended) => {
                 info!(?ended, "tunnel ended: reconnecting");
+                let reason = if ended == tunnel::Ended::Drained {
+                    "drained"
+                } else {
+                    "closed"
+                };
+                ::metrics::counter!(crate::metrics::RECONNECTS, "reason" => reason).increment(1);
                 attempt = 0;
                 last_permanent = None;
                 full_jitter(backoff_ceiling(base, cap, 0))

@@ -2,7 +2,6 @@
 //! channel, until the connection ends.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -22,7 +21,7 @@ use tunnel_proto::control::Message;
 use tunnel_proto::credit::{CREDIT_EXT, CREDIT_VERSION, STREAM_WINDOW};
 use tunnel_proto::names::{CONTROL_HOST, agent_login};
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, TargetAddr};
 
 /// Deadline to connect to a local target.
 const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -144,6 +143,7 @@ pub async fn connect_and_serve(
         return Err(DialError::Config("the proxy refused every target".into()));
     }
     info!(targets = registered, "tunnel up");
+    let _up = crate::metrics::TunnelUp::new(&addr);
     drop(_enter);
     let ended = tokio::select! {
         r = &mut handle => {
@@ -196,7 +196,7 @@ struct AgentHandler {
     /// Where the proxy's disconnect message is kept for the caller.
     refusal: Refusal,
     verifier: ProxyVerifier,
-    targets: Arc<BTreeMap<String, SocketAddr>>,
+    targets: Arc<BTreeMap<String, TargetAddr>>,
     cluster: String,
     active: Arc<AtomicUsize>,
     /// The proxy's protocol version (0 until its control hello arrives).
@@ -239,7 +239,7 @@ impl russh::client::Handler for AgentHandler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let Some(addr) = self.targets.get(connected_address).copied() else {
+        let Some(addr) = self.targets.get(connected_address).cloned() else {
             warn!(
                 target = connected_address,
                 "refused a stream for a target this agent does not serve"
@@ -260,6 +260,7 @@ impl russh::client::Handler for AgentHandler {
             serve_stream(
                 channel,
                 reply,
+                connected_address.to_string(),
                 addr,
                 self.active.clone(),
                 self.proxy_version.clone(),
@@ -274,24 +275,22 @@ impl russh::client::Handler for AgentHandler {
 async fn serve_stream(
     channel: Channel<Msg>,
     reply: ChannelOpenHandle,
-    addr: SocketAddr,
+    target: String,
+    addr: TargetAddr,
     active: Arc<AtomicUsize>,
     proxy_version: watch::Receiver<u32>,
 ) {
-    let tcp = match tokio::time::timeout(TARGET_CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
+    let tcp = match crate::dial::dial(&addr, TARGET_CONNECT_TIMEOUT).await {
+        Ok(s) => s,
+        Err(e) => {
             warn!(%addr, error = %e, "target unreachable");
+            crate::metrics::dial_error(&target, e.reason());
             reply
                 .reject(ChannelOpenFailure::Other {
                     code: ChannelOpenFailure::ConnectFailed.code(),
-                    reason: format!("target {addr} unreachable: {e}"),
+                    reason: format!("target '{target}' ({addr}) unreachable: {e}"),
                 })
                 .await;
-            return;
-        }
-        Err(_) => {
-            reply.reject(ChannelOpenFailure::ConnectFailed).await;
             return;
         }
     };
@@ -299,6 +298,7 @@ async fn serve_stream(
     reply.accept().await;
     let credit = postern_dial::splice::peer_version(proxy_version).await >= CREDIT_VERSION;
     active.fetch_add(1, Ordering::Relaxed);
+    let _open = crate::metrics::StreamOpen::new(&target);
     let (up, down) = splice_tcp(channel, tcp, credit).await;
     debug!(to_target = up, from_target = down, "stream closed");
     active.fetch_sub(1, Ordering::Relaxed);

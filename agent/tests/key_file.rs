@@ -36,6 +36,7 @@ fn config(key_path: std::path::PathBuf) -> AgentConfig {
         )]),
         keepalive_interval_secs: 5,
         reconnect: Default::default(),
+        ops_listen: None,
     }
 }
 

@@ -27,7 +27,7 @@ pub enum ResourceError {
         message: String,
     },
     /// `kind` is missing or not one this tool handles.
-    #[error("document {doc}: unknown kind '{kind}' (supported: role)")]
+    #[error("document {doc}: unknown kind '{kind}' (supported: role, user)")]
     UnknownKind {
         /// 1-based document number.
         doc: usize,
@@ -54,6 +54,18 @@ pub enum ResourceError {
         /// The role's name.
         name: String,
         /// Path of the offending field (`spec.allow.rules[0].verbs`).
+        field: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// A user document holds a value a user cannot have.
+    #[error("document {doc}: user '{name}': {field}: {problem}")]
+    InvalidUser {
+        /// 1-based document number.
+        doc: usize,
+        /// The user's name.
+        name: String,
+        /// Path of the offending field.
         field: String,
         /// What is wrong with it.
         problem: String,

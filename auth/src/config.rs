@@ -36,9 +36,11 @@ pub struct AuthConfig {
     /// Lifetime of the host certificates agents get by joining with a token and by renewing,
     /// seconds. Agents renew at about two-thirds of it. Default 30 days; at least 5 s.
     pub agent_cert_ttl_secs: u64,
-    /// Where `GET /metrics` (Prometheus text) is served; absent means nowhere (the counters
-    /// still run). Keep it on loopback or a firewalled address.
-    pub metrics_listen: Option<SocketAddr>,
+    /// The ops listener (plain HTTP: `/metrics`, `/healthz`, `/readyz`); absent means off (the
+    /// counters still run). Keep it on loopback or a firewalled address. `metrics_listen` is
+    /// its earlier name; `POSTERN_AUTH_OPS_LISTEN` (or `--ops-listen`) overrides it.
+    #[serde(alias = "metrics_listen")]
+    pub ops_listen: Option<SocketAddr>,
     /// The reverse tunnel out to a proxy; absent means the API is served on `listen` only.
     pub tunnel: Option<TunnelConfig>,
     /// Limits of the API listener and of logins.
@@ -155,7 +157,7 @@ impl Default for AuthConfig {
             allow_root: false,
             admin_identity_ttl_secs: 30 * 24 * 3600,
             agent_cert_ttl_secs: 30 * 24 * 3600,
-            metrics_listen: None,
+            ops_listen: None,
             tunnel: None,
             limits: LimitsConfig::default(),
         }

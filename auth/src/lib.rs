@@ -11,6 +11,7 @@
 //! - [`storage`]: the `Backend` trait, SQLite (embedded default) and PostgreSQL (several Auth
 //!   servers on one database), versioned migrations;
 //! - [`authority`]: the SSH user and host CAs and the TLS CA, and what they issue;
+//! - `tls_ca`: the TLS CA (ECDSA P-256) and the migration of an Ed25519 one;
 //! - [`service`]: the gRPC service: authentication, RBAC, audit, operations;
 //! - [`audit`]: the audit log (database table and JSON lines);
 //! - [`changes`]: the policy change feed (roles, users, locks) with its revisions;
@@ -45,6 +46,7 @@ pub mod service;
 pub mod storage;
 pub mod stream_events;
 pub mod throttle;
+mod tls_ca;
 pub mod tokens;
 pub mod watch;
 

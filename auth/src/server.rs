@@ -233,9 +233,9 @@ pub fn open_backend(config: &AuthConfig) -> Result<Arc<dyn Backend>, AuthError> 
 fn server_tls(a: &Authorities) -> Result<Arc<rustls::ServerConfig>, AuthError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(a.tls_ca_der()?)
-        .map_err(|e| AuthError::Tls(e.to_string()))?;
+    for ca in a.tls_client_roots()? {
+        roots.add(ca).map_err(|e| AuthError::Tls(e.to_string()))?;
+    }
     // Clients without a certificate get through the handshake but can call only Ping and
     // RegisterAgent (the join token is their credential); a certificate that does not chain to
     // the cluster's TLS CA, or is expired, fails the handshake.
@@ -255,6 +255,32 @@ fn server_tls(a: &Authorities) -> Result<Arc<rustls::ServerConfig>, AuthError> {
         .map_err(|e| AuthError::Tls(e.to_string()))?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(cfg))
+}
+
+/// Reopens the audit log file on each SIGHUP (logrotate's `postrotate`), until `shutdown`.
+fn reopen_audit_on_sighup(
+    state: &Arc<State>,
+    shutdown: &CancellationToken,
+) -> Result<(), AuthError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup =
+        signal(SignalKind::hangup()).map_err(|e| AuthError::Serve(format!("SIGHUP: {e}")))?;
+    let (state, shutdown) = (state.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = hup.recv() => if r.is_none() { return },
+            }
+            match state.audit.reopen() {
+                Ok(()) => info!("SIGHUP: audit log reopened"),
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: audit log not reopened; still writing the old file")
+                }
+            }
+        }
+    });
+    Ok(())
 }
 
 /// The address `pctl --data-dir` and the embedded agent dial: the bound one, with an
@@ -322,6 +348,7 @@ fn agent_config(
         .into(),
         keepalive_interval_secs: t.keepalive_interval_secs,
         reconnect: Default::default(),
+        ops_listen: None,
     };
     cfg.validate()
         .map_err(|e| AuthError::Agent(e.to_string()))?;
@@ -375,15 +402,13 @@ async fn serve_bound(
     shutdown: CancellationToken,
 ) -> Result<(), AuthError> {
     info!(listen = %bound, cluster = %prepared.cluster(), "Auth API listening (mTLS, TLS 1.3)");
-    if let Some(addr) = prepared.config.metrics_listen {
-        let l = TcpListener::bind(addr)
+    reopen_audit_on_sighup(&prepared.state, &shutdown)?;
+    if let Some(addr) = prepared.config.ops_listen {
+        // Only with an ops listener: a process embedding the Auth server may install its own.
+        crate::metrics::install();
+        postern_ops::http::bind_and_serve(addr, crate::metrics::ready(), shutdown.child_token())
             .await
-            .map_err(|e| AuthError::Serve(format!("metrics listener {addr}: {e}")))?;
-        tokio::spawn(crate::metrics::serve(
-            l,
-            crate::metrics::install(),
-            shutdown.clone(),
-        ));
+            .map_err(|e| AuthError::Serve(format!("ops listener {addr}: {e}")))?;
     }
 
     // The login service: loopback only, reached through the agent's `login` target.
@@ -440,13 +465,16 @@ async fn serve_bound(
         .map_err(|e| AuthError::Serve(format!("reflection: {e}")))?;
     let incoming = tokio_stream::wrappers::ReceiverStream::new(rx);
     let incoming = tokio_stream::StreamExt::map(incoming, Ok::<_, std::io::Error>);
+    crate::metrics::ready().set(true);
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(ping))
+        .layer(crate::metrics::ApiCallsLayer)
         .add_service(svc)
         .add_service(reflection)
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
         .await
         .map_err(|e| AuthError::Serve(e.to_string()));
+    crate::metrics::ready().set(false);
     accept.abort();
     if let Some(a) = agent {
         match a.await {

@@ -275,8 +275,11 @@ impl Service {
             peer: caller.peer.clone(),
         };
         // Recorded before the response is sent: a caller that reads the log sees its call.
-        tokio::task::spawn_blocking(move || state.audit.record(rec))
-            .await
+        let start = std::time::Instant::now();
+        let written = tokio::task::spawn_blocking(move || state.audit.record(rec)).await;
+        metrics::histogram!(crate::metrics::AUDIT_WRITE_SECONDS)
+            .record(start.elapsed().as_secs_f64());
+        written
             .map_err(|e| Status::internal(format!("worker failed: {e}")))?
             .map_err(|e| Status::unavailable(e.to_string()))
     }
@@ -496,6 +499,19 @@ impl Service {
     }
 }
 
+/// A requested lifetime, refused (never silently cut) when it exceeds `cap`, naming the cap.
+fn ttl_within(requested: u64, cap: u64, what: &str) -> Result<u64, Status> {
+    if requested <= cap {
+        return Ok(requested);
+    }
+    Err(Status::invalid_argument(format!(
+        "ttl_secs: {} exceeds the cap of {} for {what}: ask for {} or less",
+        postern_api::duration::format_secs(requested),
+        postern_api::duration::format_secs(cap),
+        postern_api::duration::format_secs(cap),
+    )))
+}
+
 #[tonic::async_trait]
 impl AuthService for Service {
     async fn ping(&self, req: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
@@ -506,8 +522,11 @@ impl AuthService for Service {
             user: caller.user.clone(),
             roles: caller.roles.iter().map(|r| r.name.clone()).collect(),
         };
-        self.finish(&caller, "Ping", "cluster".into(), Ok(resp))
-            .await
+        // Not audited: every client pings when it connects (pctl on each command), so the log
+        // would be mostly pings. It reads nothing but the caller's own name and roles; it is
+        // still counted in postern_auth_api_calls_total{method="Ping"}.
+        let _ = caller;
+        Ok(Response::new(resp))
     }
 
     async fn get_role(&self, req: Request<GetRoleRequest>) -> Result<Response<Role>, Status> {
@@ -648,7 +667,7 @@ impl AuthService for Service {
             check_user_name(&r.name)?;
             let ttl = match r.secret_ttl_secs {
                 0 => SIGNUP_TTL_DEFAULT,
-                t => t.min(SECRET_TTL_MAX),
+                t => ttl_within(t, SECRET_TTL_MAX, "a signup secret")?,
             };
             let secret = random_secret();
             let stored = StoredUser {
@@ -802,7 +821,11 @@ impl AuthService for Service {
                     let ttl = if r.ttl_secs == 0 {
                         cap
                     } else {
-                        r.ttl_secs.min(cap)
+                        ttl_within(
+                            r.ttl_secs,
+                            cap,
+                            "this user's certificates (max_session_ttl of its roles)",
+                        )?
                     };
                     let issued = authorities
                         .issue_user(&r.user, &key, ttl, &stored.roles)
@@ -848,7 +871,7 @@ impl AuthService for Service {
             let key = parse_public_key(&r.public_key)?;
             let ttl = match r.ttl_secs {
                 0 => HOST_TTL_DEFAULT,
-                t => t.min(HOST_TTL_MAX),
+                t => ttl_within(t, HOST_TTL_MAX, "a host certificate")?,
             };
             let a = &self.state.authorities;
             let issued = if r.proxy_principals.is_empty() {
@@ -943,7 +966,7 @@ impl AuthService for Service {
             }
             let ttl = match r.ttl_secs {
                 0 => TOKEN_TTL_DEFAULT,
-                t => t.min(SECRET_TTL_MAX),
+                t => ttl_within(t, SECRET_TTL_MAX, "a signup secret")?,
             };
             let secret = random_secret();
             let hash = hash_secret(&secret);

@@ -411,11 +411,14 @@ async fn pctl_shows_stream_events_by_user_and_time() {
         None,
     )
     .await);
-    let lines: Vec<serde_json::Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(lines.len(), 1, "{out}");
+    assert!(
+        lines[0]["time"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z') && t.contains('T')),
+        "RFC 3339: {out}"
+    );
     assert_eq!(lines[0]["id"], "p-1");
     assert_eq!(lines[0]["user"], "carol");
     assert_eq!(lines[0]["bytes_in"], 5);

@@ -181,6 +181,7 @@ async fn main() -> anyhow::Result<()> {
             .into(),
             keepalive_interval_secs: 15,
             reconnect: Default::default(),
+            ops_listen: None,
         };
         agents.push(tokio::spawn(postern_agent::run(cfg, stop.clone())));
     }

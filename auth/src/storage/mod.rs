@@ -149,8 +149,8 @@ pub enum StorageError {
 pub trait Backend: Send + Sync + 'static {
     /// A cluster-wide value (name, CA keys).
     fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError>;
-    /// Stores every entry if `key_guard` is absent, all in one transaction; returns whether it
-    /// wrote (false: another start already initialised the cluster).
+    /// Stores every entry (replacing a stored value of the same key) if `key_guard` is absent,
+    /// all in one transaction; returns whether it wrote (false: another start got there first).
     fn init_meta(&self, key_guard: &str, entries: &[(&str, Vec<u8>)])
     -> Result<bool, StorageError>;
     /// One resource.

@@ -123,7 +123,7 @@ impl Backend for SqliteBackend {
             }
             for (k, v) in entries {
                 tx.execute(
-                    "INSERT INTO meta (key, value) VALUES (?1, ?2)",
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
                     params![k, v],
                 )
                 .map_err(self.db())?;

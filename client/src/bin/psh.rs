@@ -69,6 +69,9 @@ enum Command {
     Logout,
     /// Print an OpenSSH `Host` block for the cluster's targets (append it to ~/.ssh/config).
     Config,
+    /// Check the path to the cluster through the profile's proxy, step by step, and say how to
+    /// fix the first step that fails.
+    Doctor,
     /// Reach a target through the proxy with the profile's certificate.
     Proxy {
         #[command(subcommand)]
@@ -282,6 +285,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", openssh_config(&home, &p, &id).await?);
         }
         Command::Proxy { what } => proxy(&home, what).await?,
+        Command::Doctor => {
+            // Read without Profile::load, which refuses an expired identity: the doctor reports it.
+            let path = home.join("profile.toml");
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("{}: not logged in? run psh login", path.display()))?;
+            let p: Profile =
+                toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+            let trust = p.web_trust().map_err(anyhow::Error::msg)?;
+            postern_client::doctor::run(&p.proxy, trust, &home.join("identity"), &mut |step| {
+                println!("{step}")
+            })
+            .await?;
+        }
         Command::Logout => {
             if Profile::remove(&home)? {
                 println!("logged out: profile removed from {}", home.display());

@@ -531,7 +531,7 @@ fn agent_cfg<'a>(
             .into_iter()
             .map(|(n, addr, labels)| {
                 let t = Target {
-                    addr,
+                    addr: addr.into(),
                     labels: labels
                         .iter()
                         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -542,5 +542,6 @@ fn agent_cfg<'a>(
             .collect(),
         keepalive_interval_secs: 5,
         reconnect: Default::default(),
+        ops_listen: None,
     }
 }

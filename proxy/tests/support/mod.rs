@@ -256,6 +256,7 @@ pub fn agent_config(
             .collect::<BTreeMap<_, _>>(),
         keepalive_interval_secs: 5,
         reconnect: Default::default(),
+        ops_listen: None,
     }
 }
 

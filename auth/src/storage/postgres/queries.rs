@@ -62,9 +62,13 @@ impl Backend for PostgresBackend {
                 return Ok(false);
             }
             for (k, v) in &entries {
-                tx.execute("INSERT INTO meta (key, value) VALUES ($1, $2)", &[k, v])
-                    .await
-                    .map_err(|x| e.pg(x))?;
+                tx.execute(
+                    "INSERT INTO meta (key, value) VALUES ($1, $2)
+                     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                    &[k, v],
+                )
+                .await
+                .map_err(|x| e.pg(x))?;
             }
             tx.commit().await.map_err(|x| e.pg(x))?;
             Ok(true)

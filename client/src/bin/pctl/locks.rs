@@ -6,6 +6,8 @@ use postern_api::duration;
 use postern_api::proto::{DeleteLockRequest, ListLocksRequest, Lock};
 use postern_client::auth::AuthClient;
 
+use crate::output::{self, Format, human_time, outln, rfc3339};
+
 /// What `pctl lock` locks: exactly one of a user, a role, an agent or an access request.
 #[derive(Args)]
 pub struct LockArgs {
@@ -49,51 +51,66 @@ pub async fn lock(client: &AuthClient, a: LockArgs) -> anyhow::Result<()> {
             ..Default::default()
         })
         .await?;
-    println!(
+    outln!(
         "lock/{} created: {} ({})",
         l.id,
         l.message,
         if l.expires == 0 {
             "until removed".to_string()
         } else {
-            format!("expires {}", l.expires)
+            format!("expires {}", human_time(l.expires))
         }
     );
     Ok(())
 }
 
-/// `pctl get locks`, as text or JSON.
-pub async fn print(client: &AuthClient, json: bool) -> anyhow::Result<()> {
+/// A lock as `get locks` prints it in JSON and YAML.
+#[derive(serde::Serialize)]
+struct LockDoc {
+    id: String,
+    target: String,
+    message: String,
+    /// RFC 3339; empty: until removed.
+    expires: String,
+    created: String,
+    created_by: String,
+}
+
+/// `pctl get locks`, in `format`.
+pub async fn print(client: &AuthClient, format: Format) -> anyhow::Result<()> {
     let locks = client.list_locks(ListLocksRequest {}).await?.locks;
-    for l in locks {
-        let target = if !l.user.is_empty() {
-            format!("user={}", l.user)
-        } else if !l.role.is_empty() {
-            format!("role={}", l.role)
-        } else if !l.access_request.is_empty() {
-            format!("request={}", l.access_request)
-        } else {
-            format!("agent={}", l.agent)
-        };
-        if json {
-            let v = serde_json::json!({
-                "id": l.id, "target": target, "message": l.message,
-                "expires": l.expires, "created": l.created, "created_by": l.created_by,
-            });
-            println!("{v}");
-        } else {
-            println!(
-                "lock/{}  {target}  expires {}  by {}  {}",
-                l.id,
-                if l.expires == 0 {
-                    "never".to_string()
-                } else {
-                    l.expires.to_string()
-                },
-                l.created_by,
-                l.message
-            );
-        }
+    let expiries: Vec<u64> = locks.iter().map(|l| l.expires).collect();
+    let docs: Vec<LockDoc> = locks
+        .into_iter()
+        .map(|l| LockDoc {
+            target: if !l.user.is_empty() {
+                format!("user={}", l.user)
+            } else if !l.role.is_empty() {
+                format!("role={}", l.role)
+            } else if !l.access_request.is_empty() {
+                format!("request={}", l.access_request)
+            } else {
+                format!("agent={}", l.agent)
+            },
+            id: l.id,
+            message: l.message,
+            expires: rfc3339(l.expires),
+            created: rfc3339(l.created),
+            created_by: l.created_by,
+        })
+        .collect();
+    if format != Format::Text {
+        return output::list(&docs, format);
+    }
+    for (l, expires) in docs.iter().zip(expiries) {
+        outln!(
+            "lock/{}  {}  expires {}  by {}  {}",
+            l.id,
+            l.target,
+            human_time(expires),
+            l.created_by,
+            l.message
+        );
     }
     Ok(())
 }
@@ -103,6 +120,6 @@ pub async fn rm(client: &AuthClient, id: &str) -> anyhow::Result<()> {
     client
         .delete_lock(DeleteLockRequest { id: id.into() })
         .await?;
-    println!("lock '{id}' has been removed");
+    outln!("lock '{id}' has been removed");
     Ok(())
 }
