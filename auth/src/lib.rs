@@ -21,6 +21,7 @@
 //! - [`tokens`]: join tokens as stored, and spending one use atomically;
 //! - [`login`]: `psh login` behind the proxy's login relay (signup secret, then password);
 //! - [`join`]: agents joining with a token behind the proxy's join relay;
+//! - [`bot`]: Machine ID bots joining with a bot token and renewing their user identity;
 //! - [`password`]: Argon2id verification on reused memory;
 //! - [`throttle`]: the password-hashing gate and failed logins per source and user;
 //! - [`listener`]: the API listener's caps and deadlines;
@@ -31,6 +32,7 @@
 pub mod admin;
 pub mod audit;
 pub mod authority;
+pub mod bot;
 pub mod changes;
 pub mod config;
 pub mod join;
