@@ -27,6 +27,7 @@
 //! - [`listener`]: the API listener's caps and deadlines;
 //! - [`admin`]: the admin identity, at most one valid;
 //! - [`metrics`]: every `postern_auth_*` metric, and `GET /metrics`;
+//! - [`renewal`]: the embedded agent's certificate, re-issued at two-thirds of its life;
 //! - [`server`]: data dir checks, the TLS config, the embedded agent, `run`.
 
 pub mod admin;
@@ -41,6 +42,7 @@ pub mod locks;
 pub mod login;
 pub mod metrics;
 pub mod password;
+pub mod renewal;
 pub mod requests;
 pub mod server;
 pub mod service;
