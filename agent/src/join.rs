@@ -104,6 +104,7 @@ pub async fn join(config: &AgentConfig) -> Result<(), JoinError> {
             .to_openssh()
             .map_err(|e| JoinError::Save(e.to_string()))?,
         source: None,
+        ..Default::default()
     };
     info!(proxy = web, cluster = %config.cluster, host_id = %config.host_id, "joining the cluster with a token");
     let mut last = String::new();

@@ -65,6 +65,7 @@ pub async fn keep_renewed(config: AgentConfig, shutdown: CancellationToken) {
             cluster: config.cluster.clone(),
             renew_cert: line,
             source: None,
+            ..Default::default()
         };
         let outcome = match postern_dial::web::renew(&web, &trust, &req).await {
             Ok(r) if r.error.is_empty() => save(&config, &cert, &r.ssh_cert),

@@ -34,7 +34,8 @@ pub struct AuthConfig {
     /// one revoked. Default 30 days.
     pub admin_identity_ttl_secs: u64,
     /// Lifetime of the host certificates agents get by joining with a token and by renewing,
-    /// seconds. Agents renew at about two-thirds of it. Default 30 days; at least 5 s.
+    /// and of the embedded agent's, seconds. Each renews at about two-thirds of it. Default 30
+    /// days; at least 5 s.
     pub agent_cert_ttl_secs: u64,
     /// The ops listener (plain HTTP: `/metrics`, `/healthz`, `/readyz`); absent means off (the
     /// counters still run). Keep it on loopback or a firewalled address. `metrics_listen` is

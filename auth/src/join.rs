@@ -64,7 +64,7 @@ pub fn join(state: &State, req: &JoinRequest, ttl: u64) -> LoginResponse {
         now_unix(),
         KIND_AGENT,
     ) {
-        Ok(()) => {}
+        Ok(_) => {}
         Err(TokenError::Storage(e)) => {
             return LoginResponse::failed(503, format!("the Auth server's storage failed: {e}"));
         }
@@ -168,6 +168,9 @@ fn agent_lock(state: &State, host_id: &str, now: u64) -> Result<Option<String>, 
 /// Runs one join and records it in the audit log.
 pub async fn answer(logins: &Arc<Logins>, req: JoinRequest, peer: SocketAddr) -> LoginResponse {
     let peer = untrusted(req.source.as_deref().unwrap_or(&peer.to_string()));
+    if req.kind == tunnel_proto::join::KIND_BOT {
+        return crate::bot::answer_join(logins, req, peer).await;
+    }
     let hash = hash_secret(req.token.trim());
     let host_id = untrusted(&req.host_id);
     let (st, ttl) = (logins.state.clone(), logins.agent_ttl);
@@ -188,8 +191,11 @@ pub async fn answer_renew(
     peer: SocketAddr,
 ) -> LoginResponse {
     let peer = untrusted(req.source.as_deref().unwrap_or(&peer.to_string()));
-    let presented = Certificate::from_openssh(req.renew_cert.trim())
-        .ok()
+    let parsed = Certificate::from_openssh(req.renew_cert.trim()).ok();
+    if let Some(cert) = parsed.as_ref().filter(|c| c.cert_type().is_user()) {
+        return crate::bot::answer_renew(logins, req.clone(), cert.clone(), peer).await;
+    }
+    let presented = parsed
         .and_then(|c| c.valid_principals().first().cloned())
         .unwrap_or_else(|| "?".into());
     let (st, ttl) = (logins.state.clone(), logins.agent_ttl);
@@ -202,7 +208,7 @@ pub async fn answer_renew(
 }
 
 /// Records `resp` in the audit log: a certificate is never handed out unrecorded.
-async fn record(
+pub(crate) async fn record(
     logins: &Arc<Logins>,
     action: &'static str,
     (user, resource): (String, String),

@@ -22,16 +22,19 @@
 //! - [`tokens`]: join tokens as stored, and spending one use atomically;
 //! - [`login`]: `psh login` behind the proxy's login relay (signup secret, then password);
 //! - [`join`]: agents joining with a token behind the proxy's join relay;
+//! - [`bot`]: Machine ID bots joining with a bot token and renewing their user identity;
 //! - [`password`]: Argon2id verification on reused memory;
 //! - [`throttle`]: the password-hashing gate and failed logins per source and user;
 //! - [`listener`]: the API listener's caps and deadlines;
 //! - [`admin`]: the admin identity, at most one valid;
 //! - [`metrics`]: every `postern_auth_*` metric, and `GET /metrics`;
+//! - [`renewal`]: the embedded agent's certificate, re-issued at two-thirds of its life;
 //! - [`server`]: data dir checks, the TLS config, the embedded agent, `run`.
 
 pub mod admin;
 pub mod audit;
 pub mod authority;
+pub mod bot;
 pub mod changes;
 pub mod config;
 pub mod join;
@@ -40,6 +43,7 @@ pub mod locks;
 pub mod login;
 pub mod metrics;
 pub mod password;
+pub mod renewal;
 pub mod requests;
 pub mod server;
 pub mod service;

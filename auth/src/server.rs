@@ -301,7 +301,14 @@ fn agent_config(
     p: &Prepared,
     api: SocketAddr,
     login: SocketAddr,
-) -> Result<Option<postern_agent::AgentConfig>, AuthError> {
+) -> Result<
+    Option<(
+        postern_agent::AgentConfig,
+        crate::renewal::AgentRenewal,
+        u64,
+    )>,
+    AuthError,
+> {
     let Some(t) = &p.config.tunnel else {
         return Ok(None);
     };
@@ -315,15 +322,17 @@ fn agent_config(
         mint::write_key_pair(&key_path, &k).map_err(|e| AuthError::Agent(e.to_string()))?;
         k
     };
-    // A fresh host certificate at every start, issued by this cluster's own host CA.
-    let issued = a.issue_host(key.public_key(), &t.host_id, &[], 30 * 24 * 3600)?;
+    // A fresh host certificate at every start, issued by this cluster's own host CA, renewed
+    // at two-thirds of its life while the server runs (see `renewal`).
     let cert_path = mint::cert_path(&key_path);
-    mint::write_file(
-        &cert_path,
-        format!("{}\n", issued.ssh_cert).as_bytes(),
-        0o644,
-    )
-    .map_err(|e| AuthError::Agent(e.to_string()))?;
+    let renewal = crate::renewal::AgentRenewal {
+        authorities: p.state.authorities.clone(),
+        key: key.public_key().clone(),
+        host_id: t.host_id.clone(),
+        cert_path: cert_path.clone(),
+        ttl: p.config.agent_cert_ttl_secs,
+    };
+    let expires = renewal.issue_and_write()?;
     let proxy_host_ca = if t.proxy_host_ca.is_empty() {
         vec![a.host_ca_line()]
     } else {
@@ -352,7 +361,7 @@ fn agent_config(
     };
     cfg.validate()
         .map_err(|e| AuthError::Agent(e.to_string()))?;
-    Ok(Some(cfg))
+    Ok(Some((cfg, renewal, expires)))
 }
 
 /// Prepares and serves until `shutdown`: the API on `listener`, and the tunnel if configured.
@@ -428,8 +437,9 @@ async fn serve_bound(
     ));
 
     let agent = match agent_config(&prepared, dial, login_addr)? {
-        Some(cfg) => {
+        Some((cfg, renewal, expires)) => {
             info!(proxy = ?cfg.proxy, "dialling out to the proxy");
+            tokio::spawn(renewal.run(expires, shutdown.clone()));
             Some(tokio::spawn(postern_agent::run(cfg, shutdown.clone())))
         }
         None => None,

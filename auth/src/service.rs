@@ -958,12 +958,7 @@ impl AuthService for Service {
             .await?;
         let r = req.into_inner();
         let result = async {
-            if r.kind != "agent" {
-                return Err(Status::invalid_argument(format!(
-                    "kind: '{}' is not a token kind (supported: agent)",
-                    r.kind
-                )));
-            }
+            let user = crate::bot::token_user(self, &r).await?;
             let ttl = match r.ttl_secs {
                 0 => TOKEN_TTL_DEFAULT,
                 t => ttl_within(t, SECRET_TTL_MAX, "a signup secret")?,
@@ -992,6 +987,7 @@ impl AuthService for Service {
                 expires: info.expires,
                 uses,
                 uses_left: uses,
+                user,
             };
             let json = serde_json::to_string(&stored).expect("token serializes");
             let id = info.id.clone();

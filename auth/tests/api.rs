@@ -130,6 +130,7 @@ async fn a_user_with_no_roles_can_do_nothing() {
             kind: "agent".into(),
             ttl_secs: 0,
             uses: 0,
+            ..Default::default()
         })
         .await
         .is_err()
@@ -374,6 +375,7 @@ async fn join_tokens_register_agents_and_nothing_else() {
             kind: "agent".into(),
             ttl_secs: 600,
             uses: 0,
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -14,6 +14,7 @@ async fn token(admin: &AuthClient, uses: u32) -> String {
             kind: "agent".into(),
             ttl_secs: 600,
             uses,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -83,6 +84,7 @@ async fn a_token_created_with_uses_n_enrolls_n_agents_then_no_more() {
             kind: "agent".into(),
             ttl_secs: 0,
             uses: 1_000_000,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -125,6 +127,7 @@ fn a_token_of_another_kind_is_refused_and_not_spent() {
         expires: postern_dial::mint::now_unix() + 600,
         uses: 1,
         uses_left: 1,
+        user: "robot".into(),
     };
     let id = &hash[..12];
     db.put(
@@ -138,7 +141,10 @@ fn a_token_of_another_kind_is_refused_and_not_spent() {
     let e = spend(&db, id, &hash, now, "agent").unwrap_err();
     assert!(matches!(e, TokenError::WrongKind { .. }), "{e}");
     let msg = e.to_string();
-    assert!(msg.contains("'bot' token, not an 'agent' token"), "{msg}");
+    assert!(
+        msg.contains("'bot' token, not a token of type 'agent'"),
+        "{msg}"
+    );
     // Still spendable by what it is for.
     spend(&db, id, &hash, now, "bot").unwrap();
 }

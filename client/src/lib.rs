@@ -12,12 +12,14 @@
 //! - [`auth`]: the Auth API client (mTLS, direct or through the proxy, typed calls);
 //! - [`credentials`]: the five credential loaders; [`profile`]: what `psh login` writes;
 //! - [`requests`]: access requests from the SDK (create, get, list, review, reissue);
+//! - [`bot`]: Machine ID, the bot behind `psh bot start` that keeps an identity file renewed;
 //! - [`connect`]: `Config` and connecting to the first address that works;
 //! - [`doctor`]: each step of the path to the Auth API checked, with the fix for the first that
 //!   fails (`pctl doctor`, `psh doctor`);
 //! - `src/bin/pctl.rs`, `src/bin/psh.rs`: the admin and user CLIs.
 
 pub mod auth;
+pub mod bot;
 pub mod connect;
 pub mod credentials;
 pub mod doctor;

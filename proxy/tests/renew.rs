@@ -113,6 +113,7 @@ async fn a_locked_agents_renewal_is_refused() {
         cluster: "renlock".into(),
         renew_cert: cert.trim().into(),
         source: None,
+        ..Default::default()
     };
     let web = proxy.web.to_string();
     let ok = postern_dial::web::renew(&web, &proxy.web_trust(), &req)

@@ -12,8 +12,9 @@ pub const JOIN_PATH: &str = "/webapi/join";
 pub const PIN_PREFIX: &str = "sha256:";
 
 /// A join: the token (its secret) and the public key the host certificate is for. `Debug`
-/// masks the token.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// masks the token. A Machine ID bot joins the same way with `kind = "bot"` and gets a user
+/// identity instead of a host certificate.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JoinRequest {
     /// The cluster to join.
@@ -30,6 +31,22 @@ pub struct JoinRequest {
     /// The agent's address as the proxy saw it (set by the proxy; ignored from agents).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// What joins: empty or [`KIND_AGENT`] for an agent, [`KIND_BOT`] for a Machine ID bot.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kind: String,
+    /// A bot's wanted identity lifetime, seconds (0: the Auth server's choice); capped by the
+    /// roles' `max_session_ttl`. Ignored for agents.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub ttl_secs: u64,
+}
+
+/// [`JoinRequest::kind`] of an agent.
+pub const KIND_AGENT: &str = "agent";
+/// [`JoinRequest::kind`] of a Machine ID bot.
+pub const KIND_BOT: &str = "bot";
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl std::fmt::Debug for JoinRequest {
@@ -37,6 +54,7 @@ impl std::fmt::Debug for JoinRequest {
         f.debug_struct("JoinRequest")
             .field("cluster", &self.cluster)
             .field("host_id", &self.host_id)
+            .field("kind", &self.kind)
             .field("token", &"MASKED")
             .field("source", &self.source)
             .finish_non_exhaustive()
@@ -49,8 +67,9 @@ pub const RENEW_PATH: &str = "/webapi/renew";
 /// A renewal: the certificate in use (still valid) and nothing else. The new certificate is
 /// for the same public key, so the request needs no secret: only the holder of the private key
 /// can use what it returns. A locked agent, an expired certificate or one from another CA is
-/// refused.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// refused. A bot renews its user certificate the same way (`renew_cert` is then its SSH user
+/// certificate).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RenewRequest {
     /// The cluster.
@@ -60,6 +79,9 @@ pub struct RenewRequest {
     /// The agent's address as the proxy saw it (set by the proxy; ignored from agents).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// A bot's wanted identity lifetime, seconds (0: as at its join); ignored for agents.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub ttl_secs: u64,
 }
 
 /// The CA pin of a CA public key given as its raw SHA-256 fingerprint bytes:

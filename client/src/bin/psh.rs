@@ -82,6 +82,50 @@ enum Command {
         #[command(subcommand)]
         what: RequestCommand,
     },
+    /// Machine ID: keep an identity file renewed for programs (the SDK's dynamic identity
+    /// file loader).
+    Bot {
+        #[command(subcommand)]
+        what: BotCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BotCommand {
+    /// Join with a bot token (first start), write the identity file, renew it every
+    /// --interval until stopped (SIGINT/SIGTERM). Logs with RUST_LOG=info.
+    Start {
+        /// The proxy's web address (host:port).
+        #[arg(long)]
+        proxy: String,
+        /// The cluster.
+        #[arg(long)]
+        cluster: String,
+        /// The bot's name (in the audit log).
+        #[arg(long, default_value = "bot")]
+        name: String,
+        /// File holding the bot token (`pctl tokens add --type=bot --user=NAME`).
+        #[arg(long)]
+        token_file: PathBuf,
+        /// The cluster's CA pin (`pctl status` prints it).
+        #[arg(long)]
+        ca_pin: String,
+        /// The identity file to write and keep renewed.
+        #[arg(long)]
+        out: PathBuf,
+        /// How often to renew (e.g. 20m).
+        #[arg(long, default_value = "20m")]
+        interval: String,
+        /// The identity's lifetime [default: twice the interval; capped by the user's roles].
+        #[arg(long)]
+        ttl: Option<String>,
+        /// SHA-256 pin of the proxy's web certificate.
+        #[arg(long)]
+        web_pin: Option<String>,
+        /// PEM CA file for the proxy's web certificate.
+        #[arg(long)]
+        web_ca: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -162,6 +206,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ..
         } => login_with_request(&home, &id).await?,
         Command::Request { what } => request(&home, what).await?,
+        Command::Bot { what } => bot(what).await?,
         Command::Login {
             proxy,
             user,
@@ -504,4 +549,56 @@ async fn openssh_config(
         cert = q(&f.cert),
         known = q(&f.known_hosts),
     ))
+}
+
+/// `psh bot start`: parses the flags and runs [`postern_client::bot::run`] until a signal.
+async fn bot(what: BotCommand) -> anyhow::Result<()> {
+    let BotCommand::Start {
+        proxy,
+        cluster,
+        name,
+        token_file,
+        ca_pin,
+        out,
+        interval,
+        ttl,
+        web_pin,
+        web_ca,
+    } = what;
+    let secs = |s: &str| postern_api::duration::parse_secs(s).map_err(anyhow::Error::msg);
+    let interval = std::time::Duration::from_secs(secs(&interval)?);
+    let ttl = match ttl {
+        Some(t) => std::time::Duration::from_secs(secs(&t)?),
+        None => interval * 2,
+    };
+    let trust = match (web_pin, web_ca) {
+        (Some(p), None) => WebTrust::Pin(p),
+        (None, Some(f)) => WebTrust::roots_from_pem_file(&f)?,
+        (None, None) => postern_client::credentials::system_roots().map_err(anyhow::Error::msg)?,
+        _ => bail!("give at most one of --web-pin and --web-ca"),
+    };
+    let cfg = postern_client::bot::BotConfig {
+        proxy,
+        trust,
+        cluster,
+        name,
+        token_file,
+        ca_pin,
+        out,
+        interval,
+        ttl,
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let on_signal = stop.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        on_signal.cancel();
+    });
+    postern_client::bot::run(cfg, stop).await?;
+    Ok(())
 }

@@ -368,6 +368,7 @@ impl Cluster {
                 kind: "agent".into(),
                 ttl_secs: 600,
                 uses: 0,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -415,6 +416,7 @@ impl Cluster {
                 kind: "agent".into(),
                 ttl_secs,
                 uses: 0,
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -216,9 +216,12 @@ enum AuthCommand {
 enum TokensCommand {
     /// Create a join token; the secret goes to a 0600 file.
     Add {
-        /// Token kind.
+        /// Token kind: `agent` (enrolls an agent) or `bot` (a Machine ID bot, with --user).
         #[arg(long = "type", default_value = "agent")]
         kind: String,
+        /// The user a `bot` token is bound to: the bot's identity is this user's.
+        #[arg(long)]
+        user: Option<String>,
         /// Where to write it.
         #[arg(long)]
         out: PathBuf,
@@ -597,6 +600,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tokens { command } => match command {
             TokensCommand::Add {
                 kind,
+                user,
                 out,
                 ttl,
                 uses,
@@ -607,6 +611,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         kind,
                         ttl_secs: ttl,
                         uses,
+                        user: user.unwrap_or_default(),
                     })
                     .await?;
                 write_secret(&out, &r.token)?;
