@@ -9,11 +9,14 @@
 //! ## Layout
 //! - [`config`]: `agent.toml`, validation.
 //! - [`labels`]: target labels as `@control` frames.
-//! - [`tunnel`]: one connection's life: login, registration, control channel, serving streams.
+//! - [`tunnel`]: one connection's life: login, registration, control channel, serving streams;
+//!   QUIC first when the proxy offers it, SSH over TCP otherwise or when UDP is blocked.
+//! - [`quic`]: the QUIC transport (login bound to the TLS exporter, one QUIC stream per stream).
 //! - [`run`]: the reconnect loop.
 
 pub mod config;
 pub mod labels;
+pub mod quic;
 pub mod tunnel;
 
 use std::time::Duration;
@@ -59,8 +62,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let base = Duration::from_millis(config.reconnect.base_ms);
     let cap = Duration::from_millis(config.reconnect.cap_ms);
     let mut attempt = 0u32;
+    let quic = quic::QuicClient::default();
     loop {
-        let outcome = tunnel::connect_and_serve(&config, &identity, &shutdown).await;
+        let outcome = tunnel::connect_and_serve(&quic, &config, &identity, &shutdown).await;
         match outcome {
             Ok(tunnel::Ended::Shutdown) => return Ok(()),
             Ok(ended) => {

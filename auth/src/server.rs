@@ -285,6 +285,7 @@ fn agent_config(
         .into(),
         keepalive_interval_secs: t.keepalive_interval_secs,
         reconnect: Default::default(),
+        transport: Default::default(),
     };
     cfg.validate()
         .map_err(|e| AuthError::Agent(e.to_string()))?;

@@ -1,0 +1,150 @@
+//! Isolation on the QUIC transport: one slow client never stalls another. QUIC's per-stream flow
+//! control (no credit layer) holds back only a stream whose reader stopped, because the
+//! connection window covers every stream's window (`quic.connection_window_bytes` ≥ streams ×
+//! `quic.stream_window_bytes`). Its own binary, like `stall.rs`, so no bulk test runs beside it.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use postern_client::ProxySession;
+use sha2::{Digest, Sha256};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Longer than the old SSH stall breaker's 10 s.
+const PAUSE: Duration = Duration::from_secs(12);
+
+/// Bytes the firehose sends per connection.
+const FIREHOSE_BYTES: usize = 32 << 20;
+/// Bound on one echo round trip of the other client while the first one is stopped.
+const ECHO_LIMIT: Duration = Duration::from_secs(2);
+
+/// Deterministic bytes: what the firehose sends, and what the client hashes to compare.
+fn firehose_bytes() -> Vec<u8> {
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    (0..FIREHOSE_BYTES)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A service that sends [`firehose_bytes`] to each connection and closes.
+async fn firehose() -> SocketAddr {
+    let data = std::sync::Arc::new(firehose_bytes());
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let data = data.clone();
+            tokio::spawn(async move {
+                let _ = s.write_all(&data).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A download whose reader stops completely for longer than the old breaker allowed: another
+/// client's echoes through the same tunnel keep their pace, and the download then completes with
+/// its SHA-256 intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_quic_a_stopped_reader_stalls_only_its_own_stream_and_resumes_intact() {
+    init_tracing();
+    let pki = Pki::new("isoq");
+    let proxy = start_proxy(&[&pki], |_| {}).await;
+    let echo = echo_server().await;
+    let hose = firehose().await;
+    let agent = start_agent(quic_agent_config(
+        &pki,
+        "h1",
+        &proxy,
+        &[("echo", echo), ("hose", hose)],
+    ));
+    let alice = ProxySession::connect(&client_opts(&pki, &proxy, "alice"))
+        .await
+        .unwrap();
+    let bob = ProxySession::connect(&client_opts(&pki, &proxy, "bob"))
+        .await
+        .unwrap();
+    let mut b = wait_stream(&bob, "echo", "isoq", Duration::from_secs(10)).await;
+    assert_eq!(echo_once(&mut b, b"warm").await, b"warm");
+
+    // A reads the first MiB, then stops reading altogether.
+    let mut a = alice.open("hose", "isoq", 0).await.unwrap();
+    let mut hasher = Sha256::new();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 64 << 10];
+    while got < (1 << 20) {
+        let n = a.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the download ended early");
+        hasher.update(&buf[..n]);
+        got += n;
+    }
+    let stopped = Instant::now();
+    // B echoes through the same tunnel while A is stopped.
+    let mut rounds = 0;
+    let mut worst = Duration::ZERO;
+    while stopped.elapsed() < PAUSE {
+        let t = Instant::now();
+        let echoed = tokio::time::timeout(ECHO_LIMIT, echo_once(&mut b, b"ping"))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "echo {rounds} took over {ECHO_LIMIT:?} while another client's reader was \
+                     stopped for {:?}: the tunnel is stalled",
+                    stopped.elapsed()
+                )
+            });
+        assert_eq!(echoed, b"ping");
+        worst = worst.max(t.elapsed());
+        rounds += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("{rounds} echoes while A was stopped, slowest {worst:?}");
+    assert!(rounds >= 50, "only {rounds} echoes in {PAUSE:?}");
+
+    // A resumes after the pause and gets every byte.
+    let rest = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            let n = a
+                .read(&mut buf)
+                .await
+                .expect("the paused stream was not cut");
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            got += n;
+        }
+    })
+    .await;
+    assert!(rest.is_ok(), "the paused download did not finish");
+    assert_eq!(got, FIREHOSE_BYTES);
+    assert_eq!(
+        hasher.finalize()[..],
+        Sha256::digest(firehose_bytes())[..],
+        "the paused download's bytes changed"
+    );
+    let m = scrape(proxy.ops).await;
+    assert_eq!(
+        metric(
+            &m,
+            "postern_tunnels_connected",
+            &[("cluster", "isoq"), ("transport", "quic")]
+        ),
+        1.0,
+        "the scenario ran over QUIC: {m}"
+    );
+    drop(a);
+    drop(b);
+    agent.stop().await;
+    proxy.stop().await;
+}
