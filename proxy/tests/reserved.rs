@@ -5,6 +5,7 @@ mod support;
 
 use std::time::Duration;
 
+use postern_agent::config::TransportMode;
 use postern_client::ProxySession;
 use support::*;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -13,6 +14,16 @@ use tunnel_proto::login::{LoginRequest, LoginResponse};
 
 #[tokio::test]
 async fn a_service_agent_is_refused_the_reserved_targets_with_a_log_line_and_a_metric() {
+    service_agent_refused_reserved_targets(TransportMode::Ssh).await;
+}
+
+/// The same rule for an agent on the QUIC transport (one registration code for both).
+#[tokio::test]
+async fn over_quic_a_service_agent_is_refused_the_reserved_targets() {
+    service_agent_refused_reserved_targets(TransportMode::Quic).await;
+}
+
+async fn service_agent_refused_reserved_targets(transport: TransportMode) {
     init_tracing();
     let pki = Pki::new("example");
     let proxy = start_proxy(&[&pki], |_| {}).await;
@@ -26,6 +37,7 @@ async fn a_service_agent_is_refused_the_reserved_targets_with_a_log_line_and_a_m
         &[("web", web), ("auth", fake_auth), ("login", fake_login)],
     );
     config.host_key_file = pki.service_agent_files("svc-1");
+    config.transport.mode = transport;
     let agent = start_agent(config);
 
     let session = ProxySession::connect(&client_opts(&pki, &proxy, "alice"))
@@ -47,6 +59,20 @@ async fn a_service_agent_is_refused_the_reserved_targets_with_a_log_line_and_a_m
         ),
         2.0,
         "auth and login refused"
+    );
+    let label = if transport == TransportMode::Quic {
+        "quic"
+    } else {
+        "ssh"
+    };
+    assert_eq!(
+        metric(
+            &text,
+            "postern_tunnels_connected",
+            &[("cluster", "example"), ("transport", label)]
+        ),
+        1.0,
+        "the agent's tunnel is up over {label}: {text}"
     );
     agent.stop().await;
     proxy.stop().await;

@@ -330,6 +330,7 @@ impl Conn {
             source: self.peer.to_string(),
             cluster,
             target,
+            transport: "",
         }
     }
 

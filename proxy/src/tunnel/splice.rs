@@ -29,6 +29,8 @@ pub(super) async fn open_stream(
     client: Channel<Msg>,
     reply: ChannelOpenHandle,
 ) {
+    let mut open = open;
+    open.info.transport = tunnel.link.transport();
     let opened = tunnel
         .link
         .open_stream(
