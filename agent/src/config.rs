@@ -29,6 +29,16 @@ pub struct AgentConfig {
     /// Its host certificate. Default `<host_key_file>-cert.pub`.
     #[serde(default)]
     pub host_cert_file: Option<PathBuf>,
+    /// A file holding a join token (`pctl tokens add --type=agent`). When there is no
+    /// certificate yet, the agent makes its key, presents the token through the proxy's web
+    /// listener, and saves the certificate it gets. Never a command-line argument.
+    #[serde(default)]
+    pub join_token_file: Option<PathBuf>,
+    /// The cluster's CA pin (`sha256:<hex>`, as `pctl status` prints it): a join is refused
+    /// unless the host CA that signs the new certificate has this fingerprint. Required with
+    /// `join_token_file`.
+    #[serde(default)]
+    pub ca_pin: Option<String>,
     /// Host CA public-key lines that sign the proxy's own host certificate.
     #[serde(default)]
     pub proxy_host_ca: Vec<String>,
@@ -196,6 +206,9 @@ pub struct ReconnectConfig {
     pub base_ms: u64,
     /// Largest back-off ceiling, milliseconds.
     pub cap_ms: u64,
+    /// Seconds between attempts after a permanent failure (a refused or expired certificate,
+    /// an untrusted proxy, a lock): retrying sooner would fail the same way. Default 300.
+    pub permanent_secs: u64,
 }
 
 impl Default for ReconnectConfig {
@@ -203,6 +216,7 @@ impl Default for ReconnectConfig {
         ReconnectConfig {
             base_ms: 100,
             cap_ms: 1500,
+            permanent_secs: 300,
         }
     }
 }
@@ -328,6 +342,24 @@ impl AgentConfig {
                     ));
                 }
             }
+        }
+        match (&self.join_token_file, &self.ca_pin) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    "ca_pin",
+                    "joining with a token needs the cluster's CA pin (`pctl status` prints it)",
+                ));
+            }
+            (Some(_), Some(_)) if self.proxy.is_none() => {
+                return Err(invalid(
+                    "proxy",
+                    "joining with a token goes through the proxy's web address: set `proxy`",
+                ));
+            }
+            _ => {}
+        }
+        if let Some(pin) = &self.ca_pin {
+            crate::join::parse_pin(pin).map_err(|e| invalid("ca_pin", e))?;
         }
         if self.keepalive_interval_secs == 0 {
             return Err(invalid("keepalive_interval_secs", "must be at least 1"));

@@ -12,18 +12,24 @@
 //! - [`tunnel`]: one connection's life: login, registration, control channel, serving streams;
 //!   QUIC first when the proxy offers it, SSH over TCP otherwise or when UDP is blocked.
 //! - [`quic`]: the QUIC transport (login bound to the TLS exporter, one QUIC stream per stream).
+//! - [`failure`]: the own-certificate check before dialling; permanent vs transient failures.
+//! - [`join`]: the first start with a join token: key, certificate through the proxy, CA pin.
+//! - [`renew`]: renewing the certificate at two-thirds of its life, written atomically.
 //! - [`run`]: the reconnect loop.
 
 pub mod config;
+pub mod failure;
+pub mod join;
 pub mod labels;
 pub mod quic;
+pub mod renew;
 pub mod tunnel;
 
 use std::time::Duration;
 
 use postern_dial::DialError;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, error, info, warn};
 
 pub use config::AgentConfig;
 
@@ -36,6 +42,10 @@ pub enum AgentError {
     /// Key or certificate unusable (not retried).
     #[error(transparent)]
     Identity(DialError),
+    /// Joining with a token failed (a wrong, used or expired token, a CA pin that does not
+    /// match): not retried.
+    #[error(transparent)]
+    Join(#[from] join::JoinError),
 }
 
 /// The back-off ceiling before retry `attempt` (0-based): `min(cap, base * 2^attempt)`.
@@ -53,34 +63,133 @@ pub fn full_jitter(ceiling: Duration) -> Duration {
     Duration::from_millis(rand::random_range(0..ms))
 }
 
-/// Runs the agent until `shutdown` is cancelled: connect, serve, back off, reconnect.
+/// Runs the agent until `shutdown` is cancelled: join if it has no certificate yet, then
+/// connect, serve, back off, reconnect.
+///
+/// Before each dial the agent checks its own certificate (reloaded when its file changes, so a
+/// renewed one is used for the next connection). A permanent failure (see [`failure`]) is said
+/// once and retried every `reconnect.permanent_secs`; a transient one keeps the fast schedule.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     config.validate()?;
-    let identity =
+    if config.join_token_file.is_some() && !config.host_cert_path().exists() {
+        tokio::select! {
+            r = join::join(&config) => r?,
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+    }
+    let mut identity =
         postern_dial::ssh::Identity::load(&config.host_key_file, &config.host_cert_path())
             .map_err(AgentError::Identity)?;
+    let mut loaded = cert_stamp(&config);
+    // A service agent renews its own certificate; the Auth server's own agent (role `auth`) is
+    // issued in-process by its server.
+    let _renewing = (identity
+        .cert
+        .extensions()
+        .get(tunnel_proto::names::EXT_ROLE)
+        .map(String::as_str)
+        == Some(tunnel_proto::names::ROLE_SERVICE))
+    .then(|| {
+        let stop = shutdown.child_token();
+        tokio::spawn(renew::keep_renewed(config.clone(), stop.clone()));
+        stop.drop_guard()
+    });
     let base = Duration::from_millis(config.reconnect.base_ms);
     let cap = Duration::from_millis(config.reconnect.cap_ms);
+    let permanent = Duration::from_secs(config.reconnect.permanent_secs);
+    let cert_path = config.host_cert_path().display().to_string();
     let mut attempt = 0u32;
     let quic = quic::QuicClient::default();
+    let mut last_permanent: Option<String> = None;
     loop {
-        let outcome = tunnel::connect_and_serve(&quic, &config, &identity, &shutdown).await;
-        match outcome {
+        // A certificate file that changed (renewed, or replaced by an operator) is used now.
+        let stamp = cert_stamp(&config);
+        if stamp != loaded {
+            match postern_dial::ssh::Identity::load(&config.host_key_file, &config.host_cert_path())
+            {
+                Ok(fresh) => {
+                    info!(expires = %failure::utc(fresh.cert.valid_before()), "certificate reloaded");
+                    identity = fresh;
+                    loaded = stamp;
+                }
+                Err(e) => {
+                    warn!(error = %e, "certificate file changed but does not load: keeping the one in use")
+                }
+            }
+        }
+        let outcome = match failure::check_own_cert(
+            &identity.cert,
+            &cert_path,
+            postern_dial::mint::now_unix(),
+        ) {
+            Err(f) => Err(f),
+            Ok(()) => tunnel::connect_and_serve(&quic, &config, &identity, &shutdown)
+                .await
+                .map_err(|e| failure::classify(&e, &config.cluster)),
+        };
+        let outcome = match outcome {
+            Err(f) => Err(refine_unknown_cluster(&config, f).await),
+            ok => ok,
+        };
+        let wait = match outcome {
             Ok(tunnel::Ended::Shutdown) => return Ok(()),
             Ok(ended) => {
                 info!(?ended, "tunnel ended: reconnecting");
                 attempt = 0;
+                last_permanent = None;
+                full_jitter(backoff_ceiling(base, cap, 0))
             }
-            Err(e) => {
-                warn!(error = %e, attempt, "tunnel attempt failed");
+            Err(failure::Failure::Transient(e)) => {
+                warn!(error = %e, attempt, "tunnel attempt failed: retrying");
+                last_permanent = None;
+                let w = full_jitter(backoff_ceiling(base, cap, attempt));
+                attempt = attempt.saturating_add(1);
+                w
             }
-        }
-        let wait = full_jitter(backoff_ceiling(base, cap, attempt));
-        attempt = attempt.saturating_add(1);
+            Err(failure::Failure::Permanent(e)) => {
+                if last_permanent.as_deref() != Some(e.as_str()) {
+                    error!(retry_in_secs = permanent.as_secs(), "{e}");
+                } else {
+                    debug!(error = %e, "still failing the same way");
+                }
+                last_permanent = Some(e);
+                attempt = 0;
+                permanent
+            }
+        };
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(wait) => {}
         }
+    }
+}
+
+/// Size, modification time and inode of the certificate file: a change means a new one.
+fn cert_stamp(config: &AgentConfig) -> Option<(u64, std::time::SystemTime, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(config.host_cert_path()).ok()?;
+    Some((m.len(), m.modified().ok()?, m.ino()))
+}
+
+/// A refused certificate may be for a cluster the proxy does not serve: ask its discovery, and
+/// say so in those words.
+async fn refine_unknown_cluster(config: &AgentConfig, f: failure::Failure) -> failure::Failure {
+    let (failure::Failure::Permanent(_), Some(web)) = (&f, &config.proxy) else {
+        return f;
+    };
+    let Ok(trust) = tunnel::web_trust(config) else {
+        return f;
+    };
+    match postern_dial::web::ping(web, &trust).await {
+        Ok(ping) if !ping.cluster_names.contains(&config.cluster) => {
+            failure::Failure::Permanent(format!(
+                "proxy {web} does not serve cluster '{}' (it serves: {}): check `cluster` in \
+                 agent.toml, or add the cluster to the proxy's [[clusters]]",
+                config.cluster,
+                ping.cluster_names.join(", ")
+            ))
+        }
+        _ => f,
     }
 }
 

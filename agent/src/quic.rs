@@ -172,7 +172,17 @@ pub async fn dial(
         }),
         Ok(Err(e)) => {
             conn.close(0u32.into(), b"login failed");
-            Err(quic_err(addr, e))
+            Err(match e {
+                LoginFailed::Refused(reason) => DialError::Refused {
+                    addr: addr.to_owned(),
+                    reason,
+                },
+                LoginFailed::Untrusted(detail) => DialError::HostVerification {
+                    addr: addr.to_owned(),
+                    detail,
+                },
+                LoginFailed::Other(e) => quic_err(addr, e),
+            })
         }
         Err(_) => {
             conn.close(0u32.into(), b"login timeout");
@@ -188,13 +198,30 @@ fn exporter(conn: &quinn::Connection, context: &[u8]) -> Result<[u8; EXPORTER_LE
     Ok(out)
 }
 
+/// How a QUIC login failed: what the agent's reconnect loop must tell apart (a refusal in words
+/// or an untrusted proxy is permanent; the rest is transient).
+enum LoginFailed {
+    /// The proxy refused this agent, saying why (a certificate, a lock).
+    Refused(String),
+    /// The proxy did not prove its host certificate.
+    Untrusted(String),
+    /// Anything else: the connection broke, or the proxy spoke out of turn.
+    Other(String),
+}
+
+impl From<String> for LoginFailed {
+    fn from(e: String) -> Self {
+        LoginFailed::Other(e)
+    }
+}
+
 /// The login and the target registration on the control stream.
 async fn login(
     config: &AgentConfig,
     identity: &Identity,
     conn: &quinn::Connection,
     verifier: &ProxyVerifier,
-) -> Result<Control, String> {
+) -> Result<Control, LoginFailed> {
     let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let mut control = Control {
         send,
@@ -229,16 +256,16 @@ async fn login(
                 }
             };
             if !verifier.verify(&presented) {
-                return Err(
+                return Err(LoginFailed::Untrusted(
                     "the proxy's host certificate is not trusted (proxy_host_ca / proxy_host_keys)"
                         .into(),
-                );
+                ));
             }
             verify_binding(&public, &exporter(conn, PROXY_CONTEXT)?, &signature)
-                .map_err(|e| format!("the proxy's proof: {e}"))?;
+                .map_err(|e| LoginFailed::Untrusted(format!("the proxy's proof: {e}")))?;
         }
-        Frame::Refused { reason } => return Err(format!("login refused: {reason}")),
-        other => return Err(format!("unexpected answer to the login: {other:?}")),
+        Frame::Refused { reason } => return Err(LoginFailed::Refused(reason)),
+        other => return Err(format!("unexpected answer to the login: {other:?}").into()),
     }
     // Each target's labels go first, as on SSH: no stream is decided on a target without them.
     let labels = crate::labels::encode_target_labels(config);
@@ -266,11 +293,15 @@ async fn login(
                 }
             }
             Frame::Control(m) => debug!(?m, "control message during registration"),
-            other => return Err(format!("unexpected frame during registration: {other:?}")),
+            other => {
+                return Err(format!("unexpected frame during registration: {other:?}").into());
+            }
         }
     }
     if registered == 0 {
-        return Err("the proxy refused every target".into());
+        return Err(LoginFailed::Refused(
+            "the proxy refused every target".into(),
+        ));
     }
     Ok(control)
 }

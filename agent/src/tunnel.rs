@@ -109,7 +109,9 @@ pub async fn connect_and_serve(
     // The proxy's protocol version, from its control hello (0 until then): streams use credit
     // when it has them.
     let (proxy_version_tx, proxy_version) = watch::channel(0u32);
+    let refusal = Refusal::default();
     let handler = AgentHandler {
+        refusal: refusal.clone(),
         proxy_version,
         verifier: verifier.clone(),
         targets: Arc::new(config.target_addrs()),
@@ -164,6 +166,12 @@ pub async fn connect_and_serve(
         }
     }
     if registered == 0 {
+        // A proxy that accepted the certificate but refuses this agent (a lock) says why in its
+        // disconnect message: wait briefly for it.
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut handle).await;
+        if let Some(reason) = refusal.take() {
+            return Err(DialError::Refused { addr, reason });
+        }
         let _ = handle
             .disconnect(Disconnect::ByApplication, "no target registered", "")
             .await;
@@ -207,8 +215,20 @@ pub async fn connect_and_serve(
     Ok(ended)
 }
 
+/// The proxy's disconnect message, when it sent one.
+#[derive(Clone, Default)]
+struct Refusal(Arc<std::sync::Mutex<Option<String>>>);
+
+impl Refusal {
+    fn take(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
 /// The russh client handler of an agent connection.
 struct AgentHandler {
+    /// Where the proxy's disconnect message is kept for the caller.
+    refusal: Refusal,
     verifier: ProxyVerifier,
     targets: Arc<BTreeMap<String, SocketAddr>>,
     cluster: String,
@@ -225,6 +245,22 @@ impl russh::client::Handler for AgentHandler {
         key: &PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
         Ok(self.verifier.verify(key))
+    }
+
+    async fn disconnected(
+        &mut self,
+        reason: russh::client::DisconnectReason<Self::Error>,
+    ) -> Result<(), Self::Error> {
+        match reason {
+            russh::client::DisconnectReason::ReceivedDisconnect(info) => {
+                if !info.message.is_empty() {
+                    *self.refusal.0.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(info.message.chars().take(512).collect());
+                }
+                Ok(())
+            }
+            russh::client::DisconnectReason::Error(e) => Err(e),
+        }
     }
 
     async fn server_channel_open_forwarded_tcpip(

@@ -218,6 +218,19 @@ impl Authorities {
         self.host_ca.public_key().to_openssh().unwrap_or_default()
     }
 
+    /// SHA-256 fingerprint of the host CA's public key.
+    pub fn host_ca_fingerprint(&self) -> russh::keys::ssh_key::Fingerprint {
+        self.host_ca
+            .public_key()
+            .fingerprint(russh::keys::HashAlg::Sha256)
+    }
+
+    /// The cluster's CA pin (`sha256:<hex>` of the host CA's public key), what an agent's
+    /// `ca_pin` names.
+    pub fn host_ca_pin(&self) -> String {
+        tunnel_proto::join::ca_pin(self.host_ca_fingerprint().as_bytes())
+    }
+
     fn tls_sign(
         &self,
         subject: &impl rcgen::PublicKeyData,
@@ -266,11 +279,25 @@ impl Authorities {
         ttl: u64,
         roles: &[String],
     ) -> Result<Issued, AuthorityError> {
+        self.issue_user_for_request(user, key, ttl, roles, None)
+    }
+
+    /// A user certificate pair whose `roles` include those of the access request `request`
+    /// (named in the SSH certificate's `postern-request@postern` extension).
+    pub fn issue_user_for_request(
+        &self,
+        user: &str,
+        key: &PublicKey,
+        ttl: u64,
+        roles: &[String],
+        request: Option<&str>,
+    ) -> Result<Issued, AuthorityError> {
         let now = mint::now_unix();
         let expires = now + ttl;
         let spec = CertSpec::UserWithRoles {
             user: user.into(),
             roles: roles.to_vec(),
+            request: request.map(str::to_owned),
         };
         let ssh = mint::issue(&self.user_ca, key, &spec, now - BACKDATE_SECS, expires)
             .map_err(|e| AuthorityError::Issue(e.to_string()))?;

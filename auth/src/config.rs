@@ -15,6 +15,16 @@ pub struct AuthConfig {
     pub cluster: Option<String>,
     /// Database, admin identity, audit log and keys. Default `/var/lib/postern-auth`.
     pub data_dir: PathBuf,
+    /// Where the cluster's state lives: absent or `"sqlite"` for the embedded database in
+    /// `data_dir` (the default); `"postgres://user@host:port/database"` for a PostgreSQL
+    /// database that several Auth servers share. Never put the password in the URL.
+    pub backend: Option<String>,
+    /// A file holding the PostgreSQL password (one line; mode 0600 or stricter). Without it the
+    /// password comes from `POSTERN_BACKEND_PASSWORD`, then `PGPASSWORD`, if set.
+    pub backend_password_file: Option<PathBuf>,
+    /// PEM CA certificate(s) that signed the PostgreSQL server's certificate: set, the connection
+    /// uses TLS and verifies the server's chain and host name. Needed with `sslmode=require`.
+    pub backend_ca_file: Option<PathBuf>,
     /// The API's listen address. Default `0.0.0.0:3025`.
     pub listen: SocketAddr,
     /// Start even as root (only an SSH service needs root; the Auth server does not).
@@ -23,6 +33,9 @@ pub struct AuthConfig {
     /// listener is bound, reused while half of it is left, otherwise replaced with the previous
     /// one revoked. Default 30 days.
     pub admin_identity_ttl_secs: u64,
+    /// Lifetime of the host certificates agents get by joining with a token and by renewing,
+    /// seconds. Agents renew at about two-thirds of it. Default 30 days; at least 5 s.
+    pub agent_cert_ttl_secs: u64,
     /// Where `GET /metrics` (Prometheus text) is served; absent means nowhere (the counters
     /// still run). Keep it on loopback or a firewalled address.
     pub metrics_listen: Option<SocketAddr>,
@@ -135,9 +148,13 @@ impl Default for AuthConfig {
         AuthConfig {
             cluster: None,
             data_dir: PathBuf::from("/var/lib/postern-auth"),
+            backend: None,
+            backend_password_file: None,
+            backend_ca_file: None,
             listen: ([0, 0, 0, 0], tunnel_proto::names::DEFAULT_AUTH_PORT).into(),
             allow_root: false,
             admin_identity_ttl_secs: 30 * 24 * 3600,
+            agent_cert_ttl_secs: 30 * 24 * 3600,
             metrics_listen: None,
             tunnel: None,
             limits: LimitsConfig::default(),
@@ -196,6 +213,45 @@ impl AuthConfig {
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "empty".into()));
+        }
+        match self.backend.as_deref() {
+            None | Some("sqlite") => {
+                if self.backend_password_file.is_some() || self.backend_ca_file.is_some() {
+                    return Err(invalid(
+                        "backend_password_file",
+                        "backend_password_file and backend_ca_file need a postgres:// backend"
+                            .into(),
+                    ));
+                }
+            }
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                let pg = crate::storage::postgres::parse_url(url)
+                    .map_err(|e| invalid("backend", e.to_string()))?;
+                if pg.get_ssl_mode() == tokio_postgres::config::SslMode::Require
+                    && self.backend_ca_file.is_none()
+                {
+                    return Err(invalid(
+                        "backend_ca_file",
+                        crate::storage::postgres::PostgresConfigError::TlsWithoutCa.to_string(),
+                    ));
+                }
+            }
+            Some(other) => {
+                return Err(invalid(
+                    "backend",
+                    // Only the scheme: the rest may hold a password.
+                    format!(
+                        "'{}:…' is neither \"sqlite\" nor a postgres:// URL",
+                        other.split(':').next().unwrap_or_default()
+                    ),
+                ));
+            }
+        }
+        if !(5..=365 * 24 * 3600).contains(&self.agent_cert_ttl_secs) {
+            return Err(ConfigError::Invalid {
+                field: "agent_cert_ttl_secs",
+                problem: "between 5 s and 365 days".into(),
+            });
         }
         if self.admin_identity_ttl_secs < 3600 {
             return Err(invalid(

@@ -8,16 +8,19 @@
 //!
 //! Layout:
 //! - [`config`]: `auth.toml`, validated in one place;
-//! - [`storage`]: the `Backend` trait and its SQLite implementation (WAL, versioned migrations);
+//! - [`storage`]: the `Backend` trait, SQLite (embedded default) and PostgreSQL (several Auth
+//!   servers on one database), versioned migrations;
 //! - [`authority`]: the SSH user and host CAs and the TLS CA, and what they issue;
 //! - [`service`]: the gRPC service: authentication, RBAC, audit, operations;
 //! - [`audit`]: the audit log (database table and JSON lines);
 //! - [`changes`]: the policy change feed (roles, users, locks) with its revisions;
 //! - [`watch`]: `WatchPolicy`, the feed as a gRPC stream with resume from a revision;
 //! - [`locks`]: locks on a user, a role or an agent;
+//! - [`requests`]: access requests (temporary elevation on approval) and their RPCs;
 //! - [`stream_events`]: stream access events shipped by proxies;
 //! - [`tokens`]: join tokens as stored, and spending one use atomically;
 //! - [`login`]: `psh login` behind the proxy's login relay (signup secret, then password);
+//! - [`join`]: agents joining with a token behind the proxy's join relay;
 //! - [`password`]: Argon2id verification on reused memory;
 //! - [`throttle`]: the password-hashing gate and failed logins per source and user;
 //! - [`listener`]: the API listener's caps and deadlines;
@@ -30,11 +33,13 @@ pub mod audit;
 pub mod authority;
 pub mod changes;
 pub mod config;
+pub mod join;
 pub mod listener;
 pub mod locks;
 pub mod login;
 pub mod metrics;
 pub mod password;
+pub mod requests;
 pub mod server;
 pub mod service;
 pub mod storage;

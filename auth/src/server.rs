@@ -17,7 +17,9 @@ use crate::authority::{Authorities, AuthorityError};
 use crate::config::{AuthConfig, ConfigError};
 use crate::listener::TlsConn;
 use crate::service::{self, Service, State};
-use crate::storage::{Backend, Condition, SqliteBackend, StorageError};
+use crate::storage::{
+    Backend, Condition, PostgresBackend, PostgresOptions, SqliteBackend, StorageError,
+};
 
 /// Lifetime of the server's own TLS certificate (re-issued at every start).
 const SERVER_CERT_TTL: u64 = 365 * 24 * 3600;
@@ -163,7 +165,7 @@ pub fn prepare(config: &AuthConfig) -> Result<Prepared, AuthError> {
     }
     let dir = &config.data_dir;
     check_data_dir(dir)?;
-    let backend: Arc<dyn Backend> = Arc::new(SqliteBackend::open(&dir.join(files::DB))?);
+    let backend = open_backend(config)?;
     let authorities = Arc::new(Authorities::load_or_create(
         backend.as_ref(),
         config.cluster.as_deref(),
@@ -193,6 +195,39 @@ pub fn prepare(config: &AuthConfig) -> Result<Prepared, AuthError> {
         tls,
         config: config.clone(),
     })
+}
+
+/// The environment variables the PostgreSQL password is read from when no
+/// `backend_password_file` is set, in this order.
+pub const PASSWORD_ENV: [&str; 2] = ["POSTERN_BACKEND_PASSWORD", "PGPASSWORD"];
+
+/// Opens the configured backend: SQLite in the data dir, or a PostgreSQL database (the password
+/// from `backend_password_file`, else from [`PASSWORD_ENV`]).
+pub fn open_backend(config: &AuthConfig) -> Result<Arc<dyn Backend>, AuthError> {
+    let url = match config.backend.as_deref() {
+        None | Some("sqlite") => {
+            let db = SqliteBackend::open(&config.data_dir.join(files::DB))?;
+            return Ok(Arc::new(db));
+        }
+        Some(url) => url,
+    };
+    let password = match &config.backend_password_file {
+        Some(path) => {
+            check_mode(path, 0o600)?;
+            let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+            Some(text.trim_end_matches(['\r', '\n']).to_string())
+        }
+        None => PASSWORD_ENV
+            .iter()
+            .find_map(|v| std::env::var(v).ok().filter(|p| !p.is_empty())),
+    };
+    let db = PostgresBackend::open(&PostgresOptions {
+        url: url.into(),
+        password,
+        ca_file: config.backend_ca_file.clone(),
+    })?;
+    info!(database = db.addr(), "storage: PostgreSQL");
+    Ok(Arc::new(db))
 }
 
 fn server_tls(a: &Authorities) -> Result<Arc<rustls::ServerConfig>, AuthError> {
@@ -276,6 +311,8 @@ fn agent_config(
         web: t.web.clone(),
         host_key_file: key_path,
         host_cert_file: Some(cert_path),
+        join_token_file: None,
+        ca_pin: None,
         proxy_host_ca,
         proxy_host_keys: Vec::new(),
         targets: [
@@ -359,10 +396,10 @@ async fn serve_bound(
         .map_err(|e| AuthError::Serve(e.to_string()))?;
     tokio::spawn(crate::login::serve(
         login_listener,
-        Arc::new(crate::login::Logins::new(
-            prepared.state.clone(),
-            &prepared.config.limits,
-        )),
+        Arc::new(crate::login::Logins {
+            agent_ttl: prepared.config.agent_cert_ttl_secs,
+            ..crate::login::Logins::new(prepared.state.clone(), &prepared.config.limits)
+        }),
         shutdown.clone(),
     ));
 

@@ -91,8 +91,8 @@ pub struct Service {
 #[derive(Debug, Clone)]
 pub(crate) struct Caller {
     pub(crate) user: String,
-    roles: Vec<Role>,
-    peer: String,
+    pub(crate) roles: Vec<Role>,
+    pub(crate) peer: String,
 }
 
 pub(crate) fn storage_status(e: StorageError) -> Status {
@@ -178,7 +178,7 @@ fn role_json(role: &Role) -> String {
     serde_json::to_string(&doc).expect("role serializes")
 }
 
-fn user_from_item(item: &crate::storage::Item) -> Result<(StoredUser, User), Status> {
+pub(crate) fn user_from_item(item: &crate::storage::Item) -> Result<(StoredUser, User), Status> {
     let s: StoredUser = serde_json::from_str(&item.value)
         .map_err(|e| Status::internal(format!("stored user '{}' is corrupt: {e}", item.name)))?;
     let u = User {
@@ -199,7 +199,7 @@ fn random_secret() -> String {
     hex::encode(rand::random::<[u8; 32]>())
 }
 
-fn parse_public_key(line: &str) -> Result<PublicKey, Status> {
+pub(crate) fn parse_public_key(line: &str) -> Result<PublicKey, Status> {
     let key = PublicKey::from_openssh(line.trim()).map_err(|e| {
         Status::invalid_argument(format!("public_key: not an OpenSSH public key line: {e}"))
     })?;
@@ -314,7 +314,9 @@ impl Service {
                     Status::unauthenticated(format!("user '{user}' has been deleted: its certificates no longer work"))
                 })?;
                 let (stored, _) = user_from_item(&item)?;
-                let roles = load_roles(s, &stored.roles)?;
+                // Locks and an access request's elevation (see `requests`).
+                let names = crate::requests::caller_roles(s, &fp, &user, stored.roles)?;
+                let roles = load_roles(s, &names)?;
                 Ok((user, roles))
             })
             .await??;
@@ -448,7 +450,7 @@ impl Service {
             .await
     }
 
-    fn certs(&self, issued: crate::authority::Issued, roles: Vec<String>) -> Certs {
+    pub(crate) fn certs(&self, issued: crate::authority::Issued, roles: Vec<String>) -> Certs {
         let a = &self.state.authorities;
         Certs {
             cluster: a.cluster.clone(),
@@ -889,9 +891,17 @@ impl AuthService for Service {
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
             let key = parse_public_key(&r.public_key)?;
             let (i, h) = (id.clone(), hash.clone());
-            self.blocking(move |s| crate::tokens::spend(s.backend.as_ref(), &i, &h, now_unix()))
-                .await?
-                .map_err(Status::from)?;
+            self.blocking(move |s| {
+                crate::tokens::spend(
+                    s.backend.as_ref(),
+                    &i,
+                    &h,
+                    now_unix(),
+                    crate::tokens::KIND_AGENT,
+                )
+            })
+            .await?
+            .map_err(Status::from)?;
             let issued = self
                 .state
                 .authorities
@@ -1123,5 +1133,40 @@ impl AuthService for Service {
         .await;
         self.finish(&caller, "ListAuditEvents", "event".into(), result)
             .await
+    }
+
+    async fn create_access_request(
+        &self,
+        req: Request<CreateAccessRequestRequest>,
+    ) -> Result<Response<AccessRequest>, Status> {
+        self.create_access_request_rpc(req).await
+    }
+
+    async fn get_access_request(
+        &self,
+        req: Request<GetAccessRequestRequest>,
+    ) -> Result<Response<AccessRequest>, Status> {
+        self.get_access_request_rpc(req).await
+    }
+
+    async fn list_access_requests(
+        &self,
+        req: Request<ListAccessRequestsRequest>,
+    ) -> Result<Response<ListAccessRequestsResponse>, Status> {
+        self.list_access_requests_rpc(req).await
+    }
+
+    async fn review_access_request(
+        &self,
+        req: Request<ReviewAccessRequestRequest>,
+    ) -> Result<Response<AccessRequest>, Status> {
+        self.review_access_request_rpc(req).await
+    }
+
+    async fn reissue_user_certs(
+        &self,
+        req: Request<ReissueUserCertsRequest>,
+    ) -> Result<Response<Certs>, Status> {
+        self.reissue_user_certs_rpc(req).await
     }
 }

@@ -10,6 +10,9 @@ use tonic::Status;
 
 use crate::storage::{Backend, Condition, StorageError};
 
+/// The kind of token that enrolls an agent.
+pub const KIND_AGENT: &str = "agent";
+
 /// The most uses one token may be created with.
 pub const MAX_USES: u32 = 1000;
 
@@ -45,6 +48,18 @@ pub enum TokenError {
         "join token is unknown, expired or deleted: ask an admin for a new one (pctl tokens add)"
     )]
     Unknown,
+    /// The token exists but is for something else (a bot token presented by an agent).
+    #[error(
+        "join token {id} is a '{kind}' token, not an '{wanted}' token: ask an admin for a token of the right type (pctl tokens add --type={wanted})"
+    )]
+    WrongKind {
+        /// The token's id.
+        id: String,
+        /// Its kind.
+        kind: String,
+        /// The kind this use needs.
+        wanted: String,
+    },
     /// Every use has been spent.
     #[error(
         "join token {id} has already been used ({uses} of {uses} uses spent): a token enrolls one agent unless created with `pctl tokens add --uses N`; ask an admin for a new one"
@@ -71,15 +86,29 @@ impl From<TokenError> for Status {
     }
 }
 
-/// Spends one use of the token `id` whose secret hashes to `hash`, at unix time `now`.
-pub fn spend(backend: &dyn Backend, id: &str, hash: &str, now: u64) -> Result<(), TokenError> {
+/// Spends one use of the token `id` of kind `kind` whose secret hashes to `hash`, at unix time
+/// `now`.
+pub fn spend(
+    backend: &dyn Backend,
+    id: &str,
+    hash: &str,
+    now: u64,
+    kind: &str,
+) -> Result<(), TokenError> {
     let mut raced = None;
     for _ in 0..SPEND_RETRIES {
         let item = backend.get("token", id)?.ok_or(TokenError::Unknown)?;
         let mut t: StoredToken =
             serde_json::from_str(&item.value).map_err(|_| TokenError::Unknown)?;
-        if t.hash != hash || t.expires < now || t.kind != "agent" {
+        if t.hash != hash || t.expires < now {
             return Err(TokenError::Unknown);
+        }
+        if t.kind != kind {
+            return Err(TokenError::WrongKind {
+                id: id.to_owned(),
+                kind: t.kind,
+                wanted: kind.to_owned(),
+            });
         }
         if t.uses_left == 0 {
             return Err(TokenError::Used {

@@ -109,3 +109,30 @@ proptest::proptest! {
         }
     }
 }
+
+/// The `auth.toml` blocks of the Kubernetes ConfigMaps (SQLite and PostgreSQL variants) load
+/// and validate: every field they set is one this build knows.
+#[test]
+fn kubernetes_auth_configmaps_are_valid() {
+    for variant in ["sqlite", "postgres"] {
+        let path = format!(
+            "{}/../deploy/kubernetes/auth/{variant}/configmap.yaml",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let yaml = std::fs::read_to_string(&path).unwrap();
+        let toml: String = yaml
+            .lines()
+            .skip_while(|l| l.trim() != "auth.toml: |")
+            .skip(1)
+            .take_while(|l| l.is_empty() || l.starts_with("    "))
+            .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+            .collect();
+        assert!(toml.contains("cluster = "), "{path}: no auth.toml block");
+        let c: AuthConfig = toml::from_str(&toml).unwrap_or_else(|e| panic!("{path}: {e}"));
+        c.validate().unwrap_or_else(|e| panic!("{path}: {e}"));
+        if variant == "postgres" {
+            assert!(c.backend.unwrap().starts_with("postgres://"));
+            assert!(c.backend_password_file.is_some() && c.backend_ca_file.is_some());
+        }
+    }
+}

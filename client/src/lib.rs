@@ -11,6 +11,7 @@
 //! - this file: options, session, stream, errors;
 //! - [`auth`]: the Auth API client (mTLS, direct or through the proxy, typed calls);
 //! - [`credentials`]: the five credential loaders; [`profile`]: what `psh login` writes;
+//! - [`requests`]: access requests from the SDK (create, get, list, review, reissue);
 //! - [`connect`]: `Config` and connecting to the first address that works;
 //! - `src/bin/pctl.rs`, `src/bin/psh.rs`: the admin and user CLIs.
 
@@ -18,6 +19,7 @@ pub mod auth;
 pub mod connect;
 pub mod credentials;
 pub mod profile;
+pub mod requests;
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};

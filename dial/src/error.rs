@@ -50,6 +50,15 @@ pub enum DialError {
         /// Login tried.
         login: String,
     },
+    /// The proxy accepted the certificate, then closed the connection with a reason before
+    /// anything was served (a lock, a critical option it cannot honour).
+    #[error("proxy {addr} refused the login: {reason}")]
+    Refused {
+        /// Address dialled.
+        addr: String,
+        /// The proxy's words (its disconnect message).
+        reason: String,
+    },
     /// The SSH session failed.
     #[error("SSH with {addr} failed: {source}")]
     Ssh {

@@ -173,6 +173,8 @@ async fn main() -> anyhow::Result<()> {
             },
             host_key_file: path,
             host_cert_file: None,
+            join_token_file: None,
+            ca_pin: None,
             proxy_host_ca: vec![host_ca_line.clone()],
             proxy_host_keys: Vec::new(),
             targets: [

@@ -109,8 +109,10 @@ pub struct LimitsConfig {
     pub max_tunnels_per_cluster: usize,
     /// New tunnel-listener connections accepted per source address per minute. Default 600.
     pub max_connects_per_source_per_minute: u32,
-    /// Failed logins per source address per minute before its new connections are refused for
-    /// the rest of the minute. Default 30.
+    /// Failed logins per (source address, login name) per minute before that login is refused
+    /// from that address for the rest of the minute; and distinct login names failing from one
+    /// address per minute before all its new connections are refused. One misconfigured agent
+    /// retrying therefore never locks out its neighbours on the same address. Default 30.
     pub max_auth_failures_per_source_per_minute: u32,
     /// Seconds for a web client's TLS handshake, then for each request's headers. Default 10.
     pub web_header_timeout_secs: u64,

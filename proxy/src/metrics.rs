@@ -35,7 +35,7 @@ pub const DISCOVERY_REQUESTS: &str = "postern_discovery_requests_total";
 /// `proxy_header_malformed`, `proxy_header_incomplete`).
 pub const CONNECTIONS_DROPPED: &str = "postern_connections_dropped_total";
 /// Connections, tunnels and streams refused by a limit, by `limit` (`connects_per_source`,
-/// `auth_failures_per_source`, `unauthenticated_per_source`, `tunnels_per_cluster`,
+/// `auth_failures_per_source`, `auth_failures_per_identity`, `unauthenticated_per_source`, `tunnels_per_cluster`,
 /// `streams_per_client`, `streams_per_user_per_target`, `web_connections`,
 /// `web_connections_per_source`, `web_no_descriptors`).
 pub const LIMIT_REFUSALS: &str = "postern_limit_refusals_total";

@@ -13,6 +13,7 @@ use russh::keys::ssh_key::LineEnding;
 use tokio_util::sync::CancellationToken;
 
 pub mod logins;
+pub mod postgres;
 
 pub const SEED_ROLE: &str = r#"kind: role
 metadata:

@@ -14,7 +14,7 @@ use tracing::warn;
 use tunnel_proto::certs::{
     CertError, Certificate, check_agent_cert, check_user_cert, signer_fingerprint,
 };
-use tunnel_proto::names::{AGENT_LOGIN_PREFIX, EXT_ROLES, validate_label};
+use tunnel_proto::names::{AGENT_LOGIN_PREFIX, EXT_REQUEST, EXT_ROLES, validate_label};
 
 /// The OpenSSH certificate extension that allows `direct-tcpip` (`ssh -W`, `-L`).
 pub(super) const EXT_PERMIT_PORT_FORWARDING: &str = "permit-port-forwarding";
@@ -42,6 +42,8 @@ pub(crate) enum Role {
         cluster: String,
         port_forwarding: bool,
         cert_roles: Option<Vec<String>>,
+        /// The access request the certificate's elevation comes from.
+        request: Option<String>,
         key_id: String,
     },
 }
@@ -54,6 +56,13 @@ pub(super) struct Conn {
     pub(super) role: Option<Role>,
     /// Streams this client connection holds open now.
     pub(super) client_streams: Arc<AtomicUsize>,
+}
+
+/// The key failed logins are counted under per identity: source address and login name (capped,
+/// so a long name cannot grow the map's keys).
+fn identity_key(ip: &str, login: &str) -> String {
+    let login: String = login.chars().take(128).collect();
+    format!("{ip} {login}")
 }
 
 pub(crate) fn reject_reason(
@@ -74,6 +83,23 @@ impl Conn {
             proceed_with_methods: Some(MethodSet::empty()),
             partial_success: false,
         }
+    }
+
+    /// Refuses a login name that failed too often from this source this minute (before any
+    /// check, so its retries cost nothing), without touching other identities at that address.
+    pub(super) fn over_identity_limit(&self, login: &str) -> Option<String> {
+        let limit = self.shared.limits.max_auth_failures_per_source_per_minute;
+        let ip = self.peer.ip().to_string();
+        (self
+            .shared
+            .failures_by_identity
+            .count(&identity_key(&ip, login))
+            >= limit)
+            .then(|| {
+                format!(
+                    "too many failed logins as '{login}' from {ip} (limit {limit} per minute): retry in a minute"
+                )
+            })
     }
 
     pub(super) fn check(
@@ -169,6 +195,7 @@ pub(crate) fn check_login(
                     .map(str::to_owned)
                     .collect()
             }),
+            request: cert.extensions().get(EXT_REQUEST).cloned(),
         })
     }
 }
@@ -191,12 +218,14 @@ pub(crate) fn admit_login(
             user,
             cluster,
             cert_roles,
+            request,
             ..
         } => (
             cluster,
             Kind::Client(crate::policy::Who {
                 user: user.clone(),
                 cert_roles: cert_roles.clone(),
+                request: request.clone(),
             }),
         ),
     };
@@ -226,7 +255,11 @@ pub(crate) fn record_refusal(
 ) {
     warn!(%peer, login, reason, detail, transport, "login refused");
     counter!(m::AUTH_FAILURES, "reason" => reason, "transport" => transport).increment(1);
-    shared
-        .failures_by_source
-        .allow(&peer.ip().to_string(), u32::MAX);
+    let ip = peer.ip().to_string();
+    let key = identity_key(&ip, login);
+    // The source's count grows by one per identity, not per attempt.
+    if shared.failures_by_identity.count(&key) == 0 {
+        shared.failures_by_source.allow(&ip, u32::MAX);
+    }
+    shared.failures_by_identity.allow(&key, u32::MAX);
 }

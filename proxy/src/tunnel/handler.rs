@@ -67,6 +67,15 @@ impl Handler for Conn {
         certificate: &Certificate,
     ) -> Result<Auth, Self::Error> {
         self.state.attempt_seen.store(true, Ordering::Relaxed);
+        if let Some(why) = self.over_identity_limit(user) {
+            warn!(peer = %self.peer, login = user, reason = "auth_failures_per_identity", "login refused: {why}");
+            counter!(m::LIMIT_REFUSALS, "limit" => "auth_failures_per_identity").increment(1);
+            self.state.refused.notify_one();
+            return Ok(Auth::Reject {
+                proceed_with_methods: Some(russh::MethodSet::empty()),
+                partial_success: false,
+            });
+        }
         let checked = self.check(user, certificate).and_then(|role| {
             self.admit(&role)
                 .map(|()| role)
@@ -342,7 +351,10 @@ impl Conn {
         target: &StreamTarget,
     ) -> Result<Option<crate::policy::registry::StreamGuard>, (&'static str, String)> {
         let Some(Role::Client {
-            user, cert_roles, ..
+            user,
+            cert_roles,
+            request,
+            ..
         }) = &self.role
         else {
             return Err(("forbidden", "only clients open streams".into()));
@@ -350,6 +362,7 @@ impl Conn {
         let who = crate::policy::Who {
             user: user.clone(),
             cert_roles: cert_roles.clone(),
+            request: request.clone(),
         };
         let labels = tunnel.labels(&target.target);
         if let Some(policy) = self.shared.policies.cluster(&target.cluster) {

@@ -64,8 +64,13 @@ pub struct TunnelShared {
     pub limits: crate::config::LimitsConfig,
     /// New connections per source address, this minute.
     pub connects_by_source: crate::login::Limiter,
-    /// Failed logins per source address, this minute.
+    /// Identities (login names) that failed to log in from each source address, this minute:
+    /// one identity counts once however often it retries, so one misconfigured agent cannot
+    /// lock its neighbours out; many different identities failing from one address do.
     pub failures_by_source: crate::login::Limiter,
+    /// Failed logins per (source address, login name), this minute: past the limit that
+    /// identity's logins from that address are refused, and nobody else's.
+    pub failures_by_identity: crate::login::Limiter,
     /// Seconds agents are told they have to move, on drain.
     pub grace_secs: u32,
     /// This proxy's id (control hello).
@@ -109,6 +114,7 @@ impl TunnelShared {
             limits: crate::config::LimitsConfig::default(),
             connects_by_source: crate::login::Limiter::default(),
             failures_by_source: crate::login::Limiter::default(),
+            failures_by_identity: crate::login::Limiter::default(),
             grace_secs,
             proxy_id,
             draining: CancellationToken::new(),
@@ -309,7 +315,7 @@ pub(crate) fn over_source_limits(
         return Some((
             "auth_failures_per_source",
             format!(
-                "too many failed logins from {ip} (limit {} per minute): retry in a minute",
+                "too many identities failed to log in from {ip} (limit {} per minute): retry in a minute",
                 l.max_auth_failures_per_source_per_minute
             ),
         ));

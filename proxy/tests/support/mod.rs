@@ -246,6 +246,8 @@ pub fn agent_config(
         },
         host_key_file: pki.agent_files(host_id),
         host_cert_file: None,
+        join_token_file: None,
+        ca_pin: None,
         proxy_host_ca: vec![pki.host_ca.public_key().to_openssh().unwrap()],
         proxy_host_keys: vec![],
         targets: targets

@@ -6,18 +6,21 @@ use postern_api::duration;
 use postern_api::proto::{DeleteLockRequest, ListLocksRequest, Lock};
 use postern_client::auth::AuthClient;
 
-/// What `pctl lock` locks: exactly one of a user, a role or an agent.
+/// What `pctl lock` locks: exactly one of a user, a role, an agent or an access request.
 #[derive(Args)]
 pub struct LockArgs {
     /// Lock this user: its new streams and logins are refused, its open streams closed.
-    #[arg(long, conflicts_with_all = ["role", "agent"])]
+    #[arg(long, conflicts_with_all = ["role", "agent", "request"])]
     user: Option<String>,
     /// Lock every holder of this role.
-    #[arg(long, conflicts_with = "agent")]
+    #[arg(long, conflicts_with_all = ["agent", "request"])]
     role: Option<String>,
     /// Lock this agent (host id): its tunnels are closed and its logins refused.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "request")]
     agent: Option<String>,
+    /// End the elevation of this access request (id) at once, at the Auth API and every proxy.
+    #[arg(long)]
+    request: Option<String>,
     /// How long (e.g. 1h); until removed if absent.
     #[arg(long)]
     ttl: Option<String>,
@@ -28,8 +31,8 @@ pub struct LockArgs {
 
 /// Creates the lock and prints its id.
 pub async fn lock(client: &AuthClient, a: LockArgs) -> anyhow::Result<()> {
-    if a.user.is_none() && a.role.is_none() && a.agent.is_none() {
-        bail!("say what to lock: --user=NAME, --role=NAME or --agent=HOST_ID");
+    if a.user.is_none() && a.role.is_none() && a.agent.is_none() && a.request.is_none() {
+        bail!("say what to lock: --user=NAME, --role=NAME, --agent=HOST_ID or --request=ID");
     }
     let ttl_secs = match a.ttl {
         Some(t) => duration::parse_secs(&t).map_err(anyhow::Error::msg)?,
@@ -40,6 +43,7 @@ pub async fn lock(client: &AuthClient, a: LockArgs) -> anyhow::Result<()> {
             user: a.user.unwrap_or_default(),
             role: a.role.unwrap_or_default(),
             agent: a.agent.unwrap_or_default(),
+            access_request: a.request.unwrap_or_default(),
             message: a.message.unwrap_or_default(),
             ttl_secs,
             ..Default::default()
@@ -66,6 +70,8 @@ pub async fn print(client: &AuthClient, json: bool) -> anyhow::Result<()> {
             format!("user={}", l.user)
         } else if !l.role.is_empty() {
             format!("role={}", l.role)
+        } else if !l.access_request.is_empty() {
+            format!("request={}", l.access_request)
         } else {
             format!("agent={}", l.agent)
         };

@@ -20,6 +20,7 @@ use russh::keys::ssh_key::LineEnding;
 
 mod events;
 mod locks;
+mod requests;
 
 #[derive(Parser)]
 #[command(name = "pctl", version, about = "Administer a Postern cluster")]
@@ -82,6 +83,11 @@ enum Command {
     /// Lock a user, a role or an agent: every proxy refuses its new streams and closes its open
     /// ones within seconds, with --message as the reason.
     Lock(locks::LockArgs),
+    /// Review access requests: ls, approve ID, deny ID.
+    Requests {
+        #[command(subcommand)]
+        command: requests::RequestsCommand,
+    },
     /// Remove a resource: role/NAME, user/NAME, token/ID, lock/ID.
     Rm {
         /// What to remove.
@@ -388,6 +394,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 p.user,
                 p.roles.join(", ")
             );
+            // The pin agents join with (`ca_pin` in agent.toml): the host CA's SHA-256.
+            match client
+                .export_authorities(ExportAuthoritiesRequest {
+                    kind: "host".into(),
+                })
+                .await
+            {
+                Ok(r) => {
+                    for line in r.entries {
+                        let key = russh::keys::ssh_key::PublicKey::from_openssh(line.trim())?;
+                        let fp = key.fingerprint(russh::keys::HashAlg::Sha256);
+                        println!("CA pin:   {}", tunnel_proto::join::ca_pin(fp.as_bytes()));
+                    }
+                }
+                Err(e) => println!("CA pin:   (not shown: {e})"),
+            }
         }
         Command::Create { file, force } => {
             let text = read_input(&file)?;
@@ -478,6 +500,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             _ => bail!("cannot remove '{what}': use role/NAME, user/NAME, token/ID or lock/ID"),
         },
         Command::Lock(args) => locks::lock(&client, args).await?,
+        Command::Requests { command } => requests::run(&client, command).await?,
         Command::Users { command } => match command {
             UsersCommand::Add {
                 name,

@@ -1,214 +1,12 @@
-//! Storage: the [`Backend`] trait and its embedded SQLite implementation.
-//!
-//! Everything the Auth server knows lives behind `Backend`, so that a PostgreSQL backend can later
-//! serve several Auth servers. The SQLite file runs in WAL mode with `synchronous=FULL`: a write
-//! acknowledged to a client survives the process being killed. Migrations are versioned (the
-//! `schema_version` table) and applied in one transaction each.
+//! The embedded SQLite backend: one file, WAL mode, `synchronous=FULL`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-/// A stored resource (role, user, token) as JSON, with its revision.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Item {
-    /// Its name, unique within its kind.
-    pub name: String,
-    /// Bumped by every write (starts at 1).
-    pub revision: u64,
-    /// The resource as JSON.
-    pub value: String,
-}
-
-/// When a write may happen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Condition {
-    /// Only if the name is free (create).
-    Absent,
-    /// Only if it exists (update).
-    Present,
-    /// Only if it exists at this revision (read-modify-write).
-    Revision(u64),
-    /// Always (upsert).
-    Any,
-}
-
-/// One audit record.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct AuditRecord {
-    /// Assigned on append.
-    pub id: u64,
-    /// Unix milliseconds.
-    pub time_ms: u64,
-    /// Who called (`@anonymous` without a certificate).
-    pub user: String,
-    /// The method.
-    pub action: String,
-    /// `kind/name`.
-    pub resource: String,
-    /// Whether RBAC allowed it.
-    pub allowed: bool,
-    /// The error returned, if any.
-    pub error: String,
-    /// The caller's address.
-    pub peer: String,
-}
-
-/// A storage failure.
-#[derive(Debug, thiserror::Error)]
-pub enum StorageError {
-    /// The write's condition failed: the name exists.
-    #[error("{kind} '{name}' already exists")]
-    Exists {
-        /// Resource kind.
-        kind: String,
-        /// Name.
-        name: String,
-    },
-    /// The write's condition failed: no such resource.
-    #[error("{kind} '{name}' not found")]
-    NotFound {
-        /// Resource kind.
-        kind: String,
-        /// Name.
-        name: String,
-    },
-    /// The write's condition failed: someone else wrote first.
-    #[error(
-        "{kind} '{name}' changed since it was read (revision {expected}, now {actual}): read it again and retry"
-    )]
-    Conflict {
-        /// Resource kind.
-        kind: String,
-        /// Name.
-        name: String,
-        /// The revision the writer expected.
-        expected: u64,
-        /// The stored revision.
-        actual: u64,
-    },
-    /// The database itself failed (full disk, corruption, I/O).
-    #[error("database {path}: {source}")]
-    Db {
-        /// The database file.
-        path: PathBuf,
-        /// What SQLite said.
-        source: rusqlite::Error,
-    },
-    /// The database file cannot be created.
-    #[error("database {path}: {source}")]
-    Io {
-        /// The database file.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// The database was written by a newer Postern.
-    #[error(
-        "database {path} has schema version {found}, newer than this build's {supported}: upgrade postern-auth"
-    )]
-    TooNew {
-        /// The database file.
-        path: PathBuf,
-        /// Its version.
-        found: u32,
-        /// The newest this build knows.
-        supported: u32,
-    },
-}
-
-/// What the Auth server needs from storage.
-pub trait Backend: Send + Sync + 'static {
-    /// A cluster-wide value (name, CA keys).
-    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError>;
-    /// Stores every entry if `key_guard` is absent, all in one transaction; returns whether it
-    /// wrote (false: another start already initialised the cluster).
-    fn init_meta(&self, key_guard: &str, entries: &[(&str, Vec<u8>)])
-    -> Result<bool, StorageError>;
-    /// One resource.
-    fn get(&self, kind: &str, name: &str) -> Result<Option<Item>, StorageError>;
-    /// All resources of a kind, by name.
-    fn list(&self, kind: &str) -> Result<Vec<Item>, StorageError>;
-    /// Writes a resource if `cond` holds, atomically; returns what was stored.
-    fn put(
-        &self,
-        kind: &str,
-        name: &str,
-        value: &str,
-        cond: Condition,
-    ) -> Result<Item, StorageError>;
-    /// Removes a resource; false if it was absent.
-    fn delete(&self, kind: &str, name: &str) -> Result<bool, StorageError>;
-    /// Records an issued TLS client certificate (SHA-256 of its DER) for `user`.
-    fn add_cert(&self, fingerprint: &str, user: &str, expires: u64) -> Result<(), StorageError>;
-    /// The user a TLS client certificate was issued to, and its expiry.
-    fn cert_owner(&self, fingerprint: &str) -> Result<Option<(String, u64)>, StorageError>;
-    /// Forgets every certificate of `user` (on delete) and every expired one; returns how many.
-    fn forget_certs(&self, user: Option<&str>, now: u64) -> Result<usize, StorageError>;
-    /// Appends an audit record; returns its id.
-    fn append_audit(&self, record: &AuditRecord) -> Result<u64, StorageError>;
-    /// The newest `limit` audit records, newest first.
-    fn audit(&self, limit: u32) -> Result<Vec<AuditRecord>, StorageError>;
-    /// Policy changes (roles, users, locks) after revision `after`, oldest first, at most `limit`.
-    fn changes_since(&self, after: u64, limit: u32) -> Result<Changes, StorageError>;
-    /// Every role, user and lock, and the revision they are current at, read atomically.
-    fn policy_snapshot(&self) -> Result<(u64, Vec<Change>), StorageError>;
-    /// Stores stream events (id, time, user, encoded event), skipping ids already stored;
-    /// returns how many were new. All or nothing.
-    fn append_stream_events(&self, events: &[StreamRow]) -> Result<usize, StorageError>;
-    /// Stream events newest first: of `user` if given, at or after `since_ms`, at most `limit`.
-    fn stream_events(
-        &self,
-        user: Option<&str>,
-        since_ms: u64,
-        limit: u32,
-    ) -> Result<Vec<StreamRow>, StorageError>;
-}
-
-pub use crate::stream_events::StreamRow;
-
-pub use crate::changes::{Change, Changes};
-
-/// The schema, one migration per version. Never edit a shipped entry: append a new one.
-const MIGRATIONS: &[&str] = &[
-    // 1: the initial schema.
-    "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
-     CREATE TABLE resources (
-         kind TEXT NOT NULL, name TEXT NOT NULL, revision INTEGER NOT NULL, value TEXT NOT NULL,
-         PRIMARY KEY (kind, name));
-     CREATE TABLE tls_certs (fingerprint TEXT PRIMARY KEY, user TEXT NOT NULL, expires INTEGER NOT NULL);
-     CREATE INDEX tls_certs_user ON tls_certs (user);
-     CREATE TABLE audit (
-         id INTEGER PRIMARY KEY AUTOINCREMENT, time_ms INTEGER NOT NULL, user TEXT NOT NULL,
-         action TEXT NOT NULL, resource TEXT NOT NULL, allowed INTEGER NOT NULL,
-         error TEXT NOT NULL, peer TEXT NOT NULL);",
-    // 2: the policy change feed (roles, users, locks) that proxies watch; written by triggers
-    // in the same transaction as the change itself, and pruned to the newest 100,000 entries.
-    "CREATE TABLE changes (
-         seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, name TEXT NOT NULL,
-         deleted INTEGER NOT NULL, value TEXT NOT NULL);
-     CREATE TRIGGER changes_insert AFTER INSERT ON resources
-         WHEN NEW.kind IN ('role', 'user', 'lock') BEGIN
-         INSERT INTO changes (kind, name, deleted, value) VALUES (NEW.kind, NEW.name, 0, NEW.value);
-     END;
-     CREATE TRIGGER changes_update AFTER UPDATE ON resources
-         WHEN NEW.kind IN ('role', 'user', 'lock') BEGIN
-         INSERT INTO changes (kind, name, deleted, value) VALUES (NEW.kind, NEW.name, 0, NEW.value);
-     END;
-     CREATE TRIGGER changes_delete AFTER DELETE ON resources
-         WHEN OLD.kind IN ('role', 'user', 'lock') BEGIN
-         INSERT INTO changes (kind, name, deleted, value) VALUES (OLD.kind, OLD.name, 1, '');
-     END;
-     CREATE TRIGGER changes_prune AFTER INSERT ON changes BEGIN
-         DELETE FROM changes WHERE seq <= NEW.seq - 100000;
-     END;",
-    // 3: stream access events shipped by proxies (the event as protobuf), unique by id.
-    "CREATE TABLE stream_events (
-         id TEXT PRIMARY KEY, time_ms INTEGER NOT NULL, user TEXT NOT NULL, data BLOB NOT NULL);
-     CREATE INDEX stream_events_time ON stream_events (time_ms);
-     CREATE INDEX stream_events_user ON stream_events (user, time_ms);",
-];
+use super::migrations::SQLITE as MIGRATIONS;
+use super::*;
 
 /// The embedded SQLite backend (one file, bundled SQLite).
 pub struct SqliteBackend {
@@ -467,6 +265,20 @@ impl Backend for SqliteBackend {
             .optional()
             .map_err(self.db())
         })
+    }
+
+    fn add_elevated_cert(
+        &self,
+        fingerprint: &str,
+        user: &str,
+        expires: u64,
+        request_id: &str,
+    ) -> Result<(), StorageError> {
+        self.insert_elevated_cert(fingerprint, user, expires, request_id)
+    }
+
+    fn cert_request(&self, fingerprint: &str) -> Result<Option<String>, StorageError> {
+        self.select_cert_request(fingerprint)
     }
 
     fn forget_certs(&self, user: Option<&str>, now: u64) -> Result<usize, StorageError> {
