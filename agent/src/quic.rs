@@ -320,6 +320,7 @@ impl QuicTunnel {
             transport = "quic",
             "tunnel up"
         );
+        let _up = crate::metrics::TunnelUp::new(&conn.remote_address().to_string());
         let active = Arc::new(AtomicUsize::new(0));
         let targets: Arc<BTreeMap<String, TargetAddr>> = Arc::new(
             config
