@@ -45,6 +45,7 @@ pub mod metrics;
 pub mod password;
 pub mod renewal;
 pub mod requests;
+pub mod rotation;
 pub mod server;
 pub mod service;
 pub mod storage;
