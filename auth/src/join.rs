@@ -109,7 +109,13 @@ pub fn renew(state: &State, req: &RenewRequest, ttl: u64) -> LoginResponse {
             "renewal refused: the certificate is not for an agent of this cluster",
         );
     };
-    let id = match check_agent_cert(&cert, &host_id, &a.cluster, now, &a.trusted_fingerprints(crate::rotation::CaKind::Host)) {
+    let id = match check_agent_cert(
+        &cert,
+        &host_id,
+        &a.cluster,
+        now,
+        &a.trusted_fingerprints(crate::rotation::CaKind::Host),
+    ) {
         Ok(id) => id,
         Err(e) => {
             return LoginResponse::failed(

@@ -117,7 +117,9 @@ pub enum RotationError {
     #[error("{0}")]
     Refused(String),
     /// Another Auth server changed the rotation at the same time.
-    #[error("the rotation was changed concurrently by another Auth server: look at `pctl status` and retry")]
+    #[error(
+        "the rotation was changed concurrently by another Auth server: look at `pctl status` and retry"
+    )]
     Conflict,
     /// The stored state does not parse.
     #[error("stored {kind} CA rotation state is corrupt: {message}")]
@@ -392,7 +394,11 @@ fn tick(b: &dyn Backend, a: &Authorities, kind: CaKind, now: u64) -> Result<(), 
     if s.deadline().is_some_and(|d| now >= d) {
         advance(&mut s, now);
         match store(b, kind, &s, Some(rev)) {
-            Ok(()) => info!(ca = kind.as_str(), phase = s.phase.as_str(), "CA rotation advanced"),
+            Ok(()) => info!(
+                ca = kind.as_str(),
+                phase = s.phase.as_str(),
+                "CA rotation advanced"
+            ),
             Err(RotationError::Conflict) => return Ok(()),
             Err(e) => return Err(e),
         }
@@ -409,7 +415,8 @@ pub fn rotate_rpc(
     state: &crate::service::State,
     r: &postern_api::proto::RotateCertAuthorityRequest,
 ) -> Result<postern_api::proto::CaRotation, tonic::Status> {
-    let kind = CaKind::parse(&r.kind).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+    let kind =
+        CaKind::parse(&r.kind).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
     let req = RotateRequest {
         kind,
         phase: Some(r.phase.trim().to_string()).filter(|p| !p.is_empty()),
@@ -420,7 +427,9 @@ pub fn rotate_rpc(
     match rotate(state.backend.as_ref(), &state.authorities, &req, now) {
         Ok(s) => Ok(to_proto(kind, &s, &state.authorities)),
         Err(RotationError::Refused(m)) => Err(tonic::Status::failed_precondition(m)),
-        Err(RotationError::Conflict) => Err(tonic::Status::aborted(RotationError::Conflict.to_string())),
+        Err(RotationError::Conflict) => {
+            Err(tonic::Status::aborted(RotationError::Conflict.to_string()))
+        }
         Err(e) => Err(tonic::Status::internal(e.to_string())),
     }
 }

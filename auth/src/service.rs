@@ -1048,15 +1048,26 @@ impl AuthService for Service {
     ) -> Result<Response<CaRotation>, Status> {
         let r = req.get_ref().clone();
         let caller = self
-            .authorize(&req, "UpdateCertAuthority", "cert_authority", &r.kind, &[Verb::Update])
+            .authorize(
+                &req,
+                "UpdateCertAuthority",
+                "cert_authority",
+                &r.kind,
+                &[Verb::Update],
+            )
             .await?;
         let result = self
             .blocking(move |s| crate::rotation::rotate_rpc(s, &r))
             .await
             .and_then(|x| x);
         let kind = req.get_ref().kind.clone();
-        self.finish(&caller, "UpdateCertAuthority", format!("cert_authority/{kind}"), result)
-            .await
+        self.finish(
+            &caller,
+            "UpdateCertAuthority",
+            format!("cert_authority/{kind}"),
+            result,
+        )
+        .await
     }
 
     async fn list_ca_rotations(

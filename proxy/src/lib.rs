@@ -196,6 +196,13 @@ fn policy_watchers(
             registry: shared.policies.registry.clone(),
         };
         tasks.push(tokio::spawn(watcher.run(shared.hard_stop.clone())));
+        let refresher = policy::authorities::CaRefresher {
+            cluster: c.name.clone(),
+            identity_file: c.policy.identity_file.clone().unwrap_or_default(),
+            every: std::time::Duration::from_secs(c.policy.ca_refresh_secs),
+            shared: shared.clone(),
+        };
+        tasks.push(tokio::spawn(refresher.run(shared.hard_stop.clone())));
     }
     tasks
 }

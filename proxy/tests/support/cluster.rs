@@ -203,6 +203,8 @@ impl Cluster {
                     source: PolicySource::Auth,
                     identity_file: Some(dir.path().join(format!("proxy-{i}.identity"))),
                     stale_after_secs,
+                    // CA rotations reach the proxies within a second.
+                    ca_refresh_secs: 1,
                 },
             }];
             let key = mint::generate_key();

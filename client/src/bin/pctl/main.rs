@@ -183,6 +183,22 @@ enum SignFormat {
 
 #[derive(Subcommand)]
 enum AuthCommand {
+    /// Rotate a CA: automatic (`--type=host --grace-period=30h`) or phase by phase
+    /// (`--manual --phase=init|update_clients|update_servers|standby|rollback`).
+    Rotate {
+        /// Which CA: host or user.
+        #[arg(long = "type")]
+        kind: String,
+        /// Automatic mode: the whole rotation's length (each phase lasts a third of it).
+        #[arg(long = "grace-period", default_value = "30h")]
+        grace_period: String,
+        /// Manual mode: phases move only with --phase.
+        #[arg(long)]
+        manual: bool,
+        /// The phase to move to: the next one, or rollback.
+        #[arg(long)]
+        phase: Option<String>,
+    },
     /// Issue certificates: for a user (--user), an agent (--host) or a proxy (--proxy).
     Sign {
         /// User to sign for.
@@ -408,6 +424,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 Err(e) => println!("CA pin:   (not shown: {e})"),
             }
+            match client.list_ca_rotations(ListCaRotationsRequest {}).await {
+                Ok(r) => {
+                    for rot in &r.rotations {
+                        println!("{}", rotation_line(rot));
+                    }
+                }
+                Err(e) => println!("Rotation: (not shown: {e})"),
+            }
         }
         Command::Create { file, force } => {
             let text = read_input(&file)?;
@@ -482,6 +506,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         },
         Command::Auth { command } => match command {
+            AuthCommand::Rotate {
+                kind,
+                grace_period,
+                manual,
+                phase,
+            } => {
+                let grace = duration::parse_secs(&grace_period).map_err(anyhow::Error::msg)?;
+                let r = client
+                    .rotate_cert_authority(RotateCertAuthorityRequest {
+                        kind,
+                        phase: phase.unwrap_or_default(),
+                        manual,
+                        grace_period_secs: grace,
+                    })
+                    .await?;
+                outln!("{}", rotation_line(&r));
+            }
             AuthCommand::Sign {
                 user,
                 host,
@@ -648,4 +689,29 @@ fn pem_encode(label: &str, der: &[u8]) -> String {
     }
     out.push_str(&format!("-----END {label}-----\n"));
     out
+}
+
+/// One line of a CA's rotation state, as `pctl status` and `pctl auth rotate` print it.
+fn rotation_line(r: &CaRotation) -> String {
+    let now = postern_dial::mint::now_unix();
+    let mode = if r.manual { "manual" } else { "automatic" };
+    let mut line = format!("{} CA:  phase {}", r.kind, r.phase);
+    if r.phase != "standby" {
+        line.push_str(&format!(" ({mode}"));
+        if r.next_phase_at > 0 {
+            line.push_str(&format!(
+                ", next phase in {}s",
+                r.next_phase_at.saturating_sub(now)
+            ));
+        }
+        line.push(')');
+    }
+    line.push_str(&format!(", {} trusted key(s)", r.trusted.len()));
+    if r.last_rotated > 0 {
+        line.push_str(&format!(
+            ", last rotated {}s ago",
+            now.saturating_sub(r.last_rotated)
+        ));
+    }
+    line
 }
