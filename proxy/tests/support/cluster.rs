@@ -507,7 +507,8 @@ impl Cluster {
     }
 }
 
-fn agent_cfg<'a>(
+/// An agent config on `proxy` for `cluster` with the key at `key`, serving `targets`.
+pub fn agent_cfg<'a>(
     cluster: &str,
     host_id: &str,
     proxy: &Proxy,
