@@ -381,14 +381,22 @@ pub async fn run(b: Arc<dyn Backend>, a: Arc<Authorities>, stop: CancellationTok
             _ = stop.cancelled() => return,
         }
         for kind in CaKind::ALL {
-            if let Err(e) = tick(b.as_ref(), &a, kind, postern_dial::mint::now_unix()) {
+            if let Err(e) = advance_due(b.as_ref(), &a, kind, postern_dial::mint::now_unix()) {
                 warn!(ca = kind.as_str(), error = %e, "CA rotation step failed: retrying");
             }
         }
     }
 }
 
-fn tick(b: &dyn Backend, a: &Authorities, kind: CaKind, now: u64) -> Result<(), RotationError> {
+/// One step of [`run`] for `kind` at `now`: moves an automatic rotation whose phase is over to
+/// the next phase (a conditional write: of two Auth servers, one does it), then applies the
+/// stored state to `a`.
+pub fn advance_due(
+    b: &dyn Backend,
+    a: &Authorities,
+    kind: CaKind,
+    now: u64,
+) -> Result<(), RotationError> {
     let (mut s, rev) = load(b, a, kind)?;
     let Some(rev) = rev else { return Ok(()) };
     if s.deadline().is_some_and(|d| now >= d) {
