@@ -98,6 +98,9 @@ pub fn renew(state: &State, req: &RenewRequest, ttl: u64) -> LoginResponse {
     let Ok(cert) = Certificate::from_openssh(req.renew_cert.trim()) else {
         return LoginResponse::failed(400, "renew_cert: not an OpenSSH certificate line");
     };
+    if crate::proxy_renew::is_proxy_cert(&cert) {
+        return crate::proxy_renew::renew(state, &cert, ttl);
+    }
     let now = now_unix();
     let principal = cert.valid_principals().first().cloned().unwrap_or_default();
     let Some(host_id) = principal

@@ -43,6 +43,7 @@ pub mod locks;
 pub mod login;
 pub mod metrics;
 pub mod password;
+pub mod proxy_renew;
 pub mod renewal;
 pub mod requests;
 pub mod rotation;

@@ -29,6 +29,7 @@ pub use postern_dial::mint;
 pub mod ops;
 pub mod policy;
 pub mod proxy_protocol;
+pub mod renewal;
 pub mod routing;
 pub mod trust;
 pub mod tunnel;
@@ -268,6 +269,8 @@ pub async fn run(
             proxy_ids: vec![proxy_id.clone()],
         },
     });
+    // Renewal needs the key, whether there is a certificate to renew, and how to dial itself.
+    let renew_with = (host_key.clone(), host_cert.is_some(), web_self_addr(&listeners));
     let ssh = tunnel::ssh_config(
         host_key,
         host_cert,
@@ -294,6 +297,22 @@ pub async fn run(
     shared.audit = Arc::new(stream_audit(&config, &proxy_id)?);
     let shared = Arc::new(shared);
     let mut watchers = policy_watchers(&config, &shared);
+    if let (key, true, Some(web)) = renew_with
+        && config
+            .clusters
+            .iter()
+            .any(|c| c.policy.source == config::PolicySource::Auth)
+    {
+        let renewal = renewal::HostCertRenewal {
+            key,
+            cert_path: config.host_cert_path(),
+            web,
+            web_fp: web_fp.clone(),
+            keepalive: (config.keepalive(), config.ssh.keepalive_max),
+            shared: shared.clone(),
+        };
+        watchers.push(tokio::spawn(renewal.run(shared.hard_stop.clone())));
+    }
     watchers.extend(audit_shippers(&config, &shared));
     info!(
         proxy_id = %proxy_id,
@@ -372,4 +391,13 @@ pub async fn run(
     let _ = ops_task.await;
     info!("shutdown complete");
     Ok(())
+}
+
+/// The address this proxy dials its own web listener at (loopback for a wildcard bind).
+fn web_self_addr(listeners: &Listeners) -> Option<String> {
+    let mut addr = listeners.web.local_addr().ok()?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    Some(addr.to_string())
 }
