@@ -270,7 +270,11 @@ pub async fn run(
         },
     });
     // Renewal needs the key, whether there is a certificate to renew, and how to dial itself.
-    let renew_with = (host_key.clone(), host_cert.is_some(), web_self_addr(&listeners));
+    let renew_with = (
+        host_key.clone(),
+        host_cert.is_some(),
+        web_self_addr(&listeners),
+    );
     let ssh = tunnel::ssh_config(
         host_key,
         host_cert,

@@ -68,7 +68,10 @@ impl HostCertRenewal {
             match self.once(&cert).await {
                 Ok(expires) => {
                     failures = 0;
-                    info!(expires, "proxy host certificate renewed: new connections present it");
+                    info!(
+                        expires,
+                        "proxy host certificate renewed: new connections present it"
+                    );
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);
@@ -111,7 +114,11 @@ impl HostCertRenewal {
             return Err(r.error);
         }
         let new = Certificate::from_openssh(r.ssh_cert.trim()).map_err(|e| e.to_string())?;
-        let trusted = self.shared.trust.cluster(&cluster).map(|t| t.host_cas.clone());
+        let trusted = self
+            .shared
+            .trust
+            .cluster(&cluster)
+            .map(|t| t.host_cas.clone());
         if new.public_key() != self.key.public_key().key_data()
             || new.valid_principals() != cert.valid_principals()
             || !trusted.is_some_and(|t| t.contains(&signer_fingerprint(&new)))
