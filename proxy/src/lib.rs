@@ -8,7 +8,9 @@
 //! ## Layout
 //! - [`config`]: `proxy.toml`, defaults and validation.
 //! - [`keys`]: host key/certificate and web TLS certificate, generated when absent.
-//! - [`trust`]: which CA keys each cluster trusts.
+//! - [`trust`]: which CA keys each cluster trusts (replaced when a CA rotates,
+//!   [`policy::authorities`]).
+//! - [`renewal`]: the proxy's host certificate, renewed at two-thirds of its life.
 //! - [`tunnel`]: the SSH listener, login checks, stream routing and splicing, control channel.
 //! - [`routing`]: the cluster → tunnels table, with each target's labels.
 //! - [`proxy_protocol`]: PROXY headers from trusted load balancers.
