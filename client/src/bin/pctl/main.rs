@@ -19,6 +19,8 @@ use postern_dial::web::WebTrust;
 use russh::keys::ssh_key::LineEnding;
 
 mod output;
+mod rotation;
+use rotation::rotation_line;
 
 mod create;
 mod events;
@@ -408,30 +410,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 p.user,
                 p.roles.join(", ")
             );
-            // The pin agents join with (`ca_pin` in agent.toml): the host CA's SHA-256.
-            match client
-                .export_authorities(ExportAuthoritiesRequest {
-                    kind: "host".into(),
-                })
-                .await
-            {
-                Ok(r) => {
-                    for line in r.entries {
-                        let key = russh::keys::ssh_key::PublicKey::from_openssh(line.trim())?;
-                        let fp = key.fingerprint(russh::keys::HashAlg::Sha256);
-                        println!("CA pin:   {}", tunnel_proto::join::ca_pin(fp.as_bytes()));
-                    }
-                }
-                Err(e) => println!("CA pin:   (not shown: {e})"),
-            }
-            match client.list_ca_rotations(ListCaRotationsRequest {}).await {
-                Ok(r) => {
-                    for rot in &r.rotations {
-                        println!("{}", rotation_line(rot));
-                    }
-                }
-                Err(e) => println!("Rotation: (not shown: {e})"),
-            }
+            rotation::print_ca_status(&client).await?;
         }
         Command::Create { file, force } => {
             let text = read_input(&file)?;
@@ -689,29 +668,4 @@ fn pem_encode(label: &str, der: &[u8]) -> String {
     }
     out.push_str(&format!("-----END {label}-----\n"));
     out
-}
-
-/// One line of a CA's rotation state, as `pctl status` and `pctl auth rotate` print it.
-fn rotation_line(r: &CaRotation) -> String {
-    let now = postern_dial::mint::now_unix();
-    let mode = if r.manual { "manual" } else { "automatic" };
-    let mut line = format!("{} CA:  phase {}", r.kind, r.phase);
-    if r.phase != "standby" {
-        line.push_str(&format!(" ({mode}"));
-        if r.next_phase_at > 0 {
-            line.push_str(&format!(
-                ", next phase in {}s",
-                r.next_phase_at.saturating_sub(now)
-            ));
-        }
-        line.push(')');
-    }
-    line.push_str(&format!(", {} trusted key(s)", r.trusted.len()));
-    if r.last_rotated > 0 {
-        line.push_str(&format!(
-            ", last rotated {}s ago",
-            now.saturating_sub(r.last_rotated)
-        ));
-    }
-    line
 }
