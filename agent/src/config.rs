@@ -59,6 +59,77 @@ pub struct AgentConfig {
     /// loopback or a private network. `POSTERN_AGENT_OPS_LISTEN` overrides it.
     #[serde(default)]
     pub ops_listen: Option<SocketAddr>,
+    /// Which transport to dial (QUIC first when the proxy offers it) and the QUIC settings.
+    #[serde(default)]
+    pub transport: TransportConfig,
+}
+
+/// Which transport the agent dials.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportMode {
+    /// QUIC when the proxy offers it (or `quic_addr` is set), SSH over TCP when it does not or
+    /// when the QUIC handshake does not complete within `quic_handshake_timeout_ms`.
+    #[default]
+    Auto,
+    /// QUIC only, no fallback.
+    Quic,
+    /// SSH over TCP only.
+    Ssh,
+}
+
+/// The transport choice and the QUIC transport's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransportConfig {
+    /// `auto` (default), `quic` or `ssh`.
+    pub mode: TransportMode,
+    /// The proxy's QUIC address (`host:port`, UDP). Default: from discovery (the tunnel address's
+    /// UDP twin); needed to use QUIC when `tunnel_addr` is dialled without discovery.
+    pub quic_addr: Option<String>,
+    /// Milliseconds for the QUIC handshake before falling back to SSH over TCP. Default 1500.
+    pub quic_handshake_timeout_ms: u64,
+    /// Milliseconds between QUIC keepalives (one small datagram each, acknowledged by the
+    /// proxy). Default 1000. The agent redials when nothing at all has come from the proxy for
+    /// four of these intervals (over UDP a dead proxy sends no reset), and a restarted proxy
+    /// answers a keepalive with a stateless reset.
+    pub quic_keepalive_ms: u64,
+    /// Bytes one stream may have in flight toward the agent that the agent has not written to its
+    /// target. Default 2 MiB.
+    pub quic_stream_window_bytes: u64,
+    /// Streams the proxy may have open to this agent at once. Default 10000.
+    pub quic_max_streams: u32,
+    /// Bytes in flight toward the agent over all streams. At least `quic_max_streams ×
+    /// quic_stream_window_bytes` (default: that product), so that streams whose target stopped
+    /// reading cannot starve the others.
+    pub quic_connection_window_bytes: Option<u64>,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            mode: TransportMode::Auto,
+            quic_addr: None,
+            quic_handshake_timeout_ms: 1500,
+            quic_keepalive_ms: 1000,
+            quic_stream_window_bytes: 2 << 20,
+            quic_max_streams: 10_000,
+            quic_connection_window_bytes: None,
+        }
+    }
+}
+
+impl TransportConfig {
+    /// The smallest connection window that keeps stalled streams from starving the rest.
+    pub fn min_connection_window(&self) -> u64 {
+        u64::from(self.quic_max_streams).saturating_mul(self.quic_stream_window_bytes)
+    }
+
+    /// The QUIC connection receive window in use.
+    pub fn connection_window(&self) -> u64 {
+        self.quic_connection_window_bytes
+            .unwrap_or_else(|| self.min_connection_window())
+    }
 }
 
 /// One target: where the agent dials it, and the labels roles select it by.
@@ -371,6 +442,46 @@ impl AgentConfig {
         }
         if self.keepalive_interval_secs == 0 {
             return Err(invalid("keepalive_interval_secs", "must be at least 1"));
+        }
+        let t = &self.transport;
+        if let Some(a) = &t.quic_addr
+            && tunnel_proto::discovery::split_host_port(a).is_none()
+        {
+            return Err(invalid(
+                "transport.quic_addr",
+                format!("'{a}' is not host:port"),
+            ));
+        }
+        if !(100..=60_000).contains(&t.quic_handshake_timeout_ms) {
+            return Err(invalid(
+                "transport.quic_handshake_timeout_ms",
+                "must be 100..=60000",
+            ));
+        }
+        if !(100..=60_000).contains(&t.quic_keepalive_ms) {
+            return Err(invalid(
+                "transport.quic_keepalive_ms",
+                "must be 100..=60000",
+            ));
+        }
+        if !(64 * 1024..=1 << 30).contains(&t.quic_stream_window_bytes) {
+            return Err(invalid(
+                "transport.quic_stream_window_bytes",
+                "must be 65536..=1073741824",
+            ));
+        }
+        if t.quic_max_streams == 0 {
+            return Err(invalid("transport.quic_max_streams", "must be at least 1"));
+        }
+        if t.connection_window() < t.min_connection_window() {
+            return Err(invalid(
+                "transport.quic_connection_window_bytes",
+                format!(
+                    "must be at least quic_max_streams × quic_stream_window_bytes = {} (a smaller \
+                     window lets stalled streams starve the rest of the tunnel)",
+                    t.min_connection_window()
+                ),
+            ));
         }
         if self.reconnect.base_ms == 0 || self.reconnect.cap_ms < self.reconnect.base_ms {
             return Err(invalid("reconnect", "need 0 < base_ms <= cap_ms"));

@@ -91,6 +91,7 @@ pub fn classify(e: &DialError, cluster: &str) -> Failure {
         | DialError::Connect { .. }
         | DialError::Tls { .. }
         | DialError::Ssh { .. }
+        | DialError::Quic { .. }
         | DialError::Timeout { .. } => Failure::Transient(e.to_string()),
     }
 }

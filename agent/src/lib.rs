@@ -9,7 +9,9 @@
 //! ## Layout
 //! - [`config`]: `agent.toml`, validation.
 //! - [`labels`]: target labels as `@control` frames.
-//! - [`tunnel`]: one connection's life: login, registration, control channel, serving streams.
+//! - [`tunnel`]: one connection's life: login, registration, control channel, serving streams;
+//!   QUIC first when the proxy offers it, SSH over TCP otherwise or when UDP is blocked.
+//! - [`quic`]: the QUIC transport (login bound to the TLS exporter, one QUIC stream per stream).
 //! - [`dial`]: dialling a target, its name resolved at each dial.
 //! - [`failure`]: the own-certificate check before dialling; permanent vs transient failures.
 //! - [`join`]: the first start with a join token: key, certificate through the proxy, CA pin.
@@ -23,6 +25,7 @@ pub mod failure;
 pub mod join;
 pub mod labels;
 pub mod metrics;
+pub mod quic;
 pub mod renew;
 pub mod tunnel;
 
@@ -116,6 +119,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let permanent = Duration::from_secs(config.reconnect.permanent_secs);
     let cert_path = config.host_cert_path().display().to_string();
     let mut attempt = 0u32;
+    let quic = quic::QuicClient::default();
     let mut last_permanent: Option<String> = None;
     loop {
         // A certificate file that changed (renewed, or replaced by an operator) is used now.
@@ -143,7 +147,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                     .increment(1);
                 Err(f)
             }
-            Ok(()) => tunnel::connect_and_serve(&config, &identity, &shutdown)
+            Ok(()) => tunnel::connect_and_serve(&quic, &config, &identity, &shutdown)
                 .await
                 .map_err(|e| {
                     ::metrics::counter!(

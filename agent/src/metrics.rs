@@ -37,6 +37,7 @@ pub const RECONNECT_REASONS: &[&str] = &[
     "own_certificate",
     "ssh",
     "timeout",
+    "quic",
 ];
 /// Every reason [`DIAL_ERRORS`] is counted by.
 pub const DIAL_ERROR_REASONS: &[&str] = &["resolve", "refused", "timeout", "error"];
@@ -79,6 +80,7 @@ pub fn failure_reason(e: &DialError) -> &'static str {
         DialError::Refused { .. } => "refused",
         DialError::Ssh { .. } => "ssh",
         DialError::Timeout { .. } => "timeout",
+        DialError::Quic { .. } => "quic",
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use postern_dial::DialError;
 use postern_dial::ssh::{Identity, ProxyVerifier, client_config, login, parse_ca_lines};
-use postern_dial::web::{WebTrust, discover_tunnel_addr, host_of};
+use postern_dial::web::{WebTrust, find, host_of};
 use russh::client::{ChannelOpenHandle, Msg, Session};
 use russh::keys::PublicKeyOrCertificate;
 use russh::{Channel, ChannelMsg, ChannelOpenFailure, Disconnect};
@@ -21,15 +21,15 @@ use tunnel_proto::control::Message;
 use tunnel_proto::credit::{CREDIT_EXT, CREDIT_VERSION, STREAM_WINDOW};
 use tunnel_proto::names::{CONTROL_HOST, agent_login};
 
-use crate::config::{AgentConfig, TargetAddr};
+use crate::config::{AgentConfig, TargetAddr, TransportMode};
 
 /// Deadline to connect to a local target.
-const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Splice buffer per direction between a channel and a target socket (64 KiB: the size that
 /// matters for throughput; see the README's performance notes).
-const SPLICE_BUF: usize = 64 * 1024;
+pub(crate) const SPLICE_BUF: usize = 64 * 1024;
 /// Seconds between heartbeats on the control channel.
-const HEARTBEAT: Duration = Duration::from_secs(30);
+pub(crate) const HEARTBEAT: Duration = Duration::from_secs(30);
 /// Queue bound per stream toward a proxy without credit (back-pressure blocks the connection).
 const LEGACY_QUEUE: usize = 4 << 20;
 
@@ -57,19 +57,53 @@ pub fn web_trust(config: &AgentConfig) -> Result<WebTrust, DialError> {
 
 /// Dials the proxy and serves until the connection ends or `shutdown` is cancelled.
 pub async fn connect_and_serve(
+    quic: &crate::quic::QuicClient,
     config: &AgentConfig,
     identity: &Identity,
     shutdown: &CancellationToken,
 ) -> Result<Ended, DialError> {
-    let addr = match &config.proxy {
-        Some(web) => discover_tunnel_addr(web, &web_trust(config)?).await?,
-        None => config.tunnel_addr.clone().unwrap_or_default(),
+    let (addr, offered_quic) = match &config.proxy {
+        Some(web) => {
+            let found = find(web, &web_trust(config)?).await?;
+            let env = std::env::var(tunnel_proto::discovery::TUNNEL_ADDR_ENV).ok();
+            let addr = found.proxy.tunnel_addr(env.as_deref(), host_of(web));
+            let quic = found.proxy.quic_addr(&addr);
+            (addr, quic)
+        }
+        None => (config.tunnel_addr.clone().unwrap_or_default(), None),
     };
     let verifier = ProxyVerifier::new(
         host_of(&addr),
         proxy_host_cas(config)?,
         parse_ca_lines(&config.proxy_host_keys).map_err(DialError::Config)?,
     );
+    let quic_addr = match config.transport.mode {
+        TransportMode::Ssh => None,
+        TransportMode::Auto | TransportMode::Quic => {
+            config.transport.quic_addr.clone().or(offered_quic)
+        }
+    };
+    if let Some(quic_addr) = quic_addr {
+        let span = info_span!("tunnel", cluster = %config.cluster, host_id = %config.host_id, proxy = %quic_addr, transport = "quic");
+        let started = std::time::Instant::now();
+        let dialled = tokio::select! {
+            r = crate::quic::dial(quic, config, identity, &quic_addr, &verifier).instrument(span.clone()) => r,
+            _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
+        };
+        match dialled {
+            Ok(tunnel) => return Ok(tunnel.serve(config, shutdown).instrument(span).await),
+            Err(e) if config.transport.mode == TransportMode::Quic => return Err(e),
+            Err(e) => warn!(
+                error = %e,
+                after_ms = started.elapsed().as_millis() as u64,
+                "QUIC unavailable: falling back to SSH over TCP"
+            ),
+        }
+    } else if config.transport.mode == TransportMode::Quic {
+        return Err(DialError::Config(
+            "transport.mode = \"quic\" but the proxy offers no QUIC and transport.quic_addr is unset".into(),
+        ));
+    }
     let active = Arc::new(AtomicUsize::new(0));
     // The proxy's protocol version, from its control hello (0 until then): streams use credit
     // when it has them.

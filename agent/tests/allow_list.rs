@@ -146,6 +146,7 @@ async fn agent_refuses_targets_it_does_not_serve() {
         keepalive_interval_secs: 5,
         reconnect: Default::default(),
         ops_listen: None,
+        transport: Default::default(),
     };
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(postern_agent::run(agent, shutdown.clone()));

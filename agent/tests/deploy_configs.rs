@@ -116,3 +116,33 @@ fn targets_take_dns_names() {
         assert!(e.contains("host:port"), "{bad}: {e}");
     }
 }
+
+#[test]
+fn quic_transport_settings_are_validated() {
+    use postern_agent::config::TransportMode;
+    let c = example();
+    assert_eq!(c.transport.mode, TransportMode::Auto);
+    assert_eq!(
+        c.transport.connection_window(),
+        c.transport.min_connection_window()
+    );
+    // A connection window below streams × stream window would let stalled streams starve the
+    // rest of the tunnel.
+    let mut c = example();
+    c.transport.quic_connection_window_bytes = Some(c.transport.quic_stream_window_bytes);
+    let e = c.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("`transport.quic_connection_window_bytes`"),
+        "{e}"
+    );
+    c.transport.quic_max_streams = 1;
+    c.validate().unwrap();
+    let mut c = example();
+    c.transport.quic_addr = Some("no-port".into());
+    let e = c.validate().unwrap_err().to_string();
+    assert!(e.contains("`transport.quic_addr`"), "{e}");
+    let mut c = example();
+    c.transport.quic_handshake_timeout_ms = 0;
+    let e = c.validate().unwrap_err().to_string();
+    assert!(e.contains("`transport.quic_handshake_timeout_ms`"), "{e}");
+}

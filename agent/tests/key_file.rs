@@ -37,6 +37,7 @@ fn config(key_path: std::path::PathBuf) -> AgentConfig {
         keepalive_interval_secs: 5,
         reconnect: Default::default(),
         ops_listen: None,
+        transport: Default::default(),
     }
 }
 

@@ -30,6 +30,7 @@ async fn ops_listener_metrics_and_targets_by_name() {
         "host_id = \"ops-agent\"\ncluster = \"{}\"\nproxy = \"{}\"\nhost_key_file = {:?}\n\
          proxy_host_ca = [{:?}]\nkeepalive_interval_secs = 5\n\
          [web]\ncert_sha256 = \"{}\"\n\
+         [transport]\nmode = \"quic\"\n\
          [targets]\nbyname = \"localhost:{}\"\nnowhere = \"no-such-host.invalid:5432\"\n",
         pki.cluster,
         proxy.web,
@@ -60,9 +61,10 @@ async fn ops_listener_metrics_and_targets_by_name() {
     let mut s = wait_stream(&session, "byname", "agentops", Duration::from_secs(20)).await;
     assert_eq!(echo_once(&mut s, b"by name").await, b"by name");
 
-    // A name that does not resolve: the stream is refused at once, naming the target. (The
-    // resolver's words stay in the agent's log and metrics: russh drops the description of a
-    // CHANNEL_OPEN_FAILURE, so the proxy cannot pass it on.)
+    // A name that does not resolve: the stream is refused at once, naming the target and, over
+    // the QUIC tunnel this agent uses, with the resolver's words (its refusal frame carries them;
+    // over SSH russh drops the description of a CHANNEL_OPEN_FAILURE, so the client sees only
+    // ConnectFailed there).
     let err = session
         .open("nowhere", "agentops", 0)
         .await
@@ -70,8 +72,10 @@ async fn ops_listener_metrics_and_targets_by_name() {
         .expect("a target whose name does not resolve is refused")
         .to_string();
     assert!(
-        err.contains("could not open target nowhere") && err.contains("ConnectFailed"),
-        "the client is told which target failed: {err}"
+        err.contains("could not open target nowhere")
+            && err.contains("no-such-host.invalid")
+            && err.contains("did not resolve"),
+        "the client is told which target failed and why: {err}"
     );
 
     let (status, body) = http_get(ops, "/healthz").await;

@@ -363,6 +363,7 @@ fn agent_config(
         keepalive_interval_secs: t.keepalive_interval_secs,
         reconnect: Default::default(),
         ops_listen: None,
+        transport: Default::default(),
     };
     cfg.validate()
         .map_err(|e| AuthError::Agent(e.to_string()))?;

@@ -16,7 +16,9 @@
 //! - [`connect`]: `Config` and connecting to the first address that works;
 //! - [`doctor`]: each step of the path to the Auth API checked, with the fix for the first that
 //!   fails (`pctl doctor`, `psh doctor`);
-//! - `src/bin/pctl.rs`, `src/bin/psh.rs`: the admin and user CLIs.
+//!
+//! The admin and user CLIs, `pctl` and `psh`, are the `postern-cli` crate: this SDK depends on
+//! no command-line crates.
 
 pub mod auth;
 pub mod bot;

@@ -67,6 +67,15 @@ pub enum DialError {
         /// What russh said.
         source: russh::Error,
     },
+    /// The QUIC transport failed: no handshake (UDP blocked?), a refused login, or a proxy that
+    /// did not prove its host certificate.
+    #[error("QUIC with {addr} failed: {detail}")]
+    Quic {
+        /// Address dialled.
+        addr: String,
+        /// What went wrong.
+        detail: String,
+    },
     /// A step took longer than its deadline.
     #[error("{what} with {addr} timed out after {after:?}")]
     Timeout {

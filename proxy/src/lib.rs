@@ -12,6 +12,8 @@
 //!   [`policy::authorities`]).
 //! - [`renewal`]: the proxy's host certificate, renewed at two-thirds of its life.
 //! - [`tunnel`]: the SSH listener, login checks, stream routing and splicing, control channel.
+//! - [`quic`]: the QUIC listener for agents (login bound to the TLS exporter, one QUIC stream per
+//!   client stream). [`link`]: a tunnel's link to its agent, either transport.
 //! - [`routing`]: the cluster → tunnels table, with each target's labels.
 //! - [`proxy_protocol`]: PROXY headers from trusted load balancers.
 //! - [`audit`]: the stream access audit: events logged, spooled in the data dir, shipped.
@@ -25,12 +27,14 @@
 pub mod audit;
 pub mod config;
 pub mod keys;
+pub mod link;
 pub mod login;
 pub mod metrics;
 pub use postern_dial::mint;
 pub mod ops;
 pub mod policy;
 pub mod proxy_protocol;
+pub mod quic;
 pub mod renewal;
 pub mod routing;
 pub mod trust;
@@ -45,11 +49,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
-use tunnel_proto::discovery::{ProxySettings, TRANSPORT_SSH};
+use tunnel_proto::discovery::{ProxySettings, TRANSPORT_QUIC, TRANSPORT_SSH};
 
 pub use config::ProxyConfig;
 
-/// The three bound listeners.
+/// The bound listeners.
 pub struct Listeners {
     /// HTTPS discovery.
     pub web: TcpListener,
@@ -57,6 +61,8 @@ pub struct Listeners {
     pub tunnel: TcpListener,
     /// Ops HTTP.
     pub ops: TcpListener,
+    /// The QUIC listener's UDP socket (`None` with `quic.enabled = false`).
+    pub quic: Option<std::net::UdpSocket>,
 }
 
 impl Listeners {
@@ -67,10 +73,35 @@ impl Listeners {
                 .await
                 .map_err(|source| ProxyError::Bind { addr, source })
         };
+        let web = bind(config.listen.web).await?;
+        let tunnel = bind(config.listen.tunnel).await?;
+        let ops = bind(config.listen.ops).await?;
+        let quic = if config.quic.enabled {
+            // The UDP twin of the tunnel listener: same address, and the same port when the
+            // tunnel's was picked by the OS (port 0).
+            let mut addr = config.quic_listen();
+            if config.quic.listen.is_none()
+                && let Ok(t) = tunnel.local_addr()
+            {
+                addr.set_port(t.port());
+            }
+            Some(
+                quic::bind_udp(addr, config.quic.udp_buffer_bytes).map_err(|e| match e {
+                    quic::QuicError::Socket { addr, source } => ProxyError::Bind { addr, source },
+                    other => ProxyError::Bind {
+                        addr,
+                        source: std::io::Error::other(other.to_string()),
+                    },
+                })?,
+            )
+        } else {
+            None
+        };
         Ok(Listeners {
-            web: bind(config.listen.web).await?,
-            tunnel: bind(config.listen.tunnel).await?,
-            ops: bind(config.listen.ops).await?,
+            web,
+            tunnel,
+            ops,
+            quic,
         })
     }
 }
@@ -97,6 +128,9 @@ pub enum ProxyError {
         "refusing to run as root: the proxy needs no privileges (for a port under 1024 give it CAP_NET_BIND_SERVICE). Run it as its own user, or pass --allow-root"
     )]
     Root,
+    /// The QUIC listener could not start.
+    #[error(transparent)]
+    Quic(#[from] quic::QuicError),
     /// The data dir could not be prepared.
     #[error("data dir {path}: {source}")]
     DataDir {
@@ -259,6 +293,23 @@ pub async fn run(
             addr: config.listen.tunnel,
             source,
         })?;
+    let quic_endpoint = match listeners.quic {
+        Some(socket) => Some(quic::endpoint(
+            socket,
+            quic::server_config(&web_tls, &config)?,
+            &quic::reset_key(&config.data_dir)?,
+        )?),
+        None => None,
+    };
+    let quic_port = quic_endpoint
+        .as_ref()
+        .and_then(|e| e.local_addr().ok())
+        .map(|a| a.port());
+    let transports = match quic_port {
+        Some(_) => vec![TRANSPORT_QUIC.into(), TRANSPORT_SSH.into()],
+        None => vec![TRANSPORT_SSH.into()],
+    };
+    let proof = Arc::new(quic::ProxyProof::new(host_key.clone(), host_cert.as_ref()));
     let discovery = Arc::new(web::Discovery {
         cluster_names: trust.names(),
         settings: ProxySettings {
@@ -266,7 +317,8 @@ pub async fn run(
             tunnel_public_addr: config.public.tunnel_addr.clone(),
             tunnel_listen_addr: tunnel_addr.to_string(),
             tls_routing_enabled: false,
-            transports: vec![TRANSPORT_SSH.into()],
+            transports,
+            quic_port,
             proxy_id: proxy_id.clone(),
             proxy_ids: vec![proxy_id.clone()],
         },
@@ -275,7 +327,7 @@ pub async fn run(
     let renew_with = (
         host_key.clone(),
         host_cert.is_some(),
-        web_self_addr(&listeners),
+        web_self_addr(&listeners.web),
     );
     let ssh = tunnel::ssh_config(
         host_key,
@@ -324,6 +376,7 @@ pub async fn run(
         proxy_id = %proxy_id,
         web = ?listeners.web.local_addr().ok(),
         tunnel = %tunnel_addr,
+        quic = ?quic_port,
         ops = ?listeners.ops.local_addr().ok(),
         web_cert_sha256 = %web_fp,
         clusters = ?discovery.cluster_names,
@@ -354,6 +407,15 @@ pub async fn run(
         config.limits.max_unauthenticated,
         conns.clone(),
     ));
+    let quic_task = quic_endpoint.map(|endpoint| {
+        tokio::spawn(quic::serve(
+            endpoint,
+            shared.clone(),
+            proof,
+            config.limits.max_unauthenticated,
+            conns.clone(),
+        ))
+    });
     ready.set(true);
 
     shutdown.cancelled().await;
@@ -362,6 +424,9 @@ pub async fn run(
     shared.draining.cancel();
     let _ = web_task.await;
     let _ = tunnel_task.await;
+    if let Some(t) = quic_task {
+        let _ = t.await;
+    }
     let deadline = tokio::time::Instant::now() + config.grace();
     loop {
         let open: usize = shared
@@ -400,8 +465,8 @@ pub async fn run(
 }
 
 /// The address this proxy dials its own web listener at (loopback for a wildcard bind).
-fn web_self_addr(listeners: &Listeners) -> Option<String> {
-    let mut addr = listeners.web.local_addr().ok()?;
+fn web_self_addr(web: &TcpListener) -> Option<String> {
+    let mut addr = web.local_addr().ok()?;
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }

@@ -279,17 +279,17 @@ impl LoginRelay {
             }
         };
         let relayed = async {
-            let ch = tunnel
-                .handle
-                .channel_open_forwarded_tcpip(
+            let mut stream = tunnel
+                .link
+                .open_io(
                     LOGIN_TARGET,
                     0,
-                    source.to_string(),
+                    &source.to_string(),
                     u32::from(peer.port()),
+                    RELAY_TIMEOUT,
                 )
                 .await
                 .map_err(|e| format!("opening the login stream: {e}"))?;
-            let mut stream = ch.into_stream();
             line.push(b'\n');
             stream.write_all(&line).await.map_err(|e| e.to_string())?;
             stream.flush().await.map_err(|e| e.to_string())?;

@@ -179,17 +179,18 @@ fn dialer(cluster: &str, shared: &Arc<TunnelShared>) -> Dialer {
                 .routing
                 .pick(&cluster, ROLE_AUTH)
                 .map_err(std::io::Error::other)?;
-            let ch = tunnel
-                .handle
-                .channel_open_forwarded_tcpip(
+            let io = tunnel
+                .link
+                .open_io(
                     ROLE_AUTH,
                     u32::from(DEFAULT_AUTH_PORT),
                     "127.0.0.1",
                     0,
+                    crate::tunnel::AGENT_OPEN_TIMEOUT,
                 )
                 .await
                 .map_err(std::io::Error::other)?;
-            Ok(Box::new(ch.into_stream()) as Box<dyn Io>)
+            Ok(Box::new(io) as Box<dyn Io>)
         })
     })
 }

@@ -4,17 +4,19 @@
 //! ## Layout
 //! - this file: [`TunnelShared`] (what every connection sees) and the accept loop [`serve`];
 //! - `conn`: one connection's life, from the SSH handshake to the end of its tunnel;
-//! - `checks`: the login checks on certificates (agents and clients);
+//! - `checks`: the login checks (certificates, policy, locks), for both transports;
+//! - `register`: target registration, for both transports;
 //! - `handler`: the russh handler: logins, target registration, stream requests and routing;
 //! - [`splice`]: opening the agent side of a stream and passing bytes both ways;
 //! - `control`: the `@control` channel;
 //! - [`ssh_config`]: the russh server settings.
 
 pub mod admission;
-mod checks;
+pub(crate) mod checks;
 mod conn;
 mod control;
 mod handler;
+pub(crate) mod register;
 pub mod splice;
 
 pub use splice::{SPLICE_QUEUE_CAP, splice};
@@ -44,7 +46,7 @@ use crate::routing::RoutingTable;
 use crate::trust::Trust;
 
 /// Deadline for an agent to answer a `forwarded-tcpip` open.
-pub(super) const AGENT_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const AGENT_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// State shared by every tunnel-listener connection.
 pub struct TunnelShared {
@@ -90,7 +92,8 @@ pub struct TunnelShared {
     pub policies: Arc<crate::policy::Policies>,
     /// The stream access audit (set after `new`).
     pub audit: Arc<crate::audit::StreamAudit>,
-    pub(super) next_id: AtomicU64,
+    /// The next tunnel id (both transports draw from it).
+    pub(crate) next_id: AtomicU64,
 }
 
 impl TunnelShared {
@@ -228,38 +231,9 @@ fn admit(
     conns: &TaskTracker,
     direct: bool,
 ) {
-    let admitted = over_source_limits(&shared, peer).map_or_else(
-        || {
-            shared
-                .pre_login
-                .admit(
-                    peer.ip(),
-                    max_unauthenticated,
-                    shared.limits.max_unauthenticated_per_source,
-                )
-                .map_err(|admission::Refusal::PerSource { limit }| {
-                    (
-                        "unauthenticated_per_source",
-                        format!(
-                            "too many connections from {} still logging in (limit {limit}): \
-                             retry when they are done",
-                            peer.ip()
-                        ),
-                    )
-                })
-        },
-        Err,
-    );
-    let slot = match admitted {
-        Ok((slot, evicted)) => {
-            if evicted {
-                debug!(%peer, "pre-login pool full: dropped the oldest connection of the busiest source");
-            }
-            slot
-        }
-        Err((limit, why)) => {
-            info!(%peer, limit, "connection refused: {why}");
-            counter!(m::LIMIT_REFUSALS, "limit" => limit).increment(1);
+    let slot = match admit_pre_login(&shared, peer, max_unauthenticated) {
+        Ok(slot) => slot,
+        Err((_, why)) => {
             // Lines before the SSH identification are allowed (RFC 4253 4.2): say why, then close.
             conns.spawn(async move {
                 let mut socket = socket;
@@ -298,9 +272,57 @@ fn admit(
     );
 }
 
+/// The admission of a new connection from `peer`, either transport: the per-source limits, then a
+/// pre-login slot (see [`admission`]). A refusal is `(limit label, reason)`, logged and counted
+/// here.
+pub(crate) fn admit_pre_login(
+    shared: &TunnelShared,
+    peer: SocketAddr,
+    max_unauthenticated: usize,
+) -> Result<admission::Slot, (&'static str, String)> {
+    let admitted = over_source_limits(shared, peer).map_or_else(
+        || {
+            shared
+                .pre_login
+                .admit(
+                    peer.ip(),
+                    max_unauthenticated,
+                    shared.limits.max_unauthenticated_per_source,
+                )
+                .map_err(|admission::Refusal::PerSource { limit }| {
+                    (
+                        "unauthenticated_per_source",
+                        format!(
+                            "too many connections from {} still logging in (limit {limit}): \
+                             retry when they are done",
+                            peer.ip()
+                        ),
+                    )
+                })
+        },
+        Err,
+    );
+    match admitted {
+        Ok((slot, evicted)) => {
+            if evicted {
+                debug!(%peer, "pre-login pool full: dropped the oldest connection of the busiest source");
+            }
+            Ok(slot)
+        }
+        Err((limit, why)) => {
+            info!(%peer, limit, "connection refused: {why}");
+            counter!(m::LIMIT_REFUSALS, "limit" => limit).increment(1);
+            Err((limit, why))
+        }
+    }
+}
+
 /// A refusal before the handshake: too many connections, or too many failed logins, from one
 /// source address this minute.
-fn over_source_limits(shared: &TunnelShared, peer: SocketAddr) -> Option<(&'static str, String)> {
+pub(crate) fn over_source_limits(
+    shared: &TunnelShared,
+    peer: SocketAddr,
+) -> Option<(&'static str, String)> {
     let ip = peer.ip().to_string();
     let l = &shared.limits;
     if shared.failures_by_source.count(&ip) >= l.max_auth_failures_per_source_per_minute {

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use postern_agent::AgentConfig;
-use postern_agent::config::Target;
+use postern_agent::config::{Target, TransportMode};
 use postern_api::identity::IdentityFile;
 use postern_api::proto::*;
 use postern_auth::AuthConfig;
@@ -377,6 +377,18 @@ impl Cluster {
         i: usize,
         targets: &[TargetSpec<'_>],
     ) -> Agent {
+        self.service_agent_on(host_id, i, targets, TransportMode::Ssh)
+            .await
+    }
+
+    /// As [`Cluster::service_agent`], dialling over `transport` only.
+    pub async fn service_agent_on(
+        &self,
+        host_id: &str,
+        i: usize,
+        targets: &[TargetSpec<'_>],
+        transport: TransportMode,
+    ) -> Agent {
         let token = self
             .admin
             .create_token(CreateTokenRequest {
@@ -406,7 +418,7 @@ impl Cluster {
             0o644,
         )
         .unwrap();
-        let cfg = agent_cfg(
+        let mut cfg = agent_cfg(
             &self.name,
             host_id,
             &self.proxies[i],
@@ -414,6 +426,7 @@ impl Cluster {
             path,
             targets.iter().copied(),
         );
+        cfg.transport.mode = transport;
         start_agent(cfg)
     }
 
@@ -561,5 +574,11 @@ pub fn agent_cfg<'a>(
         keepalive_interval_secs: 5,
         reconnect: Default::default(),
         ops_listen: None,
+        // These clusters exercise the SSH transport unless a test asks for QUIC
+        // (`Cluster::service_agent_on`).
+        transport: postern_agent::config::TransportConfig {
+            mode: postern_agent::config::TransportMode::Ssh,
+            ..Default::default()
+        },
     }
 }

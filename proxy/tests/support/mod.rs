@@ -257,7 +257,24 @@ pub fn agent_config(
         keepalive_interval_secs: 5,
         reconnect: Default::default(),
         ops_listen: None,
+        // These tests exercise the SSH transport; QUIC tests use `quic_agent_config`.
+        transport: postern_agent::config::TransportConfig {
+            mode: postern_agent::config::TransportMode::Ssh,
+            ..Default::default()
+        },
     }
+}
+
+/// An agent that dials the proxy over QUIC only (discovered from the web address).
+pub fn quic_agent_config(
+    pki: &Pki,
+    host_id: &str,
+    proxy: &Proxy,
+    targets: &[(&str, SocketAddr)],
+) -> AgentConfig {
+    let mut c = agent_config(pki, host_id, proxy, targets);
+    c.transport.mode = postern_agent::config::TransportMode::Quic;
+    c
 }
 
 pub struct Agent {
