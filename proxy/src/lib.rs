@@ -368,6 +368,7 @@ pub async fn run(
             web_fp: web_fp.clone(),
             keepalive: (config.keepalive(), config.ssh.keepalive_max),
             shared: shared.clone(),
+            quic_proof: proof.clone(),
         };
         watchers.push(tokio::spawn(renewal.run(shared.hard_stop.clone())));
     }

@@ -3,7 +3,8 @@
 //! host CA signed it, like an agent's renewal), authenticated by the certificate in use. The new
 //! certificate is checked (same key, same names, signed by a key that cluster trusts), written
 //! atomically over the old one (a full disk keeps the old one), and the SSH settings are rebuilt
-//! with it: the next connection presents it, open tunnels and streams carry on.
+//! with it (and the QUIC proof): the next connection presents it, open tunnels and streams carry
+//! on.
 //!
 //! Only a proxy that has a host certificate and serves a cluster with policy `auth` renews; the
 //! proxy's Auth identity file is not renewed here.
@@ -39,6 +40,8 @@ pub struct HostCertRenewal {
     pub keepalive: (Duration, usize),
     /// The shared state whose SSH settings are replaced.
     pub shared: Arc<TunnelShared>,
+    /// What QUIC agents are shown (its certificate line is replaced too).
+    pub quic_proof: Arc<crate::quic::ProxyProof>,
 }
 
 impl HostCertRenewal {
@@ -131,6 +134,7 @@ impl HostCertRenewal {
         let (keepalive, max) = self.keepalive;
         let config = crate::tunnel::ssh_config(self.key.clone(), Some(new.clone()), keepalive, max);
         self.shared.set_ssh_config(Arc::new(config));
+        self.quic_proof.set_cert(&new);
         Ok(new.valid_before())
     }
 }
