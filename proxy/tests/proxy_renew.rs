@@ -1,7 +1,8 @@
 //! The proxy renews its own host certificate: with 6-second certificates (agents' and the
 //! proxy's), three proxy renewals pass while streams flow through a joined agent, none fails, a
 //! stream held open survives, and once the first certificate has expired new connections (an
-//! agent's, a user's) are accepted, so they are shown the renewed certificate.
+//! agent's over SSH and over QUIC, a user's) are accepted, so they are shown the renewed
+//! certificate.
 
 #[path = "support/cluster.rs"]
 #[allow(dead_code)]
@@ -85,11 +86,28 @@ async fn the_proxy_renews_its_host_certificate_three_times_while_streams_flow() 
     // the proxy, so they can only have been shown a renewed one.
     assert!(postern_dial::mint::now_unix() >= first.valid_before());
     agent.stop().await;
-    let again = start_agent(cfg);
+    let again = start_agent(cfg.clone());
     let fresh = c.user_session("bob", &["all-targets"], 0).await;
     let mut s = wait_stream(&fresh, "web-1", "prenew", Duration::from_secs(20)).await;
     assert_eq!(echo_once(&mut s, b"reconnected").await, b"reconnected");
     again.stop().await;
+    // Over QUIC too: the proxy's proof shows the renewed certificate.
+    let mut quic = cfg.clone();
+    quic.transport.mode = postern_agent::config::TransportMode::Quic;
+    let over_quic = start_agent(quic);
+    let mut s = wait_stream(&fresh, "web-1", "prenew", Duration::from_secs(20)).await;
+    assert_eq!(echo_once(&mut s, b"over quic").await, b"over quic");
+    let m = scrape(c.proxies[0].ops).await;
+    let quic_tunnels = metric(
+        &m,
+        "postern_tunnels_connected",
+        &[("cluster", "prenew"), ("transport", "quic")],
+    );
+    assert!(
+        quic_tunnels >= 1.0,
+        "the agent is connected over QUIC: {quic_tunnels}"
+    );
+    over_quic.stop().await;
     c.stop().await;
 }
 
