@@ -68,7 +68,7 @@ pub async fn keep_renewed(config: AgentConfig, shutdown: CancellationToken) {
             ..Default::default()
         };
         let outcome = match postern_dial::web::renew(&web, &trust, &req).await {
-            Ok(r) if r.error.is_empty() => save(&config, &cert, &r.ssh_cert),
+            Ok(r) if r.error.is_empty() => save(&config, &cert, &r.ssh_cert, &r.ssh_host_cas),
             Ok(r) => Err(r.error),
             Err(e) => Err(e.to_string()),
         };
@@ -91,23 +91,71 @@ pub async fn keep_renewed(config: AgentConfig, shutdown: CancellationToken) {
     }
 }
 
-/// Checks the renewed certificate (same key, same principals, same CA) and writes it over the
-/// old one atomically; returns its expiry.
-fn save(config: &AgentConfig, old: &Certificate, line: &str) -> Result<u64, String> {
+/// Checks the renewed certificate (same key, same principals; same CA, or during a host CA
+/// rotation a new CA the answer announces next to the current one) and writes it over the old
+/// one atomically; records the announced host CAs ([`learned_cas_path`]); returns its expiry.
+fn save(
+    config: &AgentConfig,
+    old: &Certificate,
+    line: &str,
+    announced: &[String],
+) -> Result<u64, String> {
     let new = Certificate::from_openssh(line.trim()).map_err(|e| e.to_string())?;
-    if new.public_key() != old.public_key()
-        || new.signature_key() != old.signature_key()
-        || new.valid_principals() != old.valid_principals()
-    {
-        return Err(
-            "the renewed certificate is not for this agent's key and name, or not from its CA"
-                .into(),
-        );
+    if new.public_key() != old.public_key() || new.valid_principals() != old.valid_principals() {
+        return Err("the renewed certificate is not for this agent's key and name".into());
     }
+    check_signer(old, &new, announced)?;
     let text = format!("{}\n", new.to_openssh().map_err(|e| e.to_string())?);
     mint::write_file_atomic(&config.host_cert_path(), text.as_bytes(), 0o600)
         .map_err(|e| format!("{e} (the current certificate is kept)"))?;
+    if !announced.is_empty() {
+        let cas = format!("{}\n", announced.join("\n"));
+        if let Err(e) = mint::write_file_atomic(&learned_cas_path(config), cas.as_bytes(), 0o600) {
+            warn!(error = %e, "cannot record the cluster's host CAs: the configured ones stay");
+        }
+    }
     Ok(new.valid_before())
+}
+
+/// The renewed certificate's signer must be the current one's, or (a host CA rotation) a key
+/// the Auth server announces together with the current signer: the answer comes from a server
+/// that still trusts the CA this agent was issued by, over the channel the agent already trusts.
+fn check_signer(old: &Certificate, new: &Certificate, announced: &[String]) -> Result<(), String> {
+    if new.signature_key() == old.signature_key() {
+        return Ok(());
+    }
+    let keys: Vec<_> = announced
+        .iter()
+        .filter_map(|l| russh::keys::ssh_key::PublicKey::from_openssh(l.trim()).ok())
+        .map(|k| k.key_data().clone())
+        .collect();
+    if keys.contains(old.signature_key()) && keys.contains(new.signature_key()) {
+        info!("the renewed certificate is from the cluster's new host CA (a CA rotation)");
+        return Ok(());
+    }
+    Err("the renewed certificate is not from this agent's CA, nor from a new CA announced with it (a CA rotation): kept the current one".into())
+}
+
+/// Where the host CA keys announced by the last renewal are kept (next to the certificate): the
+/// agent trusts proxies signed by them as well as by `proxy_host_ca`, so that proxies renewed
+/// from a rotated host CA are accepted.
+pub fn learned_cas_path(config: &AgentConfig) -> std::path::PathBuf {
+    let mut p = config.host_cert_path().into_os_string();
+    p.push(".cas");
+    p.into()
+}
+
+/// The host CA keys recorded by the last renewal (none if never renewed).
+pub fn learned_cas(config: &AgentConfig) -> Vec<String> {
+    std::fs::read_to_string(learned_cas_path(config))
+        .map(|t| {
+            t.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn read_cert(path: &std::path::Path) -> Option<Certificate> {

@@ -74,7 +74,7 @@ pub async fn connect_and_serve(
     };
     let verifier = ProxyVerifier::new(
         host_of(&addr),
-        parse_ca_lines(&config.proxy_host_ca).map_err(DialError::Config)?,
+        proxy_host_cas(config)?,
         parse_ca_lines(&config.proxy_host_keys).map_err(DialError::Config)?,
     );
     let quic_addr = match config.transport.mode {
@@ -489,4 +489,20 @@ async fn control(
             }
         }
     }
+}
+
+/// The host CA keys proxies may be signed by: `proxy_host_ca` and those the last certificate
+/// renewal announced (a host CA rotation adds the new key there).
+fn proxy_host_cas(
+    config: &AgentConfig,
+) -> Result<Vec<tunnel_proto::certs::Fingerprint>, DialError> {
+    let mut cas = parse_ca_lines(&config.proxy_host_ca).map_err(DialError::Config)?;
+    if let Ok(learned) = parse_ca_lines(&crate::renew::learned_cas(config)) {
+        for fp in learned {
+            if !cas.contains(&fp) {
+                cas.push(fp);
+            }
+        }
+    }
+    Ok(cas)
 }

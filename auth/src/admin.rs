@@ -69,7 +69,7 @@ pub fn ensure_identity(state: &State, config: &AuthConfig) -> Result<bool, AuthE
         ssh_cert: issued.ssh_cert,
         tls_cert: issued.tls_cert,
         tls_cas: vec![a.tls_ca_pem.clone()],
-        ssh_host_cas: vec![a.host_ca_line()],
+        ssh_host_cas: a.host_ca_lines(),
     };
     admin
         .save(&path)

@@ -9,6 +9,9 @@ use rcgen::{
 use russh::keys::ssh_key::{LineEnding, PrivateKey, PublicKey};
 use sha2::{Digest, Sha256};
 
+use std::sync::RwLock;
+
+use crate::rotation::{CaKeys, CaKind};
 use crate::storage::{Backend, StorageError};
 use crate::tls_ca::{self, ca_params};
 
@@ -60,8 +63,10 @@ pub enum AuthorityError {
 pub struct Authorities {
     /// The cluster's name.
     pub cluster: String,
-    user_ca: PrivateKey,
-    host_ca: PrivateKey,
+    /// The user CA's keys (more than one trusted during a rotation, see [`crate::rotation`]).
+    user_ca: RwLock<CaKeys>,
+    /// The host CA's keys.
+    host_ca: RwLock<CaKeys>,
     tls_key: KeyPair,
     /// The TLS CA certificate (PEM).
     pub tls_ca_pem: String,
@@ -176,33 +181,84 @@ impl Authorities {
         let tls = tls_ca::load(backend, &cluster, BACKDATE_SECS)?;
         Ok(Authorities {
             cluster,
-            user_ca,
-            host_ca,
+            user_ca: RwLock::new(CaKeys::single(user_ca)),
+            host_ca: RwLock::new(CaKeys::single(host_ca)),
             tls_key: tls.key,
             tls_ca_pem: tls.cert_pem,
             tls_legacy: tls.legacy_pem.zip(tls.cross_pem),
         })
     }
 
-    /// The SSH user CA's public key line.
+    fn ca(&self, kind: CaKind) -> &RwLock<CaKeys> {
+        match kind {
+            CaKind::Host => &self.host_ca,
+            CaKind::User => &self.user_ca,
+        }
+    }
+
+    /// A copy of one CA's keys (signer and trusted set).
+    pub fn ca_keys(&self, kind: CaKind) -> CaKeys {
+        self.ca(kind)
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces one CA's keys (a rotation moved).
+    pub fn set_ca_keys(&self, kind: CaKind, keys: CaKeys) {
+        *self.ca(kind).write().unwrap_or_else(|e| e.into_inner()) = keys;
+    }
+
+    fn lines(&self, kind: CaKind) -> Vec<String> {
+        self.ca_keys(kind)
+            .trusted
+            .iter()
+            .filter_map(|k| k.to_openssh().ok())
+            .collect()
+    }
+
+    /// The SSH user CA's signing public key line.
     pub fn user_ca_line(&self) -> String {
-        self.user_ca.public_key().to_openssh().unwrap_or_default()
+        let k = self.ca_keys(CaKind::User).signer;
+        k.public_key().to_openssh().unwrap_or_default()
     }
 
-    /// The SSH host CA's public key line.
+    /// Every trusted SSH user CA key line (two during a rotation).
+    pub fn user_ca_lines(&self) -> Vec<String> {
+        self.lines(CaKind::User)
+    }
+
+    /// The SSH host CA's signing public key line.
     pub fn host_ca_line(&self) -> String {
-        self.host_ca.public_key().to_openssh().unwrap_or_default()
+        let k = self.ca_keys(CaKind::Host).signer;
+        k.public_key().to_openssh().unwrap_or_default()
     }
 
-    /// SHA-256 fingerprint of the host CA's public key.
+    /// Every trusted SSH host CA key line (two during a rotation).
+    pub fn host_ca_lines(&self) -> Vec<String> {
+        self.lines(CaKind::Host)
+    }
+
+    /// SHA-256 fingerprint of the host CA's signing key.
     pub fn host_ca_fingerprint(&self) -> russh::keys::ssh_key::Fingerprint {
-        self.host_ca
+        self.ca_keys(CaKind::Host)
+            .signer
             .public_key()
             .fingerprint(russh::keys::HashAlg::Sha256)
     }
 
-    /// The cluster's CA pin (`sha256:<hex>` of the host CA's public key), what an agent's
-    /// `ca_pin` names.
+    /// SHA-256 fingerprints of every trusted key of `kind` (what a presented certificate's
+    /// signer must be among).
+    pub fn trusted_fingerprints(&self, kind: CaKind) -> Vec<russh::keys::ssh_key::Fingerprint> {
+        self.ca_keys(kind)
+            .trusted
+            .iter()
+            .map(|k| k.fingerprint(russh::keys::HashAlg::Sha256))
+            .collect()
+    }
+
+    /// The cluster's CA pin (`sha256:<hex>` of the host CA's signing key), what an agent's
+    /// `ca_pin` names. It changes when a host CA rotation reaches `update_clients`.
     pub fn host_ca_pin(&self) -> String {
         tunnel_proto::join::ca_pin(self.host_ca_fingerprint().as_bytes())
     }
@@ -275,7 +331,8 @@ impl Authorities {
             roles: roles.to_vec(),
             request: request.map(str::to_owned),
         };
-        let ssh = mint::issue(&self.user_ca, key, &spec, now - BACKDATE_SECS, expires)
+        let signer = self.ca_keys(CaKind::User).signer;
+        let ssh = mint::issue(&signer, key, &spec, now - BACKDATE_SECS, expires)
             .map_err(|e| AuthorityError::Issue(e.to_string()))?;
         let tls = self.tls_sign_ext(
             &ed25519_spki(key)?,
@@ -325,7 +382,8 @@ impl Authorities {
         ttl: u64,
     ) -> Result<Issued, AuthorityError> {
         let now = mint::now_unix();
-        let cert = mint::issue(&self.host_ca, key, spec, now - BACKDATE_SECS, now + ttl)
+        let signer = self.ca_keys(CaKind::Host).signer;
+        let cert = mint::issue(&signer, key, spec, now - BACKDATE_SECS, now + ttl)
             .map_err(|e| AuthorityError::Issue(e.to_string()))?;
         Ok(Issued {
             ssh_cert: cert

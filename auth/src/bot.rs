@@ -16,7 +16,7 @@ use russh::keys::HashAlg;
 use russh::keys::ssh_key::{Certificate, PublicKey};
 use serde::{Deserialize, Serialize};
 use tonic::Status;
-use tunnel_proto::certs::{ca_fingerprint, check_user_cert};
+use tunnel_proto::certs::check_user_cert;
 use tunnel_proto::join::{JoinRequest, RenewRequest};
 use tunnel_proto::login::LoginResponse;
 
@@ -140,7 +140,7 @@ fn issue(
         ssh_cert: issued.ssh_cert,
         tls_cert: issued.tls_cert,
         tls_cas: vec![a.tls_ca_pem.clone()],
-        ssh_host_cas: vec![a.host_ca_line()],
+        ssh_host_cas: a.host_ca_lines(),
         expires: issued.expires,
         roles,
         ..Default::default()
@@ -210,11 +210,8 @@ pub fn join(state: &State, req: &JoinRequest) -> LoginResponse {
 pub fn renew(state: &State, req: &RenewRequest, cert: &Certificate) -> LoginResponse {
     let a = &state.authorities;
     let user = cert.valid_principals().first().cloned().unwrap_or_default();
-    let user_ca = match PublicKey::from_openssh(&a.user_ca_line()) {
-        Ok(k) => ca_fingerprint(&k),
-        Err(e) => return LoginResponse::failed(500, format!("user CA: {e}")),
-    };
-    if let Err(e) = check_user_cert(cert, &user, now_unix(), &[user_ca]) {
+    let user_cas = a.trusted_fingerprints(crate::rotation::CaKind::User);
+    if let Err(e) = check_user_cert(cert, &user, now_unix(), &user_cas) {
         return LoginResponse::failed(
             403,
             format!("renewal refused: {e}; the bot must join again with a new bot token"),

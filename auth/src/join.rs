@@ -78,7 +78,7 @@ pub fn join(state: &State, req: &JoinRequest, ttl: u64) -> LoginResponse {
         status: 200,
         cluster: a.cluster.clone(),
         ssh_cert: issued.ssh_cert,
-        ssh_host_cas: vec![a.host_ca_line()],
+        ssh_host_cas: a.host_ca_lines(),
         expires: issued.expires,
         roles: vec![tunnel_proto::names::ROLE_SERVICE.to_string()],
         ..Default::default()
@@ -98,6 +98,9 @@ pub fn renew(state: &State, req: &RenewRequest, ttl: u64) -> LoginResponse {
     let Ok(cert) = Certificate::from_openssh(req.renew_cert.trim()) else {
         return LoginResponse::failed(400, "renew_cert: not an OpenSSH certificate line");
     };
+    if crate::proxy_renew::is_proxy_cert(&cert) {
+        return crate::proxy_renew::renew(state, &cert, ttl);
+    }
     let now = now_unix();
     let principal = cert.valid_principals().first().cloned().unwrap_or_default();
     let Some(host_id) = principal
@@ -109,7 +112,13 @@ pub fn renew(state: &State, req: &RenewRequest, ttl: u64) -> LoginResponse {
             "renewal refused: the certificate is not for an agent of this cluster",
         );
     };
-    let id = match check_agent_cert(&cert, &host_id, &a.cluster, now, &[a.host_ca_fingerprint()]) {
+    let id = match check_agent_cert(
+        &cert,
+        &host_id,
+        &a.cluster,
+        now,
+        &a.trusted_fingerprints(crate::rotation::CaKind::Host),
+    ) {
         Ok(id) => id,
         Err(e) => {
             return LoginResponse::failed(
@@ -145,7 +154,7 @@ pub fn renew(state: &State, req: &RenewRequest, ttl: u64) -> LoginResponse {
         status: 200,
         cluster: a.cluster.clone(),
         ssh_cert: issued.ssh_cert,
-        ssh_host_cas: vec![a.host_ca_line()],
+        ssh_host_cas: a.host_ca_lines(),
         expires: issued.expires,
         roles: vec![tunnel_proto::names::ROLE_SERVICE.to_string()],
         ..Default::default()

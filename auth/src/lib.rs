@@ -28,6 +28,8 @@
 //! - [`listener`]: the API listener's caps and deadlines;
 //! - [`admin`]: the admin identity, at most one valid;
 //! - [`metrics`]: every `postern_auth_*` metric, and `GET /metrics`;
+//! - [`rotation`]: CA rotation, one phase machine for the host and user CAs, stored and resumed;
+//! - [`proxy_renew`]: a proxy's host certificate renewal (same key and names);
 //! - [`renewal`]: the embedded agent's certificate, re-issued at two-thirds of its life;
 //! - [`server`]: data dir checks, the TLS config, the embedded agent, `run`.
 
@@ -43,8 +45,10 @@ pub mod locks;
 pub mod login;
 pub mod metrics;
 pub mod password;
+pub mod proxy_renew;
 pub mod renewal;
 pub mod requests;
+pub mod rotation;
 pub mod server;
 pub mod service;
 pub mod storage;

@@ -253,7 +253,7 @@ pub fn login(
         ssh_cert: issued.ssh_cert,
         tls_cert: issued.tls_cert,
         tls_cas: vec![a.tls_ca_pem.clone()],
-        ssh_host_cas: vec![a.host_ca_line()],
+        ssh_host_cas: a.host_ca_lines(),
         expires: issued.expires,
         roles: stored.roles,
         retry_after_secs: 0,

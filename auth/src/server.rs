@@ -73,6 +73,9 @@ pub enum AuthError {
     /// The CAs cannot be loaded or used.
     #[error(transparent)]
     Authority(#[from] AuthorityError),
+    /// A stored CA rotation cannot be loaded.
+    #[error(transparent)]
+    Rotation(#[from] crate::rotation::RotationError),
     /// TLS setup failed.
     #[error("TLS setup: {0}")]
     Tls(String),
@@ -170,6 +173,8 @@ pub fn prepare(config: &AuthConfig) -> Result<Prepared, AuthError> {
         backend.as_ref(),
         config.cluster.as_deref(),
     )?);
+    // An Auth restart mid-rotation resumes the phase it was in.
+    crate::rotation::resume(backend.as_ref(), &authorities)?;
     for role in service::preset_roles() {
         let json =
             serde_json::to_string(&postern_api::resource::to_doc(&role)).expect("role serializes");
@@ -334,7 +339,7 @@ fn agent_config(
     };
     let expires = renewal.issue_and_write()?;
     let proxy_host_ca = if t.proxy_host_ca.is_empty() {
-        vec![a.host_ca_line()]
+        a.host_ca_lines()
     } else {
         t.proxy_host_ca.clone()
     };
@@ -434,6 +439,12 @@ async fn serve_bound(
             agent_ttl: prepared.config.agent_cert_ttl_secs,
             ..crate::login::Logins::new(prepared.state.clone(), &prepared.config.limits)
         }),
+        shutdown.clone(),
+    ));
+
+    tokio::spawn(crate::rotation::run(
+        prepared.state.backend.clone(),
+        prepared.state.authorities.clone(),
         shutdown.clone(),
     ));
 

@@ -140,11 +140,11 @@ spec:
 version: v7
 ---
 kind: role
-metadata: {name: proxy, description: 'A proxy: watch roles, users and locks; write audit events'}
+metadata: {name: proxy, description: 'A proxy: watch roles, users and locks; read the CAs; write audit events'}
 spec:
   allow:
     rules:
-      - resources: ['role', 'lock']
+      - resources: ['role', 'lock', 'cert_authority']
         verbs: ['list', 'read']
       - resources: ['event']
         verbs: ['create']
@@ -460,7 +460,7 @@ impl Service {
             ssh_cert: issued.ssh_cert,
             tls_cert: issued.tls_cert,
             tls_cas: vec![a.tls_ca_pem.clone()],
-            ssh_host_cas: vec![a.host_ca_line()],
+            ssh_host_cas: a.host_ca_lines(),
             expires: issued.expires,
             roles,
         }
@@ -1042,6 +1042,49 @@ impl AuthService for Service {
         self.delete_named(&req, "DeleteToken", "token", id).await
     }
 
+    async fn rotate_cert_authority(
+        &self,
+        req: Request<RotateCertAuthorityRequest>,
+    ) -> Result<Response<CaRotation>, Status> {
+        let r = req.get_ref().clone();
+        let caller = self
+            .authorize(
+                &req,
+                "UpdateCertAuthority",
+                "cert_authority",
+                &r.kind,
+                &[Verb::Update],
+            )
+            .await?;
+        let result = self
+            .blocking(move |s| crate::rotation::rotate_rpc(s, &r))
+            .await
+            .and_then(|x| x);
+        let kind = req.get_ref().kind.clone();
+        self.finish(
+            &caller,
+            "UpdateCertAuthority",
+            format!("cert_authority/{kind}"),
+            result,
+        )
+        .await
+    }
+
+    async fn list_ca_rotations(
+        &self,
+        req: Request<ListCaRotationsRequest>,
+    ) -> Result<Response<ListCaRotationsResponse>, Status> {
+        let caller = self
+            .authorize(&req, "ListCaRotations", "cert_authority", "", &[Verb::Read])
+            .await?;
+        let result = self
+            .blocking(crate::rotation::list_rpc)
+            .await
+            .and_then(|x| x);
+        self.finish(&caller, "ListCaRotations", "cert_authority".into(), result)
+            .await
+    }
+
     async fn export_authorities(
         &self,
         req: Request<ExportAuthoritiesRequest>,
@@ -1058,8 +1101,8 @@ impl AuthService for Service {
             .await?;
         let a = &self.state.authorities;
         let result = match kind.as_str() {
-            "host" => Ok(vec![a.host_ca_line()]),
-            "user" => Ok(vec![a.user_ca_line()]),
+            "host" => Ok(a.host_ca_lines()),
+            "user" => Ok(a.user_ca_lines()),
             "tls" => Ok(vec![a.tls_ca_pem.clone()]),
             other => Err(Status::invalid_argument(format!(
                 "kind: '{other}' is not a CA kind (host, user, tls)"

@@ -441,3 +441,88 @@ async fn pctl_status_prints_the_ca_pin() {
     assert_eq!(pin, tunnel_proto::join::ca_pin(fp.as_bytes()));
     assert!(tunnel_proto::join::parse_pin(pin).is_ok());
 }
+
+/// `pctl auth rotate` moves a host CA rotation phase by phase; `pctl status` shows the phase
+/// and the pin of the signing key, which changes at `update_clients`; an out-of-order phase is
+/// refused, saying which phase comes next.
+#[tokio::test]
+async fn pctl_rotates_the_host_ca_phase_by_phase() {
+    let env = start().await;
+    let pin = |out: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix("CA pin:"))
+            .map(|p| p.trim().to_string())
+            .unwrap_or_else(|| panic!("no CA pin in: {out}"))
+    };
+    let status = ok(&pctl(&env, &["status"], None).await);
+    assert!(
+        status.contains("host CA:  phase standby, 1 trusted key(s)"),
+        "{status}"
+    );
+    let old_pin = pin(&status);
+    let e = err(&pctl(
+        &env,
+        &[
+            "auth",
+            "rotate",
+            "--type=host",
+            "--manual",
+            "--phase=standby",
+        ],
+        None,
+    )
+    .await);
+    assert!(e.contains("the next phase is init"), "{e}");
+    let out = ok(&pctl(
+        &env,
+        &["auth", "rotate", "--type=host", "--manual", "--phase=init"],
+        None,
+    )
+    .await);
+    assert!(
+        out.contains("host CA:  phase init (manual), 2 trusted key(s)"),
+        "{out}"
+    );
+    let status = ok(&pctl(&env, &["status"], None).await);
+    assert_eq!(pin(&status), old_pin, "init: the old key still signs");
+    let export = ok(&pctl(&env, &["auth", "export", "--type=host"], None).await);
+    assert_eq!(export.lines().count(), 2, "both keys exported: {export}");
+    ok(&pctl(
+        &env,
+        &[
+            "auth",
+            "rotate",
+            "--type=host",
+            "--manual",
+            "--phase=update_clients",
+        ],
+        None,
+    )
+    .await);
+    let status = ok(&pctl(&env, &["status"], None).await);
+    assert!(
+        status.contains("host CA:  phase update_clients (manual)"),
+        "{status}"
+    );
+    assert_ne!(pin(&status), old_pin, "update_clients: the new key signs");
+    let e = err(&pctl(&env, &["auth", "rotate", "--type=tls"], None).await);
+    assert!(e.contains("tls rotation is not built"), "{e}");
+    ok(&pctl(
+        &env,
+        &[
+            "auth",
+            "rotate",
+            "--type=host",
+            "--manual",
+            "--phase=rollback",
+        ],
+        None,
+    )
+    .await);
+    let status = ok(&pctl(&env, &["status"], None).await);
+    assert!(
+        status.contains("host CA:  phase standby, 1 trusted key(s)"),
+        "{status}"
+    );
+    assert_eq!(pin(&status), old_pin, "rollback: the old key signs again");
+}

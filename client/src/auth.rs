@@ -459,6 +459,10 @@ calls! {
     list_tokens(ListTokensRequest) -> ListTokensResponse;
     /// The public parts of a CA (`cert_authority: read`).
     export_authorities(ExportAuthoritiesRequest) -> ExportAuthoritiesResponse;
+    /// Starts, advances or rolls back a CA rotation (`cert_authority: update`).
+    rotate_cert_authority(RotateCertAuthorityRequest) -> CaRotation;
+    /// Each rotatable CA's rotation state (`cert_authority: read`).
+    list_ca_rotations(ListCaRotationsRequest) -> ListCaRotationsResponse;
     /// Newest audit events first (`event: list`).
     list_audit_events(ListAuditEventsRequest) -> ListAuditEventsResponse;
     /// Locks a user, a role or an agent (`lock: create`); every proxy enforces it within seconds.

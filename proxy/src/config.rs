@@ -205,6 +205,9 @@ pub struct PolicyConfig {
     /// With `auth`: how long the last known policy is used while the Auth server is unreachable;
     /// after that new streams are refused. Default 60.
     pub stale_after_secs: u64,
+    /// With `auth`: how often the proxy reads the cluster's trusted CA keys from the Auth server
+    /// (a CA rotation reaches the proxy within this). Default 10.
+    pub ca_refresh_secs: u64,
 }
 
 impl Default for PolicyConfig {
@@ -213,6 +216,7 @@ impl Default for PolicyConfig {
             source: PolicySource::Deny,
             identity_file: None,
             stale_after_secs: 60,
+            ca_refresh_secs: 10,
         }
     }
 }
@@ -495,6 +499,12 @@ impl ProxyConfig {
                 return Err(invalid(
                     format!("clusters[{i}].policy.identity_file"),
                     "source = \"auth\" needs the proxy's identity file (pctl users add <proxy> --roles=proxy; pctl auth sign --user=<proxy> --out=FILE)",
+                ));
+            }
+            if !(1..=3_600).contains(&c.policy.ca_refresh_secs) {
+                return Err(invalid(
+                    format!("clusters[{i}].policy.ca_refresh_secs"),
+                    "must be 1..=3600",
                 ));
             }
             if !(1..=86_400).contains(&c.policy.stale_after_secs) {

@@ -8,7 +8,9 @@
 //! ## Layout
 //! - [`config`]: `proxy.toml`, defaults and validation.
 //! - [`keys`]: host key/certificate and web TLS certificate, generated when absent.
-//! - [`trust`]: which CA keys each cluster trusts.
+//! - [`trust`]: which CA keys each cluster trusts (replaced when a CA rotates,
+//!   [`policy::authorities`]).
+//! - [`renewal`]: the proxy's host certificate, renewed at two-thirds of its life.
 //! - [`tunnel`]: the SSH listener, login checks, stream routing and splicing, control channel.
 //! - [`quic`]: the QUIC listener for agents (login bound to the TLS exporter, one QUIC stream per
 //!   client stream). [`link`]: a tunnel's link to its agent, either transport.
@@ -33,6 +35,7 @@ pub mod ops;
 pub mod policy;
 pub mod proxy_protocol;
 pub mod quic;
+pub mod renewal;
 pub mod routing;
 pub mod trust;
 pub mod tunnel;
@@ -230,6 +233,13 @@ fn policy_watchers(
             registry: shared.policies.registry.clone(),
         };
         tasks.push(tokio::spawn(watcher.run(shared.hard_stop.clone())));
+        let refresher = policy::authorities::CaRefresher {
+            cluster: c.name.clone(),
+            identity_file: c.policy.identity_file.clone().unwrap_or_default(),
+            every: std::time::Duration::from_secs(c.policy.ca_refresh_secs),
+            shared: shared.clone(),
+        };
+        tasks.push(tokio::spawn(refresher.run(shared.hard_stop.clone())));
     }
     tasks
 }
@@ -313,6 +323,12 @@ pub async fn run(
             proxy_ids: vec![proxy_id.clone()],
         },
     });
+    // Renewal needs the key, whether there is a certificate to renew, and how to dial itself.
+    let renew_with = (
+        host_key.clone(),
+        host_cert.is_some(),
+        web_self_addr(&listeners.web),
+    );
     let ssh = tunnel::ssh_config(
         host_key,
         host_cert,
@@ -339,6 +355,23 @@ pub async fn run(
     shared.audit = Arc::new(stream_audit(&config, &proxy_id)?);
     let shared = Arc::new(shared);
     let mut watchers = policy_watchers(&config, &shared);
+    if let (key, true, Some(web)) = renew_with
+        && config
+            .clusters
+            .iter()
+            .any(|c| c.policy.source == config::PolicySource::Auth)
+    {
+        let renewal = renewal::HostCertRenewal {
+            key,
+            cert_path: config.host_cert_path(),
+            web,
+            web_fp: web_fp.clone(),
+            keepalive: (config.keepalive(), config.ssh.keepalive_max),
+            shared: shared.clone(),
+            quic_proof: proof.clone(),
+        };
+        watchers.push(tokio::spawn(renewal.run(shared.hard_stop.clone())));
+    }
     watchers.extend(audit_shippers(&config, &shared));
     info!(
         proxy_id = %proxy_id,
@@ -430,4 +463,13 @@ pub async fn run(
     let _ = ops_task.await;
     info!("shutdown complete");
     Ok(())
+}
+
+/// The address this proxy dials its own web listener at (loopback for a wildcard bind).
+fn web_self_addr(web: &TcpListener) -> Option<String> {
+    let mut addr = web.local_addr().ok()?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    Some(addr.to_string())
 }

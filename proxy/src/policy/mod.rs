@@ -15,6 +15,7 @@
 //! any user of the cluster; any other target needs its labels and a role whose `node_labels`
 //! allow them, with no role denying them (deny wins, default deny).
 
+pub mod authorities;
 pub mod cache;
 pub mod registry;
 pub mod watch;

@@ -230,7 +230,7 @@ async fn login(
             control
                 .write(&[
                     Frame::ProxyAuth {
-                        key: proof.line.clone(),
+                        key: proof.line(),
                         signature,
                     },
                     Frame::Control(hello),

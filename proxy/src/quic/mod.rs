@@ -48,8 +48,9 @@ pub enum QuicError {
 pub struct ProxyProof {
     /// The SSH host key (signs the binding).
     pub key: PrivateKey,
-    /// The host certificate if there is one, else the public key, OpenSSH one-line form.
-    pub line: String,
+    /// The host certificate if there is one, else the public key, OpenSSH one-line form;
+    /// replaced when the host certificate is renewed ([`crate::renewal`]).
+    line: std::sync::RwLock<String>,
 }
 
 impl ProxyProof {
@@ -59,7 +60,22 @@ impl ProxyProof {
             .and_then(|c| c.to_openssh().ok())
             .or_else(|| key.public_key().to_openssh().ok())
             .unwrap_or_default();
-        ProxyProof { key, line }
+        ProxyProof {
+            key,
+            line: std::sync::RwLock::new(line),
+        }
+    }
+
+    /// The line shown to the next agent.
+    pub fn line(&self) -> String {
+        self.line.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Shows `cert` (a renewed host certificate for the same key) to the next agents.
+    pub fn set_cert(&self, cert: &Certificate) {
+        if let Ok(l) = cert.to_openssh() {
+            *self.line.write().unwrap_or_else(|e| e.into_inner()) = l;
+        }
     }
 }
 

@@ -104,7 +104,7 @@ pub(super) async fn serve_conn(
     let started_session = tokio::time::timeout_at(
         deadline,
         russh::server::run_stream(
-            shared.ssh_config.clone(),
+            shared.ssh_config(),
             WriteBehind::new(socket, WRITE_BEHIND_CAP),
             handler,
         ),

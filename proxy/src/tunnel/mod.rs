@@ -54,8 +54,9 @@ pub struct TunnelShared {
     pub trust: Trust,
     /// Live agent tunnels.
     pub routing: RoutingTable,
-    /// russh server settings (host key, algorithms, keepalives).
-    pub ssh_config: Arc<russh::server::Config>,
+    /// russh server settings (host key and certificate, algorithms, keepalives), read at each
+    /// accept: a renewed host certificate ([`crate::renewal`]) is used by the next connection.
+    ssh_config: std::sync::RwLock<Arc<russh::server::Config>>,
     /// Accept to login deadline.
     pub handshake_timeout: Duration,
     /// Streams per tunnel, at most.
@@ -96,6 +97,19 @@ pub struct TunnelShared {
 }
 
 impl TunnelShared {
+    /// The SSH server settings new connections use.
+    pub fn ssh_config(&self) -> Arc<russh::server::Config> {
+        self.ssh_config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the SSH server settings for new connections (open ones keep theirs).
+    pub fn set_ssh_config(&self, config: Arc<russh::server::Config>) {
+        *self.ssh_config.write().unwrap_or_else(|e| e.into_inner()) = config;
+    }
+
     /// Shared state with an empty routing table.
     pub fn new(
         trust: Trust,
@@ -108,7 +122,7 @@ impl TunnelShared {
         TunnelShared {
             trust,
             routing: RoutingTable::default(),
-            ssh_config,
+            ssh_config: std::sync::RwLock::new(ssh_config),
             handshake_timeout,
             max_streams_per_tunnel,
             limits: crate::config::LimitsConfig::default(),

@@ -176,6 +176,19 @@ impl Cluster {
         process: bool,
         tweak: impl FnOnce(&mut AuthConfig),
     ) -> Cluster {
+        Self::start_full(name, proxies, stale_after_secs, process, tweak, 86400).await
+    }
+
+    /// As [`Cluster::start_tweaked`], with the proxies' host certificates valid
+    /// `proxy_cert_ttl` seconds (they renew at two-thirds of it).
+    pub async fn start_full(
+        name: &str,
+        proxies: usize,
+        stale_after_secs: u64,
+        process: bool,
+        tweak: impl FnOnce(&mut AuthConfig),
+        proxy_cert_ttl: u64,
+    ) -> Cluster {
         init_tracing();
         let dir = tempfile::tempdir().unwrap();
         let mut auth_cfg = auth_config(dir.path(), name);
@@ -203,6 +216,8 @@ impl Cluster {
                     source: PolicySource::Auth,
                     identity_file: Some(dir.path().join(format!("proxy-{i}.identity"))),
                     stale_after_secs,
+                    // CA rotations reach the proxies within a second.
+                    ca_refresh_secs: 1,
                 },
             }];
             let key = mint::generate_key();
@@ -211,7 +226,7 @@ impl Cluster {
                     key.public_key(),
                     "",
                     &["127.0.0.1".into(), "localhost".into()],
-                    86400,
+                    proxy_cert_ttl,
                 )
                 .unwrap();
             mint::write_key_pair(&config.host_key_path(), &key).unwrap();
@@ -518,7 +533,8 @@ impl Cluster {
     }
 }
 
-fn agent_cfg<'a>(
+/// An agent config on `proxy` for `cluster` with the key at `key`, serving `targets`.
+pub fn agent_cfg<'a>(
     cluster: &str,
     host_id: &str,
     proxy: &Proxy,

@@ -19,6 +19,8 @@ use postern_dial::web::WebTrust;
 use russh::keys::ssh_key::LineEnding;
 
 mod output;
+mod rotation;
+use rotation::rotation_line;
 
 mod create;
 mod events;
@@ -183,6 +185,22 @@ enum SignFormat {
 
 #[derive(Subcommand)]
 enum AuthCommand {
+    /// Rotate a CA: automatic (`--type=host --grace-period=30h`) or phase by phase
+    /// (`--manual --phase=init|update_clients|update_servers|standby|rollback`).
+    Rotate {
+        /// Which CA: host or user.
+        #[arg(long = "type")]
+        kind: String,
+        /// Automatic mode: the whole rotation's length (each phase lasts a third of it).
+        #[arg(long = "grace-period", default_value = "30h")]
+        grace_period: String,
+        /// Manual mode: phases move only with --phase.
+        #[arg(long)]
+        manual: bool,
+        /// The phase to move to: the next one, or rollback.
+        #[arg(long)]
+        phase: Option<String>,
+    },
     /// Issue certificates: for a user (--user), an agent (--host) or a proxy (--proxy).
     Sign {
         /// User to sign for.
@@ -392,22 +410,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 p.user,
                 p.roles.join(", ")
             );
-            // The pin agents join with (`ca_pin` in agent.toml): the host CA's SHA-256.
-            match client
-                .export_authorities(ExportAuthoritiesRequest {
-                    kind: "host".into(),
-                })
-                .await
-            {
-                Ok(r) => {
-                    for line in r.entries {
-                        let key = russh::keys::ssh_key::PublicKey::from_openssh(line.trim())?;
-                        let fp = key.fingerprint(russh::keys::HashAlg::Sha256);
-                        println!("CA pin:   {}", tunnel_proto::join::ca_pin(fp.as_bytes()));
-                    }
-                }
-                Err(e) => println!("CA pin:   (not shown: {e})"),
-            }
+            rotation::print_ca_status(&client).await?;
         }
         Command::Create { file, force } => {
             let text = read_input(&file)?;
@@ -482,6 +485,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         },
         Command::Auth { command } => match command {
+            AuthCommand::Rotate {
+                kind,
+                grace_period,
+                manual,
+                phase,
+            } => {
+                let grace = duration::parse_secs(&grace_period).map_err(anyhow::Error::msg)?;
+                let r = client
+                    .rotate_cert_authority(RotateCertAuthorityRequest {
+                        kind,
+                        phase: phase.unwrap_or_default(),
+                        manual,
+                        grace_period_secs: grace,
+                    })
+                    .await?;
+                outln!("{}", rotation_line(&r));
+            }
             AuthCommand::Sign {
                 user,
                 host,

@@ -1,0 +1,478 @@
+//! CA rotation (`pctl auth rotate`): one phase machine, parameterised by CA kind (SSH host or
+//! SSH user), as Teleport does it.
+//!
+//! Phases, in order: `standby → init → update_clients → update_servers → standby`, and
+//! `rollback` from any phase but `standby` (back to `standby` with the old key). What each means:
+//!
+//! | phase | trusted keys | signing key |
+//! |---|---|---|
+//! | `standby` | current | current |
+//! | `init` | current, next | current |
+//! | `update_clients`, `update_servers` | current, next | next |
+//!
+//! Completing (`update_servers → standby`) makes `next` the current key and drops the old one
+//! from every trust list. The state of each CA kind is one storage row (kind `ca_rotation`,
+//! written conditionally on its revision), so an Auth restart resumes the phase it was in and two
+//! Auth servers on one backend cannot both advance it. In automatic mode each phase lasts a third
+//! of the grace period; [`run`] advances it. The row holds private keys: its kind is not in the
+//! policy change feed, so it never leaves the Auth server.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::keys::ssh_key::{LineEnding, PrivateKey, PublicKey};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::authority::Authorities;
+use crate::storage::{Backend, Condition, StorageError};
+
+/// Storage kind of the rotation rows (one per CA kind, named by [`CaKind::as_str`]).
+const ROW_KIND: &str = "ca_rotation";
+/// How often [`run`] looks at the stored state.
+const TICK: Duration = Duration::from_millis(500);
+
+/// Which CA a rotation is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaKind {
+    /// The SSH host CA (agents' and proxies' certificates).
+    Host,
+    /// The SSH user CA (users' and bots' certificates).
+    User,
+}
+
+impl CaKind {
+    /// Both kinds.
+    pub const ALL: [CaKind; 2] = [CaKind::Host, CaKind::User];
+
+    /// Its name in `pctl auth rotate --type=…` and in storage.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaKind::Host => "host",
+            CaKind::User => "user",
+        }
+    }
+
+    /// Parses `host` or `user`.
+    pub fn parse(s: &str) -> Result<CaKind, RotationError> {
+        match s {
+            "host" => Ok(CaKind::Host),
+            "user" => Ok(CaKind::User),
+            other => Err(RotationError::Refused(format!(
+                "type '{other}' cannot be rotated: give host or user (tls rotation is not built)"
+            ))),
+        }
+    }
+}
+
+/// A rotation phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// No rotation under way: one key, trusted and signing.
+    Standby,
+    /// A new key is trusted everywhere; the old one still signs.
+    Init,
+    /// The new key signs renewals and logins; both are trusted.
+    UpdateClients,
+    /// As `update_clients`; servers (proxies, agents) renew from the new key.
+    UpdateServers,
+}
+
+impl Phase {
+    /// Its name, as `pctl` prints and takes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Standby => "standby",
+            Phase::Init => "init",
+            Phase::UpdateClients => "update_clients",
+            Phase::UpdateServers => "update_servers",
+        }
+    }
+
+    /// The phase after this one in a rotation.
+    fn next(self) -> Phase {
+        match self {
+            Phase::Standby => Phase::Init,
+            Phase::Init => Phase::UpdateClients,
+            Phase::UpdateClients => Phase::UpdateServers,
+            Phase::UpdateServers => Phase::Standby,
+        }
+    }
+
+    /// Whether the new key signs in this phase.
+    fn new_key_signs(self) -> bool {
+        matches!(self, Phase::UpdateClients | Phase::UpdateServers)
+    }
+}
+
+/// A refused or failed rotation request.
+#[derive(Debug, thiserror::Error)]
+pub enum RotationError {
+    /// Storage failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The request does not fit the current state (the message says why and what to do).
+    #[error("{0}")]
+    Refused(String),
+    /// Another Auth server changed the rotation at the same time.
+    #[error(
+        "the rotation was changed concurrently by another Auth server: look at `pctl status` and retry"
+    )]
+    Conflict,
+    /// The stored state does not parse.
+    #[error("stored {kind} CA rotation state is corrupt: {message}")]
+    Corrupt {
+        /// The CA kind.
+        kind: &'static str,
+        /// What failed.
+        message: String,
+    },
+}
+
+/// The stored state of one CA kind's rotation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotationState {
+    /// The phase.
+    pub phase: Phase,
+    /// Manual mode: only `pctl auth rotate --phase` moves it.
+    pub manual: bool,
+    /// Unix seconds the current rotation started (0: never rotated).
+    pub started: u64,
+    /// Grace period, seconds (automatic mode: each phase lasts a third of it).
+    pub grace_secs: u64,
+    /// The current key (OpenSSH private key text).
+    current: String,
+    /// The new key during a rotation.
+    next: Option<String>,
+    /// Unix seconds the last rotation completed.
+    pub last_rotated: Option<u64>,
+}
+
+impl RotationState {
+    /// The unix second at which automatic mode moves to the next phase.
+    pub fn deadline(&self) -> Option<u64> {
+        let third = self.grace_secs / 3;
+        match (self.manual, self.phase) {
+            (true, _) | (_, Phase::Standby) => None,
+            (false, Phase::Init) => Some(self.started + third),
+            (false, Phase::UpdateClients) => Some(self.started + 2 * third),
+            (false, Phase::UpdateServers) => Some(self.started + self.grace_secs),
+        }
+    }
+
+    /// The keys this state trusts and the one that signs.
+    fn keys(&self, kind: CaKind) -> Result<CaKeys, RotationError> {
+        let parse = |t: &str| {
+            PrivateKey::from_openssh(t).map_err(|e| RotationError::Corrupt {
+                kind: kind.as_str(),
+                message: e.to_string(),
+            })
+        };
+        let current = parse(&self.current)?;
+        let next = self.next.as_deref().map(parse).transpose()?;
+        let signer = match (&next, self.phase.new_key_signs()) {
+            (Some(n), true) => n.clone(),
+            _ => current.clone(),
+        };
+        let mut trusted = vec![current.public_key().clone()];
+        trusted.extend(next.iter().map(|n| n.public_key().clone()));
+        Ok(CaKeys {
+            signer,
+            trusted,
+            phase: self.phase,
+        })
+    }
+}
+
+/// The keys of one CA in memory: what signs now and what is trusted now.
+#[derive(Clone)]
+pub struct CaKeys {
+    /// The key that signs new certificates.
+    pub signer: PrivateKey,
+    /// Every trusted public key (the signer's among them).
+    pub trusted: Vec<PublicKey>,
+    /// The rotation phase these keys belong to.
+    pub phase: Phase,
+}
+
+impl CaKeys {
+    /// One key, not rotating.
+    pub fn single(key: PrivateKey) -> CaKeys {
+        CaKeys {
+            trusted: vec![key.public_key().clone()],
+            signer: key,
+            phase: Phase::Standby,
+        }
+    }
+}
+
+/// A rotation request, from `pctl auth rotate`.
+#[derive(Debug, Clone)]
+pub struct RotateRequest {
+    /// Which CA.
+    pub kind: CaKind,
+    /// The phase wanted: `None` starts an automatic rotation; `Some("rollback")` rolls back.
+    pub phase: Option<String>,
+    /// Manual mode (with `phase`).
+    pub manual: bool,
+    /// Grace period, seconds.
+    pub grace_secs: u64,
+}
+
+fn load(
+    b: &dyn Backend,
+    a: &Authorities,
+    kind: CaKind,
+) -> Result<(RotationState, Option<u64>), RotationError> {
+    match b.get(ROW_KIND, kind.as_str())? {
+        Some(item) => serde_json::from_str(&item.value)
+            .map(|s| (s, Some(item.revision)))
+            .map_err(|e| RotationError::Corrupt {
+                kind: kind.as_str(),
+                message: e.to_string(),
+            }),
+        None => Ok((
+            RotationState {
+                phase: Phase::Standby,
+                manual: false,
+                started: 0,
+                grace_secs: 0,
+                current: openssh(&a.ca_keys(kind).signer)?,
+                next: None,
+                last_rotated: None,
+            },
+            None,
+        )),
+    }
+}
+
+fn openssh(k: &PrivateKey) -> Result<String, RotationError> {
+    k.to_openssh(LineEnding::LF)
+        .map(|z| z.to_string())
+        .map_err(|e| RotationError::Refused(format!("cannot encode a CA key: {e}")))
+}
+
+fn store(
+    b: &dyn Backend,
+    kind: CaKind,
+    s: &RotationState,
+    revision: Option<u64>,
+) -> Result<(), RotationError> {
+    let json = serde_json::to_string(s).expect("rotation state serializes");
+    let cond = match revision {
+        Some(r) => Condition::Revision(r),
+        None => Condition::Absent,
+    };
+    match b.put(ROW_KIND, kind.as_str(), &json, cond) {
+        Ok(_) => Ok(()),
+        Err(StorageError::Exists { .. }) | Err(StorageError::Conflict { .. }) => {
+            Err(RotationError::Conflict)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The state of `kind`'s rotation, as stored (standby with the loaded key if never rotated).
+pub fn status(
+    b: &dyn Backend,
+    a: &Authorities,
+    kind: CaKind,
+) -> Result<RotationState, RotationError> {
+    Ok(load(b, a, kind)?.0)
+}
+
+/// Moves `req.kind`'s rotation as asked, stores it and applies it to `a`; returns the new state.
+pub fn rotate(
+    b: &dyn Backend,
+    a: &Authorities,
+    req: &RotateRequest,
+    now: u64,
+) -> Result<RotationState, RotationError> {
+    let (mut s, rev) = load(b, a, req.kind)?;
+    let kind = req.kind.as_str();
+    match req.phase.as_deref() {
+        None | Some("init") if s.phase == Phase::Standby => {
+            if req.phase.is_none() && req.manual {
+                return Err(RotationError::Refused(
+                    "--manual needs --phase (init, update_clients, update_servers, standby or rollback)".into(),
+                ));
+            }
+            if req.grace_secs < 3 && !req.manual {
+                return Err(RotationError::Refused(
+                    "--grace-period must be at least 3s (each phase lasts a third of it)".into(),
+                ));
+            }
+            s.phase = Phase::Init;
+            s.manual = req.manual || req.phase.is_some();
+            s.started = now;
+            s.grace_secs = req.grace_secs;
+            s.next = Some(openssh(&postern_dial::mint::generate_key())?);
+        }
+        None | Some("init") => {
+            return Err(RotationError::Refused(format!(
+                "a {kind} CA rotation is already in phase {}: finish it (--phase {}) or roll it back (--phase rollback)",
+                s.phase.as_str(),
+                s.phase.next().as_str()
+            )));
+        }
+        Some("rollback") => {
+            if s.phase == Phase::Standby {
+                return Err(RotationError::Refused(format!(
+                    "no {kind} CA rotation to roll back: it is in standby"
+                )));
+            }
+            s.phase = Phase::Standby;
+            s.next = None;
+        }
+        Some(wanted) => {
+            let expected = s.phase.next();
+            if wanted != expected.as_str() {
+                return Err(RotationError::Refused(format!(
+                    "the {kind} CA is in phase {}: the next phase is {}, not '{wanted}' (or --phase rollback)",
+                    s.phase.as_str(),
+                    expected.as_str()
+                )));
+            }
+            advance(&mut s, now);
+        }
+    }
+    store(b, req.kind, &s, rev)?;
+    a.set_ca_keys(req.kind, s.keys(req.kind)?);
+    info!(ca = kind, phase = s.phase.as_str(), "CA rotation moved");
+    Ok(s)
+}
+
+/// One step forward; completing makes the new key the current one.
+fn advance(s: &mut RotationState, now: u64) {
+    s.phase = s.phase.next();
+    if s.phase == Phase::Standby {
+        if let Some(next) = s.next.take() {
+            s.current = next;
+        }
+        s.last_rotated = Some(now);
+    }
+}
+
+/// Loads every stored rotation into `a` (at start: an Auth restart resumes the phase it was in).
+pub fn resume(b: &dyn Backend, a: &Authorities) -> Result<(), RotationError> {
+    for kind in CaKind::ALL {
+        let (s, rev) = load(b, a, kind)?;
+        if rev.is_some() {
+            a.set_ca_keys(kind, s.keys(kind)?);
+            info!(
+                ca = kind.as_str(),
+                phase = s.phase.as_str(),
+                "CA rotation state loaded"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Until `stop`: advances automatic rotations whose phase is over, and applies what another Auth
+/// server on the same backend stored.
+pub async fn run(b: Arc<dyn Backend>, a: Arc<Authorities>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {}
+            _ = stop.cancelled() => return,
+        }
+        for kind in CaKind::ALL {
+            if let Err(e) = advance_due(b.as_ref(), &a, kind, postern_dial::mint::now_unix()) {
+                warn!(ca = kind.as_str(), error = %e, "CA rotation step failed: retrying");
+            }
+        }
+    }
+}
+
+/// One step of [`run`] for `kind` at `now`: moves an automatic rotation whose phase is over to
+/// the next phase (a conditional write: of two Auth servers, one does it), then applies the
+/// stored state to `a`.
+pub fn advance_due(
+    b: &dyn Backend,
+    a: &Authorities,
+    kind: CaKind,
+    now: u64,
+) -> Result<(), RotationError> {
+    let (mut s, rev) = load(b, a, kind)?;
+    let Some(rev) = rev else { return Ok(()) };
+    if s.deadline().is_some_and(|d| now >= d) {
+        advance(&mut s, now);
+        match store(b, kind, &s, Some(rev)) {
+            Ok(()) => info!(
+                ca = kind.as_str(),
+                phase = s.phase.as_str(),
+                "CA rotation advanced"
+            ),
+            Err(RotationError::Conflict) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+    let keys = s.keys(kind)?;
+    if a.ca_keys(kind).trusted != keys.trusted || a.ca_keys(kind).phase != keys.phase {
+        a.set_ca_keys(kind, keys);
+    }
+    Ok(())
+}
+
+/// `RotateCertAuthority`: parses the request, moves the rotation, answers its new state.
+pub fn rotate_rpc(
+    state: &crate::service::State,
+    r: &postern_api::proto::RotateCertAuthorityRequest,
+) -> Result<postern_api::proto::CaRotation, tonic::Status> {
+    let kind =
+        CaKind::parse(&r.kind).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+    let req = RotateRequest {
+        kind,
+        phase: Some(r.phase.trim().to_string()).filter(|p| !p.is_empty()),
+        manual: r.manual,
+        grace_secs: r.grace_period_secs,
+    };
+    let now = postern_dial::mint::now_unix();
+    match rotate(state.backend.as_ref(), &state.authorities, &req, now) {
+        Ok(s) => Ok(to_proto(kind, &s, &state.authorities)),
+        Err(RotationError::Refused(m)) => Err(tonic::Status::failed_precondition(m)),
+        Err(RotationError::Conflict) => {
+            Err(tonic::Status::aborted(RotationError::Conflict.to_string()))
+        }
+        Err(e) => Err(tonic::Status::internal(e.to_string())),
+    }
+}
+
+/// `ListCaRotations`: each rotatable CA's state.
+pub fn list_rpc(
+    state: &crate::service::State,
+) -> Result<postern_api::proto::ListCaRotationsResponse, tonic::Status> {
+    let mut rotations = Vec::new();
+    for kind in CaKind::ALL {
+        let s = status(state.backend.as_ref(), &state.authorities, kind)
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        rotations.push(to_proto(kind, &s, &state.authorities));
+    }
+    Ok(postern_api::proto::ListCaRotationsResponse { rotations })
+}
+
+fn to_proto(kind: CaKind, s: &RotationState, a: &Authorities) -> postern_api::proto::CaRotation {
+    let keys = a.ca_keys(kind);
+    let signer = keys.signer.public_key().clone();
+    let mut trusted: Vec<String> = vec![signer.to_openssh().unwrap_or_default()];
+    trusted.extend(
+        keys.trusted
+            .iter()
+            .filter(|k| **k != signer)
+            .filter_map(|k| k.to_openssh().ok()),
+    );
+    postern_api::proto::CaRotation {
+        kind: kind.as_str().into(),
+        phase: s.phase.as_str().into(),
+        manual: s.manual,
+        started: s.started,
+        grace_period_secs: s.grace_secs,
+        next_phase_at: s.deadline().unwrap_or(0),
+        last_rotated: s.last_rotated.unwrap_or(0),
+        trusted,
+    }
+}
