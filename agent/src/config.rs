@@ -45,6 +45,9 @@ pub struct AgentConfig {
     /// Reconnect back-off.
     #[serde(default)]
     pub reconnect: ReconnectConfig,
+    /// The agent pool: a tunnel to every proxy (see [`crate::pool`]).
+    #[serde(default)]
+    pub pool: crate::pool::PoolConfig,
 }
 
 /// One target: where the agent dials it, and the labels roles select it by.

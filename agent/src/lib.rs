@@ -10,10 +10,12 @@
 //! - [`config`]: `agent.toml`, validation.
 //! - [`labels`]: target labels as `@control` frames.
 //! - [`tunnel`]: one connection's life: login, registration, control channel, serving streams.
-//! - [`run`]: the reconnect loop.
+//! - [`pool`]: a tunnel to every proxy of the set, through one balanced address.
+//! - [`run`]: the pool (or, with `pool.enabled = false`, one tunnel and its reconnect loop).
 
 pub mod config;
 pub mod labels;
+pub mod pool;
 pub mod tunnel;
 
 use std::time::Duration;
@@ -50,12 +52,17 @@ pub fn full_jitter(ceiling: Duration) -> Duration {
     Duration::from_millis(rand::random_range(0..ms))
 }
 
-/// Runs the agent until `shutdown` is cancelled: connect, serve, back off, reconnect.
+/// Runs the agent until `shutdown` is cancelled: the agent pool (see [`pool`]), or with the pool
+/// off, one tunnel: connect, serve, back off, reconnect.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     config.validate()?;
     let identity =
         postern_dial::ssh::Identity::load(&config.host_key_file, &config.host_cert_path())
             .map_err(AgentError::Identity)?;
+    if config.pool.enabled {
+        pool::run(config, identity, shutdown).await;
+        return Ok(());
+    }
     let base = Duration::from_millis(config.reconnect.base_ms);
     let cap = Duration::from_millis(config.reconnect.cap_ms);
     let mut attempt = 0u32;

@@ -143,6 +143,7 @@ async fn agent_refuses_targets_it_does_not_serve() {
         targets,
         keepalive_interval_secs: 5,
         reconnect: Default::default(),
+        pool: Default::default(),
     };
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(postern_agent::run(agent, shutdown.clone()));

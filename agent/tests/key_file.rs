@@ -34,6 +34,7 @@ fn config(key_path: std::path::PathBuf) -> AgentConfig {
         )]),
         keepalive_interval_secs: 5,
         reconnect: Default::default(),
+        pool: Default::default(),
     }
 }
 

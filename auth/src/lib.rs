@@ -16,6 +16,7 @@
 //! - [`changes`]: the policy change feed (roles, users, locks) with its revisions;
 //! - [`watch`]: `WatchPolicy`, the feed as a gRPC stream with resume from a revision;
 //! - [`locks`]: locks on a user, a role or an agent;
+//! - [`proxies`]: the proxy set, from each proxy's `ProxyHeartbeat`, with expiry;
 //! - [`stream_events`]: stream access events shipped by proxies;
 //! - [`tokens`]: join tokens as stored, and spending one use atomically;
 //! - [`login`]: `psh login` behind the proxy's login relay (signup secret, then password);
@@ -36,6 +37,7 @@ pub mod locks;
 pub mod login;
 pub mod metrics;
 pub mod password;
+pub mod proxies;
 pub mod server;
 pub mod service;
 pub mod storage;

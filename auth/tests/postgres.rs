@@ -73,8 +73,7 @@ async fn two_auth_servers_share_one_database() {
         pa.state.authorities.tls_ca_pem, pb.state.authorities.tls_ca_pem,
         "one TLS CA for the cluster"
     );
-    // Started one after the other: B's start revokes earlier admin certificates, A's included,
-    // so B's admin identity is the one used on both servers (issued by B, accepted by A).
+    // Started one after the other; B's admin identity (issued by B) is used on both servers.
     let a = serve(pa).await;
     let b = serve(pb).await;
     let id = b.admin_identity();
@@ -166,6 +165,62 @@ async fn two_auth_servers_share_one_database() {
     }
     assert_eq!((won, refused), (1, 15));
     drop(streams);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_auth_server_keeps_its_own_admin_identity() {
+    let pg = Postgres::start();
+    let (da, db) = (TempDir::new("pg-adm-a"), TempDir::new("pg-adm-b"));
+    let a = serve(prepare_async(pg.auth_config(&da.0, "adm")).await).await;
+    let first_a = a.admin_identity();
+    // B's start issues B's admin identity: it must not revoke A's.
+    let b = serve(prepare_async(pg.auth_config(&db.0, "adm")).await).await;
+    let (id_a, id_b) = (a.admin_identity(), b.admin_identity());
+    assert_eq!(id_a.tls_cert, first_a.tls_cert, "A's file untouched");
+    assert_ne!(
+        id_a.tls_cert, id_b.tls_cert,
+        "one admin identity per data dir"
+    );
+    for (who, id) in [("A's", &id_a), ("B's", &id_b)] {
+        for srv in [&a, &b] {
+            let c = AuthClient::connect_direct(&srv.addr.to_string(), id)
+                .await
+                .unwrap_or_else(|e| panic!("{who} admin identity refused: {e}"));
+            assert_eq!(c.ping(PingRequest {}).await.unwrap().user, "@admin");
+            c.list_roles(ListRolesRequest::default())
+                .await
+                .unwrap_or_else(|e| panic!("{who} admin identity: {e}"));
+        }
+    }
+    // A replaced identity still revokes what its own data dir held: delete nothing, but make
+    // A's file unusable for reuse (another user's name) and restart A on the same data dir.
+    a.stop().await;
+    let mut stale = id_a.clone();
+    stale.expires = 1;
+    stale.save(&da.0.join("admin.identity")).unwrap();
+    let a = serve(prepare_async(pg.auth_config(&da.0, "adm")).await).await;
+    let new_a = a.admin_identity();
+    assert_ne!(
+        new_a.tls_cert, id_a.tls_cert,
+        "A issued a new admin identity"
+    );
+    let old = AuthClient::connect_direct(&b.addr.to_string(), &id_a).await;
+    let refused = match old {
+        Err(_) => true,
+        Ok(c) => c.list_roles(ListRolesRequest::default()).await.is_err(),
+    };
+    assert!(
+        refused,
+        "A's previous admin certificate is revoked on B too"
+    );
+    let c = AuthClient::connect_direct(&a.addr.to_string(), &id_b)
+        .await
+        .unwrap();
+    c.list_roles(ListRolesRequest::default())
+        .await
+        .expect("B's admin identity survives A's restart");
     a.stop().await;
     b.stop().await;
 }

@@ -179,6 +179,7 @@ async fn main() -> anyhow::Result<()> {
             .into(),
             keepalive_interval_secs: 15,
             reconnect: Default::default(),
+            pool: Default::default(),
         };
         agents.push(tokio::spawn(postern_agent::run(cfg, stop.clone())));
     }

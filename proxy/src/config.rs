@@ -30,6 +30,8 @@ pub struct ProxyConfig {
     pub shutdown: ShutdownConfig,
     /// PROXY protocol from trusted load balancers (web and tunnel listeners).
     pub proxy_protocol: crate::proxy_protocol::ProxyProtocolConfig,
+    /// Heartbeats into each cluster's proxy set (see [`crate::peers`]).
+    pub peers: crate::peers::PeersConfig,
     /// Clusters this proxy routes to, each with the CAs it trusts.
     pub clusters: Vec<ClusterConfig>,
     /// Start even as root (`--allow-root`). The proxy needs no privileges: give it
@@ -201,6 +203,7 @@ impl Default for ProxyConfig {
             limits: LimitsConfig::default(),
             shutdown: ShutdownConfig::default(),
             proxy_protocol: Default::default(),
+            peers: Default::default(),
             clusters: Vec::new(),
             allow_root: false,
         }
@@ -315,6 +318,9 @@ impl ProxyConfig {
         if let Some(id) = &self.proxy_id {
             tunnel_proto::names::validate_label("proxy id", id)
                 .map_err(|e| invalid("proxy_id", e.to_string()))?;
+        }
+        if let Err((field, message)) = self.peers.validate() {
+            return Err(invalid(&field, message));
         }
         if self.ssh.keepalive_interval_secs == 0 || self.ssh.keepalive_interval_secs > 3600 {
             return Err(invalid("ssh.keepalive_interval_secs", "must be 1..=3600"));

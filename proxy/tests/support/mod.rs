@@ -254,6 +254,7 @@ pub fn agent_config(
             .collect::<BTreeMap<_, _>>(),
         keepalive_interval_secs: 5,
         reconnect: Default::default(),
+        pool: Default::default(),
     }
 }
 

@@ -1,0 +1,363 @@
+//! The agent pool: a tunnel to every proxy of the cluster, through one balanced address.
+//!
+//! Proxies sit behind an L4 load balancer; a client lands on any of them, so every proxy needs a
+//! tunnel from every agent. The agent knows one address (the balancer's). Each proxy tells it, on
+//! `@control`, its id (hello) and the cluster's proxy set (`ProxySet`, from the proxies'
+//! heartbeats to the Auth server). The pool, as Teleport's agent pool does:
+//!
+//! - **dials** the balanced address, one dial at a time, while the set names a proxy it holds no
+//!   tunnel to (or while it holds none). A dial that lands on a proxy it already holds is closed
+//!   (before any target is registered) and counts as a miss: misses back off exponentially with
+//!   full jitter up to `pool.hunt_cap_ms`, so a proxy in the set that never answers costs a
+//!   bounded dial rate, never a spin, and the other tunnels carry on;
+//! - **probes** every `pool.probe_secs` even when it holds the whole set: a proxy that has just
+//!   started cannot be in the set before some `auth` agent reached it (the Auth server is only
+//!   reachable through tunnels), so only dialling finds it. The Auth server's own agent probes
+//!   every 5 s and once more after each dial that reached a new proxy (`probe_after_gain`);
+//! - **drops** a tunnel to a proxy that left the set: when every other held tunnel's latest set
+//!   omits it (a proxy's own word does not keep itself in);
+//! - on a **drain** order, the draining tunnel stays open for its streams until the proxy closes it
+//!   (at its grace deadline), the proxy is not hunted for again for [`DRAINED_FOR`], and the pool
+//!   dials at once if any proxy is now missing: the replacements are the tunnels to the other
+//!   proxies, which it normally holds already, so nothing waits for a dial.
+//!
+//! Cost: tunnels = agents × proxies (each an SSH connection with its keepalives), and every dial
+//! that lands on a held proxy is a wasted handshake; see `docs/agent-pool.md` for the limit where
+//! proxy peering is the better design.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use postern_dial::ssh::Identity;
+use serde::Deserialize;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::AgentConfig;
+use crate::tunnel::{self, Ended};
+use crate::{backoff_ceiling, full_jitter};
+
+/// How long a proxy that ordered a drain is not dialled for (it is leaving the set meanwhile).
+pub const DRAINED_FOR: Duration = Duration::from_secs(60);
+/// Longest wait for one dial to reach its proxy's hello (login included).
+const DIAL_DEADLINE: Duration = Duration::from_secs(30);
+
+/// `[pool]` in `agent.toml`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Hold a tunnel to every proxy of the set (default true). Off: one tunnel to whichever
+    /// proxy the address reaches, redialled when it ends.
+    pub enabled: bool,
+    /// Largest back-off ceiling, milliseconds, between dials that land on a proxy already held
+    /// while another is missing. Default 15000.
+    pub hunt_cap_ms: u64,
+    /// Seconds between probe dials while every proxy of the set is held (0: never). Default 60.
+    pub probe_secs: u64,
+    /// After a dial that reached a new proxy, probe once more at once (default false). For the
+    /// Auth server's own agent: proxies only join the set through its tunnels, so it finds them
+    /// by dialling (round robin: one dial per proxy, then one miss).
+    pub probe_after_gain: bool,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            enabled: true,
+            hunt_cap_ms: 15_000,
+            probe_secs: 60,
+            probe_after_gain: false,
+        }
+    }
+}
+
+/// The pool's view: tunnels held, by proxy id, and what each last said the set is.
+#[derive(Debug, Default)]
+struct View {
+    /// Held tunnels: proxy id → (tunnel number, its latest proxy set if any, its stop token).
+    held: HashMap<String, (u64, Option<BTreeSet<String>>, CancellationToken)>,
+    /// Proxies that ordered a drain, and when.
+    drained: HashMap<String, Instant>,
+    next: u64,
+}
+
+/// The set as the pool believes it: every id some held tunnel lists, except a held proxy that
+/// only its own tunnel still lists while other held tunnels have a set.
+fn believed(
+    held: &HashMap<String, (u64, Option<BTreeSet<String>>, CancellationToken)>,
+) -> BTreeSet<String> {
+    let mut all = BTreeSet::new();
+    for (_, set, _) in held.values() {
+        if let Some(s) = set {
+            all.extend(s.iter().cloned());
+        }
+    }
+    all.retain(|x| {
+        if !held.contains_key(x) {
+            return true;
+        }
+        let others: Vec<_> = held
+            .iter()
+            .filter(|(id, (_, s, _))| *id != x && s.is_some())
+            .collect();
+        others.is_empty()
+            || others
+                .iter()
+                .any(|(_, (_, s, _))| s.as_ref().is_some_and(|s| s.contains(x)))
+    });
+    all
+}
+
+/// Shared by the pool's dialer and its tunnels.
+pub struct Pool {
+    view: Mutex<View>,
+    /// Woken when a tunnel is claimed or lost, or a set arrives.
+    changed: Notify,
+    /// Dial outcomes for the dialer: `Some(id)` claimed, `None` ended without a claim.
+    reports: mpsc::UnboundedSender<(u64, Option<String>)>,
+}
+
+/// A held tunnel: dropping it releases the proxy id (the tunnel ended).
+pub struct Claim {
+    pool: Arc<Pool>,
+    id: String,
+    number: u64,
+}
+
+impl Claim {
+    /// The proxy ordered a drain: do not hunt for it for [`DRAINED_FOR`].
+    pub fn drained(&self) {
+        let mut v = self.pool.view.lock().expect("pool lock");
+        v.drained.insert(self.id.clone(), Instant::now());
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut v = self.pool.view.lock().expect("pool lock");
+        if v.held.get(&self.id).is_some_and(|h| h.0 == self.number) {
+            v.held.remove(&self.id);
+        }
+        drop(v);
+        self.pool.changed.notify_one();
+    }
+}
+
+impl Pool {
+    /// Called by a tunnel once its proxy said hello: the claim, or None if a tunnel to that proxy
+    /// is already held (close this one). `attempt` is the dial's number.
+    pub fn claim(
+        self: &Arc<Self>,
+        attempt: u64,
+        proxy_id: &str,
+        stop: &CancellationToken,
+    ) -> Option<Claim> {
+        let mut v = self.view.lock().expect("pool lock");
+        if v.held.contains_key(proxy_id) {
+            return None;
+        }
+        v.next += 1;
+        let number = v.next;
+        v.held
+            .insert(proxy_id.to_owned(), (number, None, stop.clone()));
+        v.drained.remove(proxy_id);
+        drop(v);
+        let _ = self.reports.send((attempt, Some(proxy_id.to_owned())));
+        self.changed.notify_one();
+        Some(Claim {
+            pool: self.clone(),
+            id: proxy_id.to_owned(),
+            number,
+        })
+    }
+
+    /// Records the proxy set `from` sent; stops tunnels to proxies that left it.
+    pub fn proxy_set(&self, from: &str, ids: Vec<String>) {
+        let mut v = self.view.lock().expect("pool lock");
+        let Some(h) = v.held.get_mut(from) else {
+            return;
+        };
+        h.1 = Some(ids.into_iter().collect());
+        let set = believed(&v.held);
+        for (id, (_, _, stop)) in &v.held {
+            if !set.contains(id) {
+                info!(proxy = %id, "proxy left the proxy set: closing its tunnel");
+                stop.cancel();
+            }
+        }
+        drop(v);
+        self.changed.notify_one();
+    }
+
+    /// Proxy ids held now, sorted.
+    pub fn held(&self) -> Vec<String> {
+        let v = self.view.lock().expect("pool lock");
+        let mut ids: Vec<String> = v.held.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    /// The proxies of the believed set not held (drained ones excluded), and whether none is held.
+    fn missing(&self) -> (Vec<String>, bool) {
+        let mut v = self.view.lock().expect("pool lock");
+        v.drained.retain(|_, at| at.elapsed() < DRAINED_FOR);
+        let set = believed(&v.held);
+        let missing = set
+            .into_iter()
+            .filter(|id| !v.held.contains_key(id) && !v.drained.contains_key(id))
+            .collect();
+        (missing, v.held.is_empty())
+    }
+}
+
+/// One dial: a tunnel that claims its proxy in the pool, serves until it ends, and reports.
+async fn dial(
+    config: Arc<AgentConfig>,
+    identity: Arc<Identity>,
+    pool: Arc<Pool>,
+    attempt: u64,
+    stop: CancellationToken,
+) {
+    let r = tunnel::connect_and_serve_in(&config, &identity, &stop, Some((&pool, attempt))).await;
+    match &r {
+        Ok(Ended::Duplicate) => debug!(attempt, "dial reached a proxy already held: closed"),
+        Ok(e) => debug!(attempt, ended = ?e, "tunnel ended"),
+        Err(e) => warn!(attempt, error = %e, "tunnel attempt failed"),
+    }
+    let _ = pool.reports.send((attempt, None));
+}
+
+/// Runs the pool until `shutdown`: see the module docs.
+pub async fn run(config: AgentConfig, identity: Identity, shutdown: CancellationToken) {
+    let (tx, mut reports) = mpsc::unbounded_channel();
+    let pool = Arc::new(Pool {
+        view: Mutex::default(),
+        changed: Notify::new(),
+        reports: tx,
+    });
+    let base = Duration::from_millis(config.reconnect.base_ms);
+    let cap = Duration::from_millis(config.reconnect.cap_ms);
+    let hunt_cap = Duration::from_millis(config.pool.hunt_cap_ms).max(cap);
+    let probe = (config.pool.probe_secs > 0).then(|| Duration::from_secs(config.pool.probe_secs));
+    let (config, identity) = (Arc::new(config), Arc::new(identity));
+    let mut misses = 0u32;
+    let mut attempt = 0u64;
+    let mut last_dial = Instant::now();
+    let mut gained = false;
+    loop {
+        let (missing, none_held) = pool.missing();
+        let probe_due = probe.is_some_and(|p| last_dial.elapsed() >= p)
+            || (gained && config.pool.probe_after_gain);
+        if !none_held && missing.is_empty() && !probe_due {
+            let wait = probe.map_or(Duration::from_secs(3600), |p| {
+                p.saturating_sub(last_dial.elapsed())
+            });
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = pool.changed.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+            continue;
+        }
+        attempt += 1;
+        last_dial = Instant::now();
+        debug!(
+            attempt,
+            ?missing,
+            none_held,
+            probe_due,
+            "dialling the balanced address"
+        );
+        tokio::spawn(dial(
+            config.clone(),
+            identity.clone(),
+            pool.clone(),
+            attempt,
+            shutdown.child_token(),
+        ));
+        // The first report of this attempt: its claim, or its end without one.
+        let deadline = tokio::time::sleep(DIAL_DEADLINE);
+        tokio::pin!(deadline);
+        let claimed = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = &mut deadline => break false,
+                r = reports.recv() => match r {
+                    Some((n, c)) if n == attempt => break c.is_some(),
+                    Some(_) => {}
+                    None => return,
+                },
+            }
+        };
+        gained = claimed;
+        let wait = if claimed {
+            misses = 0;
+            // Even after a gain, a little jitter: a proxy that accepts and drops at once cannot
+            // make the pool spin.
+            full_jitter(base)
+        } else {
+            misses = misses.saturating_add(1);
+            let (missing, none_held) = pool.missing();
+            let ceiling_cap = if none_held || missing.is_empty() {
+                cap
+            } else {
+                hunt_cap
+            };
+            full_jitter(backoff_ceiling(base, ceiling_cap, misses - 1))
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(
+        entries: &[(&str, Option<&[&str]>)],
+    ) -> HashMap<String, (u64, Option<BTreeSet<String>>, CancellationToken)> {
+        entries
+            .iter()
+            .map(|(id, set)| {
+                (
+                    id.to_string(),
+                    (
+                        0,
+                        set.map(|s| s.iter().map(|x| x.to_string()).collect()),
+                        CancellationToken::new(),
+                    ),
+                )
+            })
+            .collect()
+    }
+
+    fn ids(s: BTreeSet<String>) -> Vec<String> {
+        s.into_iter().collect()
+    }
+
+    #[test]
+    fn the_set_is_what_the_others_say() {
+        // Every tunnel agrees.
+        let h = held(&[("a", Some(&["a", "b", "c"])), ("b", Some(&["a", "b", "c"]))]);
+        assert_eq!(ids(believed(&h)), ["a", "b", "c"]);
+        // b left: a and c say so; b's own stale word does not keep it.
+        let h = held(&[
+            ("a", Some(&["a", "c"])),
+            ("b", Some(&["a", "b", "c"])),
+            ("c", Some(&["a", "c"])),
+        ]);
+        assert_eq!(ids(believed(&h)), ["a", "c"]);
+        // Only one tunnel: its own word counts.
+        let h = held(&[("a", Some(&["a", "b"]))]);
+        assert_eq!(ids(believed(&h)), ["a", "b"]);
+        // A tunnel that has not sent a set yet has no say.
+        let h = held(&[("a", Some(&["a", "b"])), ("b", None)]);
+        assert_eq!(ids(believed(&h)), ["a", "b"]);
+        assert!(believed(&held(&[("a", None)])).is_empty());
+    }
+}
