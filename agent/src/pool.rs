@@ -15,7 +15,8 @@
 //!   reachable through tunnels), so only dialling finds it. The Auth server's own agent probes
 //!   every 5 s and once more after each dial that reached a new proxy (`probe_after_gain`);
 //! - **drops** a tunnel to a proxy that left the set: when every other held tunnel's latest set
-//!   omits it (a proxy's own word does not keep itself in);
+//!   has omitted it for [`DROP_AFTER`] (a proxy's own word does not keep itself in; the delay
+//!   covers the heartbeat by which one proxy learns of a newcomer after another did);
 //! - on a **drain** order, the draining tunnel stays open for its streams until the proxy closes it
 //!   (at its grace deadline), the proxy is not hunted for again for [`DRAINED_FOR`], and the pool
 //!   dials at once if any proxy is now missing: the replacements are the tunnels to the other
@@ -41,6 +42,8 @@ use crate::{backoff_ceiling, full_jitter};
 
 /// How long a proxy that ordered a drain is not dialled for (it is leaving the set meanwhile).
 pub const DRAINED_FOR: Duration = Duration::from_secs(60);
+/// How long every other held tunnel's set must omit a held proxy before its tunnel is dropped.
+pub const DROP_AFTER: Duration = Duration::from_secs(30);
 /// Longest wait for one dial to reach its proxy's hello (login included).
 const DIAL_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -77,37 +80,66 @@ impl Default for PoolConfig {
 #[derive(Debug, Default)]
 struct View {
     /// Held tunnels: proxy id → (tunnel number, its latest proxy set if any, its stop token).
-    held: HashMap<String, (u64, Option<BTreeSet<String>>, CancellationToken)>,
+    held: Held,
     /// Proxies that ordered a drain, and when.
     drained: HashMap<String, Instant>,
+    /// Held proxies every other held tunnel's set omits, since when.
+    omitted: HashMap<String, Instant>,
+    /// The latest set from a proxy not (yet) held: its hello and set arrive together, before
+    /// the tunnel claims it.
+    pending: HashMap<String, BTreeSet<String>>,
     next: u64,
 }
 
-/// The set as the pool believes it: every id some held tunnel lists, except a held proxy that
-/// only its own tunnel still lists while other held tunnels have a set.
-fn believed(
-    held: &HashMap<String, (u64, Option<BTreeSet<String>>, CancellationToken)>,
-) -> BTreeSet<String> {
+/// Held tunnels: proxy id → (tunnel number, its latest proxy set if any, its stop token).
+type Held = HashMap<String, (u64, Option<BTreeSet<String>>, CancellationToken)>;
+
+/// Every id some held tunnel's latest set lists.
+fn listed(held: &Held) -> BTreeSet<String> {
     let mut all = BTreeSet::new();
     for (_, set, _) in held.values() {
         if let Some(s) = set {
             all.extend(s.iter().cloned());
         }
     }
-    all.retain(|x| {
-        if !held.contains_key(x) {
-            return true;
-        }
-        let others: Vec<_> = held
-            .iter()
-            .filter(|(id, (_, s, _))| *id != x && s.is_some())
-            .collect();
-        others.is_empty()
-            || others
-                .iter()
-                .any(|(_, (_, s, _))| s.as_ref().is_some_and(|s| s.contains(x)))
-    });
     all
+}
+
+/// Whether other held tunnels have sent a set and none of them lists `x`.
+fn omitted_by_others(held: &Held, x: &str) -> bool {
+    let mut others = held
+        .iter()
+        .filter(|(id, (_, s, _))| id.as_str() != x && s.is_some())
+        .peekable();
+    others.peek().is_some()
+        && others.all(|(_, (_, s, _))| !s.as_ref().is_some_and(|s| s.contains(x)))
+}
+
+impl View {
+    /// Notes which held proxies the others omit, and stops the tunnels of those omitted for
+    /// [`DROP_AFTER`] by `now`. Returns the ids stopped.
+    fn sweep(&mut self, now: Instant) -> Vec<String> {
+        let omitted: Vec<String> = self
+            .held
+            .keys()
+            .filter(|x| omitted_by_others(&self.held, x))
+            .cloned()
+            .collect();
+        self.omitted.retain(|x, _| omitted.contains(x));
+        let mut stopped = Vec::new();
+        for x in omitted {
+            let since = *self.omitted.entry(x.clone()).or_insert(now);
+            if now.duration_since(since) >= DROP_AFTER
+                && let Some((_, _, stop)) = self.held.get(&x)
+                && !stop.is_cancelled()
+            {
+                info!(proxy = %x, "proxy left the proxy set: closing its tunnel");
+                stop.cancel();
+                stopped.push(x);
+            }
+        }
+        stopped
+    }
 }
 
 /// Shared by the pool's dialer and its tunnels.
@@ -160,8 +192,9 @@ impl Pool {
         }
         v.next += 1;
         let number = v.next;
+        let set = v.pending.remove(proxy_id);
         v.held
-            .insert(proxy_id.to_owned(), (number, None, stop.clone()));
+            .insert(proxy_id.to_owned(), (number, set, stop.clone()));
         v.drained.remove(proxy_id);
         drop(v);
         let _ = self.reports.send((attempt, Some(proxy_id.to_owned())));
@@ -176,17 +209,13 @@ impl Pool {
     /// Records the proxy set `from` sent; stops tunnels to proxies that left it.
     pub fn proxy_set(&self, from: &str, ids: Vec<String>) {
         let mut v = self.view.lock().expect("pool lock");
+        let ids: BTreeSet<String> = ids.into_iter().collect();
         let Some(h) = v.held.get_mut(from) else {
+            v.pending.insert(from.to_owned(), ids);
             return;
         };
-        h.1 = Some(ids.into_iter().collect());
-        let set = believed(&v.held);
-        for (id, (_, _, stop)) in &v.held {
-            if !set.contains(id) {
-                info!(proxy = %id, "proxy left the proxy set: closing its tunnel");
-                stop.cancel();
-            }
-        }
+        h.1 = Some(ids);
+        v.sweep(Instant::now());
         drop(v);
         self.changed.notify_one();
     }
@@ -203,7 +232,8 @@ impl Pool {
     fn missing(&self) -> (Vec<String>, bool) {
         let mut v = self.view.lock().expect("pool lock");
         v.drained.retain(|_, at| at.elapsed() < DRAINED_FOR);
-        let set = believed(&v.held);
+        v.sweep(Instant::now());
+        let set = listed(&v.held);
         let missing = set
             .into_iter()
             .filter(|id| !v.held.contains_key(id) && !v.drained.contains_key(id))
@@ -251,9 +281,12 @@ pub async fn run(config: AgentConfig, identity: Identity, shutdown: Cancellation
         let probe_due = probe.is_some_and(|p| last_dial.elapsed() >= p)
             || (gained && config.pool.probe_after_gain);
         if !none_held && missing.is_empty() && !probe_due {
-            let wait = probe.map_or(Duration::from_secs(3600), |p| {
-                p.saturating_sub(last_dial.elapsed())
-            });
+            // Wake at least every 5 s: a proxy that left the set is dropped by `missing`'s sweep.
+            let wait = probe
+                .map_or(Duration::from_secs(5), |p| {
+                    p.saturating_sub(last_dial.elapsed())
+                })
+                .min(Duration::from_secs(5));
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = pool.changed.notified() => {}
@@ -318,9 +351,7 @@ pub async fn run(config: AgentConfig, identity: Identity, shutdown: Cancellation
 mod tests {
     use super::*;
 
-    fn held(
-        entries: &[(&str, Option<&[&str]>)],
-    ) -> HashMap<String, (u64, Option<BTreeSet<String>>, CancellationToken)> {
+    fn held(entries: &[(&str, Option<&[&str]>)]) -> Held {
         entries
             .iter()
             .map(|(id, set)| {
@@ -336,28 +367,52 @@ mod tests {
             .collect()
     }
 
-    fn ids(s: BTreeSet<String>) -> Vec<String> {
-        s.into_iter().collect()
+    fn set(ids: &[&str]) -> Option<BTreeSet<String>> {
+        Some(ids.iter().map(|x| x.to_string()).collect())
     }
 
     #[test]
-    fn the_set_is_what_the_others_say() {
-        // Every tunnel agrees.
-        let h = held(&[("a", Some(&["a", "b", "c"])), ("b", Some(&["a", "b", "c"]))]);
-        assert_eq!(ids(believed(&h)), ["a", "b", "c"]);
+    fn the_set_is_every_id_listed_and_a_proxy_is_left_out_by_the_others() {
+        let h = held(&[("a", Some(&["a", "b", "c"])), ("b", Some(&["a", "b"]))]);
+        assert_eq!(listed(&h).into_iter().collect::<Vec<_>>(), ["a", "b", "c"]);
+        assert!(!omitted_by_others(&h, "a"));
+        assert!(!omitted_by_others(&h, "b"), "a lists b");
         // b left: a and c say so; b's own stale word does not keep it.
         let h = held(&[
             ("a", Some(&["a", "c"])),
             ("b", Some(&["a", "b", "c"])),
             ("c", Some(&["a", "c"])),
         ]);
-        assert_eq!(ids(believed(&h)), ["a", "c"]);
-        // Only one tunnel: its own word counts.
-        let h = held(&[("a", Some(&["a", "b"]))]);
-        assert_eq!(ids(believed(&h)), ["a", "b"]);
-        // A tunnel that has not sent a set yet has no say.
-        let h = held(&[("a", Some(&["a", "b"])), ("b", None)]);
-        assert_eq!(ids(believed(&h)), ["a", "b"]);
-        assert!(believed(&held(&[("a", None)])).is_empty());
+        assert!(omitted_by_others(&h, "b"));
+        // Only one tunnel, or others without a set yet: no say.
+        assert!(!omitted_by_others(&held(&[("a", Some(&["a"]))]), "a"));
+        assert!(!omitted_by_others(
+            &held(&[("a", Some(&["a"])), ("b", None)]),
+            "a"
+        ));
+    }
+
+    #[test]
+    fn a_held_proxy_is_dropped_only_after_the_others_omit_it_for_drop_after() {
+        // The newcomer b is not yet in a's set (a learns of it a heartbeat later): b stays.
+        let mut v = View {
+            held: held(&[("a", Some(&["a"])), ("b", Some(&["a", "b"]))]),
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        assert!(v.sweep(t0).is_empty());
+        assert!(v.sweep(t0 + DROP_AFTER / 2).is_empty());
+        // a hears of b: the clock for b stops.
+        v.held.get_mut("a").unwrap().1 = set(&["a", "b"]);
+        assert!(v.sweep(t0 + DROP_AFTER * 2).is_empty());
+        assert!(v.omitted.is_empty());
+        // b leaves a's set for good: dropped after DROP_AFTER, once.
+        v.held.get_mut("a").unwrap().1 = set(&["a"]);
+        let t1 = t0 + DROP_AFTER * 3;
+        assert!(v.sweep(t1).is_empty());
+        assert_eq!(v.sweep(t1 + DROP_AFTER), ["b"]);
+        assert!(v.held["b"].2.is_cancelled());
+        assert!(v.sweep(t1 + DROP_AFTER * 2).is_empty());
+        assert!(!v.held["a"].2.is_cancelled());
     }
 }

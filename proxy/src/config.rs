@@ -134,6 +134,10 @@ pub struct LimitsConfig {
 pub struct ShutdownConfig {
     /// Seconds open streams get to finish after SIGTERM. Default 30.
     pub grace_secs: u64,
+    /// Seconds between SIGTERM and the drain during which `/readyz` answers 503 while the
+    /// listeners still accept, so a balancer checking `/readyz` stops sending new connections
+    /// before they are refused (0..=300). Default 0 (Kubernetes' `preStop` wait does the same).
+    pub unready_secs: u64,
 }
 
 /// One cluster the proxy routes to.
@@ -255,7 +259,10 @@ impl Default for LimitsConfig {
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
-        ShutdownConfig { grace_secs: 30 }
+        ShutdownConfig {
+            grace_secs: 30,
+            unready_secs: 0,
+        }
     }
 }
 
@@ -318,6 +325,9 @@ impl ProxyConfig {
         if let Some(id) = &self.proxy_id {
             tunnel_proto::names::validate_label("proxy id", id)
                 .map_err(|e| invalid("proxy_id", e.to_string()))?;
+        }
+        if self.shutdown.unready_secs > 300 {
+            return Err(invalid("shutdown.unready_secs", "must be 0..=300"));
         }
         if let Err((field, message)) = self.peers.validate() {
             return Err(invalid(&field, message));

@@ -379,8 +379,17 @@ pub async fn run(
     ready.set(true);
 
     shutdown.cancelled().await;
-    info!(grace_s = config.shutdown.grace_secs, "shutdown: draining");
     ready.set(false);
+    if config.shutdown.unready_secs > 0 {
+        // Out of the balancer's rotation first (it checks /readyz), then stop accepting: a
+        // connection the balancer sends meanwhile is still served.
+        info!(
+            unready_s = config.shutdown.unready_secs,
+            "shutdown: /readyz is 503, still accepting"
+        );
+        tokio::time::sleep(Duration::from_secs(config.shutdown.unready_secs)).await;
+    }
+    info!(grace_s = config.shutdown.grace_secs, "shutdown: draining");
     shared.draining.cancel();
     let _ = web_task.await;
     let _ = tunnel_task.await;

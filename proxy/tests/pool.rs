@@ -103,6 +103,23 @@ async fn a_proxy_in_the_set_that_never_answers_costs_a_bounded_dial_rate() {
     c.stop().await;
 }
 
+/// The cluster's newest policy revision, from a watch's snapshot.
+async fn policy_revision(c: &Cluster) -> f64 {
+    let mut s = c
+        .admin
+        .rpc()
+        .watch_policy(WatchPolicyRequest { from_revision: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let e = s.message().await.unwrap().expect("a snapshot");
+        if e.snapshot_end || e.kind.is_empty() {
+            return e.revision as f64;
+        }
+    }
+}
+
 /// Every proxy shows `want` tunnels of the cluster (the Auth agent's and the two service agents').
 fn tunnels(want: f64) -> impl Fn(&str, &str) -> bool {
     move |m, cl| metric(m, "postern_tunnels_connected", &[("cluster", cl)]) == want
@@ -112,6 +129,16 @@ fn tunnels(want: f64) -> impl Fn(&str, &str) -> bool {
 async fn behind_haproxy_every_stream_lands_a_killed_proxy_is_routed_around_a_drain_loses_nothing() {
     let (mut c, b) = start_balanced("lb", 3).await;
     let echo = echo_server().await;
+    c.admin
+        .create_user(CreateUserRequest {
+            name: "alice".into(),
+            roles: vec!["access".into()],
+            secret_ttl_secs: 0,
+        })
+        .await
+        .unwrap();
+    let alice = c.identity("alice").await;
+    let revision = policy_revision(&c).await;
     // Two service agents, each given only the balancer's address.
     let started = Instant::now();
     let a1 = balanced_agent(&c, &b, "svc-1", &[("echo", echo, &[])]).await;
@@ -128,16 +155,15 @@ async fn behind_haproxy_every_stream_lands_a_killed_proxy_is_routed_around_a_dra
         "two agents reached all three proxies through HAProxy in {} ms (enrolment included)",
         started.elapsed().as_millis()
     );
-    let _ = c
-        .admin
-        .create_user(CreateUserRequest {
-            name: "alice".into(),
-            roles: vec!["access".into()],
-            secret_ttl_secs: 0,
-        })
-        .await
-        .unwrap();
-    let alice = c.identity("alice").await;
+    // Every proxy has the policy that knows alice.
+    wait_for(
+        &c,
+        &[0, 1, 2],
+        |m, cl| metric(m, "postern_policy_revision", &[("cluster", cl)]) >= revision,
+        Duration::from_secs(20),
+        "alice known to every proxy",
+    )
+    .await;
 
     // 1. 100 streams, each on a new connection through the balancer: 0 failures.
     let mut failures = Vec::new();

@@ -72,29 +72,31 @@ impl Balancer {
     }
 }
 
-/// Starts HAProxy in front of `backends` (web, tunnel) on the reserved ports `web`, `tunnel`.
+/// Starts HAProxy in front of `backends` (web, tunnel, ops) on the reserved ports `web`,
+/// `tunnel`. Health checks ask each proxy's `/readyz` on its ops port.
 async fn haproxy(
     dir: &Path,
     web: u16,
     tunnel: u16,
-    backends: &[(SocketAddr, SocketAddr)],
+    backends: &[(SocketAddr, SocketAddr, SocketAddr)],
 ) -> Balancer {
     assert!(
         Path::new(HAPROXY).exists(),
         "{HAPROXY} is missing: this test drives a real HAProxy; run `apt-get install haproxy` (scripts/test does)"
     );
-    let servers = |pick: fn(&(SocketAddr, SocketAddr)) -> SocketAddr| {
+    let servers = |pick: fn(&(SocketAddr, SocketAddr, SocketAddr)) -> SocketAddr| {
         backends
             .iter()
             .enumerate()
-            .map(|(i, b)| format!("  server p{i} {}\n", pick(b)))
+            .map(|(i, b)| format!("  server p{i} {} check port {}\n", pick(b), b.2.port()))
             .collect::<String>()
     };
     let cfg = format!(
         "global\n  maxconn 8192\n\
          defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 120s\n  timeout server 120s\n  \
          retries 3\n  option redispatch 1\n  balance roundrobin\n  \
-         default-server check inter 250ms fall 2 rise 2\n\
+         option httpchk GET /readyz\n  http-check expect status 200\n  \
+         default-server inter 250ms fall 2 rise 2\n\
          frontend tunnel\n  bind 127.0.0.1:{tunnel}\n  default_backend tunnels\n\
          backend tunnels\n{}\
          frontend web\n  bind 127.0.0.1:{web}\n  default_backend webs\n\
@@ -118,8 +120,8 @@ async fn haproxy(
     }
 }
 
-/// Starts the Auth server, `n` proxy processes (ids `p0`…, heartbeats every second, grace 2 s)
-/// and HAProxy in front of them; the Auth server's agent dials the balancer. Returns once every
+/// Starts the Auth server, `n` proxy processes (ids `p0`…, heartbeats every second; on SIGTERM
+/// 1 s unready, then a 2 s grace) and HAProxy in front of them; the Auth server's agent dials the balancer. Returns once every
 /// proxy is in every proxy's set and holds the Auth server's tunnel.
 pub async fn start_balanced(name: &str, n: usize) -> (Cluster, Balancer) {
     init_tracing();
@@ -134,15 +136,17 @@ pub async fn start_balanced(name: &str, n: usize) -> (Cluster, Balancer) {
     let extra = format!(
         "[public]\nweb_addr = \"127.0.0.1:{hp_web}\"\ntunnel_addr = \"127.0.0.1:{hp_tunnel}\"\n\
          [peers]\nheartbeat_secs = 1\nexpire_after_beats = 3\n\
-         [limits]\nmax_connects_per_source_per_minute = 100000\n\
-         max_auth_failures_per_source_per_minute = 100000\nmax_unauthenticated_per_source = 10000\n\
-         web_max_connections_per_source = 10000\n"
+         [limits]\nmax_connects_per_source_per_minute = 1000000\n\
+         max_auth_failures_per_source_per_minute = 1000000\nmax_unauthenticated = 4096\n\
+         max_unauthenticated_per_source = 4096\nweb_max_connections = 4096\n\
+         web_max_connections_per_source = 4096\n"
     );
     let (mut proxies, mut children, mut files) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..n {
         let data_dir = tempfile::tempdir().unwrap();
         let mut config = proxy_config(&[], data_dir.path());
         config.proxy_id = Some(format!("p{i}"));
+        config.shutdown.unready_secs = 1;
         config.clusters = vec![ClusterConfig {
             name: name.into(),
             host_ca: vec![host_ca.clone()],
@@ -181,7 +185,7 @@ pub async fn start_balanced(name: &str, n: usize) -> (Cluster, Balancer) {
         children.push(Some(child));
         files.push(file);
     }
-    let backends: Vec<_> = proxies.iter().map(|p| (p.web, p.tunnel)).collect();
+    let backends: Vec<_> = proxies.iter().map(|p| (p.web, p.tunnel, p.ops)).collect();
     let balancer = haproxy(dir.path(), hp_web, hp_tunnel, &backends).await;
     auth_cfg.tunnel = Some(TunnelConfig {
         proxy: balancer.web.to_string(),
@@ -262,7 +266,19 @@ pub async fn wait_for(
         if all {
             return start.elapsed();
         }
-        assert!(start.elapsed() < limit, "not within {limit:?}: {what}");
+        if start.elapsed() >= limit {
+            for &i in which {
+                let m = scrape_soft(c.proxies[i].ops).await;
+                let l = [("cluster", c.name.as_str())];
+                eprintln!(
+                    "proxy {i}: set {} tunnels {} connects {}",
+                    metric(&m, "postern_proxy_set_size", &l),
+                    metric(&m, "postern_tunnels_connected", &l),
+                    metric(&m, "postern_tunnel_connects_total", &l)
+                );
+            }
+            panic!("not within {limit:?}: {what}");
+        }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }

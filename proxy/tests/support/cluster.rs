@@ -68,13 +68,14 @@ pub async fn spawn_proxy_process(
         None => String::new(),
     };
     let toml = format!(
-        "{id}data_dir = {:?}\nallow_root = true\n[listen]\nweb = \"{}\"\ntunnel = \"{}\"\nops = \"{}\"\n[shutdown]\ngrace_secs = 2\n\
+        "{id}data_dir = {:?}\nallow_root = true\n[listen]\nweb = \"{}\"\ntunnel = \"{}\"\nops = \"{}\"\n[shutdown]\ngrace_secs = 2\nunready_secs = {}\n\
          [[clusters]]\nname = \"{}\"\nhost_ca = [{:?}]\nuser_ca = [{:?}]\n[clusters.policy]\nsource = \"auth\"\n\
          identity_file = {:?}\nstale_after_secs = {}\n",
         config.data_dir,
         config.listen.web,
         config.listen.tunnel,
         config.listen.ops,
+        config.shutdown.unready_secs,
         c.name,
         c.host_ca[0],
         c.user_ca[0],
