@@ -194,13 +194,12 @@ async fn each_auth_server_keeps_its_own_admin_identity() {
                 .unwrap_or_else(|e| panic!("{who} admin identity: {e}"));
         }
     }
-    // A replaced identity still revokes what its own data dir held: delete nothing, but make
-    // A's file unusable for reuse (another user's name) and restart A on the same data dir.
+    // A replaced identity still revokes what its own data dir held: A restarts on the same data
+    // dir with a shorter admin lifetime, so its identity is not reusable and is replaced.
     a.stop().await;
-    let mut stale = id_a.clone();
-    stale.expires = 1;
-    stale.save(&da.0.join("admin.identity")).unwrap();
-    let a = serve(prepare_async(pg.auth_config(&da.0, "adm")).await).await;
+    let mut cfg = pg.auth_config(&da.0, "adm");
+    cfg.admin_identity_ttl_secs = 3600;
+    let a = serve(prepare_async(cfg).await).await;
     let new_a = a.admin_identity();
     assert_ne!(
         new_a.tls_cert, id_a.tls_cert,
