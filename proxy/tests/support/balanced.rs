@@ -139,7 +139,7 @@ pub async fn start_balanced(name: &str, n: usize) -> (Cluster, Balancer) {
          [limits]\nmax_connects_per_source_per_minute = 1000000\n\
          max_auth_failures_per_source_per_minute = 1000000\nmax_unauthenticated = 4096\n\
          max_unauthenticated_per_source = 4096\nweb_max_connections = 4096\n\
-         web_max_connections_per_source = 4096\n"
+         web_max_connections_per_source = 4096\nmax_tunnels_per_cluster = 100000\n"
     );
     let (mut proxies, mut children, mut files) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..n {
