@@ -9,7 +9,9 @@
 //!   tunnel to (or while it holds none). A dial that lands on a proxy it already holds is closed
 //!   (before any target is registered) and counts as a miss: misses back off exponentially with
 //!   full jitter up to `pool.hunt_cap_ms`, so a proxy in the set that never answers costs a
-//!   bounded dial rate, never a spin, and the other tunnels carry on;
+//!   bounded dial rate, never a spin, and the other tunnels carry on. A dial that fails (the
+//!   balancer refused it, a login failed) backs off separately, up to `reconnect.cap_ms`, as a
+//!   lone agent's reconnects do;
 //! - **probes** every `pool.probe_secs` even when it holds the whole set: a proxy that has just
 //!   started cannot be in the set before some `auth` agent reached it (the Auth server is only
 //!   reachable through tunnels), so only dialling finds it. The Auth server's own agent probes
@@ -40,7 +42,8 @@ use crate::config::AgentConfig;
 use crate::tunnel::{self, Ended};
 use crate::{backoff_ceiling, full_jitter};
 
-/// How long a proxy that ordered a drain is not dialled for (it is leaving the set meanwhile).
+/// How long at most a proxy that ordered a drain is not dialled for (it is leaving the set
+/// meanwhile; once no held tunnel's set lists it, it may be hunted again when it returns).
 pub const DRAINED_FOR: Duration = Duration::from_secs(60);
 /// How long every other held tunnel's set must omit a held proxy before its tunnel is dropped.
 pub const DROP_AFTER: Duration = Duration::from_secs(30);
@@ -142,13 +145,25 @@ impl View {
     }
 }
 
+/// How one dial went, as the dialer learns it (its first report counts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// It reached a proxy the pool did not hold.
+    Claimed,
+    /// It reached a proxy already held (a miss: hunting backs off up to `hunt_cap_ms`).
+    Duplicate,
+    /// It failed or ended before a claim (backs off up to `reconnect.cap_ms`, as a lone agent's
+    /// reconnects do).
+    Failed,
+}
+
 /// Shared by the pool's dialer and its tunnels.
 pub struct Pool {
     view: Mutex<View>,
     /// Woken when a tunnel is claimed or lost, or a set arrives.
     changed: Notify,
     /// Dial outcomes for the dialer: `Some(id)` claimed, `None` ended without a claim.
-    reports: mpsc::UnboundedSender<(u64, Option<String>)>,
+    reports: mpsc::UnboundedSender<(u64, Outcome)>,
 }
 
 /// A held tunnel: dropping it releases the proxy id (the tunnel ended).
@@ -197,7 +212,7 @@ impl Pool {
             .insert(proxy_id.to_owned(), (number, set, stop.clone()));
         v.drained.remove(proxy_id);
         drop(v);
-        let _ = self.reports.send((attempt, Some(proxy_id.to_owned())));
+        let _ = self.reports.send((attempt, Outcome::Claimed));
         self.changed.notify_one();
         Some(Claim {
             pool: self.clone(),
@@ -231,9 +246,12 @@ impl Pool {
     /// The proxies of the believed set not held (drained ones excluded), and whether none is held.
     fn missing(&self) -> (Vec<String>, bool) {
         let mut v = self.view.lock().expect("pool lock");
-        v.drained.retain(|_, at| at.elapsed() < DRAINED_FOR);
         v.sweep(Instant::now());
         let set = listed(&v.held);
+        // A drained proxy is not hunted while it is leaving; once no set lists it any more it
+        // has left, and if it comes back (restarted with the same id) it is hunted again.
+        v.drained
+            .retain(|id, at| at.elapsed() < DRAINED_FOR && set.contains(id));
         let missing = set
             .into_iter()
             .filter(|id| !v.held.contains_key(id) && !v.drained.contains_key(id))
@@ -251,12 +269,22 @@ async fn dial(
     stop: CancellationToken,
 ) {
     let r = tunnel::connect_and_serve_in(&config, &identity, &stop, Some((&pool, attempt))).await;
-    match &r {
-        Ok(Ended::Duplicate) => debug!(attempt, "dial reached a proxy already held: closed"),
-        Ok(e) => debug!(attempt, ended = ?e, "tunnel ended"),
-        Err(e) => warn!(attempt, error = %e, "tunnel attempt failed"),
-    }
-    let _ = pool.reports.send((attempt, None));
+    let outcome = match &r {
+        Ok(Ended::Duplicate) => {
+            debug!(attempt, "dial reached a proxy already held: closed");
+            Outcome::Duplicate
+        }
+        Ok(e) => {
+            debug!(attempt, ended = ?e, "tunnel ended");
+            Outcome::Failed
+        }
+        Err(e) => {
+            warn!(attempt, error = %e, "tunnel attempt failed");
+            Outcome::Failed
+        }
+    };
+    // Ignored by the dialer if this dial already claimed its proxy.
+    let _ = pool.reports.send((attempt, outcome));
 }
 
 /// Runs the pool until `shutdown`: see the module docs.
@@ -272,7 +300,7 @@ pub async fn run(config: AgentConfig, identity: Identity, shutdown: Cancellation
     let hunt_cap = Duration::from_millis(config.pool.hunt_cap_ms).max(cap);
     let probe = (config.pool.probe_secs > 0).then(|| Duration::from_secs(config.pool.probe_secs));
     let (config, identity) = (Arc::new(config), Arc::new(identity));
-    let mut misses = 0u32;
+    let (mut misses, mut failures) = (0u32, 0u32);
     let mut attempt = 0u64;
     let mut last_dial = Instant::now();
     let mut gained = false;
@@ -313,32 +341,40 @@ pub async fn run(config: AgentConfig, identity: Identity, shutdown: Cancellation
         // The first report of this attempt: its claim, or its end without one.
         let deadline = tokio::time::sleep(DIAL_DEADLINE);
         tokio::pin!(deadline);
-        let claimed = loop {
+        let outcome = loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = &mut deadline => break false,
+                _ = &mut deadline => break Outcome::Failed,
                 r = reports.recv() => match r {
-                    Some((n, c)) if n == attempt => break c.is_some(),
+                    Some((n, o)) if n == attempt => break o,
                     Some(_) => {}
                     None => return,
                 },
             }
         };
-        gained = claimed;
-        let wait = if claimed {
-            misses = 0;
-            // Even after a gain, a little jitter: a proxy that accepts and drops at once cannot
-            // make the pool spin.
-            full_jitter(base)
-        } else {
-            misses = misses.saturating_add(1);
-            let (missing, none_held) = pool.missing();
-            let ceiling_cap = if none_held || missing.is_empty() {
-                cap
-            } else {
-                hunt_cap
-            };
-            full_jitter(backoff_ceiling(base, ceiling_cap, misses - 1))
+        gained = outcome == Outcome::Claimed;
+        let wait = match outcome {
+            Outcome::Claimed => {
+                (misses, failures) = (0, 0);
+                // Even after a gain, a little jitter: a proxy that accepts and drops at once
+                // cannot make the pool spin.
+                full_jitter(base)
+            }
+            Outcome::Duplicate => {
+                misses = misses.saturating_add(1);
+                failures = 0;
+                let (missing, none_held) = pool.missing();
+                let ceiling_cap = if none_held || missing.is_empty() {
+                    cap
+                } else {
+                    hunt_cap
+                };
+                full_jitter(backoff_ceiling(base, ceiling_cap, misses - 1))
+            }
+            Outcome::Failed => {
+                failures = failures.saturating_add(1);
+                full_jitter(backoff_ceiling(base, cap, failures - 1))
+            }
         };
         tokio::select! {
             _ = shutdown.cancelled() => return,
