@@ -37,6 +37,22 @@ async fn a_proxy_in_the_set_that_never_answers_costs_a_bounded_dial_rate() {
     let s = c.user_session("alice", &["access"], 0).await;
     let mut st = wait_stream(&s, "echo", "ghost", Duration::from_secs(20)).await;
     assert_eq!(echo_once(&mut st, b"hi").await, b"hi");
+    // Only a proxy identity may write the set: alice (role `access`) is refused.
+    let as_alice = AuthClient::connect_direct(&c.auth_addr.to_string(), &c.identity("alice").await)
+        .await
+        .unwrap();
+    let refused = as_alice
+        .proxy_heartbeat(ProxyHeartbeatRequest {
+            proxy: Some(ProxyRecord {
+                id: "alice-proxy".into(),
+                ..Default::default()
+            }),
+            ttl_secs: 600,
+            leaving: false,
+        })
+        .await
+        .expect_err("a user without `proxy: create` must not join the proxy set");
+    assert!(refused.to_string().contains("proxy"), "{refused}");
     // A proxy record nobody will ever reach: heartbeated once with the proxy identity.
     let id = c.identity("proxy-1").await;
     let as_proxy = AuthClient::connect_direct(&c.auth_addr.to_string(), &id)
