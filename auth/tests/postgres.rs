@@ -139,6 +139,32 @@ async fn two_auth_servers_share_one_database() {
     let names: Vec<_> = seen[0].iter().map(|(_, n, d)| (n.as_str(), *d)).collect();
     assert_eq!(names, [("w-a", false), ("w-b", false), ("w-a", true)]);
 
+    // The proxy set is shared: a proxy heartbeating on A and one on B each see both.
+    let beat = |id: &str| ProxyHeartbeatRequest {
+        proxy: Some(ProxyRecord {
+            id: id.into(),
+            ..Default::default()
+        }),
+        ttl_secs: 60,
+        leaving: false,
+    };
+    streams[0]
+        .0
+        .proxy_heartbeat(beat("proxy-on-a"))
+        .await
+        .unwrap();
+    let set = streams[1]
+        .0
+        .proxy_heartbeat(beat("proxy-on-b"))
+        .await
+        .unwrap();
+    let ids: Vec<_> = set.proxies.iter().map(|p| p.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["proxy-on-a", "proxy-on-b"],
+        "one proxy set across both servers"
+    );
+
     // Conditional updates at one revision, half through each server: exactly one wins.
     let r = on_a.get_role("from-a").await.unwrap();
     let mut tasks = Vec::new();
