@@ -21,7 +21,7 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked \
-        -p postern-proxy -p postern-agent -p postern-auth -p postern-client --bins \
+        -p postern-proxy -p postern-agent -p postern-auth -p postern-cli --bins \
     && mkdir -p /out \
     && cp target/release/postern-proxy target/release/postern-agent target/release/postern-auth \
           target/release/pctl target/release/psh /out/

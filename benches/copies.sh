@@ -2,11 +2,14 @@
 # Counts the bytes the proxy copies (memcpy/memmove) per payload byte it forwards, with
 # valgrind's DHAT in copy mode: a proxy under DHAT, 16 echo streams of 4 MiB through it
 # (64 MiB each way), then the copied total divided by the payload, grouped by call site.
+# TRANSPORT=quic: the agent dials QUIC (clients still reach the proxy over SSH).
 set -euo pipefail
+export TRANSPORT=${TRANSPORT:-ssh}
+QUIC_FLAG=""; [ "$TRANSPORT" = quic ] && QUIC_FLAG="--quic"
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgrind)" >&2; exit 1; }
 cargo build --release --locked -p postern-proxy -p postern-loadtest >&2
-BIN=$PWD/target/release
+BIN=${CARGO_TARGET_DIR:-$PWD/target}/release
 DIR=$(mktemp -d)
 trap 'kill $PID 2>/dev/null || true; rm -rf "$DIR"' EXIT
 cd "$DIR"
@@ -32,7 +35,7 @@ RUST_LOG=error valgrind --tool=dhat --mode=copy --dhat-out-file="$DIR/dhat.json"
 PID=$!
 for _ in $(seq 1 120); do python3 -c "import socket; socket.create_connection(('127.0.0.1',$OPS))" 2>/dev/null && break; sleep 0.5; done
 "$BIN/postern-loadtest" --tunnel "127.0.0.1:$TUNNEL" --ca-dir ca --cluster copies --agents 1 --sessions 1 \
-    --concurrency 4 --streams 16 --bytes 4194304 --duration 300 2>/dev/null | grep -E "streams ok|errors"
+    --concurrency 4 --streams 16 --bytes 4194304 --duration 300 $QUIC_FLAG 2>/dev/null | grep -E "streams ok|errors"
 kill -TERM $PID; wait $PID 2>/dev/null || true
 python3 - "$DIR/dhat.json" <<'PY'
 import collections, json, re, sys
@@ -46,7 +49,7 @@ for p in d["pps"]:
             key = f"{m.group(1)[:80]} ({m.group(2)[-40:]})"; break
     by_site[key] += p["tb"]
 total = sum(by_site.values())
-print(f"bytes copied per payload byte forwarded: {total / payload:.2f}")
-for k, v in by_site.most_common(6):
+print(f"transport {__import__('os').environ.get('TRANSPORT', 'ssh')}: bytes copied per payload byte forwarded: {total / payload:.2f}")
+for k, v in by_site.most_common(int(__import__("os").environ.get("COPIES_SITES", "6"))):
     print(f"  {v / payload:5.2f}  {k}")
 PY

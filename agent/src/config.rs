@@ -29,6 +29,16 @@ pub struct AgentConfig {
     /// Its host certificate. Default `<host_key_file>-cert.pub`.
     #[serde(default)]
     pub host_cert_file: Option<PathBuf>,
+    /// A file holding a join token (`pctl tokens add --type=agent`). When there is no
+    /// certificate yet, the agent makes its key, presents the token through the proxy's web
+    /// listener, and saves the certificate it gets. Never a command-line argument.
+    #[serde(default)]
+    pub join_token_file: Option<PathBuf>,
+    /// The cluster's CA pin (`sha256:<hex>`, as `pctl status` prints it): a join is refused
+    /// unless the host CA that signs the new certificate has this fingerprint. Required with
+    /// `join_token_file`.
+    #[serde(default)]
+    pub ca_pin: Option<String>,
     /// Host CA public-key lines that sign the proxy's own host certificate.
     #[serde(default)]
     pub proxy_host_ca: Vec<String>,
@@ -48,14 +58,89 @@ pub struct AgentConfig {
     /// The agent pool: a tunnel to every proxy (see [`crate::pool`]).
     #[serde(default)]
     pub pool: crate::pool::PoolConfig,
+    /// Plain-HTTP ops listener (`/metrics`, `/healthz`, `/readyz`); off when unset. Keep it on
+    /// loopback or a private network. `POSTERN_AGENT_OPS_LISTEN` overrides it.
+    #[serde(default)]
+    pub ops_listen: Option<SocketAddr>,
+    /// Which transport to dial (QUIC first when the proxy offers it) and the QUIC settings.
+    #[serde(default)]
+    pub transport: TransportConfig,
+}
+
+/// Which transport the agent dials.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportMode {
+    /// QUIC when the proxy offers it (or `quic_addr` is set), SSH over TCP when it does not or
+    /// when the QUIC handshake does not complete within `quic_handshake_timeout_ms`.
+    #[default]
+    Auto,
+    /// QUIC only, no fallback.
+    Quic,
+    /// SSH over TCP only.
+    Ssh,
+}
+
+/// The transport choice and the QUIC transport's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransportConfig {
+    /// `auto` (default), `quic` or `ssh`.
+    pub mode: TransportMode,
+    /// The proxy's QUIC address (`host:port`, UDP). Default: from discovery (the tunnel address's
+    /// UDP twin); needed to use QUIC when `tunnel_addr` is dialled without discovery.
+    pub quic_addr: Option<String>,
+    /// Milliseconds for the QUIC handshake before falling back to SSH over TCP. Default 1500.
+    pub quic_handshake_timeout_ms: u64,
+    /// Milliseconds between QUIC keepalives (one small datagram each, acknowledged by the
+    /// proxy). Default 1000. The agent redials when nothing at all has come from the proxy for
+    /// four of these intervals (over UDP a dead proxy sends no reset), and a restarted proxy
+    /// answers a keepalive with a stateless reset.
+    pub quic_keepalive_ms: u64,
+    /// Bytes one stream may have in flight toward the agent that the agent has not written to its
+    /// target. Default 2 MiB.
+    pub quic_stream_window_bytes: u64,
+    /// Streams the proxy may have open to this agent at once. Default 10000.
+    pub quic_max_streams: u32,
+    /// Bytes in flight toward the agent over all streams. At least `quic_max_streams ×
+    /// quic_stream_window_bytes` (default: that product), so that streams whose target stopped
+    /// reading cannot starve the others.
+    pub quic_connection_window_bytes: Option<u64>,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            mode: TransportMode::Auto,
+            quic_addr: None,
+            quic_handshake_timeout_ms: 1500,
+            quic_keepalive_ms: 1000,
+            quic_stream_window_bytes: 2 << 20,
+            quic_max_streams: 10_000,
+            quic_connection_window_bytes: None,
+        }
+    }
+}
+
+impl TransportConfig {
+    /// The smallest connection window that keeps stalled streams from starving the rest.
+    pub fn min_connection_window(&self) -> u64 {
+        u64::from(self.quic_max_streams).saturating_mul(self.quic_stream_window_bytes)
+    }
+
+    /// The QUIC connection receive window in use.
+    pub fn connection_window(&self) -> u64 {
+        self.quic_connection_window_bytes
+            .unwrap_or_else(|| self.min_connection_window())
+    }
 }
 
 /// One target: where the agent dials it, and the labels roles select it by.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(from = "TargetForm")]
 pub struct Target {
-    /// The local address the agent dials.
-    pub addr: SocketAddr,
+    /// The address the agent dials: an IP or a DNS name, resolved at each dial.
+    pub addr: TargetAddr,
     /// `key = value` labels (none by default).
     pub labels: BTreeMap<String, String>,
 }
@@ -63,9 +148,84 @@ pub struct Target {
 impl From<SocketAddr> for Target {
     fn from(addr: SocketAddr) -> Target {
         Target {
+            addr: addr.into(),
+            labels: BTreeMap::new(),
+        }
+    }
+}
+
+impl From<TargetAddr> for Target {
+    fn from(addr: TargetAddr) -> Target {
+        Target {
             addr,
             labels: BTreeMap::new(),
         }
+    }
+}
+
+/// A target's `host:port`: an IP address (`127.0.0.1:5432`, `[::1]:5432`) or a DNS name
+/// (`localhost:5432`, `db.internal:5432`, a Kubernetes service name), resolved when a stream is
+/// dialled, so a name that moves is followed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub struct TargetAddr {
+    /// Host name or IP (without brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+impl From<SocketAddr> for TargetAddr {
+    fn from(a: SocketAddr) -> TargetAddr {
+        TargetAddr {
+            host: a.ip().to_string(),
+            port: a.port(),
+        }
+    }
+}
+
+impl std::fmt::Display for TargetAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl std::str::FromStr for TargetAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<TargetAddr, String> {
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            return Ok(a.into());
+        }
+        let bad = |why: &str| format!("'{s}' is not host:port ({why})");
+        let (host, port) = s.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+        let port: u16 = port.parse().map_err(|_| bad("bad port"))?;
+        let valid = !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            });
+        if !valid {
+            return Err(bad("not an IP address or a DNS name"));
+        }
+        Ok(TargetAddr {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl TryFrom<String> for TargetAddr {
+    type Error = String;
+    fn try_from(s: String) -> Result<TargetAddr, String> {
+        s.parse()
     }
 }
 
@@ -76,8 +236,8 @@ impl From<SocketAddr> for Target {
     expecting = "a \"host:port\" string or { addr = \"host:port\", labels = { key = \"value\" } }"
 )]
 enum TargetForm {
-    /// `web = "127.0.0.1:8080"`.
-    Addr(SocketAddr),
+    /// `web = "127.0.0.1:8080"` or `db = "db.internal:5432"`.
+    Addr(TargetAddr),
     /// `web = { addr = "127.0.0.1:8080", labels = { env = "prod" } }`.
     Full(TargetTable),
 }
@@ -85,7 +245,7 @@ enum TargetForm {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TargetTable {
-    addr: SocketAddr,
+    addr: TargetAddr,
     #[serde(default)]
     labels: BTreeMap<String, String>,
 }
@@ -128,6 +288,9 @@ pub struct ReconnectConfig {
     pub base_ms: u64,
     /// Largest back-off ceiling, milliseconds.
     pub cap_ms: u64,
+    /// Seconds between attempts after a permanent failure (a refused or expired certificate,
+    /// an untrusted proxy, a lock): retrying sooner would fail the same way. Default 300.
+    pub permanent_secs: u64,
 }
 
 impl Default for ReconnectConfig {
@@ -135,6 +298,7 @@ impl Default for ReconnectConfig {
         ReconnectConfig {
             base_ms: 100,
             cap_ms: 1500,
+            permanent_secs: 300,
         }
     }
 }
@@ -261,8 +425,66 @@ impl AgentConfig {
                 }
             }
         }
+        match (&self.join_token_file, &self.ca_pin) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    "ca_pin",
+                    "joining with a token needs the cluster's CA pin (`pctl status` prints it)",
+                ));
+            }
+            (Some(_), Some(_)) if self.proxy.is_none() => {
+                return Err(invalid(
+                    "proxy",
+                    "joining with a token goes through the proxy's web address: set `proxy`",
+                ));
+            }
+            _ => {}
+        }
+        if let Some(pin) = &self.ca_pin {
+            crate::join::parse_pin(pin).map_err(|e| invalid("ca_pin", e))?;
+        }
         if self.keepalive_interval_secs == 0 {
             return Err(invalid("keepalive_interval_secs", "must be at least 1"));
+        }
+        let t = &self.transport;
+        if let Some(a) = &t.quic_addr
+            && tunnel_proto::discovery::split_host_port(a).is_none()
+        {
+            return Err(invalid(
+                "transport.quic_addr",
+                format!("'{a}' is not host:port"),
+            ));
+        }
+        if !(100..=60_000).contains(&t.quic_handshake_timeout_ms) {
+            return Err(invalid(
+                "transport.quic_handshake_timeout_ms",
+                "must be 100..=60000",
+            ));
+        }
+        if !(100..=60_000).contains(&t.quic_keepalive_ms) {
+            return Err(invalid(
+                "transport.quic_keepalive_ms",
+                "must be 100..=60000",
+            ));
+        }
+        if !(64 * 1024..=1 << 30).contains(&t.quic_stream_window_bytes) {
+            return Err(invalid(
+                "transport.quic_stream_window_bytes",
+                "must be 65536..=1073741824",
+            ));
+        }
+        if t.quic_max_streams == 0 {
+            return Err(invalid("transport.quic_max_streams", "must be at least 1"));
+        }
+        if t.connection_window() < t.min_connection_window() {
+            return Err(invalid(
+                "transport.quic_connection_window_bytes",
+                format!(
+                    "must be at least quic_max_streams × quic_stream_window_bytes = {} (a smaller \
+                     window lets stalled streams starve the rest of the tunnel)",
+                    t.min_connection_window()
+                ),
+            ));
         }
         if self.reconnect.base_ms == 0 || self.reconnect.cap_ms < self.reconnect.base_ms {
             return Err(invalid("reconnect", "need 0 < base_ms <= cap_ms"));
@@ -275,11 +497,11 @@ impl AgentConfig {
         Duration::from_secs(self.keepalive_interval_secs)
     }
 
-    /// Every target's local address (what the tunnel dials).
-    pub fn target_addrs(&self) -> BTreeMap<String, SocketAddr> {
+    /// Every target's address (what the tunnel dials).
+    pub fn target_addrs(&self) -> BTreeMap<String, TargetAddr> {
         self.targets
             .iter()
-            .map(|(n, t)| (n.clone(), t.addr))
+            .map(|(n, t)| (n.clone(), t.addr.clone()))
             .collect()
     }
 

@@ -28,6 +28,9 @@ struct Cli {
     /// Override the proxy's web address.
     #[arg(long)]
     proxy: Option<String>,
+    /// Serve `/metrics`, `/healthz`, `/readyz` here (overrides `ops_listen`).
+    #[arg(long, env = "POSTERN_AGENT_OPS_LISTEN")]
+    ops_listen: Option<std::net::SocketAddr>,
 }
 
 #[tokio::main]
@@ -37,6 +40,9 @@ async fn main() -> anyhow::Result<()> {
     let mut config = AgentConfig::from_file(&cli.config)?;
     if let Some(p) = cli.proxy {
         config.proxy = Some(p);
+    }
+    if let Some(a) = cli.ops_listen {
+        config.ops_listen = Some(a);
     }
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();

@@ -32,14 +32,14 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use postern_dial::ssh::Identity;
 use serde::Deserialize;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
-use crate::config::AgentConfig;
-use crate::tunnel::{self, Ended};
+use crate::Dialer;
+use crate::failure::Failure;
+use crate::tunnel::Ended;
 use crate::{backoff_ceiling, full_jitter};
 
 /// How long at most a proxy that ordered a drain is not dialled for (it is leaving the set
@@ -155,6 +155,9 @@ enum Outcome {
     /// It failed or ended before a claim (backs off up to `reconnect.cap_ms`, as a lone agent's
     /// reconnects do).
     Failed,
+    /// It failed in a way that will not pass soon (see [`crate::failure`]): the next dial waits
+    /// `reconnect.permanent_secs`.
+    Permanent,
 }
 
 /// Shared by the pool's dialer and its tunnels.
@@ -260,15 +263,11 @@ impl Pool {
     }
 }
 
-/// One dial: a tunnel that claims its proxy in the pool, serves until it ends, and reports.
-async fn dial(
-    config: Arc<AgentConfig>,
-    identity: Arc<Identity>,
-    pool: Arc<Pool>,
-    attempt: u64,
-    stop: CancellationToken,
-) {
-    let r = tunnel::connect_and_serve_in(&config, &identity, &stop, Some((&pool, attempt))).await;
+/// One dial: a tunnel that claims its proxy in the pool, serves until it ends, and reports. The
+/// dial is the lone agent's ([`Dialer::dial`]): own-certificate check and reload, QUIC first,
+/// reconnects counted by reason, failures classified.
+async fn dial(dialer: Arc<Dialer>, pool: Arc<Pool>, attempt: u64, stop: CancellationToken) {
+    let r = dialer.dial(&stop, Some((&pool, attempt))).await;
     let outcome = match &r {
         Ok(Ended::Duplicate) => {
             debug!(attempt, "dial reached a proxy already held: closed");
@@ -278,9 +277,17 @@ async fn dial(
             debug!(attempt, ended = ?e, "tunnel ended");
             Outcome::Failed
         }
-        Err(e) => {
+        Err(Failure::Transient(e)) => {
             warn!(attempt, error = %e, "tunnel attempt failed");
             Outcome::Failed
+        }
+        Err(Failure::Permanent(e)) => {
+            error!(
+                attempt,
+                retry_in_secs = dialer.config.reconnect.permanent_secs,
+                "{e}"
+            );
+            Outcome::Permanent
         }
     };
     // Ignored by the dialer if this dial already claimed its proxy.
@@ -288,7 +295,8 @@ async fn dial(
 }
 
 /// Runs the pool until `shutdown`: see the module docs.
-pub async fn run(config: AgentConfig, identity: Identity, shutdown: CancellationToken) {
+pub async fn run(dialer: Arc<Dialer>, shutdown: CancellationToken) {
+    let config = &dialer.config;
     let (tx, mut reports) = mpsc::unbounded_channel();
     let pool = Arc::new(Pool {
         view: Mutex::default(),
@@ -299,7 +307,7 @@ pub async fn run(config: AgentConfig, identity: Identity, shutdown: Cancellation
     let cap = Duration::from_millis(config.reconnect.cap_ms);
     let hunt_cap = Duration::from_millis(config.pool.hunt_cap_ms).max(cap);
     let probe = (config.pool.probe_secs > 0).then(|| Duration::from_secs(config.pool.probe_secs));
-    let (config, identity) = (Arc::new(config), Arc::new(identity));
+    let permanent = Duration::from_secs(config.reconnect.permanent_secs);
     let (mut misses, mut failures) = (0u32, 0u32);
     let mut attempt = 0u64;
     let mut last_dial = Instant::now();
@@ -332,8 +340,7 @@ pub async fn run(config: AgentConfig, identity: Identity, shutdown: Cancellation
             "dialling the balanced address"
         );
         tokio::spawn(dial(
-            config.clone(),
-            identity.clone(),
+            dialer.clone(),
             pool.clone(),
             attempt,
             shutdown.child_token(),
@@ -374,6 +381,10 @@ pub async fn run(config: AgentConfig, identity: Identity, shutdown: Cancellation
             Outcome::Failed => {
                 failures = failures.saturating_add(1);
                 full_jitter(backoff_ceiling(base, cap, failures - 1))
+            }
+            Outcome::Permanent => {
+                (misses, failures) = (0, 0);
+                permanent
             }
         };
         tokio::select! {

@@ -2,7 +2,6 @@
 //! channel, until the connection ends.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -10,7 +9,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use postern_dial::DialError;
 use postern_dial::ssh::{Identity, ProxyVerifier, client_config, login, parse_ca_lines};
-use postern_dial::web::{WebTrust, discover_tunnel_addr, host_of};
+use postern_dial::web::{WebTrust, find, host_of};
 use russh::client::{ChannelOpenHandle, Msg, Session};
 use russh::keys::PublicKeyOrCertificate;
 use russh::{Channel, ChannelMsg, ChannelOpenFailure, Disconnect};
@@ -22,15 +21,15 @@ use tunnel_proto::control::Message;
 use tunnel_proto::credit::{CREDIT_EXT, CREDIT_VERSION, STREAM_WINDOW};
 use tunnel_proto::names::{CONTROL_HOST, agent_login};
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, TargetAddr, TransportMode};
 
 /// Deadline to connect to a local target.
-const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Splice buffer per direction between a channel and a target socket (64 KiB: the size that
 /// matters for throughput; see the README's performance notes).
-const SPLICE_BUF: usize = 64 * 1024;
+pub(crate) const SPLICE_BUF: usize = 64 * 1024;
 /// Seconds between heartbeats on the control channel.
-const HEARTBEAT: Duration = Duration::from_secs(30);
+pub(crate) const HEARTBEAT: Duration = Duration::from_secs(30);
 /// Queue bound per stream toward a proxy without credit (back-pressure blocks the connection).
 const LEGACY_QUEUE: usize = 4 << 20;
 
@@ -48,7 +47,7 @@ pub enum Ended {
 }
 
 /// How long a pooled tunnel waits for its proxy's control hello (which names the proxy).
-const HELLO_DEADLINE: Duration = Duration::from_secs(5);
+pub(crate) const HELLO_DEADLINE: Duration = Duration::from_secs(5);
 
 /// The web trust the config asks for.
 pub fn web_trust(config: &AgentConfig) -> Result<WebTrust, DialError> {
@@ -63,36 +62,75 @@ pub fn web_trust(config: &AgentConfig) -> Result<WebTrust, DialError> {
 
 /// Dials the proxy and serves until the connection ends or `shutdown` is cancelled.
 pub async fn connect_and_serve(
+    quic: &crate::quic::QuicClient,
     config: &AgentConfig,
     identity: &Identity,
     shutdown: &CancellationToken,
 ) -> Result<Ended, DialError> {
-    connect_and_serve_in(config, identity, shutdown, None).await
+    connect_and_serve_in(quic, config, identity, shutdown, None).await
 }
 
 /// As [`connect_and_serve`], as dial number `attempt` of an agent pool (see [`crate::pool`]):
-/// the tunnel claims its proxy's id (from the control hello) before registering any target, and
-/// ends at once as [`Ended::Duplicate`] if the pool already holds that proxy.
+/// the tunnel claims its proxy's id (from the control hello, on either transport) before
+/// registering any target, and ends at once as [`Ended::Duplicate`] if the pool already holds
+/// that proxy.
 pub async fn connect_and_serve_in(
+    quic: &crate::quic::QuicClient,
     config: &AgentConfig,
     identity: &Identity,
     shutdown: &CancellationToken,
     pool: Option<(&Arc<crate::pool::Pool>, u64)>,
 ) -> Result<Ended, DialError> {
-    let addr = match &config.proxy {
-        Some(web) => discover_tunnel_addr(web, &web_trust(config)?).await?,
-        None => config.tunnel_addr.clone().unwrap_or_default(),
+    let (addr, offered_quic) = match &config.proxy {
+        Some(web) => {
+            let found = find(web, &web_trust(config)?).await?;
+            let env = std::env::var(tunnel_proto::discovery::TUNNEL_ADDR_ENV).ok();
+            let addr = found.proxy.tunnel_addr(env.as_deref(), host_of(web));
+            let quic = found.proxy.quic_addr(&addr);
+            (addr, quic)
+        }
+        None => (config.tunnel_addr.clone().unwrap_or_default(), None),
     };
     let verifier = ProxyVerifier::new(
         host_of(&addr),
         parse_ca_lines(&config.proxy_host_ca).map_err(DialError::Config)?,
         parse_ca_lines(&config.proxy_host_keys).map_err(DialError::Config)?,
     );
+    let quic_addr = match config.transport.mode {
+        TransportMode::Ssh => None,
+        TransportMode::Auto | TransportMode::Quic => {
+            config.transport.quic_addr.clone().or(offered_quic)
+        }
+    };
+    if let Some(quic_addr) = quic_addr {
+        let span = info_span!("tunnel", cluster = %config.cluster, host_id = %config.host_id, proxy = %quic_addr, transport = "quic");
+        let started = std::time::Instant::now();
+        let dialled = tokio::select! {
+            r = crate::quic::dial(quic, config, identity, &quic_addr, &verifier, pool, shutdown).instrument(span.clone()) => r,
+            _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
+        };
+        match dialled {
+            Ok(Some(tunnel)) => return Ok(tunnel.serve(config, shutdown).instrument(span).await),
+            Ok(None) => return Ok(Ended::Duplicate),
+            Err(e) if config.transport.mode == TransportMode::Quic => return Err(e),
+            Err(e) => warn!(
+                error = %e,
+                after_ms = started.elapsed().as_millis() as u64,
+                "QUIC unavailable: falling back to SSH over TCP"
+            ),
+        }
+    } else if config.transport.mode == TransportMode::Quic {
+        return Err(DialError::Config(
+            "transport.mode = \"quic\" but the proxy offers no QUIC and transport.quic_addr is unset".into(),
+        ));
+    }
     let active = Arc::new(AtomicUsize::new(0));
     // The proxy's protocol version, from its control hello (0 until then): streams use credit
     // when it has them.
     let (proxy_version_tx, proxy_version) = watch::channel(0u32);
+    let refusal = Refusal::default();
     let handler = AgentHandler {
+        refusal: refusal.clone(),
         proxy_version,
         verifier: verifier.clone(),
         targets: Arc::new(config.target_addrs()),
@@ -180,12 +218,19 @@ pub async fn connect_and_serve_in(
         }
     }
     if registered == 0 {
+        // A proxy that accepted the certificate but refuses this agent (a lock) says why in its
+        // disconnect message: wait briefly for it.
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut handle).await;
+        if let Some(reason) = refusal.take() {
+            return Err(DialError::Refused { addr, reason });
+        }
         let _ = handle
             .disconnect(Disconnect::ByApplication, "no target registered", "")
             .await;
         return Err(DialError::Config("the proxy refused every target".into()));
     }
     info!(targets = registered, "tunnel up");
+    let _up = crate::metrics::TunnelUp::new(&addr);
     drop(_enter);
     let ended = tokio::select! {
         r = &mut handle => {
@@ -226,10 +271,22 @@ pub async fn connect_and_serve_in(
     Ok(ended)
 }
 
+/// The proxy's disconnect message, when it sent one.
+#[derive(Clone, Default)]
+struct Refusal(Arc<std::sync::Mutex<Option<String>>>);
+
+impl Refusal {
+    fn take(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
 /// The russh client handler of an agent connection.
 struct AgentHandler {
+    /// Where the proxy's disconnect message is kept for the caller.
+    refusal: Refusal,
     verifier: ProxyVerifier,
-    targets: Arc<BTreeMap<String, SocketAddr>>,
+    targets: Arc<BTreeMap<String, TargetAddr>>,
     cluster: String,
     active: Arc<AtomicUsize>,
     /// The proxy's protocol version (0 until its control hello arrives).
@@ -246,6 +303,22 @@ impl russh::client::Handler for AgentHandler {
         Ok(self.verifier.verify(key))
     }
 
+    async fn disconnected(
+        &mut self,
+        reason: russh::client::DisconnectReason<Self::Error>,
+    ) -> Result<(), Self::Error> {
+        match reason {
+            russh::client::DisconnectReason::ReceivedDisconnect(info) => {
+                if !info.message.is_empty() {
+                    *self.refusal.0.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(info.message.chars().take(512).collect());
+                }
+                Ok(())
+            }
+            russh::client::DisconnectReason::Error(e) => Err(e),
+        }
+    }
+
     async fn server_channel_open_forwarded_tcpip(
         &mut self,
         channel: Channel<Msg>,
@@ -256,7 +329,7 @@ impl russh::client::Handler for AgentHandler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let Some(addr) = self.targets.get(connected_address).copied() else {
+        let Some(addr) = self.targets.get(connected_address).cloned() else {
             warn!(
                 target = connected_address,
                 "refused a stream for a target this agent does not serve"
@@ -277,6 +350,7 @@ impl russh::client::Handler for AgentHandler {
             serve_stream(
                 channel,
                 reply,
+                connected_address.to_string(),
                 addr,
                 self.active.clone(),
                 self.proxy_version.clone(),
@@ -291,24 +365,22 @@ impl russh::client::Handler for AgentHandler {
 async fn serve_stream(
     channel: Channel<Msg>,
     reply: ChannelOpenHandle,
-    addr: SocketAddr,
+    target: String,
+    addr: TargetAddr,
     active: Arc<AtomicUsize>,
     proxy_version: watch::Receiver<u32>,
 ) {
-    let tcp = match tokio::time::timeout(TARGET_CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
+    let tcp = match crate::dial::dial(&addr, TARGET_CONNECT_TIMEOUT).await {
+        Ok(s) => s,
+        Err(e) => {
             warn!(%addr, error = %e, "target unreachable");
+            crate::metrics::dial_error(&target, e.reason());
             reply
                 .reject(ChannelOpenFailure::Other {
                     code: ChannelOpenFailure::ConnectFailed.code(),
-                    reason: format!("target {addr} unreachable: {e}"),
+                    reason: format!("target '{target}' ({addr}) unreachable: {e}"),
                 })
                 .await;
-            return;
-        }
-        Err(_) => {
-            reply.reject(ChannelOpenFailure::ConnectFailed).await;
             return;
         }
     };
@@ -316,6 +388,7 @@ async fn serve_stream(
     reply.accept().await;
     let credit = postern_dial::splice::peer_version(proxy_version).await >= CREDIT_VERSION;
     active.fetch_add(1, Ordering::Relaxed);
+    let _open = crate::metrics::StreamOpen::new(&target);
     let (up, down) = splice_tcp(channel, tcp, credit).await;
     debug!(to_target = up, from_target = down, "stream closed");
     active.fetch_sub(1, Ordering::Relaxed);

@@ -138,11 +138,15 @@ async fn agent_refuses_targets_it_does_not_serve() {
         web: Default::default(),
         host_key_file: key_path,
         host_cert_file: None,
+        join_token_file: None,
+        ca_pin: None,
         proxy_host_ca: vec![],
         proxy_host_keys: vec![proxy_key.public_key().to_openssh().unwrap()],
         targets,
         keepalive_interval_secs: 5,
         reconnect: Default::default(),
+        ops_listen: None,
+        transport: Default::default(),
         pool: Default::default(),
     };
     let shutdown = CancellationToken::new();

@@ -17,6 +17,8 @@ fn config(key_path: std::path::PathBuf) -> AgentConfig {
         web: Default::default(),
         host_key_file: key_path,
         host_cert_file: None,
+        join_token_file: None,
+        ca_pin: None,
         proxy_host_ca: vec![],
         proxy_host_keys: vec![
             PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)
@@ -34,6 +36,8 @@ fn config(key_path: std::path::PathBuf) -> AgentConfig {
         )]),
         keepalive_interval_secs: 5,
         reconnect: Default::default(),
+        ops_listen: None,
+        transport: Default::default(),
         pool: Default::default(),
     }
 }

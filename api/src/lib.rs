@@ -7,16 +7,20 @@
 //!   `proto/postern/auth/v1/auth.proto` (the documented contract);
 //! - [`resource`]: the YAML/JSON forms of resources (`kind: role`), their parsing with errors that
 //!   point at the line and field, validation, and conversion to and from the wire types;
+//! - [`access`]: access requests in roles (`request`, `review_requests`) and their decisions;
+//! - [`user_resource`]: users in the same YAML/JSON form, and reading roles and users together;
 //! - [`rbac`]: verbs, resource names, and the rule evaluation (deny wins, default deny);
 //! - [`targets`]: which targets roles reach by label (`node_labels`, alias `target_labels`);
 //! - [`duration`]: Go-style durations (`8h`, `1h30m`) as roles write them;
 //! - [`identity`]: the identity file `pctl auth sign` writes (key, certificates, CAs, cluster).
 
+pub mod access;
 pub mod duration;
 pub mod identity;
 pub mod rbac;
 pub mod resource;
 pub mod targets;
+pub mod user_resource;
 
 /// Generated gRPC types and stubs for `postern.auth.v1`.
 #[allow(missing_docs, clippy::all)]

@@ -16,6 +16,7 @@ pub const RESOURCES: &[&str] = &[
     "cert_authority",
     "event",
     "lock",
+    "access_request",
     "proxy",
 ];
 

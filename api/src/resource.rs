@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::proto::{LabelValues, Role, RoleConditions, RoleOptions, RoleSpec, Rule};
-use crate::{duration, rbac};
+use crate::{access, duration, rbac};
 
 /// Role versions accepted (Teleport's current ones; the rules mean the same in each).
 pub const ROLE_VERSIONS: &[&str] = &["v5", "v6", "v7"];
@@ -27,7 +27,7 @@ pub enum ResourceError {
         message: String,
     },
     /// `kind` is missing or not one this tool handles.
-    #[error("document {doc}: unknown kind '{kind}' (supported: role)")]
+    #[error("document {doc}: unknown kind '{kind}' (supported: role, user)")]
     UnknownKind {
         /// 1-based document number.
         doc: usize,
@@ -54,6 +54,18 @@ pub enum ResourceError {
         /// The role's name.
         name: String,
         /// Path of the offending field (`spec.allow.rules[0].verbs`).
+        field: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// A user document holds a value a user cannot have.
+    #[error("document {doc}: user '{name}': {field}: {problem}")]
+    InvalidUser {
+        /// 1-based document number.
+        doc: usize,
+        /// The user's name.
+        name: String,
+        /// Path of the offending field.
         field: String,
         /// What is wrong with it.
         problem: String,
@@ -121,11 +133,21 @@ pub struct ConditionsDoc {
     /// target matches when every key's value is among the listed ones; `'*': '*'` matches all.
     #[serde(skip_serializing_if = "BTreeMap::is_empty", alias = "target_labels")]
     pub node_labels: BTreeMap<String, LabelValue>,
+    /// Roles that may be requested through an access request (see [`crate::access`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request: Option<access::RequestDoc>,
+    /// Roles whose access requests a holder may review.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub review_requests: Option<access::ReviewDoc>,
 }
 
 impl ConditionsDoc {
     fn is_empty(&self) -> bool {
-        self.rules.is_empty() && self.logins.is_empty() && self.node_labels.is_empty()
+        self.rules.is_empty()
+            && self.logins.is_empty()
+            && self.node_labels.is_empty()
+            && self.request.is_none()
+            && self.review_requests.is_none()
     }
 }
 
@@ -253,8 +275,12 @@ pub fn parse_roles(text: &str) -> Result<Vec<Role>, ResourceError> {
     Ok(roles)
 }
 
-fn conditions(c: ConditionsDoc) -> RoleConditions {
-    RoleConditions {
+fn conditions(c: ConditionsDoc, side: &str) -> Result<RoleConditions, (String, String)> {
+    let request = access::request_from_doc(c.request.as_ref())
+        .map_err(|e| (format!("spec.{side}.request.max_duration"), e))?;
+    Ok(RoleConditions {
+        request,
+        review_requests: access::review_from_doc(c.review_requests.as_ref()),
         rules: c
             .rules
             .into_iter()
@@ -275,7 +301,7 @@ fn conditions(c: ConditionsDoc) -> RoleConditions {
                 (k, LabelValues { values })
             })
             .collect(),
-    }
+    })
 }
 
 /// Converts a parsed document into a validated wire role (`doc` numbers errors; 0 if none).
@@ -299,12 +325,14 @@ pub fn from_doc(d: RoleDoc, doc: usize) -> Result<Role, ResourceError> {
         }
         None => 0,
     };
+    let allow = conditions(d.spec.allow.clone(), "allow").map_err(|(f, p)| invalid(&f, p))?;
+    let deny = conditions(d.spec.deny.clone(), "deny").map_err(|(f, p)| invalid(&f, p))?;
     let role = Role {
         name: d.metadata.name.clone(),
         version: d.version.clone(),
         spec: Some(RoleSpec {
-            allow: Some(conditions(d.spec.allow.clone())),
-            deny: Some(conditions(d.spec.deny.clone())),
+            allow: Some(allow),
+            deny: Some(deny),
             options: Some(RoleOptions {
                 max_session_ttl_secs: ttl,
             }),
@@ -347,7 +375,11 @@ pub fn validate_role(role: &Role) -> Result<(), (String, String)> {
     let mut grants_anything = false;
     for (side, c) in [("allow", &spec.allow), ("deny", &spec.deny)] {
         let Some(c) = c else { continue };
-        grants_anything |= !c.rules.is_empty() || !c.logins.is_empty() || !c.node_labels.is_empty();
+        grants_anything |= !c.rules.is_empty()
+            || !c.logins.is_empty()
+            || !c.node_labels.is_empty()
+            || access::conditions_grant(c);
+        access::validate(side, c)?;
         for (i, rule) in c.rules.iter().enumerate() {
             let at = |f: &str| format!("spec.{side}.rules[{i}].{f}");
             if rule.resources.is_empty() {
@@ -383,7 +415,7 @@ pub fn validate_role(role: &Role) -> Result<(), (String, String)> {
     if !grants_anything {
         return Err((
             "spec".into(),
-            "the role has no rules, logins or labels in allow or deny: it would do nothing".into(),
+            "the role has no rules, logins, labels, request or review_requests in allow or deny: it would do nothing".into(),
         ));
     }
     Ok(())
@@ -414,6 +446,8 @@ fn conditions_doc(c: Option<&RoleConditions>) -> ConditionsDoc {
                 (k.clone(), value)
             })
             .collect(),
+        request: access::request_to_doc(c.request.as_ref()),
+        review_requests: access::review_to_doc(c.review_requests.as_ref()),
     }
 }
 

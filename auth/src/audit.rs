@@ -1,5 +1,6 @@
 //! The audit log: every API call, allowed or denied, recorded in the database and appended as a
-//! JSON line to `<data_dir>/audit.log` (0600) for log shippers.
+//! JSON line to `<data_dir>/audit.log` (0600) for log shippers. SIGHUP reopens the file (for
+//! logrotate: move it away, then signal; or use `copytruncate`).
 //!
 //! A record counts as kept when at least one of the two sinks took it. When neither did (a full
 //! disk, say), [`Audit::record`] says so: the call it records is failed (nothing is issued or
@@ -42,20 +43,31 @@ pub fn untrusted(s: &str) -> String {
     out
 }
 
+fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+}
+
 impl Audit {
     /// Opens (creating 0600) the JSON-lines file.
     pub fn open(backend: Arc<dyn Backend>, path: &Path) -> std::io::Result<Audit> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(path)?;
         Ok(Audit {
             backend,
             path: path.into(),
-            file: Mutex::new(file),
+            file: Mutex::new(open_log(path)?),
         })
+    }
+
+    /// Reopens the file at its path (creating it 0600): after logrotate moved it away, the
+    /// Auth server does this on SIGHUP. On failure the old file stays in use.
+    pub fn reopen(&self) -> std::io::Result<()> {
+        let new = open_log(&self.path)?;
+        *self.file.lock().unwrap_or_else(|p| p.into_inner()) = new;
+        Ok(())
     }
 
     /// Records one event (blocking: call from a blocking context). A failing sink is logged at

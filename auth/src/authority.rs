@@ -1,29 +1,24 @@
 //! The cluster's certificate authorities: an SSH user CA, an SSH host CA and a TLS CA, created at
 //! the first start and kept in storage; and the certificates they issue.
 
-use std::time::Duration;
-
 use postern_dial::mint::{self, CertSpec};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PKCS_ED25519, SignatureAlgorithm,
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair,
+    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PKCS_ED25519, SignatureAlgorithm,
 };
 use russh::keys::ssh_key::{LineEnding, PrivateKey, PublicKey};
 use sha2::{Digest, Sha256};
 
 use crate::storage::{Backend, StorageError};
+use crate::tls_ca::{self, ca_params};
 
 /// Meta keys the authorities are stored under.
 mod keys {
     pub const CLUSTER: &str = "cluster_name";
     pub const USER_CA: &str = "ssh_user_ca";
     pub const HOST_CA: &str = "ssh_host_ca";
-    pub const TLS_CA_KEY: &str = "tls_ca_key";
-    pub const TLS_CA_CERT: &str = "tls_ca_cert";
+    pub use crate::tls_ca::keys::{CERT as TLS_CA_CERT, KEY as TLS_CA_KEY};
 }
-
-/// Lifetime of the TLS CA certificate.
-const TLS_CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Backdating of every certificate, to absorb clock skew between hosts.
 const BACKDATE_SECS: u64 = 60;
 
@@ -70,6 +65,9 @@ pub struct Authorities {
     tls_key: KeyPair,
     /// The TLS CA certificate (PEM).
     pub tls_ca_pem: String,
+    /// On a cluster migrated from an Ed25519 TLS CA: the old CA certificate (still trusted for
+    /// client certificates) and the cross certificate sent after the server's own.
+    tls_legacy: Option<(String, String)>,
 }
 
 impl std::fmt::Debug for Authorities {
@@ -94,18 +92,8 @@ pub struct Issued {
     pub expires: u64,
 }
 
-fn ca_params(cluster: &str) -> CertificateParams {
-    let mut p = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, format!("Postern TLS CA of {cluster}"));
-    dn.push(DnType::OrganizationName, cluster);
-    p.distinguished_name = dn;
-    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    p
-}
-
-fn stamp(secs: u64) -> time::OffsetDateTime {
+/// Unix seconds as a certificate time.
+pub(crate) fn stamp(secs: u64) -> time::OffsetDateTime {
     time::OffsetDateTime::from_unix_timestamp(secs as i64)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
@@ -160,15 +148,7 @@ impl Authorities {
                     .as_bytes()
                     .to_vec())
             };
-            let tls_key = KeyPair::generate_for(&PKCS_ED25519)
-                .map_err(|e| AuthorityError::Issue(e.to_string()))?;
-            let mut params = ca_params(name);
-            let now = mint::now_unix();
-            params.not_before = stamp(now - BACKDATE_SECS);
-            params.not_after = stamp(now + TLS_CA_LIFETIME.as_secs());
-            let cert = params
-                .self_signed(&tls_key)
-                .map_err(|e| AuthorityError::Issue(e.to_string()))?;
+            let (tls_key, tls_cert_pem) = tls_ca::generate(name, BACKDATE_SECS)?;
             backend.init_meta(
                 keys::CLUSTER,
                 &[
@@ -176,7 +156,7 @@ impl Authorities {
                     (keys::USER_CA, ssh(mint::generate_key())?),
                     (keys::HOST_CA, ssh(mint::generate_key())?),
                     (keys::TLS_CA_KEY, tls_key.serialize_pem().into_bytes()),
-                    (keys::TLS_CA_CERT, cert.pem().into_bytes()),
+                    (keys::TLS_CA_CERT, tls_cert_pem.into_bytes()),
                 ],
             )?;
         }
@@ -193,18 +173,14 @@ impl Authorities {
         };
         let user_ca = ssh_key(keys::USER_CA)?;
         let host_ca = ssh_key(keys::HOST_CA)?;
-        let key_pem = load_text(backend, keys::TLS_CA_KEY)?
-            .ok_or_else(|| corrupt(keys::TLS_CA_KEY)("missing".into()))?;
-        let tls_key =
-            KeyPair::from_pem(&key_pem).map_err(|e| corrupt(keys::TLS_CA_KEY)(e.to_string()))?;
-        let tls_ca_pem = load_text(backend, keys::TLS_CA_CERT)?
-            .ok_or_else(|| corrupt(keys::TLS_CA_CERT)("missing".into()))?;
+        let tls = tls_ca::load(backend, &cluster, BACKDATE_SECS)?;
         Ok(Authorities {
             cluster,
             user_ca,
             host_ca,
-            tls_key,
-            tls_ca_pem,
+            tls_key: tls.key,
+            tls_ca_pem: tls.cert_pem,
+            tls_legacy: tls.legacy_pem.zip(tls.cross_pem),
         })
     }
 
@@ -216,6 +192,19 @@ impl Authorities {
     /// The SSH host CA's public key line.
     pub fn host_ca_line(&self) -> String {
         self.host_ca.public_key().to_openssh().unwrap_or_default()
+    }
+
+    /// SHA-256 fingerprint of the host CA's public key.
+    pub fn host_ca_fingerprint(&self) -> russh::keys::ssh_key::Fingerprint {
+        self.host_ca
+            .public_key()
+            .fingerprint(russh::keys::HashAlg::Sha256)
+    }
+
+    /// The cluster's CA pin (`sha256:<hex>` of the host CA's public key), what an agent's
+    /// `ca_pin` names.
+    pub fn host_ca_pin(&self) -> String {
+        tunnel_proto::join::ca_pin(self.host_ca_fingerprint().as_bytes())
     }
 
     fn tls_sign(
@@ -266,11 +255,25 @@ impl Authorities {
         ttl: u64,
         roles: &[String],
     ) -> Result<Issued, AuthorityError> {
+        self.issue_user_for_request(user, key, ttl, roles, None)
+    }
+
+    /// A user certificate pair whose `roles` include those of the access request `request`
+    /// (named in the SSH certificate's `postern-request@postern` extension).
+    pub fn issue_user_for_request(
+        &self,
+        user: &str,
+        key: &PublicKey,
+        ttl: u64,
+        roles: &[String],
+        request: Option<&str>,
+    ) -> Result<Issued, AuthorityError> {
         let now = mint::now_unix();
         let expires = now + ttl;
         let spec = CertSpec::UserWithRoles {
             user: user.into(),
             roles: roles.to_vec(),
+            request: request.map(str::to_owned),
         };
         let ssh = mint::issue(&self.user_ca, key, &spec, now - BACKDATE_SECS, expires)
             .map_err(|e| AuthorityError::Issue(e.to_string()))?;
@@ -349,7 +352,8 @@ impl Authorities {
         self.issue_from_host_ca(key, &spec, ttl)
     }
 
-    /// A fresh TLS server key and certificate for `auth.<cluster>` (DER cert chain, PKCS#8 key).
+    /// A fresh TLS server key (ECDSA P-256) and certificate for `auth.<cluster>` (DER cert chain,
+    /// PKCS#8 key). On a migrated cluster the chain ends with the cross certificate.
     pub fn server_tls(
         &self,
         ttl: u64,
@@ -360,7 +364,7 @@ impl Authorities {
         ),
         AuthorityError,
     > {
-        let key = KeyPair::generate_for(&PKCS_ED25519)
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(|e| AuthorityError::Issue(e.to_string()))?;
         let name = postern_api::auth_server_name(&self.cluster);
         let cert = self.tls_sign(
@@ -371,7 +375,23 @@ impl Authorities {
             ttl,
         )?;
         let der = rustls_pki_types::PrivatePkcs8KeyDer::from(key.serialize_der());
-        Ok((vec![cert.der().clone()], der.into()))
+        let mut chain = vec![cert.der().clone()];
+        if let Some((_, cross)) = &self.tls_legacy {
+            chain.push(tls_ca::der(cross, tls_ca::keys::CROSS_CERT)?);
+        }
+        Ok((chain, der.into()))
+    }
+
+    /// The CA certificates client certificates may chain to (DER): the TLS CA, and on a migrated
+    /// cluster the old one too, so certificates it issued keep working until they expire.
+    pub fn tls_client_roots(
+        &self,
+    ) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, AuthorityError> {
+        let mut roots = vec![self.tls_ca_der()?];
+        if let Some((legacy, _)) = &self.tls_legacy {
+            roots.push(tls_ca::der(legacy, tls_ca::keys::LEGACY_CERT)?);
+        }
+        Ok(roots)
     }
 
     /// The TLS CA certificate (DER).

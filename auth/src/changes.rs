@@ -83,7 +83,7 @@ impl SqliteBackend {
                 let mut st = tx
                     .prepare(
                         "SELECT kind, name, value FROM resources
-                         WHERE kind IN ('role', 'user', 'lock') ORDER BY kind, name",
+                         WHERE kind IN ('role', 'user', 'lock', 'access_request') ORDER BY kind, name",
                     )
                     .map_err(self.db())?;
                 let rows = st

@@ -33,9 +33,15 @@ pub struct AuthConfig {
     /// listener is bound, reused while half of it is left, otherwise replaced with the previous
     /// one revoked. Default 30 days.
     pub admin_identity_ttl_secs: u64,
-    /// Where `GET /metrics` (Prometheus text) is served; absent means nowhere (the counters
-    /// still run). Keep it on loopback or a firewalled address.
-    pub metrics_listen: Option<SocketAddr>,
+    /// Lifetime of the host certificates agents get by joining with a token and by renewing,
+    /// and of the embedded agent's, seconds. Each renews at about two-thirds of it. Default 30
+    /// days; at least 5 s.
+    pub agent_cert_ttl_secs: u64,
+    /// The ops listener (plain HTTP: `/metrics`, `/healthz`, `/readyz`); absent means off (the
+    /// counters still run). Keep it on loopback or a firewalled address. `metrics_listen` is
+    /// its earlier name; `POSTERN_AUTH_OPS_LISTEN` (or `--ops-listen`) overrides it.
+    #[serde(alias = "metrics_listen")]
+    pub ops_listen: Option<SocketAddr>,
     /// The reverse tunnel out to a proxy; absent means the API is served on `listen` only.
     pub tunnel: Option<TunnelConfig>,
     /// Limits of the API listener and of logins.
@@ -151,7 +157,8 @@ impl Default for AuthConfig {
             listen: ([0, 0, 0, 0], tunnel_proto::names::DEFAULT_AUTH_PORT).into(),
             allow_root: false,
             admin_identity_ttl_secs: 30 * 24 * 3600,
-            metrics_listen: None,
+            agent_cert_ttl_secs: 30 * 24 * 3600,
+            ops_listen: None,
             tunnel: None,
             limits: LimitsConfig::default(),
         }
@@ -242,6 +249,12 @@ impl AuthConfig {
                     ),
                 ));
             }
+        }
+        if !(5..=365 * 24 * 3600).contains(&self.agent_cert_ttl_secs) {
+            return Err(ConfigError::Invalid {
+                field: "agent_cert_ttl_secs",
+                problem: "between 5 s and 365 days".into(),
+            });
         }
         if self.admin_identity_ttl_secs < 3600 {
             return Err(invalid(

@@ -11,38 +11,48 @@
 //! - [`storage`]: the `Backend` trait, SQLite (embedded default) and PostgreSQL (several Auth
 //!   servers on one database), versioned migrations;
 //! - [`authority`]: the SSH user and host CAs and the TLS CA, and what they issue;
+//! - `tls_ca`: the TLS CA (ECDSA P-256) and the migration of an Ed25519 one;
 //! - [`service`]: the gRPC service: authentication, RBAC, audit, operations;
 //! - [`audit`]: the audit log (database table and JSON lines);
 //! - [`changes`]: the policy change feed (roles, users, locks) with its revisions;
 //! - [`watch`]: `WatchPolicy`, the feed as a gRPC stream with resume from a revision;
 //! - [`locks`]: locks on a user, a role or an agent;
+//! - [`requests`]: access requests (temporary elevation on approval) and their RPCs;
 //! - [`proxies`]: the proxy set, from each proxy's `ProxyHeartbeat`, with expiry;
 //! - [`stream_events`]: stream access events shipped by proxies;
 //! - [`tokens`]: join tokens as stored, and spending one use atomically;
 //! - [`login`]: `psh login` behind the proxy's login relay (signup secret, then password);
+//! - [`join`]: agents joining with a token behind the proxy's join relay;
+//! - [`bot`]: Machine ID bots joining with a bot token and renewing their user identity;
 //! - [`password`]: Argon2id verification on reused memory;
 //! - [`throttle`]: the password-hashing gate and failed logins per source and user;
 //! - [`listener`]: the API listener's caps and deadlines;
 //! - [`admin`]: the admin identity, at most one valid;
 //! - [`metrics`]: every `postern_auth_*` metric, and `GET /metrics`;
+//! - [`renewal`]: the embedded agent's certificate, re-issued at two-thirds of its life;
 //! - [`server`]: data dir checks, the TLS config, the embedded agent, `run`.
 
 pub mod admin;
 pub mod audit;
 pub mod authority;
+pub mod bot;
 pub mod changes;
 pub mod config;
+pub mod join;
 pub mod listener;
 pub mod locks;
 pub mod login;
 pub mod metrics;
 pub mod password;
 pub mod proxies;
+pub mod renewal;
+pub mod requests;
 pub mod server;
 pub mod service;
 pub mod storage;
 pub mod stream_events;
 pub mod throttle;
+mod tls_ca;
 pub mod tokens;
 pub mod watch;
 

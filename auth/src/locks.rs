@@ -24,6 +24,9 @@ pub struct StoredLock {
     /// The locked agent's host id.
     #[serde(default)]
     pub agent: String,
+    /// The locked access request's id: the elevation it granted ends.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub access_request: String,
     /// The reason shown to the locked identity.
     pub message: String,
     /// Unix seconds; 0 means until removed.
@@ -47,6 +50,7 @@ impl StoredLock {
             created: self.created,
             created_by: self.created_by.clone(),
             ttl_secs: 0,
+            access_request: self.access_request.clone(),
         }
     }
 }
@@ -54,13 +58,13 @@ impl StoredLock {
 /// Checks a `CreateLock` request and builds what is stored: exactly one target, a bounded message
 /// (a default one if empty) and lifetime.
 pub fn from_request(req: &Lock, caller: &str, now: u64) -> Result<StoredLock, Status> {
-    let set = [&req.user, &req.role, &req.agent]
+    let set = [&req.user, &req.role, &req.agent, &req.access_request]
         .iter()
         .filter(|x| !x.is_empty())
         .count();
     if set != 1 {
         return Err(Status::invalid_argument(
-            "lock: set exactly one of user, role or agent (pctl lock --user=NAME | --role=NAME | --agent=HOST_ID)",
+            "lock: set exactly one of user, role, agent or access_request (pctl lock --user=NAME | --role=NAME | --agent=HOST_ID | --request=ID)",
         ));
     }
     if req.message.len() > MAX_MESSAGE {
@@ -75,6 +79,8 @@ pub fn from_request(req: &Lock, caller: &str, now: u64) -> Result<StoredLock, St
         format!("user '{}'", req.user)
     } else if !req.role.is_empty() {
         format!("role '{}'", req.role)
+    } else if !req.access_request.is_empty() {
+        format!("access request '{}'", req.access_request)
     } else {
         format!("agent '{}'", req.agent)
     };
@@ -87,6 +93,7 @@ pub fn from_request(req: &Lock, caller: &str, now: u64) -> Result<StoredLock, St
         user: req.user.clone(),
         role: req.role.clone(),
         agent: req.agent.clone(),
+        access_request: req.access_request.clone(),
         message,
         expires: if req.ttl_secs == 0 {
             0

@@ -42,6 +42,8 @@ pub struct Logins {
     pub failures: Failures,
     /// Bounds concurrent password hashing.
     pub gate: HashGate,
+    /// Lifetime of joined and renewed agent certificates, seconds.
+    pub agent_ttl: u64,
 }
 
 impl Logins {
@@ -58,6 +60,7 @@ impl Logins {
                 limits.max_queued_logins,
                 Duration::from_millis(limits.login_queue_timeout_ms),
             ),
+            agent_ttl: crate::join::JOINED_TTL,
         }
     }
 }
@@ -314,12 +317,31 @@ pub async fn answer(logins: &Arc<Logins>, req: LoginRequest, peer: SocketAddr) -
     resp
 }
 
+/// Whether a request line is a JSON object with `key`: an agent's join carries a `token`, a
+/// renewal a `renew_cert`; a login neither.
+fn has_key(line: &str, key: &str) -> bool {
+    serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(line)
+        .is_ok_and(|m| m.contains_key(key))
+}
+
 async fn handle(stream: tokio::net::TcpStream, peer: SocketAddr, logins: Arc<Logins>) {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(r.take(MAX_LOGIN_BYTES as u64));
     let read = reader.read_line(&mut line);
     let resp = match tokio::time::timeout(Duration::from_secs(10), read).await {
+        Ok(Ok(n)) if n > 0 && line.ends_with('\n') && has_key(&line, "token") => {
+            match serde_json::from_str::<tunnel_proto::join::JoinRequest>(&line) {
+                Ok(req) => crate::join::answer(&logins, req, peer).await,
+                Err(e) => LoginResponse::failed(400, format!("bad join request: {e}")),
+            }
+        }
+        Ok(Ok(n)) if n > 0 && line.ends_with('\n') && has_key(&line, "renew_cert") => {
+            match serde_json::from_str::<tunnel_proto::join::RenewRequest>(&line) {
+                Ok(req) => crate::join::answer_renew(&logins, req, peer).await,
+                Err(e) => LoginResponse::failed(400, format!("bad renewal request: {e}")),
+            }
+        }
         Ok(Ok(n)) if n > 0 && line.ends_with('\n') => {
             match serde_json::from_str::<LoginRequest>(&line) {
                 Ok(req) => answer(&logins, req, peer).await,

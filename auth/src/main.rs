@@ -43,6 +43,9 @@ enum Command {
         /// Start even as root.
         #[arg(long)]
         allow_root: bool,
+        /// Overrides `ops_listen` (`/metrics`, `/healthz`, `/readyz`).
+        #[arg(long, env = "POSTERN_AUTH_OPS_LISTEN")]
+        ops_listen: Option<SocketAddr>,
     },
 }
 
@@ -56,6 +59,7 @@ async fn main() -> anyhow::Result<()> {
         listen,
         cluster,
         allow_root,
+        ops_listen,
     } = cli.command;
     let mut cfg = match &config {
         Some(p) => AuthConfig::from_file(p)?,
@@ -71,6 +75,9 @@ async fn main() -> anyhow::Result<()> {
         cfg.cluster = cluster;
     }
     cfg.allow_root |= allow_root;
+    if ops_listen.is_some() {
+        cfg.ops_listen = ops_listen;
+    }
     cfg.validate()?;
     // Checked before binding, so a refusal never leaves a port half-open.
     let prepared = postern_auth::server::prepare(&cfg)?;

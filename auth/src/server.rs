@@ -233,9 +233,9 @@ pub fn open_backend(config: &AuthConfig) -> Result<Arc<dyn Backend>, AuthError> 
 fn server_tls(a: &Authorities) -> Result<Arc<rustls::ServerConfig>, AuthError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(a.tls_ca_der()?)
-        .map_err(|e| AuthError::Tls(e.to_string()))?;
+    for ca in a.tls_client_roots()? {
+        roots.add(ca).map_err(|e| AuthError::Tls(e.to_string()))?;
+    }
     // Clients without a certificate get through the handshake but can call only Ping and
     // RegisterAgent (the join token is their credential); a certificate that does not chain to
     // the cluster's TLS CA, or is expired, fails the handshake.
@@ -257,6 +257,32 @@ fn server_tls(a: &Authorities) -> Result<Arc<rustls::ServerConfig>, AuthError> {
     Ok(Arc::new(cfg))
 }
 
+/// Reopens the audit log file on each SIGHUP (logrotate's `postrotate`), until `shutdown`.
+fn reopen_audit_on_sighup(
+    state: &Arc<State>,
+    shutdown: &CancellationToken,
+) -> Result<(), AuthError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup =
+        signal(SignalKind::hangup()).map_err(|e| AuthError::Serve(format!("SIGHUP: {e}")))?;
+    let (state, shutdown) = (state.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = hup.recv() => if r.is_none() { return },
+            }
+            match state.audit.reopen() {
+                Ok(()) => info!("SIGHUP: audit log reopened"),
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: audit log not reopened; still writing the old file")
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
 /// The address `pctl --data-dir` and the embedded agent dial: the bound one, with an
 /// unspecified host replaced by loopback.
 pub fn local_dial_addr(bound: SocketAddr) -> SocketAddr {
@@ -275,7 +301,14 @@ fn agent_config(
     p: &Prepared,
     api: SocketAddr,
     login: SocketAddr,
-) -> Result<Option<postern_agent::AgentConfig>, AuthError> {
+) -> Result<
+    Option<(
+        postern_agent::AgentConfig,
+        crate::renewal::AgentRenewal,
+        u64,
+    )>,
+    AuthError,
+> {
     let Some(t) = &p.config.tunnel else {
         return Ok(None);
     };
@@ -289,15 +322,17 @@ fn agent_config(
         mint::write_key_pair(&key_path, &k).map_err(|e| AuthError::Agent(e.to_string()))?;
         k
     };
-    // A fresh host certificate at every start, issued by this cluster's own host CA.
-    let issued = a.issue_host(key.public_key(), &t.host_id, &[], 30 * 24 * 3600)?;
+    // A fresh host certificate at every start, issued by this cluster's own host CA, renewed
+    // at two-thirds of its life while the server runs (see `renewal`).
     let cert_path = mint::cert_path(&key_path);
-    mint::write_file(
-        &cert_path,
-        format!("{}\n", issued.ssh_cert).as_bytes(),
-        0o644,
-    )
-    .map_err(|e| AuthError::Agent(e.to_string()))?;
+    let renewal = crate::renewal::AgentRenewal {
+        authorities: p.state.authorities.clone(),
+        key: key.public_key().clone(),
+        host_id: t.host_id.clone(),
+        cert_path: cert_path.clone(),
+        ttl: p.config.agent_cert_ttl_secs,
+    };
+    let expires = renewal.issue_and_write()?;
     let proxy_host_ca = if t.proxy_host_ca.is_empty() {
         vec![a.host_ca_line()]
     } else {
@@ -311,6 +346,8 @@ fn agent_config(
         web: t.web.clone(),
         host_key_file: key_path,
         host_cert_file: Some(cert_path),
+        join_token_file: None,
+        ca_pin: None,
         proxy_host_ca,
         proxy_host_keys: Vec::new(),
         targets: [
@@ -320,6 +357,8 @@ fn agent_config(
         .into(),
         keepalive_interval_secs: t.keepalive_interval_secs,
         reconnect: Default::default(),
+        ops_listen: None,
+        transport: Default::default(),
         // Proxies join the proxy set only through this agent's tunnels: it finds new ones by
         // dialling the balanced address (see `postern_agent::pool`).
         pool: postern_agent::pool::PoolConfig {
@@ -330,7 +369,7 @@ fn agent_config(
     };
     cfg.validate()
         .map_err(|e| AuthError::Agent(e.to_string()))?;
-    Ok(Some(cfg))
+    Ok(Some((cfg, renewal, expires)))
 }
 
 /// Prepares and serves until `shutdown`: the API on `listener`, and the tunnel if configured.
@@ -380,15 +419,13 @@ async fn serve_bound(
     shutdown: CancellationToken,
 ) -> Result<(), AuthError> {
     info!(listen = %bound, cluster = %prepared.cluster(), "Auth API listening (mTLS, TLS 1.3)");
-    if let Some(addr) = prepared.config.metrics_listen {
-        let l = TcpListener::bind(addr)
+    reopen_audit_on_sighup(&prepared.state, &shutdown)?;
+    if let Some(addr) = prepared.config.ops_listen {
+        // Only with an ops listener: a process embedding the Auth server may install its own.
+        crate::metrics::install();
+        postern_ops::http::bind_and_serve(addr, crate::metrics::ready(), shutdown.child_token())
             .await
-            .map_err(|e| AuthError::Serve(format!("metrics listener {addr}: {e}")))?;
-        tokio::spawn(crate::metrics::serve(
-            l,
-            crate::metrics::install(),
-            shutdown.clone(),
-        ));
+            .map_err(|e| AuthError::Serve(format!("ops listener {addr}: {e}")))?;
     }
 
     // The login service: loopback only, reached through the agent's `login` target.
@@ -400,16 +437,17 @@ async fn serve_bound(
         .map_err(|e| AuthError::Serve(e.to_string()))?;
     tokio::spawn(crate::login::serve(
         login_listener,
-        Arc::new(crate::login::Logins::new(
-            prepared.state.clone(),
-            &prepared.config.limits,
-        )),
+        Arc::new(crate::login::Logins {
+            agent_ttl: prepared.config.agent_cert_ttl_secs,
+            ..crate::login::Logins::new(prepared.state.clone(), &prepared.config.limits)
+        }),
         shutdown.clone(),
     ));
 
     let agent = match agent_config(&prepared, dial, login_addr)? {
-        Some(cfg) => {
+        Some((cfg, renewal, expires)) => {
             info!(proxy = ?cfg.proxy, "dialling out to the proxy");
+            tokio::spawn(renewal.run(expires, shutdown.clone()));
             Some(tokio::spawn(postern_agent::run(cfg, shutdown.clone())))
         }
         None => None,
@@ -445,13 +483,16 @@ async fn serve_bound(
         .map_err(|e| AuthError::Serve(format!("reflection: {e}")))?;
     let incoming = tokio_stream::wrappers::ReceiverStream::new(rx);
     let incoming = tokio_stream::StreamExt::map(incoming, Ok::<_, std::io::Error>);
+    crate::metrics::ready().set(true);
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(ping))
+        .layer(crate::metrics::ApiCallsLayer)
         .add_service(svc)
         .add_service(reflection)
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
         .await
         .map_err(|e| AuthError::Serve(e.to_string()));
+    crate::metrics::ready().set(false);
     accept.abort();
     if let Some(a) = agent {
         match a.await {

@@ -91,8 +91,8 @@ pub struct Service {
 #[derive(Debug, Clone)]
 pub(crate) struct Caller {
     pub(crate) user: String,
-    roles: Vec<Role>,
-    peer: String,
+    pub(crate) roles: Vec<Role>,
+    pub(crate) peer: String,
 }
 
 pub(crate) fn storage_status(e: StorageError) -> Status {
@@ -180,7 +180,7 @@ fn role_json(role: &Role) -> String {
     serde_json::to_string(&doc).expect("role serializes")
 }
 
-fn user_from_item(item: &crate::storage::Item) -> Result<(StoredUser, User), Status> {
+pub(crate) fn user_from_item(item: &crate::storage::Item) -> Result<(StoredUser, User), Status> {
     let s: StoredUser = serde_json::from_str(&item.value)
         .map_err(|e| Status::internal(format!("stored user '{}' is corrupt: {e}", item.name)))?;
     let u = User {
@@ -201,7 +201,7 @@ fn random_secret() -> String {
     hex::encode(rand::random::<[u8; 32]>())
 }
 
-fn parse_public_key(line: &str) -> Result<PublicKey, Status> {
+pub(crate) fn parse_public_key(line: &str) -> Result<PublicKey, Status> {
     let key = PublicKey::from_openssh(line.trim()).map_err(|e| {
         Status::invalid_argument(format!("public_key: not an OpenSSH public key line: {e}"))
     })?;
@@ -277,8 +277,11 @@ impl Service {
             peer: caller.peer.clone(),
         };
         // Recorded before the response is sent: a caller that reads the log sees its call.
-        tokio::task::spawn_blocking(move || state.audit.record(rec))
-            .await
+        let start = std::time::Instant::now();
+        let written = tokio::task::spawn_blocking(move || state.audit.record(rec)).await;
+        metrics::histogram!(crate::metrics::AUDIT_WRITE_SECONDS)
+            .record(start.elapsed().as_secs_f64());
+        written
             .map_err(|e| Status::internal(format!("worker failed: {e}")))?
             .map_err(|e| Status::unavailable(e.to_string()))
     }
@@ -316,7 +319,9 @@ impl Service {
                     Status::unauthenticated(format!("user '{user}' has been deleted: its certificates no longer work"))
                 })?;
                 let (stored, _) = user_from_item(&item)?;
-                let roles = load_roles(s, &stored.roles)?;
+                // Locks and an access request's elevation (see `requests`).
+                let names = crate::requests::caller_roles(s, &fp, &user, stored.roles)?;
+                let roles = load_roles(s, &names)?;
                 Ok((user, roles))
             })
             .await??;
@@ -450,7 +455,7 @@ impl Service {
             .await
     }
 
-    fn certs(&self, issued: crate::authority::Issued, roles: Vec<String>) -> Certs {
+    pub(crate) fn certs(&self, issued: crate::authority::Issued, roles: Vec<String>) -> Certs {
         let a = &self.state.authorities;
         Certs {
             cluster: a.cluster.clone(),
@@ -496,6 +501,19 @@ impl Service {
     }
 }
 
+/// A requested lifetime, refused (never silently cut) when it exceeds `cap`, naming the cap.
+fn ttl_within(requested: u64, cap: u64, what: &str) -> Result<u64, Status> {
+    if requested <= cap {
+        return Ok(requested);
+    }
+    Err(Status::invalid_argument(format!(
+        "ttl_secs: {} exceeds the cap of {} for {what}: ask for {} or less",
+        postern_api::duration::format_secs(requested),
+        postern_api::duration::format_secs(cap),
+        postern_api::duration::format_secs(cap),
+    )))
+}
+
 #[tonic::async_trait]
 impl AuthService for Service {
     async fn ping(&self, req: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
@@ -506,8 +524,11 @@ impl AuthService for Service {
             user: caller.user.clone(),
             roles: caller.roles.iter().map(|r| r.name.clone()).collect(),
         };
-        self.finish(&caller, "Ping", "cluster".into(), Ok(resp))
-            .await
+        // Not audited: every client pings when it connects (pctl on each command), so the log
+        // would be mostly pings. It reads nothing but the caller's own name and roles; it is
+        // still counted in postern_auth_api_calls_total{method="Ping"}.
+        let _ = caller;
+        Ok(Response::new(resp))
     }
 
     async fn get_role(&self, req: Request<GetRoleRequest>) -> Result<Response<Role>, Status> {
@@ -648,7 +669,7 @@ impl AuthService for Service {
             check_user_name(&r.name)?;
             let ttl = match r.secret_ttl_secs {
                 0 => SIGNUP_TTL_DEFAULT,
-                t => t.min(SECRET_TTL_MAX),
+                t => ttl_within(t, SECRET_TTL_MAX, "a signup secret")?,
             };
             let secret = random_secret();
             let stored = StoredUser {
@@ -802,7 +823,11 @@ impl AuthService for Service {
                     let ttl = if r.ttl_secs == 0 {
                         cap
                     } else {
-                        r.ttl_secs.min(cap)
+                        ttl_within(
+                            r.ttl_secs,
+                            cap,
+                            "this user's certificates (max_session_ttl of its roles)",
+                        )?
                     };
                     let issued = authorities
                         .issue_user(&r.user, &key, ttl, &stored.roles)
@@ -848,7 +873,7 @@ impl AuthService for Service {
             let key = parse_public_key(&r.public_key)?;
             let ttl = match r.ttl_secs {
                 0 => HOST_TTL_DEFAULT,
-                t => t.min(HOST_TTL_MAX),
+                t => ttl_within(t, HOST_TTL_MAX, "a host certificate")?,
             };
             let a = &self.state.authorities;
             let issued = if r.proxy_principals.is_empty() {
@@ -891,9 +916,17 @@ impl AuthService for Service {
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
             let key = parse_public_key(&r.public_key)?;
             let (i, h) = (id.clone(), hash.clone());
-            self.blocking(move |s| crate::tokens::spend(s.backend.as_ref(), &i, &h, now_unix()))
-                .await?
-                .map_err(Status::from)?;
+            self.blocking(move |s| {
+                crate::tokens::spend(
+                    s.backend.as_ref(),
+                    &i,
+                    &h,
+                    now_unix(),
+                    crate::tokens::KIND_AGENT,
+                )
+            })
+            .await?
+            .map_err(Status::from)?;
             let issued = self
                 .state
                 .authorities
@@ -927,15 +960,10 @@ impl AuthService for Service {
             .await?;
         let r = req.into_inner();
         let result = async {
-            if r.kind != "agent" {
-                return Err(Status::invalid_argument(format!(
-                    "kind: '{}' is not a token kind (supported: agent)",
-                    r.kind
-                )));
-            }
+            let user = crate::bot::token_user(self, &r).await?;
             let ttl = match r.ttl_secs {
                 0 => TOKEN_TTL_DEFAULT,
-                t => t.min(SECRET_TTL_MAX),
+                t => ttl_within(t, SECRET_TTL_MAX, "a signup secret")?,
             };
             let secret = random_secret();
             let hash = hash_secret(&secret);
@@ -961,6 +989,7 @@ impl AuthService for Service {
                 expires: info.expires,
                 uses,
                 uses_left: uses,
+                user,
             };
             let json = serde_json::to_string(&stored).expect("token serializes");
             let id = info.id.clone();
@@ -1132,5 +1161,40 @@ impl AuthService for Service {
         .await;
         self.finish(&caller, "ListAuditEvents", "event".into(), result)
             .await
+    }
+
+    async fn create_access_request(
+        &self,
+        req: Request<CreateAccessRequestRequest>,
+    ) -> Result<Response<AccessRequest>, Status> {
+        self.create_access_request_rpc(req).await
+    }
+
+    async fn get_access_request(
+        &self,
+        req: Request<GetAccessRequestRequest>,
+    ) -> Result<Response<AccessRequest>, Status> {
+        self.get_access_request_rpc(req).await
+    }
+
+    async fn list_access_requests(
+        &self,
+        req: Request<ListAccessRequestsRequest>,
+    ) -> Result<Response<ListAccessRequestsResponse>, Status> {
+        self.list_access_requests_rpc(req).await
+    }
+
+    async fn review_access_request(
+        &self,
+        req: Request<ReviewAccessRequestRequest>,
+    ) -> Result<Response<AccessRequest>, Status> {
+        self.review_access_request_rpc(req).await
+    }
+
+    async fn reissue_user_certs(
+        &self,
+        req: Request<ReissueUserCertsRequest>,
+    ) -> Result<Response<Certs>, Status> {
+        self.reissue_user_certs_rpc(req).await
     }
 }

@@ -10,6 +10,11 @@ use tonic::Status;
 
 use crate::storage::{Backend, Condition, StorageError};
 
+/// The kind of token that enrolls an agent.
+pub const KIND_AGENT: &str = "agent";
+/// The kind of token that enrolls a Machine ID bot for the user it is bound to.
+pub const KIND_BOT: &str = "bot";
+
 /// The most uses one token may be created with.
 pub const MAX_USES: u32 = 1000;
 
@@ -35,6 +40,9 @@ pub struct StoredToken {
     /// Uses left; 0 once spent (kept until it expires, so a reuse gets a clear refusal).
     #[serde(default = "one")]
     pub uses_left: u32,
+    /// The user a `bot` token is bound to (empty for `agent` tokens).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub user: String,
 }
 
 /// Why a token was not accepted.
@@ -45,6 +53,18 @@ pub enum TokenError {
         "join token is unknown, expired or deleted: ask an admin for a new one (pctl tokens add)"
     )]
     Unknown,
+    /// The token exists but is for something else (a bot token presented by an agent).
+    #[error(
+        "join token {id} is a '{kind}' token, not a token of type '{wanted}': ask an admin for a token of the right type (pctl tokens add --type={wanted})"
+    )]
+    WrongKind {
+        /// The token's id.
+        id: String,
+        /// Its kind.
+        kind: String,
+        /// The kind this use needs.
+        wanted: String,
+    },
     /// Every use has been spent.
     #[error(
         "join token {id} has already been used ({uses} of {uses} uses spent): a token enrolls one agent unless created with `pctl tokens add --uses N`; ask an admin for a new one"
@@ -71,15 +91,29 @@ impl From<TokenError> for Status {
     }
 }
 
-/// Spends one use of the token `id` whose secret hashes to `hash`, at unix time `now`.
-pub fn spend(backend: &dyn Backend, id: &str, hash: &str, now: u64) -> Result<(), TokenError> {
+/// Spends one use of the token `id` of kind `kind` whose secret hashes to `hash`, at unix time
+/// `now`; returns the token as it was stored (a bot token names its user).
+pub fn spend(
+    backend: &dyn Backend,
+    id: &str,
+    hash: &str,
+    now: u64,
+    kind: &str,
+) -> Result<StoredToken, TokenError> {
     let mut raced = None;
     for _ in 0..SPEND_RETRIES {
         let item = backend.get("token", id)?.ok_or(TokenError::Unknown)?;
         let mut t: StoredToken =
             serde_json::from_str(&item.value).map_err(|_| TokenError::Unknown)?;
-        if t.hash != hash || t.expires < now || t.kind != "agent" {
+        if t.hash != hash || t.expires < now {
             return Err(TokenError::Unknown);
+        }
+        if t.kind != kind {
+            return Err(TokenError::WrongKind {
+                id: id.to_owned(),
+                kind: t.kind,
+                wanted: kind.to_owned(),
+            });
         }
         if t.uses_left == 0 {
             return Err(TokenError::Used {
@@ -90,7 +124,7 @@ pub fn spend(backend: &dyn Backend, id: &str, hash: &str, now: u64) -> Result<()
         t.uses_left -= 1;
         let json = serde_json::to_string(&t).expect("token serializes");
         match backend.put("token", id, &json, Condition::Revision(item.revision)) {
-            Ok(_) => return Ok(()),
+            Ok(_) => return Ok(t),
             Err(e @ StorageError::Conflict { .. }) => raced = Some(e),
             Err(StorageError::NotFound { .. }) => return Err(TokenError::Unknown),
             Err(e) => return Err(e.into()),

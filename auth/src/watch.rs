@@ -77,6 +77,11 @@ pub fn event(c: &Change, snapshot: bool) -> Result<PolicyEvent, Status> {
             let l: StoredLock = serde_json::from_str(&c.value).map_err(|x| corrupt(&x))?;
             e.lock = Some(l.to_proto(&c.name));
         }
+        "access_request" => {
+            let r: crate::requests::StoredRequest =
+                serde_json::from_str(&c.value).map_err(|x| corrupt(&x))?;
+            e.access_request = Some(r.to_policy(&c.name));
+        }
         _ => {}
     }
     Ok(e)

@@ -130,6 +130,7 @@ async fn a_user_with_no_roles_can_do_nothing() {
             kind: "agent".into(),
             ttl_secs: 0,
             uses: 0,
+            ..Default::default()
         })
         .await
         .is_err()
@@ -224,7 +225,7 @@ async fn an_expired_client_certificate_is_refused() {
 }
 
 #[tokio::test]
-async fn certificate_ttl_is_capped_by_the_roles() {
+async fn certificate_ttl_over_the_roles_cap_is_refused_naming_it() {
     let dir = TempDir::new("ttl");
     let srv = start(&dir.0, "ttl").await;
     let admin = srv.admin().await;
@@ -233,7 +234,21 @@ async fn certificate_ttl_is_capped_by_the_roles() {
         max_session_ttl_secs: 3600,
     });
     admin.create_role(role).await.unwrap();
-    let id = identity_for(&admin, "capped", &["api-role"], 48 * 3600).await;
+    // Over the cap: refused, naming the cap (never silently cut).
+    let _ = identity_for(&admin, "capped", &["api-role"], 60).await;
+    let key = postern_dial::mint::generate_key();
+    let e = admin
+        .generate_user_certs(GenerateUserCertsRequest {
+            user: "capped".into(),
+            public_key: key.public_key().to_openssh().unwrap(),
+            ttl_secs: 48 * 3600,
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("exceeds the cap of 1h"), "{e}");
+    // No TTL asked: the cap.
+    let id = sign(&admin, "capped", 0).await;
     let now = postern_dial::mint::now_unix();
     assert!(
         id.expires <= now + 3600 && id.expires + 60 > now + 3600,
@@ -360,6 +375,7 @@ async fn join_tokens_register_agents_and_nothing_else() {
             kind: "agent".into(),
             ttl_secs: 600,
             uses: 0,
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -14,6 +14,7 @@ async fn token(admin: &AuthClient, uses: u32) -> String {
             kind: "agent".into(),
             ttl_secs: 600,
             uses,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -83,6 +84,7 @@ async fn a_token_created_with_uses_n_enrolls_n_agents_then_no_more() {
             kind: "agent".into(),
             ttl_secs: 0,
             uses: 1_000_000,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -108,4 +110,41 @@ async fn racing_registrations_spend_a_single_use_token_once() {
     }
     assert_eq!(ok, 1, "a single-use token enrolled {ok} agents");
     srv.stop().await;
+}
+
+/// A token of another kind (a bot's) presented by an agent is refused with both kinds named,
+/// and its use is not spent.
+#[test]
+fn a_token_of_another_kind_is_refused_and_not_spent() {
+    use postern_auth::storage::{Backend, Condition, SqliteBackend};
+    use postern_auth::tokens::{StoredToken, TokenError, spend};
+    let dir = TempDir::new("token-kind");
+    let db = SqliteBackend::open(&dir.0.join("auth.db")).unwrap();
+    let hash = postern_auth::service::hash_secret("bot-secret");
+    let stored = StoredToken {
+        hash: hash.clone(),
+        kind: "bot".into(),
+        expires: postern_dial::mint::now_unix() + 600,
+        uses: 1,
+        uses_left: 1,
+        user: "robot".into(),
+    };
+    let id = &hash[..12];
+    db.put(
+        "token",
+        id,
+        &serde_json::to_string(&stored).unwrap(),
+        Condition::Absent,
+    )
+    .unwrap();
+    let now = postern_dial::mint::now_unix();
+    let e = spend(&db, id, &hash, now, "agent").unwrap_err();
+    assert!(matches!(e, TokenError::WrongKind { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("'bot' token, not a token of type 'agent'"),
+        "{msg}"
+    );
+    // Still spendable by what it is for.
+    spend(&db, id, &hash, now, "bot").unwrap();
 }

@@ -154,6 +154,7 @@ fn authorize(c: &mut Criterion) {
     let who = Who {
         user: "u7".into(),
         cert_roles: Some(vec!["r7".into(), "r1".into(), "r2".into()]),
+        request: None,
     };
     let labels: std::collections::BTreeMap<String, String> = [
         ("env".to_string(), "prod".to_string()),

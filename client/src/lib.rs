@@ -11,13 +11,22 @@
 //! - this file: options, session, stream, errors;
 //! - [`auth`]: the Auth API client (mTLS, direct or through the proxy, typed calls);
 //! - [`credentials`]: the five credential loaders; [`profile`]: what `psh login` writes;
+//! - [`requests`]: access requests from the SDK (create, get, list, review, reissue);
+//! - [`bot`]: Machine ID, the bot behind `psh bot start` that keeps an identity file renewed;
 //! - [`connect`]: `Config` and connecting to the first address that works;
-//! - `src/bin/pctl.rs`, `src/bin/psh.rs`: the admin and user CLIs.
+//! - [`doctor`]: each step of the path to the Auth API checked, with the fix for the first that
+//!   fails (`pctl doctor`, `psh doctor`);
+//!
+//! The admin and user CLIs, `pctl` and `psh`, are the `postern-cli` crate: this SDK depends on
+//! no command-line crates.
 
 pub mod auth;
+pub mod bot;
 pub mod connect;
 pub mod credentials;
+pub mod doctor;
 pub mod profile;
+pub mod requests;
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};

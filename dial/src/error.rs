@@ -50,6 +50,15 @@ pub enum DialError {
         /// Login tried.
         login: String,
     },
+    /// The proxy accepted the certificate, then closed the connection with a reason before
+    /// anything was served (a lock, a critical option it cannot honour).
+    #[error("proxy {addr} refused the login: {reason}")]
+    Refused {
+        /// Address dialled.
+        addr: String,
+        /// The proxy's words (its disconnect message).
+        reason: String,
+    },
     /// The SSH session failed.
     #[error("SSH with {addr} failed: {source}")]
     Ssh {
@@ -57,6 +66,15 @@ pub enum DialError {
         addr: String,
         /// What russh said.
         source: russh::Error,
+    },
+    /// The QUIC transport failed: no handshake (UDP blocked?), a refused login, or a proxy that
+    /// did not prove its host certificate.
+    #[error("QUIC with {addr} failed: {detail}")]
+    Quic {
+        /// Address dialled.
+        addr: String,
+        /// What went wrong.
+        detail: String,
     },
     /// A step took longer than its deadline.
     #[error("{what} with {addr} timed out after {after:?}")]

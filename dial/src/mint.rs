@@ -41,6 +41,9 @@ pub enum CertSpec {
         user: String,
         /// Its roles when the certificate was issued.
         roles: Vec<String>,
+        /// The access request whose approved roles `roles` include, if any (extension
+        /// `postern-request@postern`).
+        request: Option<String>,
     },
     /// A proxy's host certificate, listing every name it is dialled by.
     Proxy {
@@ -108,12 +111,19 @@ pub fn issue(
                 // What OpenSSH grants by default; the proxy refuses streams without it.
                 .extension("permit-port-forwarding", "")?;
         }
-        CertSpec::UserWithRoles { user, roles } => {
+        CertSpec::UserWithRoles {
+            user,
+            roles,
+            request,
+        } => {
             b.cert_type(CertType::User)?
                 .key_id(format!("user {user}"))?
                 .valid_principal(user.clone())?
                 .extension("permit-port-forwarding", "")?
                 .extension(EXT_ROLES, roles.join(","))?;
+            if let Some(id) = request {
+                b.extension(tunnel_proto::names::EXT_REQUEST, id.clone())?;
+            }
         }
         CertSpec::Proxy { principals } => {
             b.cert_type(CertType::Host)?
@@ -163,6 +173,34 @@ pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), MintErr
         .map_err(io_err(path))?;
     f.write_all(contents).map_err(io_err(path))?;
     Ok(())
+}
+
+/// Replaces `path` with `contents` atomically: written to a temporary file beside it (mode
+/// `mode`), flushed to disk, then renamed over `path`. A failure (a full disk, a file-size
+/// limit, a read-only directory) leaves the old file as it was and removes the temporary one.
+pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), MintError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp{}", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(contents)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    written.map_err(|source| {
+        let _ = std::fs::remove_file(&tmp);
+        MintError::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    })
 }
 
 /// Writes a private key (0600) and its `.pub` (0644).

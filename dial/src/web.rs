@@ -273,14 +273,43 @@ async fn exchange(
 }
 
 /// `POST /webapi/login`: the proxy relays it to the cluster's Auth server. A refused login is
-/// returned as a [`LoginResponse`] with its `error` set.
+/// returned as a [`tunnel_proto::login::LoginResponse`] with its `error` set.
 pub async fn login(
     addr: &str,
     trust: &WebTrust,
     req: &tunnel_proto::login::LoginRequest,
 ) -> Result<tunnel_proto::login::LoginResponse, DialError> {
+    post_relayed(addr, trust, tunnel_proto::login::LOGIN_PATH, req).await
+}
+
+/// `POST /webapi/join`: an agent's join, relayed to the cluster's Auth server like a login. A
+/// refused join is returned with its `error` set.
+pub async fn join(
+    addr: &str,
+    trust: &WebTrust,
+    req: &tunnel_proto::join::JoinRequest,
+) -> Result<tunnel_proto::login::LoginResponse, DialError> {
+    post_relayed(addr, trust, tunnel_proto::join::JOIN_PATH, req).await
+}
+
+/// `POST /webapi/renew`: an agent's renewal, relayed to the cluster's Auth server like a login.
+/// A refused renewal is returned with its `error` set.
+pub async fn renew(
+    addr: &str,
+    trust: &WebTrust,
+    req: &tunnel_proto::join::RenewRequest,
+) -> Result<tunnel_proto::login::LoginResponse, DialError> {
+    post_relayed(addr, trust, tunnel_proto::join::RENEW_PATH, req).await
+}
+
+/// Posts `req` as JSON to `path` and reads the relayed login-shaped answer.
+async fn post_relayed<T: serde::Serialize>(
+    addr: &str,
+    trust: &WebTrust,
+    path: &'static str,
+    req: &T,
+) -> Result<tunnel_proto::login::LoginResponse, DialError> {
     let body = serde_json::to_vec(req).map_err(|e| DialError::Config(e.to_string()))?;
-    let path = tunnel_proto::login::LOGIN_PATH;
     let (status, body) = tokio::time::timeout(
         Duration::from_secs(30),
         exchange(addr, trust, hyper::Method::POST, path, Bytes::from(body)),
@@ -295,6 +324,9 @@ pub async fn login(
         Ok(mut r) => {
             if r.error.is_empty() && !status.is_success() {
                 r.error = format!("HTTP {status}");
+            }
+            if r.status == 0 {
+                r.status = status.as_u16();
             }
             Ok(r)
         }

@@ -75,6 +75,9 @@ struct Cli {
     /// The slow client's read rate for `--isolation`.
     #[arg(long, default_value_t = 128)]
     slow_kib_per_s: u64,
+    /// Agents dial QUIC (the tunnel address's UDP twin) instead of SSH; clients still use SSH.
+    #[arg(long)]
+    quic: bool,
 }
 
 mod isolation;
@@ -170,6 +173,8 @@ async fn main() -> anyhow::Result<()> {
             },
             host_key_file: path,
             host_cert_file: None,
+            join_token_file: None,
+            ca_pin: None,
             proxy_host_ca: vec![host_ca_line.clone()],
             proxy_host_keys: Vec::new(),
             targets: [
@@ -179,6 +184,19 @@ async fn main() -> anyhow::Result<()> {
             .into(),
             keepalive_interval_secs: 15,
             reconnect: Default::default(),
+            ops_listen: None,
+            transport: if cli.quic {
+                postern_agent::config::TransportConfig {
+                    mode: postern_agent::config::TransportMode::Quic,
+                    quic_addr: Some(cli.tunnel.to_string()),
+                    ..Default::default()
+                }
+            } else {
+                postern_agent::config::TransportConfig {
+                    mode: postern_agent::config::TransportMode::Ssh,
+                    ..Default::default()
+                }
+            },
             pool: Default::default(),
         };
         agents.push(tokio::spawn(postern_agent::run(cfg, stop.clone())));

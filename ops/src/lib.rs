@@ -3,8 +3,12 @@
 //! - [`LogFormat`] and [`init_logging`]: `--log-format text|json` (or `POSTERN_LOG_FORMAT`), colour
 //!   only on a terminal and never with `NO_COLOR` set, the filter from `RUST_LOG`.
 //! - [`VERSION`]: the version and the git commit the binary was built from, for `--version`.
+//! - [`http`]: the ops listener (`/metrics`, `/healthz`, `/readyz`) of the proxy, the agent and
+//!   the Auth server, with its readiness flag.
 
 use std::io::IsTerminal;
+
+pub mod http;
 
 /// `<crate version> (<git commit>)`; `unknown` when built outside a git checkout.
 pub const VERSION: &str = concat!(

@@ -10,6 +10,8 @@
 //! - [`keys`]: host key/certificate and web TLS certificate, generated when absent.
 //! - [`trust`]: which CA keys each cluster trusts.
 //! - [`tunnel`]: the SSH listener, login checks, stream routing and splicing, control channel.
+//! - [`quic`]: the QUIC listener for agents (login bound to the TLS exporter, one QUIC stream per
+//!   client stream). [`link`]: a tunnel's link to its agent, either transport.
 //! - [`routing`]: the cluster → tunnels table, with each target's labels.
 //! - [`proxy_protocol`]: PROXY headers from trusted load balancers.
 //! - [`audit`]: the stream access audit: events logged, spooled in the data dir, shipped.
@@ -24,6 +26,7 @@
 pub mod audit;
 pub mod config;
 pub mod keys;
+pub mod link;
 pub mod login;
 pub mod metrics;
 pub use postern_dial::mint;
@@ -31,6 +34,7 @@ pub mod ops;
 pub mod peers;
 pub mod policy;
 pub mod proxy_protocol;
+pub mod quic;
 pub mod routing;
 pub mod trust;
 pub mod tunnel;
@@ -44,11 +48,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
-use tunnel_proto::discovery::{ProxySettings, TRANSPORT_SSH};
+use tunnel_proto::discovery::{ProxySettings, TRANSPORT_QUIC, TRANSPORT_SSH};
 
 pub use config::ProxyConfig;
 
-/// The three bound listeners.
+/// The bound listeners.
 pub struct Listeners {
     /// HTTPS discovery.
     pub web: TcpListener,
@@ -56,6 +60,8 @@ pub struct Listeners {
     pub tunnel: TcpListener,
     /// Ops HTTP.
     pub ops: TcpListener,
+    /// The QUIC listener's UDP socket (`None` with `quic.enabled = false`).
+    pub quic: Option<std::net::UdpSocket>,
 }
 
 impl Listeners {
@@ -66,10 +72,35 @@ impl Listeners {
                 .await
                 .map_err(|source| ProxyError::Bind { addr, source })
         };
+        let web = bind(config.listen.web).await?;
+        let tunnel = bind(config.listen.tunnel).await?;
+        let ops = bind(config.listen.ops).await?;
+        let quic = if config.quic.enabled {
+            // The UDP twin of the tunnel listener: same address, and the same port when the
+            // tunnel's was picked by the OS (port 0).
+            let mut addr = config.quic_listen();
+            if config.quic.listen.is_none()
+                && let Ok(t) = tunnel.local_addr()
+            {
+                addr.set_port(t.port());
+            }
+            Some(
+                quic::bind_udp(addr, config.quic.udp_buffer_bytes).map_err(|e| match e {
+                    quic::QuicError::Socket { addr, source } => ProxyError::Bind { addr, source },
+                    other => ProxyError::Bind {
+                        addr,
+                        source: std::io::Error::other(other.to_string()),
+                    },
+                })?,
+            )
+        } else {
+            None
+        };
         Ok(Listeners {
-            web: bind(config.listen.web).await?,
-            tunnel: bind(config.listen.tunnel).await?,
-            ops: bind(config.listen.ops).await?,
+            web,
+            tunnel,
+            ops,
+            quic,
         })
     }
 }
@@ -96,6 +127,9 @@ pub enum ProxyError {
         "refusing to run as root: the proxy needs no privileges (for a port under 1024 give it CAP_NET_BIND_SERVICE). Run it as its own user, or pass --allow-root"
     )]
     Root,
+    /// The QUIC listener could not start.
+    #[error(transparent)]
+    Quic(#[from] quic::QuicError),
     /// The data dir could not be prepared.
     #[error("data dir {path}: {source}")]
     DataDir {
@@ -289,6 +323,23 @@ pub async fn run(
             addr: config.listen.tunnel,
             source,
         })?;
+    let quic_endpoint = match listeners.quic {
+        Some(socket) => Some(quic::endpoint(
+            socket,
+            quic::server_config(&web_tls, &config)?,
+            &quic::reset_key(&config.data_dir)?,
+        )?),
+        None => None,
+    };
+    let quic_port = quic_endpoint
+        .as_ref()
+        .and_then(|e| e.local_addr().ok())
+        .map(|a| a.port());
+    let transports = match quic_port {
+        Some(_) => vec![TRANSPORT_QUIC.into(), TRANSPORT_SSH.into()],
+        None => vec![TRANSPORT_SSH.into()],
+    };
+    let proof = Arc::new(quic::ProxyProof::new(host_key.clone(), host_cert.as_ref()));
     let discovery = Arc::new(web::Discovery {
         cluster_names: trust.names(),
         settings: ProxySettings {
@@ -296,7 +347,8 @@ pub async fn run(
             tunnel_public_addr: config.public.tunnel_addr.clone(),
             tunnel_listen_addr: tunnel_addr.to_string(),
             tls_routing_enabled: false,
-            transports: vec![TRANSPORT_SSH.into()],
+            transports,
+            quic_port,
             proxy_id: proxy_id.clone(),
             proxy_ids: vec![proxy_id.clone()],
         },
@@ -346,6 +398,7 @@ pub async fn run(
         proxy_id = %proxy_id,
         web = ?listeners.web.local_addr().ok(),
         tunnel = %tunnel_addr,
+        quic = ?quic_port,
         ops = ?listeners.ops.local_addr().ok(),
         web_cert_sha256 = %web_fp,
         clusters = ?discovery.cluster_names,
@@ -376,6 +429,15 @@ pub async fn run(
         config.limits.max_unauthenticated,
         conns.clone(),
     ));
+    let quic_task = quic_endpoint.map(|endpoint| {
+        tokio::spawn(quic::serve(
+            endpoint,
+            shared.clone(),
+            proof,
+            config.limits.max_unauthenticated,
+            conns.clone(),
+        ))
+    });
     ready.set(true);
 
     shutdown.cancelled().await;
@@ -393,6 +455,9 @@ pub async fn run(
     shared.draining.cancel();
     let _ = web_task.await;
     let _ = tunnel_task.await;
+    if let Some(t) = quic_task {
+        let _ = t.await;
+    }
     let deadline = tokio::time::Instant::now() + config.grace();
     loop {
         let open: usize = shared

@@ -1,6 +1,7 @@
 //! The login relay: `POST /webapi/login` on the web listener, passed as one JSON line down a
 //! stream to target `login` of the cluster (the Auth server's agent serves it), rate-limited per
-//! user and per source address before anything is relayed.
+//! user and per source address before anything is relayed. Agent joins (`POST /webapi/join`)
+//! take the same way.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -97,6 +98,33 @@ impl Limiter {
     }
 }
 
+/// An agent's request the relay passes on: it names its cluster, and carries the source address
+/// the proxy saw.
+pub trait AgentRequest: serde::Serialize + serde::de::DeserializeOwned {
+    /// The cluster it is for.
+    fn cluster(&self) -> &str;
+    /// Records the source address (whatever the agent sent is replaced).
+    fn set_source(&mut self, source: String);
+}
+
+impl AgentRequest for tunnel_proto::join::JoinRequest {
+    fn cluster(&self) -> &str {
+        &self.cluster
+    }
+    fn set_source(&mut self, source: String) {
+        self.source = Some(source);
+    }
+}
+
+impl AgentRequest for tunnel_proto::join::RenewRequest {
+    fn cluster(&self) -> &str {
+        &self.cluster
+    }
+    fn set_source(&mut self, source: String) {
+        self.source = Some(source);
+    }
+}
+
 /// What the relay needs from the proxy.
 pub struct LoginRelay {
     /// Live tunnels.
@@ -183,7 +211,62 @@ impl LoginRelay {
             );
         }
         req.source = Some(peer.to_string());
-        let tunnel = match self.shared.routing.pick(&req.cluster, LOGIN_TARGET) {
+        let line = serde_json::to_vec(&req).expect("a login request serializes");
+        self.relay_line(&req.cluster, peer, line).await
+    }
+
+    /// Relays one agent join (`POST /webapi/join`) or renewal (`POST /webapi/renew`) body from
+    /// `peer`: the same per-source limit as logins, then down a stream to target `login` (the
+    /// Auth server tells them from logins by their fields).
+    pub async fn relay_agent<T: AgentRequest>(
+        &self,
+        body: &[u8],
+        peer: SocketAddr,
+    ) -> LoginResponse {
+        if !self
+            .by_source
+            .allow(&peer.ip().to_string(), PER_SOURCE_PER_MINUTE)
+        {
+            return result(
+                LoginResponse::failed(429, "too many requests from this address: wait a minute"),
+                "rate_limited",
+            );
+        }
+        let mut req: T = match serde_json::from_slice(body) {
+            Ok(r) => r,
+            Err(e) => {
+                return result(
+                    LoginResponse::failed(400, format!("bad request: {e}")),
+                    "bad_request",
+                );
+            }
+        };
+        if self.shared.trust.cluster(req.cluster()).is_none() {
+            let cluster: String = req.cluster().chars().take(64).collect();
+            return result(
+                LoginResponse::failed(
+                    404,
+                    format!("unknown cluster {cluster}: this proxy does not route to it"),
+                ),
+                "unknown_cluster",
+            );
+        }
+        req.set_source(peer.to_string());
+        let line = serde_json::to_vec(&req).expect("a request serializes");
+        let cluster = req.cluster().to_owned();
+        self.relay_line(&cluster, peer, line).await
+    }
+
+    /// Sends one JSON line down a new stream to target `login` of `cluster` and returns the
+    /// one-line answer.
+    async fn relay_line(
+        &self,
+        cluster: &str,
+        peer: SocketAddr,
+        mut line: Vec<u8>,
+    ) -> LoginResponse {
+        let source = peer.ip();
+        let tunnel = match self.shared.routing.pick(cluster, LOGIN_TARGET) {
             Ok(t) => t,
             Err(e) => {
                 return result(
@@ -196,18 +279,17 @@ impl LoginRelay {
             }
         };
         let relayed = async {
-            let ch = tunnel
-                .handle
-                .channel_open_forwarded_tcpip(
+            let mut stream = tunnel
+                .link
+                .open_io(
                     LOGIN_TARGET,
                     0,
-                    source.to_string(),
+                    &source.to_string(),
                     u32::from(peer.port()),
+                    RELAY_TIMEOUT,
                 )
                 .await
                 .map_err(|e| format!("opening the login stream: {e}"))?;
-            let mut stream = ch.into_stream();
-            let mut line = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
             line.push(b'\n');
             stream.write_all(&line).await.map_err(|e| e.to_string())?;
             stream.flush().await.map_err(|e| e.to_string())?;

@@ -5,14 +5,16 @@ use std::sync::OnceLock;
 use metrics::{describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-/// Agent tunnels connected now, by `cluster`.
+/// Agent tunnels connected now, by `cluster` and `transport` (`ssh`, `quic`).
 pub const TUNNELS_CONNECTED: &str = "postern_tunnels_connected";
-/// Agent tunnels established, by `cluster`.
+/// Agent tunnels established, by `cluster` and `transport`.
 pub const TUNNEL_CONNECTS: &str = "postern_tunnel_connects_total";
-/// Agent tunnels ended, by `cluster` and `reason` (`closed`, `error`, `shutdown`).
+/// Agent tunnels ended, by `cluster`, `reason` (`closed`, `error`, `shutdown`, `replaced`) and
+/// `transport`.
 pub const TUNNEL_DISCONNECTS: &str = "postern_tunnel_disconnects_total";
 /// Refused logins, by `reason` (see `CertError::reason`, plus `no_certificate`, `unknown_cluster`,
-/// `rejected_by_ssh_layer`).
+/// `rejected_by_ssh_layer`, and on QUIC `binding_mismatch`, `bad_binding`, `not_an_agent`), and
+/// `transport`.
 pub const AUTH_FAILURES: &str = "postern_auth_failures_total";
 /// Client streams open now.
 pub const STREAMS_ACTIVE: &str = "postern_streams_active";
@@ -22,7 +24,7 @@ pub const STREAMS_ACTIVE: &str = "postern_streams_active";
 pub const STREAM_OPENS: &str = "postern_stream_opens_total";
 /// Payload bytes spliced, by `direction` (`client_to_agent`, `agent_to_client`).
 pub const BYTES_PROXIED: &str = "postern_bytes_proxied_total";
-/// Seconds from TCP accept to successful login on the tunnel listener, by `role`.
+/// Seconds from accept to successful login on the tunnel listener, by `role` and `transport`.
 pub const HANDSHAKE_SECONDS: &str = "postern_handshake_duration_seconds";
 /// Discovery requests, by `path` and `status`.
 pub const DISCOVERY_REQUESTS: &str = "postern_discovery_requests_total";
@@ -33,7 +35,7 @@ pub const DISCOVERY_REQUESTS: &str = "postern_discovery_requests_total";
 /// `proxy_header_malformed`, `proxy_header_incomplete`).
 pub const CONNECTIONS_DROPPED: &str = "postern_connections_dropped_total";
 /// Connections, tunnels and streams refused by a limit, by `limit` (`connects_per_source`,
-/// `auth_failures_per_source`, `unauthenticated_per_source`, `tunnels_per_cluster`,
+/// `auth_failures_per_source`, `auth_failures_per_identity`, `unauthenticated_per_source`, `tunnels_per_cluster`,
 /// `streams_per_client`, `streams_per_user_per_target`, `web_connections`,
 /// `web_connections_per_source`, `web_no_descriptors`).
 pub const LIMIT_REFUSALS: &str = "postern_limit_refusals_total";
@@ -132,9 +134,12 @@ fn describe() {
     );
     describe_gauge!(
         TUNNELS_CONNECTED,
-        "Agent tunnels connected now, by cluster."
+        "Agent tunnels connected now, by cluster and transport."
     );
-    describe_counter!(TUNNEL_CONNECTS, "Agent tunnels established, by cluster.");
+    describe_counter!(
+        TUNNEL_CONNECTS,
+        "Agent tunnels established, by cluster and transport."
+    );
     describe_counter!(
         LIMIT_REFUSALS,
         "Connections, tunnels and streams refused by a limit, by limit."
@@ -165,11 +170,11 @@ fn describe() {
     );
     describe_counter!(
         TUNNEL_DISCONNECTS,
-        "Agent tunnels ended, by cluster and reason."
+        "Agent tunnels ended, by cluster, reason and transport."
     );
     describe_counter!(
         AUTH_FAILURES,
-        "Refused logins on the tunnel listener, by reason."
+        "Refused logins on the tunnel listener, by reason and transport."
     );
     describe_gauge!(STREAMS_ACTIVE, "Client streams open now.");
     describe_counter!(STREAM_OPENS, "Client stream open attempts, by result.");
@@ -177,7 +182,7 @@ fn describe() {
     describe_histogram!(
         HANDSHAKE_SECONDS,
         metrics::Unit::Seconds,
-        "Seconds from TCP accept to successful login, by role."
+        "Seconds from accept to successful login, by role and transport."
     );
     describe_counter!(
         DISCOVERY_REQUESTS,

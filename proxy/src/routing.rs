@@ -22,8 +22,8 @@ pub struct Tunnel {
     pub cluster: String,
     /// Peer address, for logs.
     pub peer: String,
-    /// Handle to open `forwarded-tcpip` channels on the agent's connection.
-    pub handle: russh::server::Handle,
+    /// How streams are opened to the agent: SSH `forwarded-tcpip` channels or QUIC streams.
+    pub link: crate::link::TunnelLink,
     /// Targets registered with `tcpip-forward`.
     targets: RwLock<HashSet<String>>,
     /// Each target's labels, as the agent sent them on `@control` (before registering it).
@@ -42,14 +42,14 @@ impl Tunnel {
         host_id: String,
         cluster: String,
         peer: String,
-        handle: russh::server::Handle,
+        link: impl Into<crate::link::TunnelLink>,
     ) -> Tunnel {
         Tunnel {
             id,
             host_id,
             cluster,
             peer,
-            handle,
+            link: link.into(),
             targets: RwLock::default(),
             labels: RwLock::default(),
             active_streams: AtomicUsize::new(0),
@@ -145,18 +145,13 @@ pub async fn close_replaced(replaced: Vec<Arc<Tunnel>>) {
             peer = %old.peer,
             "tunnel replaced by a newer one for the same host id: closing the old one"
         );
-        metrics::counter!(crate::metrics::TUNNEL_DISCONNECTS, "cluster" => old.cluster.clone(), "reason" => "replaced")
+        metrics::counter!(crate::metrics::TUNNEL_DISCONNECTS, "cluster" => old.cluster.clone(), "reason" => "replaced", "transport" => old.link.transport())
             .increment(1);
-        let _ = old
-            .handle
-            .disconnect(
-                russh::Disconnect::ByApplication,
-                format!(
-                    "replaced by a newer tunnel for host id {}.{}",
-                    old.host_id, old.cluster
-                ),
-                String::new(),
-            )
+        old.link
+            .close(&format!(
+                "replaced by a newer tunnel for host id {}.{}",
+                old.host_id, old.cluster
+            ))
             .await;
     }
 }
@@ -220,6 +215,14 @@ impl RoutingTable {
     /// Tunnels of a cluster connected now.
     pub fn count(&self, cluster: &str) -> usize {
         self.clusters.get(cluster).map(|l| l.len()).unwrap_or(0)
+    }
+
+    /// Tunnels of a cluster connected now over one transport (`ssh` or `quic`).
+    pub fn count_transport(&self, cluster: &str, transport: &str) -> usize {
+        self.clusters
+            .get(cluster)
+            .map(|l| l.iter().filter(|t| t.link.transport() == transport).count())
+            .unwrap_or(0)
     }
 
     /// Every tunnel (for drain).

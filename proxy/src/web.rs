@@ -1,5 +1,6 @@
 //! The web listener: HTTPS discovery (`/webapi/ping`, `/webapi/find`), the login relay
-//! (`POST /webapi/login`), JSON errors elsewhere.
+//! (`POST /webapi/login`) and the agent join and renewal relays (`POST /webapi/join`,
+//! `/webapi/renew`), JSON errors elsewhere.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -119,18 +120,35 @@ pub fn route(discovery: &Discovery, method: &Method, path: &str) -> Response<Ful
     resp
 }
 
-/// Answers `POST /webapi/login` (the body read up to 64 KiB) through the relay.
+/// Which request the relay passes on.
+#[derive(Clone, Copy)]
+enum Relayed {
+    /// `POST /webapi/login`.
+    Login,
+    /// `POST /webapi/join`.
+    Join,
+    /// `POST /webapi/renew`.
+    Renew,
+}
+
+/// Answers `POST /webapi/login`, `/webapi/join` or `/webapi/renew` (the body read up to 64 KiB)
+/// through the relay.
 async fn login(
     relay: &LoginRelay,
     req: Request<Incoming>,
     peer: std::net::SocketAddr,
     body_timeout: Duration,
+    kind: Relayed,
 ) -> Response<Full<Bytes>> {
     use http_body_util::BodyExt;
     if req.method() != Method::POST {
         return error(
             StatusCode::METHOD_NOT_ALLOWED,
-            &format!("{} is not allowed on {LOGIN_PATH}: use POST", req.method()),
+            &format!(
+                "{} is not allowed on {}: use POST",
+                req.method(),
+                req.uri().path()
+            ),
         );
     }
     let collect = http_body_util::Limited::new(req.into_body(), MAX_LOGIN_BYTES).collect();
@@ -158,7 +176,19 @@ async fn login(
             return r;
         }
     };
-    let resp = relay.relay(&body, peer).await;
+    let resp = match kind {
+        Relayed::Login => relay.relay(&body, peer).await,
+        Relayed::Join => {
+            relay
+                .relay_agent::<tunnel_proto::join::JoinRequest>(&body, peer)
+                .await
+        }
+        Relayed::Renew => {
+            relay
+                .relay_agent::<tunnel_proto::join::RenewRequest>(&body, peer)
+                .await
+        }
+    };
     let status = StatusCode::from_u16(resp.status).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut r = json(status, &resp);
     if resp.retry_after_secs > 0 {
@@ -288,7 +318,11 @@ pub async fn serve(
                         );
                         r
                     } else if req.uri().path() == LOGIN_PATH {
-                        login(&relay, req, peer, limits.body_timeout).await
+                        login(&relay, req, peer, limits.body_timeout, Relayed::Login).await
+                    } else if req.uri().path() == tunnel_proto::join::JOIN_PATH {
+                        login(&relay, req, peer, limits.body_timeout, Relayed::Join).await
+                    } else if req.uri().path() == tunnel_proto::join::RENEW_PATH {
+                        login(&relay, req, peer, limits.body_timeout, Relayed::Renew).await
                     } else {
                         route(&discovery, req.method(), req.uri().path())
                     };

@@ -10,6 +10,19 @@ use postern_client::ProxySession;
 use support::*;
 use tokio::process::{Child, Command};
 
+/// Makes an agent config (`agent_config` or `quic_agent_config`).
+type MakeAgent =
+    fn(&Pki, &str, &Proxy, &[(&str, std::net::SocketAddr)]) -> postern_agent::AgentConfig;
+
+/// The agent config of one transport.
+fn agent_for(quic: bool) -> MakeAgent {
+    if quic {
+        quic_agent_config
+    } else {
+        agent_config
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -43,7 +56,10 @@ fn spawn_proxy(config: &Path) -> Child {
         .arg("--config")
         .arg(config)
         .arg("--allow-root")
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("PROXY_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -99,7 +115,7 @@ struct Running {
     agent: Agent,
 }
 
-async fn start_process(pki: &Pki, grace: u64) -> Running {
+async fn start_process(pki: &Pki, grace: u64, quic: bool) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let ports = Ports {
         web: free_port(),
@@ -118,7 +134,7 @@ async fn start_process(pki: &Pki, grace: u64) -> Running {
     wait_ready(ports.ops).await;
     let proxy = describe(&dir, &ports);
     let echo = echo_server().await;
-    let agent = start_agent(agent_config(pki, "h1", &proxy, &[("auth", echo)]));
+    let agent = start_agent(agent_for(quic)(pki, "h1", &proxy, &[("auth", echo)]));
     Running {
         _dir: dir,
         ports,
@@ -131,8 +147,19 @@ async fn start_process(pki: &Pki, grace: u64) -> Running {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_is_back_within_two_seconds_of_a_killed_proxys_return() {
+    killed_proxy_returns("life1", false).await;
+}
+
+/// Over QUIC: the restarted proxy answers the agent's next keepalive with a stateless reset
+/// (its reset key is kept in the data dir), so the agent redials at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_quic_agent_is_back_within_two_seconds_of_a_killed_proxys_return() {
+    killed_proxy_returns("lifeq1", true).await;
+}
+
+async fn killed_proxy_returns(cluster: &'static str, quic: bool) {
     init_tracing();
-    let pki = Pki::new("life1");
+    let pki = Pki::new(cluster);
     let Running {
         _dir: _keep,
         ports,
@@ -140,10 +167,10 @@ async fn agent_is_back_within_two_seconds_of_a_killed_proxys_return() {
         mut child,
         proxy,
         agent,
-    } = start_process(&pki, 5).await;
+    } = start_process(&pki, 5, quic).await;
     let opts = client_opts(&pki, &proxy, "alice");
     let session = ProxySession::connect(&opts).await.unwrap();
-    let mut s = wait_stream(&session, "auth", "life1", Duration::from_secs(5)).await;
+    let mut s = wait_stream(&session, "auth", cluster, Duration::from_secs(5)).await;
     assert_eq!(echo_once(&mut s, b"before").await, b"before");
 
     child.kill().await.unwrap();
@@ -165,7 +192,7 @@ async fn agent_is_back_within_two_seconds_of_a_killed_proxys_return() {
     let returned = Instant::now();
     wait_ready(ports.ops).await;
     let session = ProxySession::connect(&opts).await.unwrap();
-    let mut s = wait_stream(&session, "auth", "life1", Duration::from_secs(5)).await;
+    let mut s = wait_stream(&session, "auth", cluster, Duration::from_secs(5)).await;
     let back_after = returned.elapsed();
     assert_eq!(echo_once(&mut s, b"after").await, b"after");
     eprintln!("streams work again {back_after:?} after the proxy's return");
@@ -189,20 +216,31 @@ fn sigterm(child: &Child) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_streams_then_exits_zero() {
+    sigterm_drains("life2", false).await;
+}
+
+/// Over QUIC: the drain order goes down the QUIC control stream, streams finish within the grace
+/// period, the rest are cut at its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_quic_sigterm_drains_streams_then_exits_zero() {
+    sigterm_drains("lifeq2", true).await;
+}
+
+async fn sigterm_drains(cluster: &'static str, quic: bool) {
     init_tracing();
-    let pki = Pki::new("life2");
+    let pki = Pki::new(cluster);
     let Running {
         _dir: _keep,
         mut child,
         proxy,
         agent,
         ..
-    } = start_process(&pki, 3).await;
+    } = start_process(&pki, 3, quic).await;
     let session = ProxySession::connect(&client_opts(&pki, &proxy, "alice"))
         .await
         .unwrap();
-    let mut short = wait_stream(&session, "auth", "life2", Duration::from_secs(5)).await;
-    let mut long = session.open("auth", "life2", 0).await.unwrap();
+    let mut short = wait_stream(&session, "auth", cluster, Duration::from_secs(5)).await;
+    let mut long = session.open("auth", cluster, 0).await.unwrap();
 
     let term_at = Instant::now();
     sigterm(&child);
@@ -253,8 +291,18 @@ fn fd_count(pid: &str) -> usize {
 /// jitter, all agents come back, and neither side leaks descriptors.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_agents_come_back_after_a_restart_spread_by_jitter() {
+    storm("storm", false).await;
+}
+
+/// The same 500 agents over QUIC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_quic_five_hundred_agents_come_back_after_a_restart_spread_by_jitter() {
+    storm("stormq", true).await;
+}
+
+async fn storm(cluster: &'static str, quic: bool) {
     const AGENTS: usize = 500;
-    let pki = Pki::new("storm");
+    let pki = Pki::new(cluster);
     let Running {
         _dir: _keep,
         ports,
@@ -262,11 +310,11 @@ async fn five_hundred_agents_come_back_after_a_restart_spread_by_jitter() {
         mut child,
         proxy,
         agent,
-    } = start_process(&pki, 5).await;
+    } = start_process(&pki, 5, quic).await;
     let echo = echo_server().await;
     let mut agents = vec![agent];
     for i in 1..AGENTS {
-        agents.push(start_agent(agent_config(
+        agents.push(start_agent(agent_for(quic)(
             &pki,
             &format!("s{i}"),
             &proxy,
@@ -278,7 +326,7 @@ async fn five_hundred_agents_come_back_after_a_restart_spread_by_jitter() {
         metric(
             &scrape(ops).await,
             "postern_tunnels_connected",
-            &[("cluster", "storm")],
+            &[("cluster", cluster)],
         )
     };
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -305,9 +353,9 @@ async fn five_hundred_agents_come_back_after_a_restart_spread_by_jitter() {
         let t = restarted.elapsed().as_secs_f64();
         samples.push((
             t,
-            metric(&m, "postern_tunnel_connects_total", &[("cluster", "storm")]),
+            metric(&m, "postern_tunnel_connects_total", &[("cluster", cluster)]),
         ));
-        if metric(&m, "postern_tunnels_connected", &[("cluster", "storm")]) >= AGENTS as f64 {
+        if metric(&m, "postern_tunnels_connected", &[("cluster", cluster)]) >= AGENTS as f64 {
             break t;
         }
         assert!(

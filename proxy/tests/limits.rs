@@ -49,16 +49,16 @@ async fn failed_logins_per_source_lock_the_address_out() {
         c.limits.max_auth_failures_per_source_per_minute = 2
     })
     .await;
-    // Two logins with a certificate from an untrusted CA.
-    for _ in 0..2 {
-        let mut opts = client_opts(&pki, &proxy, "mallory");
-        opts.identity = other.user("mallory");
+    // Two different logins with certificates from an untrusted CA: two identities failing.
+    for user in ["mallory", "trudy"] {
+        let mut opts = client_opts(&pki, &proxy, user);
+        opts.identity = other.user(user);
         assert!(ProxySession::connect(&opts).await.is_err());
     }
     // Now even a good certificate from this address is refused before the handshake.
     let line = refused_line(proxy.tunnel).await;
     assert!(
-        line.starts_with("Postern: too many failed logins from 127.0.0.1"),
+        line.starts_with("Postern: too many identities failed to log in from 127.0.0.1"),
         "{line:?}"
     );
     let e = ProxySession::connect(&client_opts(&pki, &proxy, "alice"))
@@ -74,6 +74,65 @@ async fn failed_logins_per_source_lock_the_address_out() {
             &[("limit", "auth_failures_per_source")]
         ) >= 2.0
     );
+    proxy.stop().await;
+}
+
+/// One misconfigured agent retrying from an address (its certificate from a CA the proxy does
+/// not trust) must not lock out a valid client and a valid agent on the same address: failures
+/// count per (address, login), and the bad agent's own logins are refused past the limit.
+#[tokio::test]
+async fn a_bad_agent_retrying_does_not_lock_out_its_neighbours() {
+    let pki = Pki::new("limnb");
+    let rogue = Pki::new("limnb");
+    let proxy = start_proxy(&[&pki], |c| {
+        c.limits.max_auth_failures_per_source_per_minute = 3
+    })
+    .await;
+    let echo = echo_server().await;
+    // The bad agent: same cluster, host CA the proxy does not trust; fast retries.
+    let mut bad = agent_config(&rogue, "bad", &proxy, &[("web", echo)]);
+    bad.reconnect.base_ms = 10;
+    bad.reconnect.cap_ms = 20;
+    bad.reconnect.permanent_secs = 0;
+    bad.proxy_host_ca = agent_config(&pki, "x", &proxy, &[("web", echo)]).proxy_host_ca;
+    let bad = start_agent(bad);
+    // Wait until its logins are refused by the per-identity limit, well past 3 failures.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = scrape(proxy.ops).await;
+        if metric(
+            &m,
+            "postern_limit_refusals_total",
+            &[("limit", "auth_failures_per_identity")],
+        ) >= 3.0
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the bad agent's retries were not limited"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A valid agent and a valid client from the same address are served meanwhile.
+    let good = start_agent(agent_config(&pki, "good", &proxy, &[("web", echo)]));
+    let session = ProxySession::connect(&client_opts(&pki, &proxy, "alice"))
+        .await
+        .expect("a valid client is served while a bad agent retries from its address");
+    let mut stream = wait_stream(&session, "web", "limnb", Duration::from_secs(10)).await;
+    assert_eq!(echo_once(&mut stream, b"neighbour").await, b"neighbour");
+    let m = scrape(proxy.ops).await;
+    assert_eq!(
+        metric(
+            &m,
+            "postern_limit_refusals_total",
+            &[("limit", "auth_failures_per_source")]
+        ),
+        0.0,
+        "the address itself was never refused"
+    );
+    bad.stop().await;
+    good.stop().await;
     proxy.stop().await;
 }
 

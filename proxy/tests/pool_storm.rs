@@ -105,6 +105,7 @@ async fn storm_of_a_thousand_agents_over_three_proxies() {
                     kind: "agent".into(),
                     ttl_secs: 600,
                     uses: (n - i).min(1000) as u32,
+                    ..Default::default()
                 })
                 .await
                 .unwrap()

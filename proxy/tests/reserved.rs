@@ -5,17 +5,30 @@ mod support;
 
 use std::time::Duration;
 
+use postern_agent::config::TransportMode;
 use postern_client::ProxySession;
 use support::*;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tunnel_proto::login::{LoginRequest, LoginResponse};
 
+/// On both transports (one registration code for both; one after the other, since the counter
+/// is process-wide).
 #[tokio::test]
 async fn a_service_agent_is_refused_the_reserved_targets_with_a_log_line_and_a_metric() {
+    service_agent_refused_reserved_targets(TransportMode::Ssh).await;
+    service_agent_refused_reserved_targets(TransportMode::Quic).await;
+}
+
+async fn service_agent_refused_reserved_targets(transport: TransportMode) {
     init_tracing();
     let pki = Pki::new("example");
     let proxy = start_proxy(&[&pki], |_| {}).await;
+    let refused_before = metric(
+        &scrape(proxy.ops).await,
+        "postern_target_registrations_refused_total",
+        &[("reason", "reserved_target")],
+    );
     let web = name_server("web").await;
     let fake_auth = name_server("fake auth").await;
     let fake_login = name_server("fake login").await;
@@ -26,6 +39,7 @@ async fn a_service_agent_is_refused_the_reserved_targets_with_a_log_line_and_a_m
         &[("web", web), ("auth", fake_auth), ("login", fake_login)],
     );
     config.host_key_file = pki.service_agent_files("svc-1");
+    config.transport.mode = transport;
     let agent = start_agent(config);
 
     let session = ProxySession::connect(&client_opts(&pki, &proxy, "alice"))
@@ -44,9 +58,23 @@ async fn a_service_agent_is_refused_the_reserved_targets_with_a_log_line_and_a_m
             &text,
             "postern_target_registrations_refused_total",
             &[("reason", "reserved_target")]
-        ),
+        ) - refused_before,
         2.0,
-        "auth and login refused"
+        "auth and login refused over {transport:?}"
+    );
+    let label = if transport == TransportMode::Quic {
+        "quic"
+    } else {
+        "ssh"
+    };
+    assert_eq!(
+        metric(
+            &text,
+            "postern_tunnels_connected",
+            &[("cluster", "example"), ("transport", label)]
+        ),
+        1.0,
+        "the agent's tunnel is up over {label}: {text}"
     );
     agent.stop().await;
     proxy.stop().await;

@@ -1,12 +1,16 @@
-//! One slow client never stalls another: per-stream credit between proxy and agent keeps a stream
-//! whose reader stops from holding back the rest of its tunnel, and the stopped stream resumes
-//! with every byte. Its own binary, so the 200-stream test does not run beside it.
+//! One slow client never stalls another, on both transports: on SSH, per-stream credit between
+//! proxy and agent keeps a stream whose reader stops from holding back the rest of its tunnel; on
+//! QUIC, QUIC's own per-stream flow control does, because the connection window covers every
+//! stream's window (`quic.connection_window_bytes` ≥ streams × `quic.stream_window_bytes`). The
+//! stopped stream resumes with every byte. Its own binary, so the 200-stream test does not run
+//! beside it.
 
 mod support;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use postern_agent::config::TransportMode;
 use postern_client::ProxySession;
 use sha2::{Digest, Sha256};
 use support::*;
@@ -51,32 +55,41 @@ async fn firehose() -> SocketAddr {
 }
 
 /// A download whose reader stops completely for longer than the old breaker allowed: another
-/// client's echoes through the same tunnel keep their pace, and the download then completes with
-/// its SHA-256 intact.
+/// client's echoes through the same tunnel (SSH) keep their pace, and the download then completes
+/// with its SHA-256 intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_reader_stalls_only_its_own_stream_and_resumes_intact() {
+    stopped_reader_scenario("iso1", TransportMode::Ssh).await;
+}
+
+/// The same over a QUIC tunnel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_quic_a_stopped_reader_stalls_only_its_own_stream_and_resumes_intact() {
+    stopped_reader_scenario("isoq", TransportMode::Quic).await;
+}
+
+/// A stops reading for [`PAUSE`] while B echoes through the same tunnel, which runs over
+/// `transport`; then A resumes and must get every byte.
+async fn stopped_reader_scenario(cluster: &str, transport: TransportMode) {
     init_tracing();
-    let pki = Pki::new("iso1");
+    let pki = Pki::new(cluster);
     let proxy = start_proxy(&[&pki], |_| {}).await;
     let echo = echo_server().await;
     let hose = firehose().await;
-    let agent = start_agent(agent_config(
-        &pki,
-        "h1",
-        &proxy,
-        &[("echo", echo), ("hose", hose)],
-    ));
+    let mut config = agent_config(&pki, "h1", &proxy, &[("echo", echo), ("hose", hose)]);
+    config.transport.mode = transport;
+    let agent = start_agent(config);
     let alice = ProxySession::connect(&client_opts(&pki, &proxy, "alice"))
         .await
         .unwrap();
     let bob = ProxySession::connect(&client_opts(&pki, &proxy, "bob"))
         .await
         .unwrap();
-    let mut b = wait_stream(&bob, "echo", "iso1", Duration::from_secs(10)).await;
+    let mut b = wait_stream(&bob, "echo", cluster, Duration::from_secs(10)).await;
     assert_eq!(echo_once(&mut b, b"warm").await, b"warm");
 
     // A reads the first MiB, then stops reading altogether.
-    let mut a = alice.open("hose", "iso1", 0).await.unwrap();
+    let mut a = alice.open("hose", cluster, 0).await.unwrap();
     let mut hasher = Sha256::new();
     let mut got = 0usize;
     let mut buf = vec![0u8; 64 << 10];
@@ -130,6 +143,21 @@ async fn a_stopped_reader_stalls_only_its_own_stream_and_resumes_intact() {
         hasher.finalize()[..],
         Sha256::digest(firehose_bytes())[..],
         "the paused download's bytes changed"
+    );
+    let label = if transport == TransportMode::Quic {
+        "quic"
+    } else {
+        "ssh"
+    };
+    let m = scrape(proxy.ops).await;
+    assert_eq!(
+        metric(
+            &m,
+            "postern_tunnels_connected",
+            &[("cluster", cluster), ("transport", label)]
+        ),
+        1.0,
+        "the scenario ran over {label}: {m}"
     );
     drop(a);
     drop(b);

@@ -43,7 +43,9 @@ async fn discovery_answers_json() {
     assert_eq!(p.protocol_version, tunnel_proto::PROTOCOL_VERSION);
     assert_eq!(p.proxy.proxy_id, "edge-7");
     assert_eq!(p.proxy.proxy_ids, vec!["edge-7"]);
-    assert_eq!(p.proxy.transports, vec!["ssh"]);
+    // QUIC is on by default, on the tunnel port's UDP twin.
+    assert_eq!(p.proxy.transports, vec!["quic", "ssh"]);
+    assert_eq!(p.proxy.quic_port, Some(proxy.tunnel.port()));
     assert!(!p.proxy.tls_routing_enabled);
     assert_eq!(
         p.proxy.web_public_addr.as_deref(),

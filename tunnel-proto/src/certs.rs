@@ -7,7 +7,7 @@
 //! | who | cert type | principal | extensions | login |
 //! |---|---|---|---|---|
 //! | agent | host | `<host-id>.<cluster>` | `postern-cluster@postern=<cluster>`, `postern-role@postern=auth` (the Auth server's agent) or `service` | `@agent/<host-id>.<cluster>` |
-//! | client | user | the user name | none required | the user name |
+//! | client | user | the user name | none required; `postern-roles@postern` (roles), `postern-request@postern` (the access request its elevated roles come from) when issued by the Auth server | the user name |
 //! | proxy | host | every name clients dial it by | none required | — |
 
 pub use russh::keys::ssh_key::{

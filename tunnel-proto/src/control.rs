@@ -203,28 +203,28 @@ impl Message {
     }
 }
 
-fn put_str(out: &mut BytesMut, s: &str) -> Result<(), EncodeError> {
+pub(crate) fn put_str(out: &mut BytesMut, s: &str) -> Result<(), EncodeError> {
     let n = u16::try_from(s.len()).map_err(|_| EncodeError::TooLarge)?;
     out.put_u16(n);
     out.put_slice(s.as_bytes());
     Ok(())
 }
 
-fn get_u16(b: &mut &[u8]) -> Result<u16, DecodeError> {
+pub(crate) fn get_u16(b: &mut &[u8]) -> Result<u16, DecodeError> {
     if b.remaining() < 2 {
         return Err(DecodeError::Malformed("truncated u16"));
     }
     Ok(b.get_u16())
 }
 
-fn get_u32(b: &mut &[u8]) -> Result<u32, DecodeError> {
+pub(crate) fn get_u32(b: &mut &[u8]) -> Result<u32, DecodeError> {
     if b.remaining() < 4 {
         return Err(DecodeError::Malformed("truncated u32"));
     }
     Ok(b.get_u32())
 }
 
-fn get_str(b: &mut &[u8]) -> Result<String, DecodeError> {
+pub(crate) fn get_str(b: &mut &[u8]) -> Result<String, DecodeError> {
     let n = usize::from(get_u16(b)?);
     if b.remaining() < n {
         return Err(DecodeError::Malformed("truncated string"));

@@ -10,8 +10,10 @@ pub const PING_PATH: &str = "/webapi/ping";
 pub const FIND_PATH: &str = "/webapi/find";
 /// Environment variable that overrides the discovered tunnel address (first in the order).
 pub const TUNNEL_ADDR_ENV: &str = "POSTERN_TUNNEL_ADDR";
-/// Transport name of SSH over TCP, the only one offered today.
+/// Transport name of SSH over TCP.
 pub const TRANSPORT_SSH: &str = "ssh";
+/// The QUIC transport's name in [`ProxySettings::transports`] (UDP, see [`crate::quic`]).
+pub const TRANSPORT_QUIC: &str = "quic";
 
 /// Answer of `GET /webapi/ping`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,8 +50,12 @@ pub struct ProxySettings {
     pub tunnel_listen_addr: String,
     /// Whether TLS routing (tunnel over the web port) is on. Always `false` for now.
     pub tls_routing_enabled: bool,
-    /// Transports offered, best first (`["ssh"]`).
+    /// Transports offered, best first (`["quic", "ssh"]` with QUIC on, else `["ssh"]`).
     pub transports: Vec<String>,
+    /// UDP port of the QUIC listener, when QUIC is offered (by default the tunnel port: its UDP
+    /// twin). Absent from older proxies' answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quic_port: Option<u16>,
     /// This proxy's id.
     pub proxy_id: String,
     /// Ids of every proxy behind the same public address, this one included (an agent keeps
@@ -65,6 +71,24 @@ impl ProxySettings {
     ///    host of the web address the caller dialled;
     /// 4. the web host with [`DEFAULT_TUNNEL_PORT`].
     pub fn tunnel_addr(&self, env_override: Option<&str>, web_host: &str) -> String {
+        self.tunnel_addr_inner(env_override, web_host)
+    }
+
+    /// Where to dial QUIC, if the proxy offers it: the host of `tunnel_addr` (as resolved by
+    /// [`ProxySettings::tunnel_addr`]) with [`ProxySettings::quic_port`], or the tunnel port itself
+    /// (its UDP twin) when no port is given.
+    pub fn quic_addr(&self, tunnel_addr: &str) -> Option<String> {
+        if !self.transports.iter().any(|t| t == TRANSPORT_QUIC) {
+            return None;
+        }
+        let (host, port) = split_host_port(tunnel_addr)?;
+        Some(match self.quic_port {
+            Some(p) => join_host_port(host, &p.to_string()),
+            None => join_host_port(host, port),
+        })
+    }
+
+    fn tunnel_addr_inner(&self, env_override: Option<&str>, web_host: &str) -> String {
         if let Some(addr) = env_override.map(str::trim).filter(|a| !a.is_empty()) {
             return addr.to_owned();
         }
@@ -119,6 +143,7 @@ mod tests {
             tunnel_listen_addr: listen.to_owned(),
             tls_routing_enabled: false,
             transports: vec![TRANSPORT_SSH.into()],
+            quic_port: None,
             proxy_id: "p1".into(),
             proxy_ids: vec!["p1".into()],
         }

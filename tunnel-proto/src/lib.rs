@@ -12,13 +12,19 @@
 //!   checks russh does not do (trusted CA, type, principals, extensions, critical options).
 //! - [`control`]: the length-prefixed messages on an agent's `@control` channel.
 //! - [`credit`]: per-stream credit between proxy and agent (flow control russh does not give).
+//! - [`quic`]: the QUIC transport's frames (agent login bound to the TLS exporter, target
+//!   registration, control messages, stream headers) and the exporter signatures.
+//! - [`login`], [`join`]: the JSON the web listener relays to the Auth server (logins, agent
+//!   joins) and the CA pin.
 
 pub mod certs;
 pub mod control;
 pub mod credit;
 pub mod discovery;
+pub mod join;
 pub mod login;
 pub mod names;
+pub mod quic;
 
 /// Version of the tunnel protocol spoken on the `@control` channel and advertised by discovery.
 /// Version 2 added per-stream credit ([`credit`]).

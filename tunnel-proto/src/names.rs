@@ -38,6 +38,9 @@ pub fn is_reserved_target(target: &str) -> bool {
 /// User-certificate extension listing the user's roles, comma-separated (what the proxy decides
 /// targets by, without a round trip to the Auth server).
 pub const EXT_ROLES: &str = "postern-roles@postern";
+/// User-certificate extension naming the access request whose approved roles the certificate's
+/// roles include (the proxy counts those roles only while the request's elevation lasts).
+pub const EXT_REQUEST: &str = "postern-request@postern";
 /// Role of a proxy's own host certificate (what agents and clients check when they dial it).
 pub const ROLE_PROXY: &str = "proxy";
 

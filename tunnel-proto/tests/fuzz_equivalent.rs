@@ -20,6 +20,7 @@ use tunnel_proto::names::{
     AGENT_LOGIN_PREFIX, EXT_CLUSTER, EXT_ROLE, MAX_LABEL_LEN, StreamTarget, agent_login,
     validate_cluster, validate_label,
 };
+use tunnel_proto::quic::Frame;
 
 fn config(cases: u32) -> ProptestConfig {
     ProptestConfig {
@@ -220,6 +221,167 @@ fn oversized_messages_are_refused_by_the_encoder_not_emitted() {
     assert!(out.is_empty(), "a refused message wrote bytes");
 }
 
+// ---------------------------------------------------------------- QUIC frames
+
+fn quic_frame() -> impl Strategy<Value = Frame> {
+    prop_oneof![
+        message().prop_map(Frame::Control),
+        (any_text(12), any_text(24), any_text(24)).prop_map(|(login, cert, signature)| {
+            Frame::AgentAuth {
+                login,
+                cert,
+                signature,
+            }
+        }),
+        (any_text(24), any_text(24))
+            .prop_map(|(key, signature)| Frame::ProxyAuth { key, signature }),
+        any_text(12).prop_map(|reason| Frame::Refused { reason }),
+        any_text(12).prop_map(|target| Frame::Register { target }),
+        (any_text(12), any::<bool>(), any_text(12))
+            .prop_map(|(target, ok, reason)| Frame::Registered { target, ok, reason }),
+        (any_text(12), any::<u32>(), any_text(12), any::<u32>()).prop_map(
+            |(target, port, originator, originator_port)| Frame::Open {
+                target,
+                port,
+                originator,
+                originator_port,
+            }
+        ),
+        Just(Frame::Accept),
+        any_text(12).prop_map(|reason| Frame::Refuse { reason }),
+    ]
+}
+
+/// The QUIC frame invariants (as for control frames): a decoded frame re-encodes to the same
+/// bytes, `Incomplete` only while the frame is short, and feeding in any chunking gives what
+/// decoding the whole gives.
+fn check_quic_wire(wire: &[u8], step: usize) {
+    match Frame::decode(wire) {
+        Ok((frame, used)) => {
+            assert!(
+                used > 4 && used <= wire.len() && used <= MAX_FRAME,
+                "{used}"
+            );
+            let mut again = BytesMut::new();
+            frame
+                .encode(&mut again)
+                .expect("a decoded frame re-encodes");
+            assert_eq!(&again[..], &wire[..used], "re-encoding differs: {frame:?}");
+        }
+        Err(DecodeError::Incomplete) => {
+            if wire.len() >= 4 {
+                let len = u32::from_be_bytes([wire[0], wire[1], wire[2], wire[3]]) as usize;
+                assert!(
+                    wire.len() < 4 + len,
+                    "Incomplete with the whole frame present"
+                );
+            }
+        }
+        Err(DecodeError::Malformed(_)) => {}
+    }
+    let (whole, whole_err, whole_rest) = decode_all_frames(wire);
+    let mut buf = BytesMut::new();
+    let mut got = Vec::new();
+    let mut err = None;
+    for piece in wire.chunks(step.max(1)) {
+        match Frame::feed(&mut buf, piece) {
+            Ok(fs) => got.extend(fs),
+            Err(e) => {
+                err = Some(e);
+                break;
+            }
+        }
+    }
+    if err.is_none() {
+        match Frame::feed(&mut buf, &[]) {
+            Ok(fs) => got.extend(fs),
+            Err(e) => err = Some(e),
+        }
+    }
+    assert_eq!(got, whole, "chunked feed gave other frames");
+    assert_eq!(err, whole_err, "chunked feed gave another error");
+    if err.is_none() {
+        assert_eq!(buf, whole_rest, "chunked feed left other bytes");
+    }
+}
+
+/// Decodes every whole frame of `wire` at once: the frames, the error if any, the leftover.
+fn decode_all_frames(wire: &[u8]) -> (Vec<Frame>, Option<DecodeError>, BytesMut) {
+    let mut buf = BytesMut::from(wire);
+    let mut out = Vec::new();
+    loop {
+        let before = buf.clone();
+        match Frame::decode_from(&mut buf) {
+            Ok(f) => out.push(f),
+            Err(DecodeError::Incomplete) => {
+                assert_eq!(buf, before, "Incomplete consumed bytes");
+                return (out, None, buf);
+            }
+            Err(e) => return (out, Some(e), buf),
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(config(512))]
+
+    #[test]
+    fn quic_arbitrary_bytes(
+        wire in proptest::collection::vec(any::<u8>(), 0..64),
+        step in 1usize..9,
+    ) {
+        check_quic_wire(&wire, step);
+    }
+
+    #[test]
+    fn quic_frame_with_small_lengths(
+        len in 0u32..24,
+        kind in prop_oneof![16u8..=20, 32u8..=34, any::<u8>()],
+        body in proptest::collection::vec(any::<u8>(), 0..28),
+        step in 1usize..9,
+    ) {
+        let mut wire = len.to_be_bytes().to_vec();
+        wire.push(kind);
+        wire.extend(body);
+        check_quic_wire(&wire, step);
+    }
+
+    #[test]
+    fn quic_round_trip_in_any_chunking(
+        frames in proptest::collection::vec(quic_frame(), 0..5),
+        step in 1usize..17,
+    ) {
+        let mut wire = BytesMut::new();
+        for f in &frames {
+            f.encode(&mut wire).unwrap();
+        }
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        for piece in wire.chunks(step) {
+            got.extend(Frame::feed(&mut buf, piece).unwrap());
+        }
+        prop_assert_eq!(got, frames);
+        prop_assert!(buf.is_empty());
+        check_quic_wire(&wire, step);
+    }
+
+    #[test]
+    fn quic_valid_frames_with_a_mutated_byte(
+        frames in proptest::collection::vec(quic_frame(), 1..4),
+        at in any::<prop::sample::Index>(),
+        delta in 1u8..=255,
+        step in 1usize..9,
+    ) {
+        let mut wire = BytesMut::new();
+        for f in &frames {
+            f.encode(&mut wire).unwrap();
+        }
+        let i = at.index(wire.len());
+        wire[i] = wire[i].wrapping_add(delta);
+        check_quic_wire(&wire, step);
+    }
+}
+
 // ---------------------------------------------------------------- names
 
 fn check_name(s: &str) {
@@ -301,6 +463,7 @@ fn settings() -> impl Strategy<Value = ProxySettings> {
                 tunnel_listen_addr: listen,
                 tls_routing_enabled: tls,
                 transports,
+                quic_port: None,
                 proxy_id: id,
                 proxy_ids: ids,
             },

@@ -39,6 +39,25 @@ pub(crate) const SQLITE: &[&str] = &[
          id TEXT PRIMARY KEY, time_ms INTEGER NOT NULL, user TEXT NOT NULL, data BLOB NOT NULL);
      CREATE INDEX stream_events_time ON stream_events (time_ms);
      CREATE INDEX stream_events_user ON stream_events (user, time_ms);",
+    // 4: access requests. They are resources of kind `access_request` (so a review is a
+    // conditional write) and join the policy feed, so that proxies learn of approvals; a TLS
+    // client certificate may carry the roles of one request.
+    "ALTER TABLE tls_certs ADD COLUMN request_id TEXT NOT NULL DEFAULT '';
+     DROP TRIGGER changes_insert;
+     DROP TRIGGER changes_update;
+     DROP TRIGGER changes_delete;
+     CREATE TRIGGER changes_insert AFTER INSERT ON resources
+         WHEN NEW.kind IN ('role', 'user', 'lock', 'access_request') BEGIN
+         INSERT INTO changes (kind, name, deleted, value) VALUES (NEW.kind, NEW.name, 0, NEW.value);
+     END;
+     CREATE TRIGGER changes_update AFTER UPDATE ON resources
+         WHEN NEW.kind IN ('role', 'user', 'lock', 'access_request') BEGIN
+         INSERT INTO changes (kind, name, deleted, value) VALUES (NEW.kind, NEW.name, 0, NEW.value);
+     END;
+     CREATE TRIGGER changes_delete AFTER DELETE ON resources
+         WHEN OLD.kind IN ('role', 'user', 'lock', 'access_request') BEGIN
+         INSERT INTO changes (kind, name, deleted, value) VALUES (OLD.kind, OLD.name, 1, '');
+     END;",
 ];
 
 /// The advisory lock every writer of the PostgreSQL change feed holds until it commits (one
@@ -94,6 +113,17 @@ pub(crate) const POSTGRES: &[&str] = &[
          id TEXT PRIMARY KEY, time_ms BIGINT NOT NULL, "user" TEXT NOT NULL, data BYTEA NOT NULL);
      CREATE INDEX stream_events_time ON stream_events (time_ms);
      CREATE INDEX stream_events_user ON stream_events ("user", time_ms);"#,
+    // 4: access requests: resources of kind `access_request` join the policy feed; a TLS client
+    // certificate may carry the roles of one request.
+    r#"ALTER TABLE tls_certs ADD COLUMN request_id TEXT NOT NULL DEFAULT '';
+     DROP TRIGGER changes_write ON resources;
+     DROP TRIGGER changes_delete ON resources;
+     CREATE TRIGGER changes_write AFTER INSERT OR UPDATE ON resources FOR EACH ROW
+         WHEN (NEW.kind IN ('role', 'user', 'lock', 'access_request'))
+         EXECUTE FUNCTION postern_record_change();
+     CREATE TRIGGER changes_delete AFTER DELETE ON resources FOR EACH ROW
+         WHEN (OLD.kind IN ('role', 'user', 'lock', 'access_request'))
+         EXECUTE FUNCTION postern_record_change();"#,
 ];
 
 #[cfg(test)]

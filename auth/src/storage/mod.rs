@@ -14,7 +14,7 @@
 
 use std::path::PathBuf;
 
-mod migrations;
+pub(crate) mod migrations;
 pub mod postgres;
 pub mod sqlite;
 
@@ -149,8 +149,8 @@ pub enum StorageError {
 pub trait Backend: Send + Sync + 'static {
     /// A cluster-wide value (name, CA keys).
     fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError>;
-    /// Stores every entry if `key_guard` is absent, all in one transaction; returns whether it
-    /// wrote (false: another start already initialised the cluster).
+    /// Stores every entry (replacing a stored value of the same key) if `key_guard` is absent,
+    /// all in one transaction; returns whether it wrote (false: another start got there first).
     fn init_meta(&self, key_guard: &str, entries: &[(&str, Vec<u8>)])
     -> Result<bool, StorageError>;
     /// One resource.
@@ -171,6 +171,17 @@ pub trait Backend: Send + Sync + 'static {
     fn add_cert(&self, fingerprint: &str, user: &str, expires: u64) -> Result<(), StorageError>;
     /// The user a TLS client certificate was issued to, and its expiry.
     fn cert_owner(&self, fingerprint: &str) -> Result<Option<(String, u64)>, StorageError>;
+    /// Records an issued TLS client certificate that carries the roles of access request
+    /// `request_id` (see [`Backend::cert_request`]).
+    fn add_elevated_cert(
+        &self,
+        fingerprint: &str,
+        user: &str,
+        expires: u64,
+        request_id: &str,
+    ) -> Result<(), StorageError>;
+    /// The access request whose roles a TLS client certificate carries, if any.
+    fn cert_request(&self, fingerprint: &str) -> Result<Option<String>, StorageError>;
     /// Forgets every certificate of `user` (on delete) and every expired one; returns how many.
     fn forget_certs(&self, user: Option<&str>, now: u64) -> Result<usize, StorageError>;
     /// Forgets one certificate by fingerprint (revokes it) and every expired one; returns whether

@@ -123,7 +123,7 @@ impl Backend for SqliteBackend {
             }
             for (k, v) in entries {
                 tx.execute(
-                    "INSERT INTO meta (key, value) VALUES (?1, ?2)",
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
                     params![k, v],
                 )
                 .map_err(self.db())?;
@@ -265,6 +265,20 @@ impl Backend for SqliteBackend {
             .optional()
             .map_err(self.db())
         })
+    }
+
+    fn add_elevated_cert(
+        &self,
+        fingerprint: &str,
+        user: &str,
+        expires: u64,
+        request_id: &str,
+    ) -> Result<(), StorageError> {
+        self.insert_elevated_cert(fingerprint, user, expires, request_id)
+    }
+
+    fn cert_request(&self, fingerprint: &str) -> Result<Option<String>, StorageError> {
+        self.select_cert_request(fingerprint)
     }
 
     fn forget_certs(&self, user: Option<&str>, now: u64) -> Result<usize, StorageError> {

@@ -38,6 +38,9 @@ pub struct StreamInfo {
     pub cluster: String,
     /// The target (`<target>.<cluster>` as asked, when it did not parse).
     pub target: String,
+    /// The transport of the tunnel the stream was routed to (`ssh`, `quic`); empty before it
+    /// was routed, recorded as `ssh`.
+    pub transport: &'static str,
 }
 
 /// Builds, logs and spools stream events.
@@ -89,7 +92,11 @@ impl StreamAudit {
             cluster: s.cluster.clone(),
             target: s.target.clone(),
             proxy_id: self.proxy_id.clone(),
-            transport: tunnel_proto::discovery::TRANSPORT_SSH.into(),
+            transport: if s.transport.is_empty() {
+                tunnel_proto::discovery::TRANSPORT_SSH.into()
+            } else {
+                s.transport.into()
+            },
             result: result.into(),
             reason: reason.into(),
             ..Default::default()

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
-use postern_api::proto::{Lock, PolicyEvent, Role};
+use postern_api::proto::{Lock, PolicyAccessRequest, PolicyEvent, Role};
 
 use super::Who;
 
@@ -21,6 +21,8 @@ pub struct PolicyState {
     deleted: std::collections::HashSet<String>,
     /// Locks by id.
     locks: HashMap<String, Lock>,
+    /// Access requests by id (their approved roles count for certificates naming them).
+    requests: HashMap<String, PolicyAccessRequest>,
     /// The revision everything here is at.
     revision: u64,
     /// Whether a whole snapshot has been applied.
@@ -81,6 +83,14 @@ fn apply_one(s: &mut PolicyState, ev: PolicyEvent) {
                 s.locks.insert(ev.name, l);
             }
         }
+        "access_request" if ev.deleted => {
+            s.requests.remove(&ev.name);
+        }
+        "access_request" => {
+            if let Some(r) = ev.access_request {
+                s.requests.insert(ev.name, r);
+            }
+        }
         _ => {}
     }
 }
@@ -137,6 +147,18 @@ impl PolicyCache {
         self.changed.subscribe()
     }
 
+    /// The soonest end (unix seconds) of an approved elevation still running, if any: when the
+    /// watcher must re-decide what is open.
+    pub fn next_elevation_end(&self) -> Option<u64> {
+        let now = now_unix();
+        let s = self.state.read().unwrap_or_else(|p| p.into_inner());
+        s.requests
+            .values()
+            .filter(|r| r.state == "approved" && r.expires > now)
+            .map(|r| r.expires)
+            .min()
+    }
+
     /// A consistent read of the cache.
     pub fn view(&self) -> View<'_> {
         View(self.state.read().unwrap_or_else(|p| p.into_inner()))
@@ -189,6 +211,48 @@ impl View<'_> {
             .map(|l| l.message.clone())
     }
 
+    /// The message of a live lock on the access request `id`.
+    pub fn lock_on_request(&self, id: &str) -> Option<String> {
+        self.live_locks()
+            .find(|l| l.access_request == id)
+            .map(|l| l.message.clone())
+    }
+
+    /// Whether the elevation of `who`'s certificate (its access request) is live: `None` when it
+    /// carries none or the request is approved for this user and unexpired, `Some(Ok(why))` when
+    /// it ended (denied, expired, another user's), `Some(Err(why))` when this proxy has not heard
+    /// of the request or its approval yet (the feed may be behind the certificate).
+    pub fn elevation_ended(&self, who: &Who) -> Option<Result<String, String>> {
+        let id = who.request.as_deref()?;
+        let Some(r) = self.0.requests.get(id) else {
+            return Some(Err(format!(
+                "this proxy has not yet heard of access request '{id}': retry shortly"
+            )));
+        };
+        if r.user != who.user {
+            return Some(Ok(format!(
+                "access request '{id}' is not user '{}''s",
+                who.user
+            )));
+        }
+        match r.state.as_str() {
+            "approved" => {}
+            // A certificate is issued only after the approval: this proxy is behind.
+            "pending" => {
+                return Some(Err(format!(
+                    "this proxy has not yet heard of the approval of access request '{id}': retry shortly"
+                )));
+            }
+            other => return Some(Ok(format!("access request '{id}' is {other}"))),
+        }
+        if r.expires <= now_unix() {
+            return Some(Ok(format!(
+                "the elevation of access request '{id}' ended: log in again (psh login)"
+            )));
+        }
+        None
+    }
+
     /// Whether the user was deleted while this proxy watched.
     pub fn user_deleted(&self, user: &str) -> bool {
         self.0.deleted.contains(user)
@@ -202,12 +266,26 @@ impl View<'_> {
     /// The roles `who` holds now: the user's current roles, and of those only the ones its
     /// certificate lists when it lists any (a role removed from the user stops counting at once;
     /// a role added later needs a new certificate).
+    ///
+    /// A certificate naming a live access request (see [`View::elevation_ended`]) also holds
+    /// that request's roles that it lists.
     pub fn effective_roles(&self, who: &Who) -> Vec<String> {
         let current = self.0.users.get(&who.user).cloned().unwrap_or_default();
-        match &who.cert_roles {
+        let mut roles: Vec<String> = match &who.cert_roles {
             Some(cert) => current.into_iter().filter(|r| cert.contains(r)).collect(),
             None => current,
+        };
+        if let (Some(id), Some(cert)) = (&who.request, &who.cert_roles)
+            && self.elevation_ended(who).is_none()
+            && let Some(r) = self.0.requests.get(id)
+        {
+            for role in &r.roles {
+                if cert.contains(role) && !roles.contains(role) {
+                    roles.push(role.clone());
+                }
+            }
         }
+        roles
     }
 
     /// The definitions of `names` that exist.
@@ -216,5 +294,87 @@ impl View<'_> {
             .iter()
             .filter_map(|n| self.0.roles.get(n).cloned())
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache_with(state: &str, user: &str, expires: u64) -> PolicyCache {
+        let c = PolicyCache::default();
+        c.apply(PolicyEvent {
+            kind: "user".into(),
+            name: "alice".into(),
+            snapshot: true,
+            user: Some(postern_api::proto::PolicyUser {
+                name: "alice".into(),
+                roles: vec!["base".into()],
+            }),
+            ..Default::default()
+        });
+        c.apply(PolicyEvent {
+            kind: "access_request".into(),
+            name: "r1".into(),
+            snapshot: true,
+            access_request: Some(PolicyAccessRequest {
+                id: "r1".into(),
+                user: user.into(),
+                roles: vec!["editor".into()],
+                state: state.into(),
+                expires,
+            }),
+            ..Default::default()
+        });
+        c.apply(PolicyEvent {
+            revision: 2,
+            snapshot: true,
+            snapshot_end: true,
+            ..Default::default()
+        });
+        c
+    }
+
+    fn alice(request: Option<&str>) -> Who {
+        Who {
+            user: "alice".into(),
+            cert_roles: Some(vec!["base".into(), "editor".into()]),
+            request: request.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn elevated_roles_count_only_while_the_request_is_live_and_the_users() {
+        let later = now_unix() + 600;
+        let live = cache_with("approved", "alice", later);
+        assert_eq!(
+            live.view().effective_roles(&alice(Some("r1"))),
+            ["base", "editor"]
+        );
+        // Without the request in the certificate, listing the role is not enough.
+        assert_eq!(live.view().effective_roles(&alice(None)), ["base"]);
+        // Another user's request, a denied or expired one: ended.
+        for c in [
+            cache_with("approved", "mallory", later),
+            cache_with("denied", "alice", later),
+            cache_with("approved", "alice", now_unix()),
+        ] {
+            assert!(matches!(
+                c.view().elevation_ended(&alice(Some("r1"))),
+                Some(Ok(_))
+            ));
+            assert_eq!(c.view().effective_roles(&alice(Some("r1"))), ["base"]);
+        }
+        // Pending or unknown: this proxy is behind the certificate, not a reason to close.
+        let behind = cache_with("pending", "alice", later);
+        assert!(matches!(
+            behind.view().elevation_ended(&alice(Some("r1"))),
+            Some(Err(_))
+        ));
+        assert!(matches!(
+            live.view().elevation_ended(&alice(Some("r2"))),
+            Some(Err(_))
+        ));
+        assert_eq!(live.next_elevation_end(), Some(later));
     }
 }

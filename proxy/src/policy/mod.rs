@@ -10,7 +10,8 @@
 //!   cluster's own tunnel, that feeds the cache.
 //!
 //! A decision, in order: the policy must be fresh (source `auth`); no lock may name the user, one
-//! of its roles, or the agent; the user must still exist; the Auth target `auth` is then open to
+//! of its roles, the access request its certificate's elevation comes from, or the agent; an
+//! elevation must still be live (approved, unexpired); the user must still exist; the Auth target `auth` is then open to
 //! any user of the cluster; any other target needs its labels and a role whose `node_labels`
 //! allow them, with no role denying them (deny wins, default deny).
 
@@ -56,6 +57,27 @@ pub struct Who {
     pub user: String,
     /// Roles from the certificate, if it lists them.
     pub cert_roles: Option<Vec<String>>,
+    /// The access request whose approved roles the certificate's include
+    /// (`postern-request@postern`), if any: they count only while its elevation lasts.
+    pub request: Option<String>,
+}
+
+/// A certificate with an access request's roles: a lock on the request refuses (and closes) it;
+/// so does the elevation's end (denied, expired, deleted). A request this proxy has not heard of
+/// yet refuses new streams (`policy_unavailable`, which closes nothing) when `streams`.
+fn check_elevation(view: &cache::View<'_>, who: &Who, streams: bool) -> Result<(), Refusal> {
+    let Some(id) = &who.request else {
+        return Ok(());
+    };
+    if let Some(msg) = view.lock_on_request(id) {
+        return Err(Refusal::new("locked", msg));
+    }
+    match view.elevation_ended(who) {
+        None => Ok(()),
+        Some(Ok(why)) => Err(Refusal::new("forbidden", why)),
+        Some(Err(why)) if streams => Err(Refusal::new("policy_unavailable", why)),
+        Some(Err(_)) => Ok(()),
+    }
 }
 
 /// One cluster's policy: its source and, for `auth`, the watched cache.
@@ -90,6 +112,7 @@ impl ClusterPolicy {
                 ),
             ));
         }
+        check_elevation(&view, who, false)?;
         let roles = view.effective_roles(who);
         match roles.iter().find_map(|r| view.lock_on_role(r)) {
             Some(msg) => Err(Refusal::new("locked", msg)),
@@ -104,6 +127,9 @@ impl ClusterPolicy {
             PolicySource::Auth => {}
         }
         let view = self.cache.view();
+        // Before staleness: an elevation's end is known in advance and cannot move, so it ends
+        // what it opened even while the Auth server is out of reach.
+        check_elevation(&view, who, true)?;
         if let Some(age) = view.stale(self.stale_after) {
             return Err(Refusal::new(
                 "policy_unavailable",

@@ -59,12 +59,34 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    /// Watches until `stop`, reconnecting with a short back-off.
+    /// Watches until `stop`, reconnecting with a short back-off; meanwhile ends elevations on
+    /// time (see [`Watcher::end_elevations`]).
     pub async fn run(self, stop: CancellationToken) {
+        tokio::join!(self.watch(&stop), self.end_elevations(&stop));
+    }
+
+    /// Re-decides what is open at each elevation's end (the soonest approved access request's
+    /// `expires`), whether or not the watch is connected: an end is known in advance.
+    async fn end_elevations(&self, stop: &CancellationToken) {
+        let mut changed = self.policy.cache.subscribe();
+        loop {
+            let wait = until_unix(self.policy.cache.next_elevation_end());
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {
+                    let closed = self.registry.enforce(&self.policy);
+                    debug!(cluster = %self.policy.cluster, closed, "an elevation ended");
+                }
+                r = changed.changed() => if r.is_err() { return },
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    async fn watch(&self, stop: &CancellationToken) {
         let mut backoff = Duration::from_millis(100);
         let mut last_error = String::new();
         loop {
-            let attempt = self.watch_once(&stop);
+            let attempt = self.watch_once(stop);
             let r = tokio::select! {
                 r = attempt => r,
                 _ = stop.cancelled() => return,
@@ -136,6 +158,16 @@ impl Watcher {
     }
 }
 
+/// How long until unix second `at` has begun (a year when `None`).
+fn until_unix(at: Option<u64>) -> Duration {
+    let Some(at) = at else {
+        return Duration::from_secs(365 * 24 * 3600);
+    };
+    let end = std::time::UNIX_EPOCH + Duration::from_secs(at);
+    end.duration_since(std::time::SystemTime::now())
+        .unwrap_or(Duration::ZERO)
+}
+
 /// Opens streams to target `auth` of `cluster` on this proxy's own tunnels.
 fn dialer(cluster: &str, shared: &Arc<TunnelShared>) -> Dialer {
     let shared = shared.clone();
@@ -147,17 +179,18 @@ fn dialer(cluster: &str, shared: &Arc<TunnelShared>) -> Dialer {
                 .routing
                 .pick(&cluster, ROLE_AUTH)
                 .map_err(std::io::Error::other)?;
-            let ch = tunnel
-                .handle
-                .channel_open_forwarded_tcpip(
+            let io = tunnel
+                .link
+                .open_io(
                     ROLE_AUTH,
                     u32::from(DEFAULT_AUTH_PORT),
                     "127.0.0.1",
                     0,
+                    crate::tunnel::AGENT_OPEN_TIMEOUT,
                 )
                 .await
                 .map_err(std::io::Error::other)?;
-            Ok(Box::new(ch.into_stream()) as Box<dyn Io>)
+            Ok(Box::new(io) as Box<dyn Io>)
         })
     })
 }

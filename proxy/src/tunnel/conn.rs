@@ -5,12 +5,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use metrics::{counter, gauge, histogram};
+use metrics::{counter, histogram};
 use russh::Disconnect;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
+use crate::link::SSH;
 use crate::metrics as m;
 use crate::routing::Tunnel;
 use postern_dial::write_behind::{WRITE_BEHIND_CAP, WriteBehind};
@@ -153,7 +154,8 @@ pub(super) async fn serve_conn(
                 reason = "rejected_by_ssh_layer",
                 "login refused: certificate expired, not yet valid or badly signed"
             );
-            counter!(m::AUTH_FAILURES, "reason" => "rejected_by_ssh_layer").increment(1);
+            counter!(m::AUTH_FAILURES, "reason" => "rejected_by_ssh_layer", "transport" => SSH)
+                .increment(1);
         }
         refused
     };
@@ -197,7 +199,8 @@ pub(super) async fn serve_conn(
     } else {
         "client"
     };
-    histogram!(m::HANDSHAKE_SECONDS, "role" => role).record(started.elapsed().as_secs_f64());
+    histogram!(m::HANDSHAKE_SECONDS, "role" => role, "transport" => SSH)
+        .record(started.elapsed().as_secs_f64());
     let kicked = state
         .registration
         .get()
@@ -232,14 +235,13 @@ pub(super) async fn serve_conn(
     };
     if let Some(t) = state.tunnel.get() {
         shared.routing.remove(&t.cluster, t.id);
-        gauge!(m::TUNNELS_CONNECTED, "cluster" => t.cluster.clone())
-            .set(shared.routing.count(&t.cluster) as f64);
+        super::register::set_tunnel_gauge(&shared, &t.cluster, SSH);
         let reason = match &result {
             Ok(()) => "closed",
             Err(e) if e == "shutdown" => "shutdown",
             Err(_) => "error",
         };
-        counter!(m::TUNNEL_DISCONNECTS, "cluster" => t.cluster.clone(), "reason" => reason)
+        counter!(m::TUNNEL_DISCONNECTS, "cluster" => t.cluster.clone(), "reason" => reason, "transport" => SSH)
             .increment(1);
         info!(cluster = %t.cluster, host_id = %t.host_id, reason, uptime_s = started.elapsed().as_secs(), "tunnel closed");
     } else if let Err(e) = result {

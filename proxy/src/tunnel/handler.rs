@@ -3,15 +3,13 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use metrics::{counter, gauge};
+use metrics::counter;
 use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, Session};
 use russh::{Channel, ChannelOpenFailure};
 use tracing::{Instrument, info, info_span, warn};
 use tunnel_proto::certs::Certificate;
 use tunnel_proto::login::LOGIN_TARGET;
-use tunnel_proto::names::{
-    CONTROL_HOST, NameError, ROLE_AUTH, StreamTarget, is_reserved_target, validate_label,
-};
+use tunnel_proto::names::{CONTROL_HOST, NameError, StreamTarget};
 
 use crate::metrics as m;
 use crate::routing::Tunnel;
@@ -35,7 +33,8 @@ impl Handler for Conn {
         // A plain key may be one of several a client tries before its certificate: refuse it
         // without closing; the handshake timeout and max_auth_attempts bound the retries.
         warn!(peer = %self.peer, login = user, reason = "no_certificate", "login refused: plain public key without a certificate");
-        counter!(m::AUTH_FAILURES, "reason" => "no_certificate").increment(1);
+        counter!(m::AUTH_FAILURES, "reason" => "no_certificate", "transport" => crate::link::SSH)
+            .increment(1);
         Ok(Auth::Reject {
             proceed_with_methods: None,
             partial_success: false,
@@ -52,7 +51,8 @@ impl Handler for Conn {
             // "invalid", so say what is true here (and in the Rust client, which refuses to load
             // an RSA identity with the same words).
             warn!(peer = %self.peer, login = user, reason = "rsa_not_supported", "login refused: {}", postern_dial::ssh::RSA_NOT_SUPPORTED);
-            counter!(m::AUTH_FAILURES, "reason" => "rsa_not_supported").increment(1);
+            counter!(m::AUTH_FAILURES, "reason" => "rsa_not_supported", "transport" => crate::link::SSH)
+                .increment(1);
             return Ok(Auth::Reject {
                 proceed_with_methods: None,
                 partial_success: false,
@@ -67,6 +67,15 @@ impl Handler for Conn {
         certificate: &Certificate,
     ) -> Result<Auth, Self::Error> {
         self.state.attempt_seen.store(true, Ordering::Relaxed);
+        if let Some(why) = self.over_identity_limit(user) {
+            warn!(peer = %self.peer, login = user, reason = "auth_failures_per_identity", "login refused: {why}");
+            counter!(m::LIMIT_REFUSALS, "limit" => "auth_failures_per_identity").increment(1);
+            self.state.refused.notify_one();
+            return Ok(Auth::Reject {
+                proceed_with_methods: Some(russh::MethodSet::empty()),
+                partial_success: false,
+            });
+        }
         let checked = self.check(user, certificate).and_then(|role| {
             self.admit(&role)
                 .map(|()| role)
@@ -116,54 +125,15 @@ impl Handler for Conn {
             warn!(peer = %self.peer, target = address, "tcpip-forward refused: only agents register targets");
             return Ok(false);
         };
-        if let Err(e) = validate_label("target", address) {
-            warn!(cluster = %tunnel.cluster, host_id = %tunnel.host_id, error = %e, "tcpip-forward refused");
-            counter!(m::TARGET_REFUSALS, "reason" => "bad_name").increment(1);
-            return Ok(false);
-        }
-        if let Some(Role::Agent { role, .. }) = &self.role
-            && role != ROLE_AUTH
-            && is_reserved_target(address)
-        {
-            warn!(
-                cluster = %tunnel.cluster,
-                host_id = %tunnel.host_id,
-                role = %role,
-                target = address,
-                "tcpip-forward refused: only the Auth server's own agent (certificate role 'auth') may register the reserved targets auth and login"
-            );
-            counter!(m::TARGET_REFUSALS, "reason" => "reserved_target").increment(1);
-            return Ok(false);
-        }
-        let registered = self.shared.routing.all().iter().any(|t| t.id == tunnel.id);
-        if !registered
-            && self.shared.routing.count(&tunnel.cluster)
-                >= self.shared.limits.max_tunnels_per_cluster
-        {
-            warn!(
-                cluster = %tunnel.cluster,
-                host_id = %tunnel.host_id,
-                limit = self.shared.limits.max_tunnels_per_cluster,
-                "tcpip-forward refused: the cluster is at its tunnel limit on this proxy"
-            );
-            counter!(m::LIMIT_REFUSALS, "limit" => "tunnels_per_cluster").increment(1);
-            counter!(m::TARGET_REFUSALS, "reason" => "tunnels_per_cluster").increment(1);
-            return Ok(false);
-        }
-        tunnel.add_target(address);
-        // A host id has one tunnel per proxy: a newer login of the same agent replaces the older
-        // (a reconnect racing its half-open predecessor), which is closed with a reason.
-        let claim = self.shared.routing.insert_claiming(tunnel.clone());
-        let first = claim.new;
-        crate::routing::close_replaced(claim.replaced).await;
-        if first {
-            counter!(m::TUNNEL_CONNECTS, "cluster" => tunnel.cluster.clone()).increment(1);
-            info!(cluster = %tunnel.cluster, host_id = %tunnel.host_id, peer = %self.peer, "tunnel up");
-        }
-        gauge!(m::TUNNELS_CONNECTED, "cluster" => tunnel.cluster.clone())
-            .set(self.shared.routing.count(&tunnel.cluster) as f64);
-        info!(cluster = %tunnel.cluster, host_id = %tunnel.host_id, target = address, "target registered");
-        Ok(true)
+        let role = match &self.role {
+            Some(Role::Agent { role, .. }) => role.clone(),
+            _ => String::new(),
+        };
+        Ok(
+            super::register::register_target(&self.shared, &tunnel, &role, address)
+                .await
+                .is_ok(),
+        )
     }
 
     async fn cancel_tcpip_forward(
@@ -369,6 +339,7 @@ impl Conn {
             source: self.peer.to_string(),
             cluster,
             target,
+            transport: "",
         }
     }
 
@@ -380,7 +351,10 @@ impl Conn {
         target: &StreamTarget,
     ) -> Result<Option<crate::policy::registry::StreamGuard>, (&'static str, String)> {
         let Some(Role::Client {
-            user, cert_roles, ..
+            user,
+            cert_roles,
+            request,
+            ..
         }) = &self.role
         else {
             return Err(("forbidden", "only clients open streams".into()));
@@ -388,6 +362,7 @@ impl Conn {
         let who = crate::policy::Who {
             user: user.clone(),
             cert_roles: cert_roles.clone(),
+            request: request.clone(),
         };
         let labels = tunnel.labels(&target.target);
         if let Some(policy) = self.shared.policies.cluster(&target.cluster) {

@@ -4,17 +4,19 @@
 //! ## Layout
 //! - this file: [`TunnelShared`] (what every connection sees) and the accept loop [`serve`];
 //! - `conn`: one connection's life, from the SSH handshake to the end of its tunnel;
-//! - `checks`: the login checks on certificates (agents and clients);
+//! - `checks`: the login checks (certificates, policy, locks), for both transports;
+//! - `register`: target registration, for both transports;
 //! - `handler`: the russh handler: logins, target registration, stream requests and routing;
 //! - [`splice`]: opening the agent side of a stream and passing bytes both ways;
 //! - `control`: the `@control` channel;
 //! - [`ssh_config`]: the russh server settings.
 
 pub mod admission;
-mod checks;
+pub(crate) mod checks;
 mod conn;
 mod control;
 mod handler;
+pub(crate) mod register;
 pub mod splice;
 
 pub use splice::{SPLICE_QUEUE_CAP, splice};
@@ -44,7 +46,7 @@ use crate::routing::RoutingTable;
 use crate::trust::Trust;
 
 /// Deadline for an agent to answer a `forwarded-tcpip` open.
-pub(super) const AGENT_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const AGENT_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// State shared by every tunnel-listener connection.
 pub struct TunnelShared {
@@ -62,8 +64,13 @@ pub struct TunnelShared {
     pub limits: crate::config::LimitsConfig,
     /// New connections per source address, this minute.
     pub connects_by_source: crate::login::Limiter,
-    /// Failed logins per source address, this minute.
+    /// Identities (login names) that failed to log in from each source address, this minute:
+    /// one identity counts once however often it retries, so one misconfigured agent cannot
+    /// lock its neighbours out; many different identities failing from one address do.
     pub failures_by_source: crate::login::Limiter,
+    /// Failed logins per (source address, login name), this minute: past the limit that
+    /// identity's logins from that address are refused, and nobody else's.
+    pub failures_by_identity: crate::login::Limiter,
     /// Seconds agents are told they have to move, on drain.
     pub grace_secs: u32,
     /// This proxy's id (control hello).
@@ -86,7 +93,8 @@ pub struct TunnelShared {
     pub audit: Arc<crate::audit::StreamAudit>,
     /// Each cluster's proxy set, sent to agents on `@control` (set after `new`).
     pub peers: Arc<crate::peers::Peers>,
-    pub(super) next_id: AtomicU64,
+    /// The next tunnel id (both transports draw from it).
+    pub(crate) next_id: AtomicU64,
 }
 
 impl TunnelShared {
@@ -108,6 +116,7 @@ impl TunnelShared {
             limits: crate::config::LimitsConfig::default(),
             connects_by_source: crate::login::Limiter::default(),
             failures_by_source: crate::login::Limiter::default(),
+            failures_by_identity: crate::login::Limiter::default(),
             grace_secs,
             proxy_id,
             draining: CancellationToken::new(),
@@ -211,38 +220,9 @@ fn admit(
     conns: &TaskTracker,
     direct: bool,
 ) {
-    let admitted = over_source_limits(&shared, peer).map_or_else(
-        || {
-            shared
-                .pre_login
-                .admit(
-                    peer.ip(),
-                    max_unauthenticated,
-                    shared.limits.max_unauthenticated_per_source,
-                )
-                .map_err(|admission::Refusal::PerSource { limit }| {
-                    (
-                        "unauthenticated_per_source",
-                        format!(
-                            "too many connections from {} still logging in (limit {limit}): \
-                             retry when they are done",
-                            peer.ip()
-                        ),
-                    )
-                })
-        },
-        Err,
-    );
-    let slot = match admitted {
-        Ok((slot, evicted)) => {
-            if evicted {
-                debug!(%peer, "pre-login pool full: dropped the oldest connection of the busiest source");
-            }
-            slot
-        }
-        Err((limit, why)) => {
-            info!(%peer, limit, "connection refused: {why}");
-            counter!(m::LIMIT_REFUSALS, "limit" => limit).increment(1);
+    let slot = match admit_pre_login(&shared, peer, max_unauthenticated) {
+        Ok(slot) => slot,
+        Err((_, why)) => {
             // Lines before the SSH identification are allowed (RFC 4253 4.2): say why, then close.
             conns.spawn(async move {
                 let mut socket = socket;
@@ -281,16 +261,64 @@ fn admit(
     );
 }
 
+/// The admission of a new connection from `peer`, either transport: the per-source limits, then a
+/// pre-login slot (see [`admission`]). A refusal is `(limit label, reason)`, logged and counted
+/// here.
+pub(crate) fn admit_pre_login(
+    shared: &TunnelShared,
+    peer: SocketAddr,
+    max_unauthenticated: usize,
+) -> Result<admission::Slot, (&'static str, String)> {
+    let admitted = over_source_limits(shared, peer).map_or_else(
+        || {
+            shared
+                .pre_login
+                .admit(
+                    peer.ip(),
+                    max_unauthenticated,
+                    shared.limits.max_unauthenticated_per_source,
+                )
+                .map_err(|admission::Refusal::PerSource { limit }| {
+                    (
+                        "unauthenticated_per_source",
+                        format!(
+                            "too many connections from {} still logging in (limit {limit}): \
+                             retry when they are done",
+                            peer.ip()
+                        ),
+                    )
+                })
+        },
+        Err,
+    );
+    match admitted {
+        Ok((slot, evicted)) => {
+            if evicted {
+                debug!(%peer, "pre-login pool full: dropped the oldest connection of the busiest source");
+            }
+            Ok(slot)
+        }
+        Err((limit, why)) => {
+            info!(%peer, limit, "connection refused: {why}");
+            counter!(m::LIMIT_REFUSALS, "limit" => limit).increment(1);
+            Err((limit, why))
+        }
+    }
+}
+
 /// A refusal before the handshake: too many connections, or too many failed logins, from one
 /// source address this minute.
-fn over_source_limits(shared: &TunnelShared, peer: SocketAddr) -> Option<(&'static str, String)> {
+pub(crate) fn over_source_limits(
+    shared: &TunnelShared,
+    peer: SocketAddr,
+) -> Option<(&'static str, String)> {
     let ip = peer.ip().to_string();
     let l = &shared.limits;
     if shared.failures_by_source.count(&ip) >= l.max_auth_failures_per_source_per_minute {
         return Some((
             "auth_failures_per_source",
             format!(
-                "too many failed logins from {ip} (limit {} per minute): retry in a minute",
+                "too many identities failed to log in from {ip} (limit {} per minute): retry in a minute",
                 l.max_auth_failures_per_source_per_minute
             ),
         ));

@@ -1,4 +1,6 @@
-//! A client stream: the agent side opened, then bytes passed both ways.
+//! A client stream, either transport: the agent side opened on the tunnel's link, the audit and
+//! metrics, then bytes passed both ways ([`splice`] to an SSH channel, [`crate::quic::splice`] to
+//! a QUIC stream).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -12,6 +14,7 @@ use tracing::{debug, info};
 use tunnel_proto::credit::{CREDIT_EXT, CREDIT_VERSION, STREAM_WINDOW};
 use tunnel_proto::names::StreamTarget;
 
+use crate::link::{AgentStream, OpenError};
 use crate::metrics as m;
 use crate::routing::Tunnel;
 
@@ -26,22 +29,21 @@ pub(super) async fn open_stream(
     client: Channel<Msg>,
     reply: ChannelOpenHandle,
 ) {
-    // Whether the agent speaks per-stream credit: its control hello says (normally long since
-    // arrived; a stream racing the agent's first hello waits for it).
-    let credit = peer_version(tunnel.agent_version.subscribe()).await >= CREDIT_VERSION;
-    let agent = tokio::time::timeout(
-        AGENT_OPEN_TIMEOUT,
-        tunnel.handle.channel_open_forwarded_tcpip(
-            target.target.clone(),
+    let mut open = open;
+    open.info.transport = tunnel.link.transport();
+    let opened = tunnel
+        .link
+        .open_stream(
+            &target.target,
             open.port,
-            open.originator.0.clone(),
+            &open.originator.0,
             open.originator.1,
-        ),
-    )
-    .await;
-    let agent = match agent {
-        Ok(Ok(ch)) => ch,
-        Ok(Err(e)) => {
+            AGENT_OPEN_TIMEOUT,
+        )
+        .await;
+    let agent = match opened {
+        Ok(agent) => agent,
+        Err(OpenError::Refused(e)) => {
             let why = format!(
                 "agent {} of cluster {} could not open target {}: {e}",
                 tunnel.host_id, target.cluster, target.target
@@ -54,7 +56,7 @@ pub(super) async fn open_stream(
                 .await;
             return;
         }
-        Err(_) => {
+        Err(OpenError::Timeout) => {
             counter!(m::STREAM_OPENS, "result" => "agent_timeout").increment(1);
             shared
                 .audit
@@ -76,7 +78,18 @@ pub(super) async fn open_stream(
     tunnel.active_streams.fetch_add(1, Ordering::Relaxed);
     gauge!(m::STREAMS_ACTIVE).increment(1.0);
     debug!("stream open");
-    let (up, down) = splice(client, agent, &shared.hard_stop, credit).await;
+    let (up, down) = match agent {
+        AgentStream::Ssh(channel) => {
+            // Whether the agent speaks per-stream credit: its control hello says (normally long
+            // since arrived; a stream racing the agent's first hello waits for it).
+            let credit = peer_version(tunnel.agent_version.subscribe()).await >= CREDIT_VERSION;
+            splice(client, channel, &shared.hard_stop, credit).await
+        }
+        // QUIC's own per-stream flow control does what the credit layer does on SSH.
+        AgentStream::Quic { send, recv, early } => {
+            crate::quic::splice::splice(client, send, recv, early, &shared.hard_stop).await
+        }
+    };
     let why = if shared.hard_stop.is_cancelled() {
         "proxy shutting down"
     } else {

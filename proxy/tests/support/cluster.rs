@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use postern_agent::AgentConfig;
-use postern_agent::config::Target;
+use postern_agent::config::{Target, TransportMode};
 use postern_api::identity::IdentityFile;
 use postern_api::proto::*;
 use postern_auth::AuthConfig;
@@ -172,9 +172,21 @@ impl Cluster {
         stale_after_secs: u64,
         process: bool,
     ) -> Cluster {
+        Cluster::start_tweaked(name, proxies, stale_after_secs, process, |_| {}).await
+    }
+
+    /// As [`Cluster::start_with`], with `tweak` applied to the Auth server's config first.
+    pub async fn start_tweaked(
+        name: &str,
+        proxies: usize,
+        stale_after_secs: u64,
+        process: bool,
+        tweak: impl FnOnce(&mut AuthConfig),
+    ) -> Cluster {
         init_tracing();
         let dir = tempfile::tempdir().unwrap();
         let mut auth_cfg = auth_config(dir.path(), name);
+        tweak(&mut auth_cfg);
         let (host_ca, user_ca, issuer) = {
             let p = postern_auth::server::prepare(&auth_cfg).unwrap();
             let a = &p.state.authorities;
@@ -357,8 +369,20 @@ impl Cluster {
         i: usize,
         targets: &[TargetSpec<'_>],
     ) -> Agent {
+        self.service_agent_on(host_id, i, targets, TransportMode::Ssh)
+            .await
+    }
+
+    /// As [`Cluster::service_agent`], dialling over `transport` only.
+    pub async fn service_agent_on(
+        &self,
+        host_id: &str,
+        i: usize,
+        targets: &[TargetSpec<'_>],
+        transport: TransportMode,
+    ) -> Agent {
         let path = self.enroll(host_id, i).await;
-        let cfg = agent_cfg(
+        let mut cfg = agent_cfg(
             &self.name,
             host_id,
             &self.proxies[i],
@@ -366,6 +390,7 @@ impl Cluster {
             path,
             targets.iter().copied(),
         );
+        cfg.transport.mode = transport;
         start_agent(cfg)
     }
 
@@ -377,6 +402,7 @@ impl Cluster {
                 kind: "agent".into(),
                 ttl_secs: 600,
                 uses: 0,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -400,6 +426,53 @@ impl Cluster {
         )
         .unwrap();
         path
+    }
+
+    /// The cluster's CA pin, computed from its host CA line as `pctl status` does.
+    pub fn ca_pin(&self) -> String {
+        let key = russh::keys::ssh_key::PublicKey::from_openssh(&self.host_ca).unwrap();
+        let fp = key.fingerprint(russh::keys::HashAlg::Sha256);
+        tunnel_proto::join::ca_pin(fp.as_bytes())
+    }
+
+    /// A single-use agent join token valid for `ttl_secs`.
+    pub async fn agent_token(&self, ttl_secs: u64) -> String {
+        self.admin
+            .create_token(CreateTokenRequest {
+                kind: "agent".into(),
+                ttl_secs,
+                uses: 0,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .token
+    }
+
+    /// An agent config on proxy 0 that joins with `token` (written 0600 to a file) and `pin`,
+    /// and has no key yet; it serves a target named like itself (`host_id`) at `target`.
+    pub fn joining_agent(
+        &self,
+        host_id: &str,
+        token: &str,
+        pin: &str,
+        target: SocketAddr,
+    ) -> AgentConfig {
+        let dir = self.dir.path().join(format!("join-{host_id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let token_file = dir.join("token");
+        mint::write_file(&token_file, token.as_bytes(), 0o600).unwrap();
+        let mut cfg = agent_cfg(
+            &self.name,
+            host_id,
+            &self.proxies[0],
+            &self.host_ca,
+            dir.join("agent_key"),
+            [(host_id, target, &[][..])],
+        );
+        cfg.join_token_file = Some(token_file);
+        cfg.ca_pin = Some(pin.into());
+        cfg
     }
 
     /// Creates a role from YAML.
@@ -478,13 +551,15 @@ pub fn agent_cfg<'a>(
         },
         host_key_file: key,
         host_cert_file: None,
+        join_token_file: None,
+        ca_pin: None,
         proxy_host_ca: vec![host_ca.into()],
         proxy_host_keys: vec![],
         targets: targets
             .into_iter()
             .map(|(n, addr, labels)| {
                 let t = Target {
-                    addr,
+                    addr: addr.into(),
                     labels: labels
                         .iter()
                         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -495,6 +570,13 @@ pub fn agent_cfg<'a>(
             .collect(),
         keepalive_interval_secs: 5,
         reconnect: Default::default(),
+        ops_listen: None,
+        // These clusters exercise the SSH transport unless a test asks for QUIC
+        // (`Cluster::service_agent_on`).
+        transport: postern_agent::config::TransportConfig {
+            mode: postern_agent::config::TransportMode::Ssh,
+            ..Default::default()
+        },
         pool: Default::default(),
     }
 }

@@ -246,6 +246,8 @@ pub fn agent_config(
         },
         host_key_file: pki.agent_files(host_id),
         host_cert_file: None,
+        join_token_file: None,
+        ca_pin: None,
         proxy_host_ca: vec![pki.host_ca.public_key().to_openssh().unwrap()],
         proxy_host_keys: vec![],
         targets: targets
@@ -254,8 +256,26 @@ pub fn agent_config(
             .collect::<BTreeMap<_, _>>(),
         keepalive_interval_secs: 5,
         reconnect: Default::default(),
+        ops_listen: None,
+        // These tests exercise the SSH transport; QUIC tests use `quic_agent_config`.
+        transport: postern_agent::config::TransportConfig {
+            mode: postern_agent::config::TransportMode::Ssh,
+            ..Default::default()
+        },
         pool: Default::default(),
     }
+}
+
+/// An agent that dials the proxy over QUIC only (discovered from the web address).
+pub fn quic_agent_config(
+    pki: &Pki,
+    host_id: &str,
+    proxy: &Proxy,
+    targets: &[(&str, SocketAddr)],
+) -> AgentConfig {
+    let mut c = agent_config(pki, host_id, proxy, targets);
+    c.transport.mode = postern_agent::config::TransportMode::Quic;
+    c
 }
 
 pub struct Agent {

@@ -62,9 +62,13 @@ impl Backend for PostgresBackend {
                 return Ok(false);
             }
             for (k, v) in &entries {
-                tx.execute("INSERT INTO meta (key, value) VALUES ($1, $2)", &[k, v])
-                    .await
-                    .map_err(|x| e.pg(x))?;
+                tx.execute(
+                    "INSERT INTO meta (key, value) VALUES ($1, $2)
+                     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                    &[k, v],
+                )
+                .await
+                .map_err(|x| e.pg(x))?;
             }
             tx.commit().await.map_err(|x| e.pg(x))?;
             Ok(true)
@@ -208,6 +212,48 @@ impl Backend for PostgresBackend {
                 .await
                 .map_err(|x| e.pg(x))?;
             Ok(row.map(|r| (r.get(0), r.get::<_, i64>(1) as u64)))
+        })
+    }
+
+    fn add_elevated_cert(
+        &self,
+        fingerprint: &str,
+        user: &str,
+        expires: u64,
+        request_id: &str,
+    ) -> Result<(), StorageError> {
+        let (fp, user, req) = (
+            fingerprint.to_owned(),
+            user.to_owned(),
+            request_id.to_owned(),
+        );
+        self.call(move |c, e| async move {
+            c.execute(
+                r#"INSERT INTO tls_certs (fingerprint, "user", expires, request_id)
+                   VALUES ($1, $2, $3, $4)
+                   ON CONFLICT (fingerprint) DO UPDATE SET "user" = EXCLUDED."user",
+                   expires = EXCLUDED.expires, request_id = EXCLUDED.request_id"#,
+                &[&fp, &user, &(expires as i64), &req],
+            )
+            .await
+            .map_err(|x| e.pg(x))?;
+            Ok(())
+        })
+    }
+
+    fn cert_request(&self, fingerprint: &str) -> Result<Option<String>, StorageError> {
+        let fp = fingerprint.to_owned();
+        self.call(move |c, e| async move {
+            let row = c
+                .query_opt(
+                    "SELECT request_id FROM tls_certs WHERE fingerprint = $1",
+                    &[&fp],
+                )
+                .await
+                .map_err(|x| e.pg(x))?;
+            Ok(row
+                .map(|r| r.get::<_, String>(0))
+                .filter(|id| !id.is_empty()))
         })
     }
 

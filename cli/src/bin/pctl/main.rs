@@ -6,11 +6,11 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use postern_api::duration;
 use postern_api::identity::{IdentityFile, write_private_atomic};
 use postern_api::proto::*;
-use postern_api::{duration, resource};
-use postern_client::auth::{AuthClient, AuthClientError};
+use postern_client::auth::AuthClient;
 use postern_client::connect::Config;
 use postern_client::credentials::Credentials;
 use postern_client::profile::Profile;
@@ -18,8 +18,15 @@ use postern_dial::mint;
 use postern_dial::web::WebTrust;
 use russh::keys::ssh_key::LineEnding;
 
+mod output;
+
+mod create;
 mod events;
+mod get;
 mod locks;
+mod requests;
+
+use output::{Format, human_time, out, outln};
 
 #[derive(Parser)]
 #[command(name = "pctl", version, about = "Administer a Postern cluster")]
@@ -59,9 +66,11 @@ struct Conn {
 enum Command {
     /// Cluster name, server version, and who you are.
     Status,
-    /// Create resources from YAML (`-f -` reads stdin; several documents allowed).
+    /// Create resources from YAML or JSON (`-f -` reads stdin; several documents allowed): roles,
+    /// and users (each new user's signup secret goes to ./NAME.signup, 0600).
     Create {
-        /// File with one or more `kind: role` documents.
+        /// File with `kind: role` and `kind: user` documents (what `pctl get --format yaml|json`
+        /// prints).
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
         /// Overwrite existing resources.
@@ -72,9 +81,10 @@ enum Command {
     Get {
         /// What to show.
         what: String,
-        /// Output format.
-        #[arg(long, value_enum, default_value_t = Format::Yaml)]
-        format: Format,
+        /// Output format [default: yaml for roles and users (what `create -f` reads back),
+        /// text for tokens, locks and events].
+        #[arg(long, value_enum)]
+        format: Option<Format>,
         /// Event filters (`get events --type=stream --user=NAME --since=1h`).
         #[command(flatten)]
         filter: events::EventFilter,
@@ -82,6 +92,11 @@ enum Command {
     /// Lock a user, a role or an agent: every proxy refuses its new streams and closes its open
     /// ones within seconds, with --message as the reason.
     Lock(locks::LockArgs),
+    /// Review access requests: ls, approve ID, deny ID.
+    Requests {
+        #[command(subcommand)]
+        command: requests::RequestsCommand,
+    },
     /// Remove a resource: role/NAME, user/NAME, token/ID, lock/ID.
     Rm {
         /// What to remove.
@@ -102,13 +117,20 @@ enum Command {
         #[command(subcommand)]
         command: TokensCommand,
     },
-}
-
-#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
-enum Format {
-    Yaml,
-    Json,
-    Text,
+    /// Print a shell completion script: `pctl completion bash > /etc/bash_completion.d/pctl`.
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Check the path to the Auth API through a proxy, step by step, and say how to fix the first
+    /// step that fails: `pctl --proxy WEB --web-pin SHA256 -i FILE doctor`.
+    Doctor,
+    /// Write man pages (pctl.1 and one per subcommand) into a directory.
+    Man {
+        /// Where to write them.
+        #[arg(long, default_value = ".")]
+        out_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -194,9 +216,12 @@ enum AuthCommand {
 enum TokensCommand {
     /// Create a join token; the secret goes to a 0600 file.
     Add {
-        /// Token kind.
+        /// Token kind: `agent` (enrolls an agent) or `bot` (a Machine ID bot, with --user).
         #[arg(long = "type", default_value = "agent")]
         kind: String,
+        /// The user a `bot` token is bound to: the bot's identity is this user's.
+        #[arg(long)]
+        user: Option<String>,
         /// Where to write it.
         #[arg(long)]
         out: PathBuf,
@@ -208,7 +233,11 @@ enum TokensCommand {
         uses: u32,
     },
     /// List tokens (ids and expiry; never the secrets).
-    Ls,
+    Ls {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
     /// Delete a token by id.
     Rm {
         /// Token id (from `pctl tokens ls`).
@@ -216,17 +245,22 @@ enum TokensCommand {
     },
 }
 
-/// Connects with the same loaders the SDK offers: `-i FILE` (an identity file) with
-/// `--auth-server` or `--proxy`; the admin identity with `--data-dir`; else the `psh login`
-/// profile if there is one, else the local Auth server's data dir.
-async fn connect(c: &Conn) -> anyhow::Result<AuthClient> {
-    let trust = match (&c.web_pin, &c.web_ca, c.insecure) {
+/// How the proxy's web certificate is trusted: --web-pin, --web-ca, --insecure, or none given.
+fn web_trust(c: &Conn) -> anyhow::Result<Option<WebTrust>> {
+    Ok(match (&c.web_pin, &c.web_ca, c.insecure) {
         (Some(p), None, false) => Some(WebTrust::Pin(p.clone())),
         (None, Some(f), false) => Some(WebTrust::roots_from_pem_file(f)?),
         (None, None, true) => Some(WebTrust::Insecure),
         (None, None, false) => None,
         _ => bail!("give at most one of --web-pin, --web-ca and --insecure"),
-    };
+    })
+}
+
+/// Connects with the same loaders the SDK offers: `-i FILE` (an identity file) with
+/// `--auth-server` or `--proxy`; the admin identity with `--data-dir`; else the `psh login`
+/// profile if there is one, else the local Auth server's data dir.
+async fn connect(c: &Conn) -> anyhow::Result<AuthClient> {
+    let trust = web_trust(c)?;
     let with_identity = |addr: &str, flag: &str| -> anyhow::Result<Config> {
         let id = c
             .identity
@@ -294,67 +328,6 @@ fn ttl_secs(text: &Option<String>) -> anyhow::Result<u64> {
     }
 }
 
-fn print_roles(roles: &[Role], format: Format) {
-    match format {
-        Format::Yaml => print!("{}", resource::roles_to_yaml(roles)),
-        Format::Json => println!("{}", resource::roles_to_json(roles)),
-        Format::Text => {
-            println!(
-                "{:<24} {:<8} {:<10} ALLOW RULES",
-                "NAME", "VERSION", "REVISION"
-            );
-            for r in roles {
-                let rules: Vec<String> = r
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.allow.as_ref())
-                    .map(|a| {
-                        a.rules
-                            .iter()
-                            .map(|x| format!("{}:{}", x.resources.join("+"), x.verbs.join("+")))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                println!(
-                    "{:<24} {:<8} {:<10} {}",
-                    r.name,
-                    r.version,
-                    r.revision,
-                    rules.join(" ")
-                );
-            }
-        }
-    }
-}
-
-fn print_users(users: &[User], format: Format) -> anyhow::Result<()> {
-    match format {
-        Format::Json => {
-            let v: Vec<_> = users
-                .iter()
-                .map(|u| serde_json::json!({"name": u.name, "roles": u.roles, "created": u.created, "revision": u.revision}))
-                .collect();
-            println!("{}", serde_json::to_string_pretty(&v)?);
-        }
-        Format::Yaml => {
-            for u in users {
-                println!(
-                    "kind: user\nmetadata:\n  name: {}\nspec:\n  roles: [{}]\nversion: v2\n---",
-                    u.name,
-                    u.roles.join(", ")
-                );
-            }
-        }
-        Format::Text => {
-            println!("{:<24} ROLES", "USER");
-            for u in users {
-                println!("{:<24} {}", u.name, u.roles.join(","));
-            }
-        }
-    }
-    Ok(())
-}
-
 fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
     write_private_atomic(path, format!("{text}\n").as_bytes())
         .with_context(|| format!("{}", path.display()))
@@ -377,107 +350,95 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Completion { shell } => {
+            let mut buf = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "pctl", &mut buf);
+            out!("{}", String::from_utf8_lossy(&buf));
+            return Ok(());
+        }
+        Command::Doctor => {
+            let web =
+                cli.conn.proxy.as_deref().context(
+                    "doctor checks the path through a proxy: give --proxy WEB and -i FILE",
+                )?;
+            let id = cli
+                .conn
+                .identity
+                .as_deref()
+                .context("doctor needs an identity file (-i FILE)")?;
+            let trust = web_trust(&cli.conn)?
+                .context("doctor needs --web-pin SHA256, --web-ca FILE or --insecure")?;
+            postern_client::doctor::run(web, trust, id, &mut |step| outln!("{step}")).await?;
+            return Ok(());
+        }
+        Command::Man { out_dir } => {
+            std::fs::create_dir_all(out_dir).with_context(|| format!("{}", out_dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), out_dir)
+                .with_context(|| format!("writing man pages to {}", out_dir.display()))?;
+            outln!("man pages written to {}", out_dir.display());
+            return Ok(());
+        }
+        _ => {}
+    }
     let client = connect(&cli.conn).await?;
     match cli.command {
         Command::Status => {
             let p = client.ping(PingRequest {}).await?;
-            println!(
+            outln!(
                 "Cluster:  {}\nVersion:  {}\nUser:     {}\nRoles:    {}",
                 p.cluster,
                 p.server_version,
                 p.user,
                 p.roles.join(", ")
             );
+            // The pin agents join with (`ca_pin` in agent.toml): the host CA's SHA-256.
+            match client
+                .export_authorities(ExportAuthoritiesRequest {
+                    kind: "host".into(),
+                })
+                .await
+            {
+                Ok(r) => {
+                    for line in r.entries {
+                        let key = russh::keys::ssh_key::PublicKey::from_openssh(line.trim())?;
+                        let fp = key.fingerprint(russh::keys::HashAlg::Sha256);
+                        println!("CA pin:   {}", tunnel_proto::join::ca_pin(fp.as_bytes()));
+                    }
+                }
+                Err(e) => println!("CA pin:   (not shown: {e})"),
+            }
         }
         Command::Create { file, force } => {
             let text = read_input(&file)?;
-            let roles =
-                resource::parse_roles(&text).with_context(|| format!("{}", file.display()))?;
-            for role in roles {
-                let name = role.name.clone();
-                let r = if force {
-                    client.upsert_role(role).await
-                } else {
-                    client.create_role(role).await
-                };
-                match r {
-                    Ok(_) => println!(
-                        "role '{name}' has been {}",
-                        if force {
-                            "created or updated"
-                        } else {
-                            "created"
-                        }
-                    ),
-                    Err(AuthClientError::Api {
-                        code: tonic::Code::AlreadyExists,
-                        ..
-                    }) => {
-                        bail!("role '{name}' already exists: use --force to overwrite it")
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
+            let (roles, users) = postern_api::user_resource::parse_resources(&text)
+                .with_context(|| format!("{}", file.display()))?;
+            create::roles(&client, roles, force).await?;
+            create::users(&client, users, force).await?;
         }
         Command::Get {
             what,
             format,
             filter,
-        } => match what.split_once('/') {
-            None if what == "events" && filter.kind.as_deref() == Some("stream") => {
-                events::print_stream(&client, &filter, format == Format::Json).await?
-            }
-            None if what == "events" && filter.kind.is_some() => {
-                bail!("--type: only 'stream' (stream access events); without it, API calls")
-            }
-            None if what == "roles" || what == "role" => {
-                print_roles(&client.list_roles(ListRolesRequest {}).await?.roles, format)
-            }
-            Some(("role" | "roles", name)) => print_roles(&[client.get_role(name).await?], format),
-            None if what == "users" || what == "user" => {
-                print_users(&client.list_users(ListUsersRequest {}).await?.users, format)?
-            }
-            Some(("user" | "users", name)) => print_users(&[client.get_user(name).await?], format)?,
-            None if what == "tokens" => {
-                for t in client.list_tokens(ListTokensRequest {}).await?.tokens {
-                    println!("{}  {}  expires {}", t.id, t.kind, t.expires);
-                }
-            }
-            None if what == "locks" => locks::print(&client, format == Format::Json).await?,
-            None if what == "events" => {
-                for e in client
-                    .list_audit_events(ListAuditEventsRequest { limit: 50 })
-                    .await?
-                    .events
-                {
-                    let verdict = if e.allowed { "allowed" } else { "DENIED" };
-                    println!(
-                        "{} {} {} {} {} {}",
-                        e.time_ms, e.user, e.action, e.resource, verdict, e.error
-                    );
-                }
-            }
-            _ => bail!(
-                "cannot get '{what}': use roles, role/NAME, users, user/NAME, tokens, locks or events"
-            ),
-        },
+        } => get::get(&client, &what, format, &filter).await?,
         Command::Rm { what } => match what.split_once('/') {
             Some(("role", name)) => {
                 client.delete_role(name).await?;
-                println!("role '{name}' has been deleted");
+                outln!("role '{name}' has been deleted");
             }
             Some(("user", name)) => {
                 client.delete_user(name).await?;
-                println!("user '{name}' has been deleted");
+                outln!("user '{name}' has been deleted");
             }
             Some(("token", id)) => {
                 client.delete_token(id).await?;
-                println!("token '{id}' has been deleted");
+                outln!("token '{id}' has been deleted");
             }
             Some(("lock", id)) => locks::rm(&client, id).await?,
             _ => bail!("cannot remove '{what}': use role/NAME, user/NAME, token/ID or lock/ID"),
         },
         Command::Lock(args) => locks::lock(&client, args).await?,
+        Command::Requests { command } => requests::run(&client, command).await?,
         Command::Users { command } => match command {
             UsersCommand::Add {
                 name,
@@ -495,14 +456,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .await?;
                 let path = secret_out.unwrap_or_else(|| PathBuf::from(format!("{name}.signup")));
                 write_secret(&path, &r.signup_secret)?;
-                println!(
+                outln!(
                     "user '{name}' has been created. Its one-time signup secret is in {} (0600, valid until {}): hand it over securely; `psh login` asks for it.",
                     path.display(),
-                    r.secret_expires
+                    human_time(r.secret_expires)
                 );
             }
             UsersCommand::Ls { format } => {
-                print_users(&client.list_users(ListUsersRequest {}).await?.users, format)?
+                get::users(&client.list_users(ListUsersRequest {}).await?.users, format)?
             }
             UsersCommand::Update { name, set_roles } => {
                 let u = client
@@ -513,11 +474,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         revision: 0,
                     })
                     .await?;
-                println!("user '{name}' now has roles: {}", u.roles.join(", "));
+                outln!("user '{name}' now has roles: {}", u.roles.join(", "));
             }
             UsersCommand::Rm { name } => {
                 client.delete_user(&name).await?;
-                println!("user '{name}' has been deleted");
+                outln!("user '{name}' has been deleted");
             }
         },
         Command::Auth { command } => match command {
@@ -548,10 +509,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                                 certs,
                             );
                             id.save(&out)?;
-                            println!(
+                            outln!(
                                 "identity of '{user}' written to {} (expires {})",
                                 out.display(),
-                                id.expires
+                                human_time(id.expires)
                             );
                         }
                         SignFormat::Tls => {
@@ -573,9 +534,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                                 certs.tls_cas.concat().as_bytes(),
                                 0o644,
                             )?;
-                            println!(
+                            outln!(
                                 "{base}.key, {base}.crt and {base}.cas written (expires {})",
-                                certs.expires
+                                human_time(certs.expires)
                             );
                         }
                         SignFormat::Openssh => {
@@ -592,9 +553,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                                 known.as_bytes(),
                                 0o644,
                             )?;
-                            println!(
+                            outln!(
                                 "{base} (0600), {base}-cert.pub and {base}.known_hosts written (expires {})",
-                                certs.expires
+                                human_time(certs.expires)
                             );
                         }
                     }
@@ -614,11 +575,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         format!("{}\n", certs.ssh_cert).as_bytes(),
                         0o644,
                     )?;
-                    println!(
+                    outln!(
                         "host key {} and certificate {} written (expires {})",
                         out.display(),
                         cert_path.display(),
-                        certs.expires
+                        human_time(certs.expires)
                     );
                 } else {
                     bail!("say what to sign for: --user NAME, --host ID or --proxy-names A,B");
@@ -630,13 +591,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .await?
                     .entries
                 {
-                    println!("{}", e.trim_end());
+                    outln!("{}", e.trim_end());
                 }
             }
         },
+        // Answered above, before connecting.
+        Command::Completion { .. } | Command::Man { .. } | Command::Doctor => {}
         Command::Tokens { command } => match command {
             TokensCommand::Add {
                 kind,
+                user,
                 out,
                 ttl,
                 uses,
@@ -647,30 +611,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         kind,
                         ttl_secs: ttl,
                         uses,
+                        user: user.unwrap_or_default(),
                     })
                     .await?;
                 write_secret(&out, &r.token)?;
                 let info = r.info.unwrap_or_default();
-                println!(
+                outln!(
                     "join token {} written to {} (expires {}, {} use{})",
                     info.id,
                     out.display(),
-                    info.expires,
+                    human_time(info.expires),
                     info.uses_left,
                     if info.uses_left == 1 { "" } else { "s" }
                 );
             }
-            TokensCommand::Ls => {
-                for t in client.list_tokens(ListTokensRequest {}).await?.tokens {
-                    println!(
-                        "{}  {}  expires {}  uses left {}",
-                        t.id, t.kind, t.expires, t.uses_left
-                    );
-                }
-            }
+            TokensCommand::Ls { format } => get::tokens(
+                &client.list_tokens(ListTokensRequest {}).await?.tokens,
+                format,
+            )?,
             TokensCommand::Rm { id } => {
                 client.delete_token(&id).await?;
-                println!("token '{id}' has been deleted");
+                outln!("token '{id}' has been deleted");
             }
         },
     }

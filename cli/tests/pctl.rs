@@ -411,12 +411,33 @@ async fn pctl_shows_stream_events_by_user_and_time() {
         None,
     )
     .await);
-    let lines: Vec<serde_json::Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(lines.len(), 1, "{out}");
+    assert!(
+        lines[0]["time"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z') && t.contains('T')),
+        "RFC 3339: {out}"
+    );
     assert_eq!(lines[0]["id"], "p-1");
     assert_eq!(lines[0]["user"], "carol");
     assert_eq!(lines[0]["bytes_in"], 5);
+}
+
+/// `pctl status` prints the CA pin agents join with: `sha256:` and the hex SHA-256 of the
+/// cluster's host CA key (the key `pctl auth export --type=host` prints).
+#[tokio::test]
+async fn pctl_status_prints_the_ca_pin() {
+    let env = start().await;
+    let out = ok(&pctl(&env, &["status"], None).await);
+    let pin = out
+        .lines()
+        .find_map(|l| l.strip_prefix("CA pin:"))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no CA pin in: {out}"));
+    let line = ok(&pctl(&env, &["auth", "export", "--type=host"], None).await);
+    let key = russh::keys::ssh_key::PublicKey::from_openssh(line.trim()).unwrap();
+    let fp = key.fingerprint(russh::keys::HashAlg::Sha256);
+    assert_eq!(pin, tunnel_proto::join::ca_pin(fp.as_bytes()));
+    assert!(tunnel_proto::join::parse_pin(pin).is_ok());
 }

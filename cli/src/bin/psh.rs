@@ -32,11 +32,15 @@ enum Command {
     /// Log in through a proxy and write the profile.
     Login {
         /// The proxy's web address (host:port).
-        #[arg(long)]
-        proxy: String,
+        #[arg(long, required_unless_present = "request_id")]
+        proxy: Option<String>,
         /// User name.
-        #[arg(long)]
-        user: String,
+        #[arg(long, required_unless_present = "request_id")]
+        user: Option<String>,
+        /// Use your approved access request ID: new certificates for the profile whose roles
+        /// include the approved ones, until the elevation ends (needs a current profile).
+        #[arg(long, conflicts_with_all = ["proxy", "user", "secret_file", "password_file"])]
+        request_id: Option<String>,
         /// Cluster (when the proxy serves several).
         #[arg(long)]
         cluster: Option<String>,
@@ -65,10 +69,86 @@ enum Command {
     Logout,
     /// Print an OpenSSH `Host` block for the cluster's targets (append it to ~/.ssh/config).
     Config,
+    /// Check the path to the cluster through the profile's proxy, step by step, and say how to
+    /// fix the first step that fails.
+    Doctor,
     /// Reach a target through the proxy with the profile's certificate.
     Proxy {
         #[command(subcommand)]
         what: ProxyCommand,
+    },
+    /// Ask for roles for a while (access requests), or see a request.
+    Request {
+        #[command(subcommand)]
+        what: RequestCommand,
+    },
+    /// Machine ID: keep an identity file renewed for programs (the SDK's dynamic identity
+    /// file loader).
+    Bot {
+        #[command(subcommand)]
+        what: BotCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BotCommand {
+    /// Join with a bot token (first start), write the identity file, renew it every
+    /// --interval until stopped (SIGINT/SIGTERM). Logs with RUST_LOG=info.
+    Start {
+        /// The proxy's web address (host:port).
+        #[arg(long)]
+        proxy: String,
+        /// The cluster.
+        #[arg(long)]
+        cluster: String,
+        /// The bot's name (in the audit log).
+        #[arg(long, default_value = "bot")]
+        name: String,
+        /// File holding the bot token (`pctl tokens add --type=bot --user=NAME`).
+        #[arg(long)]
+        token_file: PathBuf,
+        /// The cluster's CA pin (`pctl status` prints it).
+        #[arg(long)]
+        ca_pin: String,
+        /// The identity file to write and keep renewed.
+        #[arg(long)]
+        out: PathBuf,
+        /// How often to renew (e.g. 20m).
+        #[arg(long, default_value = "20m")]
+        interval: String,
+        /// The identity's lifetime [default: twice the interval; capped by the user's roles].
+        #[arg(long)]
+        ttl: Option<String>,
+        /// SHA-256 pin of the proxy's web certificate.
+        #[arg(long)]
+        web_pin: Option<String>,
+        /// PEM CA file for the proxy's web certificate.
+        #[arg(long)]
+        web_ca: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum RequestCommand {
+    /// Ask for roles; prints the request id and waits for a review unless --nowait.
+    Create {
+        /// Roles to request, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        roles: Vec<String>,
+        /// Why (shown to reviewers).
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// How long the elevation lasts once approved (e.g. 1h; capped by max_duration).
+        #[arg(long)]
+        duration: Option<String>,
+        /// Print the id and return without waiting.
+        #[arg(long)]
+        nowait: bool,
+    },
+    /// Show a request: its state, reviewer and the elevation's end.
+    Show {
+        /// The request id.
+        id: String,
     },
 }
 
@@ -122,8 +202,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let home = cli.home.clone().unwrap_or_else(Profile::default_dir);
     match cli.command {
         Command::Login {
+            request_id: Some(id),
+            ..
+        } => login_with_request(&home, &id).await?,
+        Command::Request { what } => request(&home, what).await?,
+        Command::Bot { what } => bot(what).await?,
+        Command::Login {
             proxy,
             user,
+            request_id: None,
             cluster,
             web_pin,
             web_ca,
@@ -132,6 +219,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             password_file,
             ttl,
         } => {
+            let (proxy, user) = (
+                proxy.context("--proxy is required")?,
+                user.context("--user is required")?,
+            );
             let trust = match (&web_pin, &web_ca, insecure) {
                 (Some(p), None, false) => WebTrust::Pin(p.clone()),
                 (None, Some(f), false) => WebTrust::roots_from_pem_file(f)?,
@@ -239,6 +330,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", openssh_config(&home, &p, &id).await?);
         }
         Command::Proxy { what } => proxy(&home, what).await?,
+        Command::Doctor => {
+            // Read without Profile::load, which refuses an expired identity: the doctor reports it.
+            let path = home.join("profile.toml");
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("{}: not logged in? run psh login", path.display()))?;
+            let p: Profile =
+                toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+            let trust = p.web_trust().map_err(anyhow::Error::msg)?;
+            postern_client::doctor::run(&p.proxy, trust, &home.join("identity"), &mut |step| {
+                println!("{step}")
+            })
+            .await?;
+        }
         Command::Logout => {
             if Profile::remove(&home)? {
                 println!("logged out: profile removed from {}", home.display());
@@ -248,6 +352,84 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The Auth API through the profile's proxy, as the profile's user.
+async fn auth_client(
+    home: &std::path::Path,
+) -> anyhow::Result<(Profile, postern_client::auth::AuthClient)> {
+    let (p, s) = session(home).await?;
+    let (_, id) = Profile::load(home)?;
+    let client =
+        postern_client::auth::AuthClient::connect_via_proxy(std::sync::Arc::new(s), &id).await?;
+    Ok((p, client))
+}
+
+/// `psh login --request-id=ID`: the profile's certificates again, with the approved roles.
+async fn login_with_request(home: &std::path::Path, id: &str) -> anyhow::Result<()> {
+    let (mut p, client) = auth_client(home)
+        .await
+        .context("psh login --request-id needs a current profile: run psh login first")?;
+    let identity = client.reissue_with_request(id).await?;
+    let certs = identity.ssh_cert.clone();
+    let parsed = russh::keys::ssh_key::Certificate::from_openssh(certs.trim())?;
+    if let Some(roles) = parsed.extensions().get(tunnel_proto::names::EXT_ROLES) {
+        p.roles = roles.split(',').map(str::to_owned).collect();
+    }
+    p.save(home, &identity)
+        .with_context(|| format!("writing the profile to {}", home.display()))?;
+    println!(
+        "logged in as {} with access request {id}: roles {}, certificates valid until {} (the elevation's end at the latest)",
+        p.user,
+        p.roles.join(", "),
+        identity.expires
+    );
+    Ok(())
+}
+
+/// `psh request create|show`.
+async fn request(home: &std::path::Path, what: RequestCommand) -> anyhow::Result<()> {
+    use postern_client::requests::describe;
+    let (_, client) = auth_client(home).await?;
+    match what {
+        RequestCommand::Create {
+            roles,
+            reason,
+            duration,
+            nowait,
+        } => {
+            let secs = match &duration {
+                Some(d) => postern_api::duration::parse_secs(d).map_err(anyhow::Error::msg)?,
+                None => 0,
+            };
+            let r = client.create_access_request(&roles, &reason, secs).await?;
+            println!("request {} created: {}", r.id, describe(&r));
+            if nowait {
+                println!("see it with: psh request show {}", r.id);
+                return Ok(());
+            }
+            println!("waiting for a reviewer (Ctrl-C stops waiting; the request stays)...");
+            let every = std::time::Duration::from_secs(1);
+            let timeout = std::time::Duration::from_secs(r.expires.saturating_sub(r.created));
+            let r = tokio::select! {
+                r = client.wait_for_review(&r.id, every, timeout) => r?,
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+            };
+            print_review(&r, &describe(&r));
+        }
+        RequestCommand::Show { id } => {
+            let r = client.get_access_request(&id).await?;
+            print_review(&r, &describe(&r));
+        }
+    }
+    Ok(())
+}
+
+fn print_review(r: &postern_api::proto::AccessRequest, line: &str) {
+    println!("{line}");
+    if r.state == "approved" && r.expires > mint::now_unix() {
+        println!("use it with: psh login --request-id={}", r.id);
+    }
 }
 
 /// A logged-in session with the profile's proxy.
@@ -367,4 +549,56 @@ async fn openssh_config(
         cert = q(&f.cert),
         known = q(&f.known_hosts),
     ))
+}
+
+/// `psh bot start`: parses the flags and runs [`postern_client::bot::run`] until a signal.
+async fn bot(what: BotCommand) -> anyhow::Result<()> {
+    let BotCommand::Start {
+        proxy,
+        cluster,
+        name,
+        token_file,
+        ca_pin,
+        out,
+        interval,
+        ttl,
+        web_pin,
+        web_ca,
+    } = what;
+    let secs = |s: &str| postern_api::duration::parse_secs(s).map_err(anyhow::Error::msg);
+    let interval = std::time::Duration::from_secs(secs(&interval)?);
+    let ttl = match ttl {
+        Some(t) => std::time::Duration::from_secs(secs(&t)?),
+        None => interval * 2,
+    };
+    let trust = match (web_pin, web_ca) {
+        (Some(p), None) => WebTrust::Pin(p),
+        (None, Some(f)) => WebTrust::roots_from_pem_file(&f)?,
+        (None, None) => postern_client::credentials::system_roots().map_err(anyhow::Error::msg)?,
+        _ => bail!("give at most one of --web-pin and --web-ca"),
+    };
+    let cfg = postern_client::bot::BotConfig {
+        proxy,
+        trust,
+        cluster,
+        name,
+        token_file,
+        ca_pin,
+        out,
+        interval,
+        ttl,
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let on_signal = stop.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        on_signal.cancel();
+    });
+    postern_client::bot::run(cfg, stop).await?;
+    Ok(())
 }

@@ -1,0 +1,665 @@
+//! The agent's QUIC transport: dial, log in by signing the connection's TLS exporter value with
+//! the host-certificate key, check the proxy's own signature the same way SSH checks its host
+//! certificate, register targets, then serve one QUIC stream per client stream.
+//!
+//! The wire contract is [`tunnel_proto::quic`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use postern_dial::DialError;
+use postern_dial::ssh::{Identity, ProxyVerifier};
+use russh::keys::{Certificate, PublicKey, PublicKeyOrCertificate};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+use tunnel_proto::control::{DecodeError, Message};
+use tunnel_proto::quic::{
+    AGENT_CONTEXT, ALPN, EXPORTER_LABEL, EXPORTER_LEN, Frame, PROXY_CONTEXT, sign_binding,
+    verify_binding,
+};
+
+use crate::config::{AgentConfig, TargetAddr};
+use crate::tunnel::{
+    Ended, HEARTBEAT, HELLO_DEADLINE, SPLICE_BUF, TARGET_CONNECT_TIMEOUT, web_trust,
+};
+
+/// Keepalive intervals without a single datagram from the proxy before the agent gives the
+/// connection up and redials.
+const LIVENESS_PROBES: u32 = 3;
+
+/// The agent's QUIC client endpoints: one UDP socket per address family for all its dials,
+/// created on first use, so that redialling does not churn sockets (a handshake that timed out
+/// would otherwise hold its socket until its idle timeout).
+#[derive(Default)]
+pub struct QuicClient {
+    endpoints: std::sync::Mutex<[Option<quinn::Endpoint>; 2]>,
+}
+
+impl QuicClient {
+    fn endpoint(&self, v6: bool) -> std::io::Result<quinn::Endpoint> {
+        let mut slots = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = &mut slots[usize::from(v6)];
+        if let Some(e) = slot {
+            return Ok(e.clone());
+        }
+        let bind: SocketAddr = if v6 {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            ([0, 0, 0, 0], 0).into()
+        };
+        let socket = std::net::UdpSocket::bind(bind)?;
+        let sock = socket2::SockRef::from(&socket);
+        let _ = sock.set_recv_buffer_size(4 << 20);
+        let _ = sock.set_send_buffer_size(4 << 20);
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            None,
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        *slot = Some(endpoint.clone());
+        Ok(endpoint)
+    }
+}
+
+/// A logged-in QUIC tunnel, targets registered.
+pub struct QuicTunnel {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    control: Control,
+    /// The proxy's id, from its hello (empty when it sent none).
+    proxy_id: String,
+    /// In an agent pool: the pool, and this tunnel's hold on its proxy.
+    pool: Option<(Arc<crate::pool::Pool>, crate::pool::Claim)>,
+}
+
+/// The control stream.
+struct Control {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    buf: BytesMut,
+}
+
+impl Control {
+    async fn read(&mut self) -> Result<Frame, String> {
+        loop {
+            match Frame::decode_from(&mut self.buf) {
+                Ok(f) => return Ok(f),
+                Err(DecodeError::Incomplete) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            match self.recv.read_chunk(64 * 1024, true).await {
+                Ok(Some(c)) => self.buf.extend_from_slice(&c.bytes),
+                Ok(None) => return Err("the proxy closed the control stream".into()),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    async fn write(&mut self, frames: &[Frame]) -> Result<(), String> {
+        let mut out = BytesMut::new();
+        for f in frames {
+            f.encode(&mut out).map_err(|e| e.to_string())?;
+        }
+        self.send.write_all(&out).await.map_err(|e| e.to_string())
+    }
+}
+
+fn quic_err(addr: &str, what: impl std::fmt::Display) -> DialError {
+    DialError::Quic {
+        addr: addr.to_owned(),
+        detail: what.to_string(),
+    }
+}
+
+/// Dials `addr` over QUIC. The QUIC/TLS handshake must complete within
+/// `transport.quic_handshake_timeout_ms` (past that the caller falls back to SSH); the login and
+/// registration then get [`postern_dial::ssh::HANDSHAKE_TIMEOUT`].
+///
+/// As dial number `attempt` of an agent pool, the tunnel claims its proxy's id (from the hello
+/// on the control stream) before registering any target: `Ok(None)` when the pool already holds
+/// that proxy (the connection is closed).
+pub async fn dial(
+    client: &QuicClient,
+    config: &AgentConfig,
+    identity: &Identity,
+    addr: &str,
+    verifier: &ProxyVerifier,
+    pool: Option<(&Arc<crate::pool::Pool>, u64)>,
+    shutdown: &CancellationToken,
+) -> Result<Option<QuicTunnel>, DialError> {
+    let t = &config.transport;
+    let target: SocketAddr = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| quic_err(addr, e))?
+        .next()
+        .ok_or_else(|| quic_err(addr, "no address"))?;
+    let endpoint = client
+        .endpoint(target.is_ipv6())
+        .map_err(|e| quic_err(addr, e))?;
+    // TLS: the proxy's web certificate, trusted as discovery trusts it (pin, CA, or anything);
+    // the proxy is then authenticated by its SSH host certificate bound to this connection.
+    let mut tls = postern_dial::web::tls_config(&web_trust(config)?)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| quic_err(addr, e))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut tc = quinn::TransportConfig::default();
+    let varint =
+        |v: u64| quinn::VarInt::from_u64(v.min((1 << 62) - 1)).unwrap_or(quinn::VarInt::MAX);
+    tc.max_concurrent_bidi_streams(t.quic_max_streams.into());
+    tc.max_concurrent_uni_streams(0u32.into());
+    tc.stream_receive_window(varint(t.quic_stream_window_bytes));
+    tc.receive_window(varint(t.connection_window()));
+    tc.keep_alive_interval(Some(Duration::from_millis(t.quic_keepalive_ms)));
+    tc.max_idle_timeout(quinn::IdleTimeout::try_from(config.keepalive() * 4).ok());
+    client.transport_config(Arc::new(tc));
+    let host = postern_dial::web::host_of(addr);
+    let connecting = endpoint
+        .connect_with(client, target, host)
+        .map_err(|e| quic_err(addr, e))?;
+    let bound = Duration::from_millis(t.quic_handshake_timeout_ms);
+    let conn = match tokio::time::timeout(bound, connecting).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(quic_err(addr, format!("handshake failed: {e}"))),
+        Err(_) => {
+            return Err(quic_err(
+                addr,
+                format!("no QUIC handshake within {bound:?} (is UDP blocked?)"),
+            ));
+        }
+    };
+    let login = login(config, identity, &conn, verifier, addr, pool, shutdown);
+    match tokio::time::timeout(postern_dial::ssh::HANDSHAKE_TIMEOUT + HELLO_DEADLINE, login).await {
+        Ok(Ok(LoggedIn {
+            control,
+            proxy_id,
+            claim,
+        })) => Ok(Some(QuicTunnel {
+            endpoint,
+            conn,
+            control,
+            proxy_id,
+            pool: pool.map(|(p, _)| p.clone()).zip(claim),
+        })),
+        Ok(Err(LoginFailed::Duplicate)) => {
+            conn.close(0u32.into(), b"already connected");
+            Ok(None)
+        }
+        Ok(Err(e)) => {
+            conn.close(0u32.into(), b"login failed");
+            Err(match e {
+                LoginFailed::Refused(reason) => DialError::Refused {
+                    addr: addr.to_owned(),
+                    reason,
+                },
+                LoginFailed::Untrusted(detail) => DialError::HostVerification {
+                    addr: addr.to_owned(),
+                    detail,
+                },
+                LoginFailed::Other(e) => quic_err(addr, e),
+                LoginFailed::Duplicate => unreachable!("handled above"),
+            })
+        }
+        Err(_) => {
+            conn.close(0u32.into(), b"login timeout");
+            Err(quic_err(addr, "login timed out"))
+        }
+    }
+}
+
+fn exporter(conn: &quinn::Connection, context: &[u8]) -> Result<[u8; EXPORTER_LEN], String> {
+    let mut out = [0u8; EXPORTER_LEN];
+    conn.export_keying_material(&mut out, EXPORTER_LABEL, context)
+        .map_err(|_| "TLS exporter unavailable".to_string())?;
+    Ok(out)
+}
+
+/// How a QUIC login failed: what the agent's reconnect loop must tell apart (a refusal in words
+/// or an untrusted proxy is permanent; the rest is transient).
+enum LoginFailed {
+    /// The proxy refused this agent, saying why (a certificate, a lock).
+    Refused(String),
+    /// The proxy did not prove its host certificate.
+    Untrusted(String),
+    /// Anything else: the connection broke, or the proxy spoke out of turn.
+    Other(String),
+    /// In an agent pool: the pool already holds a tunnel to this proxy.
+    Duplicate,
+}
+
+/// A login that went through, targets registered.
+struct LoggedIn {
+    control: Control,
+    /// The proxy's id from its hello (empty when it sent none).
+    proxy_id: String,
+    /// In a pool: the hold on this proxy.
+    claim: Option<crate::pool::Claim>,
+}
+
+impl From<String> for LoginFailed {
+    fn from(e: String) -> Self {
+        LoginFailed::Other(e)
+    }
+}
+
+/// The login and the target registration on the control stream.
+async fn login(
+    config: &AgentConfig,
+    identity: &Identity,
+    conn: &quinn::Connection,
+    verifier: &ProxyVerifier,
+    addr: &str,
+    pool: Option<(&Arc<crate::pool::Pool>, u64)>,
+    shutdown: &CancellationToken,
+) -> Result<LoggedIn, LoginFailed> {
+    let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let mut control = Control {
+        send,
+        recv,
+        buf: BytesMut::new(),
+    };
+    let signature =
+        sign_binding(&identity.key, &exporter(conn, AGENT_CONTEXT)?).map_err(|e| e.to_string())?;
+    let auth = Frame::AgentAuth {
+        login: tunnel_proto::names::agent_login(&config.host_id, &config.cluster),
+        cert: identity.cert.to_openssh().map_err(|e| e.to_string())?,
+        signature,
+    };
+    control.write(&[auth]).await?;
+    match control.read().await? {
+        Frame::ProxyAuth { key, signature } => {
+            let (presented, public) = match Certificate::from_openssh(key.trim()) {
+                Ok(cert) => {
+                    let public = PublicKey::from(cert.public_key().clone());
+                    (PublicKeyOrCertificate::Certificate(cert), public)
+                }
+                Err(_) => {
+                    let k = PublicKey::from_openssh(key.trim())
+                        .map_err(|e| format!("the proxy's key is unreadable: {e}"))?;
+                    (
+                        PublicKeyOrCertificate::PublicKey {
+                            key: k.clone(),
+                            hash_alg: None,
+                        },
+                        k,
+                    )
+                }
+            };
+            if !verifier.verify(&presented) {
+                return Err(LoginFailed::Untrusted(
+                    "the proxy's host certificate is not trusted (proxy_host_ca / proxy_host_keys)"
+                        .into(),
+                ));
+            }
+            verify_binding(&public, &exporter(conn, PROXY_CONTEXT)?, &signature)
+                .map_err(|e| LoginFailed::Untrusted(format!("the proxy's proof: {e}")))?;
+        }
+        Frame::Refused { reason } => return Err(LoginFailed::Refused(reason)),
+        other => return Err(format!("unexpected answer to the login: {other:?}").into()),
+    }
+    // In a pool: which proxy is this? Its hello follows the proof. A second tunnel to a proxy
+    // already held is closed now, before any target is registered.
+    let mut proxy_id = String::new();
+    let mut claim = None;
+    if let Some((pool, attempt)) = pool {
+        let hello = async {
+            loop {
+                match control.read().await? {
+                    Frame::Control(Message::Hello { version, id }) => {
+                        debug!(version, proxy = %id, "control hello");
+                        return Ok::<_, String>(id);
+                    }
+                    other => debug!(?other, "control frame before the hello"),
+                }
+            }
+        };
+        // A proxy that does not say who it is in time is held as the one proxy at this address.
+        proxy_id = match tokio::time::timeout(HELLO_DEADLINE, hello).await {
+            Ok(r) => r?,
+            Err(_) => {
+                warn!(after = ?HELLO_DEADLINE, "no control hello from the proxy: held as the only proxy at this address");
+                format!("@{addr}")
+            }
+        };
+        claim = Some(
+            pool.claim(attempt, &proxy_id, shutdown)
+                .ok_or(LoginFailed::Duplicate)?,
+        );
+    }
+    // Each target's labels go first, as on SSH: no stream is decided on a target without them.
+    let labels = crate::labels::encode_target_labels(config);
+    control
+        .send
+        .write_all(&labels)
+        .await
+        .map_err(|e| e.to_string())?;
+    let registers: Vec<Frame> = config
+        .targets
+        .keys()
+        .map(|t| Frame::Register { target: t.clone() })
+        .collect();
+    control.write(&registers).await?;
+    let mut answered = 0;
+    let mut registered = 0;
+    while answered < registers.len() {
+        match control.read().await? {
+            Frame::Registered { target, ok, reason } => {
+                answered += 1;
+                if ok {
+                    registered += 1;
+                } else {
+                    warn!(%target, %reason, "proxy refused to register target");
+                }
+            }
+            Frame::Control(Message::ProxySet { ids }) => {
+                debug!(?ids, "proxy set");
+                if let Some((p, _)) = pool {
+                    p.proxy_set(&proxy_id, ids);
+                }
+            }
+            Frame::Control(m) => debug!(?m, "control message during registration"),
+            other => {
+                return Err(format!("unexpected frame during registration: {other:?}").into());
+            }
+        }
+    }
+    if registered == 0 {
+        return Err(LoginFailed::Refused(
+            "the proxy refused every target".into(),
+        ));
+    }
+    Ok(LoggedIn {
+        control,
+        proxy_id,
+        claim,
+    })
+}
+
+impl QuicTunnel {
+    /// Serves streams and the control stream until the connection ends, a drain order arrives,
+    /// or `shutdown` is cancelled.
+    pub async fn serve(self, config: &AgentConfig, shutdown: &CancellationToken) -> Ended {
+        let QuicTunnel {
+            endpoint,
+            conn,
+            mut control,
+            mut proxy_id,
+            pool,
+        } = self;
+        info!(
+            targets = config.targets.len(),
+            transport = "quic",
+            "tunnel up"
+        );
+        let active = Arc::new(AtomicUsize::new(0));
+        let targets: Arc<BTreeMap<String, TargetAddr>> = Arc::new(
+            config
+                .targets
+                .iter()
+                .map(|(name, t)| (name.clone(), t.addr.clone()))
+                .collect(),
+        );
+        let mut accept = Box::pin(accept_streams(
+            conn.clone(),
+            targets,
+            active.clone(),
+            config.cluster.clone(),
+        ));
+        let hello = Frame::Control(Message::Hello {
+            version: tunnel_proto::PROTOCOL_VERSION,
+            id: config.host_id.clone(),
+        });
+        let mut beat = tokio::time::interval(HEARTBEAT);
+        beat.tick().await;
+        // Liveness: the proxy acknowledges every keepalive, so a connection that has received
+        // nothing for LIVENESS_PROBES keepalive intervals is dead (a restarted or vanished proxy:
+        // UDP brings no reset, and QUIC's own probes back off exponentially meanwhile).
+        let probe = Duration::from_millis(config.transport.quic_keepalive_ms);
+        let mut check = tokio::time::interval(probe);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_rx = conn.stats().udp_rx.datagrams;
+        let mut silent = 0u32;
+        let ended = if control.write(&[hello]).await.is_err() {
+            Ended::Closed
+        } else {
+            loop {
+                tokio::select! {
+                    _ = &mut accept => break Ended::Closed,
+                    f = control.read() => match f {
+                        Ok(Frame::Control(Message::Drain { reason, grace_secs })) => {
+                            info!(%reason, grace_secs, "proxy asked to drain: moving");
+                            break Ended::Drained;
+                        }
+                        Ok(Frame::Control(Message::Hello { version, id })) => {
+                            debug!(version, proxy = %id, "control hello");
+                            if proxy_id.is_empty() {
+                                proxy_id = id;
+                            }
+                        }
+                        Ok(Frame::Control(Message::ProxySet { ids })) => {
+                            debug!(?ids, "proxy set");
+                            if let Some((p, _)) = &pool {
+                                p.proxy_set(&proxy_id, ids);
+                            }
+                        }
+                        Ok(other) => debug!(?other, "control frame"),
+                        Err(e) => {
+                            debug!(error = %e, "control stream ended");
+                            break Ended::Closed;
+                        }
+                    },
+                    _ = beat.tick() => {
+                        let hb = Frame::Control(Message::Heartbeat { active_streams: active.load(Ordering::Relaxed) as u32 });
+                        if control.write(&[hb]).await.is_err() {
+                            break Ended::Closed;
+                        }
+                    }
+                    _ = check.tick() => {
+                        let rx = conn.stats().udp_rx.datagrams;
+                        silent = if rx == last_rx { silent + 1 } else { 0 };
+                        last_rx = rx;
+                        if silent > LIVENESS_PROBES {
+                            info!(silent_ms = (probe * silent).as_millis() as u64, "no datagram from the proxy: redialling");
+                            break Ended::Closed;
+                        }
+                    }
+                    _ = shutdown.cancelled() => break Ended::Shutdown,
+                }
+            }
+        };
+        match ended {
+            Ended::Drained => {
+                if let Some((_, claim)) = &pool {
+                    claim.drained();
+                }
+                // Streams on this tunnel finish on their own (and new ones are still served);
+                // the draining proxy closes it at its deadline. Meanwhile the caller redials.
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = accept => {}
+                        _ = shutdown.cancelled() => conn.close(0u32.into(), b"agent shutting down"),
+                    }
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+                });
+            }
+            Ended::Shutdown => {
+                conn.close(0u32.into(), b"agent shutting down");
+                // Let the close reach the proxy before the endpoint may go away.
+                let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+            }
+            Ended::Closed => conn.close(0u32.into(), b"closed"),
+            Ended::Duplicate => {}
+        }
+        ended
+    }
+}
+
+/// Accepts the proxy's streams until the connection ends.
+async fn accept_streams(
+    conn: quinn::Connection,
+    targets: Arc<BTreeMap<String, TargetAddr>>,
+    active: Arc<AtomicUsize>,
+    cluster: String,
+) {
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        let targets = targets.clone();
+        let active = active.clone();
+        let span = info_span!("stream", cluster = %cluster, transport = "quic");
+        tokio::spawn(serve_stream(send, recv, targets, active).instrument(span));
+    }
+}
+
+/// One stream: the proxy's [`Frame::Open`], the target dialled from the allow-list, then bytes.
+async fn serve_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    targets: Arc<BTreeMap<String, TargetAddr>>,
+    active: Arc<AtomicUsize>,
+) {
+    let mut buf = BytesMut::new();
+    let open = tokio::time::timeout(TARGET_CONNECT_TIMEOUT, async {
+        loop {
+            match Frame::decode_from(&mut buf) {
+                Ok(f) => return Some(f),
+                Err(DecodeError::Incomplete) => {}
+                Err(_) => return None,
+            }
+            match recv.read_chunk(64 * 1024, true).await {
+                Ok(Some(c)) => buf.extend_from_slice(&c.bytes),
+                _ => return None,
+            }
+        }
+    })
+    .await;
+    let Ok(Some(Frame::Open { target, .. })) = open else {
+        let _ = send.reset(1u32.into());
+        return;
+    };
+    let Some(addr) = targets.get(&target).cloned() else {
+        warn!(target = %target.chars().take(64).collect::<String>(), "refused a stream for a target this agent does not serve");
+        refuse(
+            &mut send,
+            format!(
+                "this agent does not serve target '{}'",
+                target.chars().take(64).collect::<String>()
+            ),
+        )
+        .await;
+        return;
+    };
+    let tcp = match crate::dial::dial(&addr, TARGET_CONNECT_TIMEOUT).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(%addr, error = %e, "target unreachable");
+            crate::metrics::dial_error(&target, e.reason());
+            refuse(
+                &mut send,
+                format!("target '{target}' ({addr}) unreachable: {e}"),
+            )
+            .await;
+            return;
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    let mut out = BytesMut::new();
+    let _ = Frame::Accept.encode(&mut out);
+    if send.write_all(&out).await.is_err() {
+        return;
+    }
+    active.fetch_add(1, Ordering::Relaxed);
+    let _open = crate::metrics::StreamOpen::new(&target);
+    let (up, down) = splice(send, recv, buf, tcp).await;
+    active.fetch_sub(1, Ordering::Relaxed);
+    debug!(to_target = up, from_target = down, "stream closed");
+}
+
+/// Refuses a stream with `reason` and ends it.
+async fn refuse(send: &mut quinn::SendStream, reason: String) {
+    let mut out = BytesMut::new();
+    let _ = Frame::Refuse { reason }.encode(&mut out);
+    let _ = send.write_all(&out).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
+}
+
+/// Splices a QUIC stream and a socket until both directions ended or either failed. `early` is
+/// payload that came with the open frame.
+async fn splice(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    early: BytesMut,
+    tcp: TcpStream,
+) -> (u64, u64) {
+    let (mut tcp_r, mut tcp_w) = tcp.into_split();
+    // Each direction returns (bytes, ended cleanly).
+    let to_target = async {
+        let mut total = early.len() as u64;
+        if !early.is_empty() && tcp_w.write_all(&early).await.is_err() {
+            let _ = recv.stop(1u32.into());
+            return (total, false);
+        }
+        loop {
+            match recv.read_chunk(usize::MAX, true).await {
+                Ok(Some(c)) => {
+                    if tcp_w.write_all(&c.bytes).await.is_err() {
+                        let _ = recv.stop(1u32.into());
+                        return (total, false);
+                    }
+                    total += c.bytes.len() as u64;
+                }
+                Ok(None) => {
+                    let _ = tcp_w.shutdown().await;
+                    return (total, true);
+                }
+                Err(_) => return (total, false),
+            }
+        }
+    };
+    let from_target = async {
+        let mut total = 0u64;
+        let mut buf = BytesMut::with_capacity(SPLICE_BUF);
+        loop {
+            if buf.capacity() < SPLICE_BUF / 4 {
+                buf.reserve(SPLICE_BUF);
+            }
+            match tcp_r.read_buf(&mut buf).await {
+                Ok(0) => {
+                    let _ = send.finish();
+                    return (total, true);
+                }
+                Ok(n) => {
+                    total += n as u64;
+                    if send.write_chunk(buf.split().freeze()).await.is_err() {
+                        return (total, false);
+                    }
+                }
+                Err(_) => {
+                    let _ = send.reset(1u32.into());
+                    return (total, false);
+                }
+            }
+        }
+    };
+    tokio::pin!(to_target, from_target);
+    let (mut up, mut down) = (None, None);
+    loop {
+        tokio::select! {
+            r = &mut to_target, if up.is_none() => up = Some(r),
+            r = &mut from_target, if down.is_none() => down = Some(r),
+        }
+        let failed = matches!(up, Some((_, false))) || matches!(down, Some((_, false)));
+        if failed || (up.is_some() && down.is_some()) {
+            break;
+        }
+    }
+    (up.map_or(0, |r| r.0), down.map_or(0, |r| r.0))
+}

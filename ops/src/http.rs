@@ -1,0 +1,141 @@
+//! The ops listener every daemon serves (plain HTTP, off or loopback by default): `/metrics`
+//! (Prometheus text), `/healthz` (the process answers), `/readyz` (it serves its purpose now).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics_exporter_prometheus::PrometheusHandle;
+use postern_dial::accept::{AcceptLimits, Acceptor};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+/// Readiness: true once every listener is serving, false again when draining starts.
+#[derive(Debug, Default)]
+pub struct Ready(AtomicBool);
+
+impl Ready {
+    /// Sets readiness.
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::SeqCst);
+    }
+    /// Reads readiness.
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+fn text(status: StatusCode, ctype: &'static str, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(hyper::header::CONTENT_TYPE, ctype)
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts")
+}
+
+/// Ops connections open at once, at most (closed at accept beyond it).
+const OPS_MAX_CONNECTIONS: usize = 64;
+
+/// Serves the ops endpoints until `stop` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    prom: PrometheusHandle,
+    ready: Arc<Ready>,
+    stop: CancellationToken,
+) {
+    // Back-off on accept errors and a descriptor reserve, so that /healthz answers (or fails
+    // fast) when the process is short of descriptors; a scraper needs few connections.
+    let mut accept = Acceptor::new(
+        listener,
+        "ops",
+        AcceptLimits {
+            max_connections: OPS_MAX_CONNECTIONS,
+            max_per_source: OPS_MAX_CONNECTIONS,
+        },
+    );
+    loop {
+        let (socket, slot) = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = accept.accept() => match r {
+                Ok(c) => (c.stream, c.slot),
+                Err(refused) => {
+                    debug!(peer = %refused.peer, reason = %refused.reason, "ops connection refused");
+                    continue;
+                }
+            },
+        };
+        let prom = prom.clone();
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let resp = match req.uri().path() {
+                    "/metrics" => {
+                        prom.run_upkeep();
+                        text(StatusCode::OK, "text/plain; version=0.0.4", prom.render())
+                    }
+                    "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
+                    "/readyz" if ready.get() => {
+                        text(StatusCode::OK, "text/plain", "ready\n".into())
+                    }
+                    "/readyz" => text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        "not ready\n".into(),
+                    ),
+                    _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+                };
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(socket), svc)
+                .await;
+        });
+    }
+}
+
+/// The process's Prometheus handle. The first call installs the recorder; a daemon that embeds
+/// another (the Auth server runs the agent in-process) shares it, so one `/metrics` shows both.
+/// If a different recorder is already installed (a test harness), the handle renders nothing.
+pub fn prometheus() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            // Latencies as histograms (not summaries), so they aggregate across instances.
+            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0,
+                ])
+                .expect("static, non-empty buckets")
+                .build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("another metrics recorder is installed: /metrics will be empty");
+            }
+            handle
+        })
+        .clone()
+}
+
+/// Binds the ops listener at `addr` and serves it until `stop`, ready per `ready`. Returns the
+/// bound address (port 0 picks one).
+pub async fn bind_and_serve(
+    addr: std::net::SocketAddr,
+    ready: Arc<Ready>,
+    stop: CancellationToken,
+) -> std::io::Result<std::net::SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tracing::info!(addr = %bound, "ops listener: /metrics, /healthz, /readyz");
+    tokio::spawn(serve(listener, prometheus(), ready, stop));
+    Ok(bound)
+}

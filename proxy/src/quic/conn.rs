@@ -1,0 +1,366 @@
+//! One QUIC connection: the agent's login on its control stream, the tunnel's registration, and
+//! the `@control` messages until the connection ends.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use metrics::{counter, histogram};
+use russh::keys::{Certificate, PublicKey};
+use tracing::{debug, info, warn};
+use tunnel_proto::control::{DecodeError, Message};
+use tunnel_proto::quic::{
+    AGENT_CONTEXT, EXPORTER_LABEL, EXPORTER_LEN, Frame, PROXY_CONTEXT, sign_binding, verify_binding,
+};
+
+use super::ProxyProof;
+use crate::link::QUIC;
+use crate::metrics as m;
+use crate::policy::registry::Registration;
+use crate::routing::Tunnel;
+use crate::tunnel::TunnelShared;
+use crate::tunnel::admission::Slot;
+use crate::tunnel::checks::{Role, admit_login, check_login, record_refusal};
+
+/// QUIC application error code of a refused login.
+const REFUSED: u32 = 1;
+/// QUIC application error code of a protocol violation.
+const PROTOCOL: u32 = 2;
+
+/// The control stream's two halves and what was read but not yet decoded.
+struct Control {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    buf: BytesMut,
+}
+
+impl Control {
+    /// Reads until one whole frame is decoded.
+    async fn read(&mut self) -> Result<Frame, String> {
+        loop {
+            match Frame::decode_from(&mut self.buf) {
+                Ok(f) => return Ok(f),
+                Err(DecodeError::Incomplete) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            match self.recv.read_chunk(64 * 1024, true).await {
+                Ok(Some(c)) => self.buf.extend_from_slice(&c.bytes),
+                Ok(None) => return Err("control stream closed".into()),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    async fn write(&mut self, frames: &[Frame]) -> Result<(), String> {
+        let mut out = BytesMut::new();
+        for f in frames {
+            f.encode(&mut out).map_err(|e| e.to_string())?;
+        }
+        self.send.write_all(&out).await.map_err(|e| e.to_string())
+    }
+}
+
+/// How a login attempt failed.
+enum Failed {
+    /// Not a Postern agent speaking the protocol (or the connection broke).
+    Protocol(String),
+    /// A certificate or binding refused: `(metric reason, detail)`.
+    Refused(&'static str, String, String),
+}
+
+/// An agent that logged in: its control stream, who it is, and its place in the policy registry
+/// (kept for the connection's life: a lock cancels it).
+struct LoggedIn {
+    control: Control,
+    host_id: String,
+    cluster: String,
+    /// The certificate's role (`auth` or `service`): which targets it may register.
+    role: String,
+    registration: Registration,
+}
+
+pub(super) async fn serve_conn(
+    shared: Arc<TunnelShared>,
+    proof: Arc<ProxyProof>,
+    connecting: quinn::Connecting,
+    peer: SocketAddr,
+    slot: Slot,
+) {
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + shared.handshake_timeout;
+    let evicted = || {
+        info!(
+            "closed: the pre-login pool was full and this was the oldest connection of the busiest source"
+        );
+        counter!(m::CONNECTIONS_DROPPED, "reason" => "prelogin_evicted").increment(1);
+    };
+    let conn = tokio::select! {
+        r = tokio::time::timeout_at(deadline, connecting) => match r {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                debug!(error = %e, "QUIC handshake failed");
+                counter!(m::CONNECTIONS_DROPPED, "reason" => "protocol").increment(1);
+                return;
+            }
+            Err(_) => {
+                info!("closed: QUIC handshake not completed before the handshake timeout");
+                counter!(m::CONNECTIONS_DROPPED, "reason" => "handshake_timeout").increment(1);
+                return;
+            }
+        },
+        _ = slot.evicted.cancelled() => return evicted(),
+    };
+    let login = tokio::select! {
+        r = tokio::time::timeout_at(deadline, login(&shared, &proof, &conn)) => r,
+        _ = slot.evicted.cancelled() => {
+            evicted();
+            conn.close(PROTOCOL.into(), b"too many connections logging in: retry");
+            return;
+        }
+    };
+    let logged_in = match login {
+        Ok(Ok(x)) => x,
+        Ok(Err(Failed::Protocol(e))) => {
+            debug!(error = %e, "not a Postern agent");
+            counter!(m::CONNECTIONS_DROPPED, "reason" => "protocol").increment(1);
+            conn.close(PROTOCOL.into(), b"protocol error");
+            return;
+        }
+        Ok(Err(Failed::Refused(reason, login, detail))) => {
+            record_refusal(&shared, peer, &login, reason, &detail, QUIC);
+            let why: String = format!("login refused: {detail}")
+                .chars()
+                .take(200)
+                .collect();
+            conn.close(REFUSED.into(), why.as_bytes());
+            return;
+        }
+        Err(_) => {
+            info!("closed: login not completed before the handshake timeout");
+            counter!(m::CONNECTIONS_DROPPED, "reason" => "handshake_timeout").increment(1);
+            conn.close(PROTOCOL.into(), b"handshake timeout");
+            return;
+        }
+    };
+    drop(slot);
+    histogram!(m::HANDSHAKE_SECONDS, "role" => "agent", "transport" => QUIC)
+        .record(started.elapsed().as_secs_f64());
+    let LoggedIn {
+        mut control,
+        host_id,
+        cluster,
+        role,
+        registration,
+    } = logged_in;
+    let tunnel = Arc::new(Tunnel::new(
+        shared.next_id.fetch_add(1, Ordering::Relaxed),
+        host_id,
+        cluster,
+        peer.to_string(),
+        conn.clone(),
+    ));
+    let result = serve_control(&shared, &tunnel, &role, &registration, &conn, &mut control).await;
+    if shared.routing.remove(&tunnel.cluster, tunnel.id) {
+        crate::tunnel::register::set_tunnel_gauge(&shared, &tunnel.cluster, QUIC);
+        let reason = match &result {
+            Ok(()) => "closed",
+            Err(e) if e == "shutdown" => "shutdown",
+            Err(_) => "error",
+        };
+        counter!(m::TUNNEL_DISCONNECTS, "cluster" => tunnel.cluster.clone(), "reason" => reason, "transport" => QUIC)
+            .increment(1);
+        info!(cluster = %tunnel.cluster, host_id = %tunnel.host_id, reason, transport = QUIC, uptime_s = started.elapsed().as_secs(), "tunnel closed");
+    } else if let Err(e) = result {
+        debug!(error = %e, "connection ended");
+    }
+    conn.close(0u32.into(), b"bye");
+}
+
+/// The login: the agent's certificate and exporter signature, checked exactly as an SSH login
+/// is ([`check_login`], then the policy's word and the registration with [`admit_login`]), then
+/// the proxy's own proof.
+async fn login(
+    shared: &TunnelShared,
+    proof: &ProxyProof,
+    conn: &quinn::Connection,
+) -> Result<LoggedIn, Failed> {
+    let (send, recv) = conn
+        .accept_bi()
+        .await
+        .map_err(|e| Failed::Protocol(e.to_string()))?;
+    let mut control = Control {
+        send,
+        recv,
+        buf: BytesMut::new(),
+    };
+    let Frame::AgentAuth {
+        login,
+        cert,
+        signature,
+    } = control.read().await.map_err(Failed::Protocol)?
+    else {
+        return Err(Failed::Protocol("first frame is not AgentAuth".into()));
+    };
+    let checked = check_agent(shared, conn, &login, &cert, &signature).and_then(|role| {
+        admit_login(shared, &role)
+            .map(|registration| (role, registration))
+            .map_err(|why| ("locked", why))
+    });
+    match checked {
+        Ok((
+            Role::Agent {
+                host_id,
+                cluster,
+                role,
+            },
+            registration,
+        )) => {
+            let proxy_value = exporter(conn, PROXY_CONTEXT).map_err(Failed::Protocol)?;
+            let signature = sign_binding(&proof.key, &proxy_value)
+                .map_err(|e| Failed::Protocol(e.to_string()))?;
+            let hello = Message::Hello {
+                version: tunnel_proto::PROTOCOL_VERSION,
+                id: shared.proxy_id.clone(),
+            };
+            let set = Message::ProxySet {
+                ids: vec![shared.proxy_id.clone()],
+            };
+            control
+                .write(&[
+                    Frame::ProxyAuth {
+                        key: proof.line.clone(),
+                        signature,
+                    },
+                    Frame::Control(hello),
+                    Frame::Control(set),
+                ])
+                .await
+                .map_err(Failed::Protocol)?;
+            info!(role = "agent", who = %format!("{host_id}.{cluster} (role {role})"), transport = QUIC, "login accepted");
+            Ok(LoggedIn {
+                control,
+                host_id,
+                cluster,
+                role,
+                registration,
+            })
+        }
+        Ok((Role::Client { .. }, _)) => Err(Failed::Protocol("not an agent".into())),
+        Err((reason, detail)) => {
+            // Say why, and give the frame a moment to be acknowledged before the close.
+            let refused = Frame::Refused {
+                reason: detail.clone(),
+            };
+            if control.write(&[refused]).await.is_ok() && control.send.finish().is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(1), control.send.stopped()).await;
+            }
+            Err(Failed::Refused(reason, login, detail))
+        }
+    }
+}
+
+/// The checks of an agent's QUIC login: the certificate exactly as on SSH ([`check_login`]), and
+/// the signature over this connection's exporter value with the certificate's key.
+fn check_agent(
+    shared: &TunnelShared,
+    conn: &quinn::Connection,
+    login: &str,
+    cert: &str,
+    signature: &str,
+) -> Result<Role, (&'static str, String)> {
+    let cert = Certificate::from_openssh(cert.trim())
+        .map_err(|e| ("no_certificate", format!("not an OpenSSH certificate: {e}")))?;
+    let role = match check_login(&shared.trust, login, &cert)? {
+        agent @ Role::Agent { .. } => agent,
+        Role::Client { .. } => {
+            return Err((
+                "not_an_agent",
+                "only agents dial the QUIC transport: clients use SSH".into(),
+            ));
+        }
+    };
+    let agent_value = exporter(conn, AGENT_CONTEXT).map_err(|e| ("bad_binding", e))?;
+    let key = PublicKey::from(cert.public_key().clone());
+    verify_binding(&key, &agent_value, signature).map_err(|e| (e.reason(), e.to_string()))?;
+    Ok(role)
+}
+
+/// This connection's exporter value for `context`.
+pub(crate) fn exporter(
+    conn: &quinn::Connection,
+    context: &[u8],
+) -> Result<[u8; EXPORTER_LEN], String> {
+    let mut out = [0u8; EXPORTER_LEN];
+    conn.export_keying_material(&mut out, EXPORTER_LABEL, context)
+        .map_err(|_| "TLS exporter unavailable".to_string())?;
+    Ok(out)
+}
+
+/// Registration and `@control` until the connection ends: `Err("shutdown")` at hard stop.
+async fn serve_control(
+    shared: &Arc<TunnelShared>,
+    tunnel: &Arc<Tunnel>,
+    role: &str,
+    registration: &Registration,
+    conn: &quinn::Connection,
+    control: &mut Control,
+) -> Result<(), String> {
+    let mut drained = false;
+    let entry = registration.entry.clone();
+    // The tunnel lives as long as the connection, not its control stream: an agent that moves on
+    // a drain order drops the control stream while its streams finish here.
+    let mut control_open = true;
+    loop {
+        tokio::select! {
+            frame = control.read(), if control_open => match frame {
+                Err(e) => {
+                    debug!(error = %e, "control stream ended");
+                    control_open = false;
+                }
+                Ok(frame) => match frame {
+                Frame::Register { target } => {
+                    let reply = match crate::tunnel::register::register_target(shared, tunnel, role, &target).await {
+                        Ok(()) => Frame::Registered { target, ok: true, reason: String::new() },
+                        Err((_, reason)) => Frame::Registered { target, ok: false, reason },
+                    };
+                    control.write(&[reply]).await?;
+                }
+                Frame::Control(Message::TargetLabels { target, labels }) => {
+                    debug!(%target, ?labels, "target labels");
+                    tunnel.set_labels(&target, labels.into_iter().collect());
+                }
+                Frame::Control(Message::Hello { version, id }) => {
+                    debug!(version, agent = %id, "control hello");
+                    tunnel.agent_version.send_replace(version.max(1));
+                }
+                Frame::Control(Message::Heartbeat { active_streams }) => debug!(active_streams, "heartbeat"),
+                other => {
+                    warn!(?other, "unexpected frame on the control stream: closing");
+                    return Err("protocol".into());
+                }
+            }},
+            _ = shared.draining.cancelled(), if !drained => {
+                drained = true;
+                let drain = Message::Drain { reason: "proxy shutting down".into(), grace_secs: shared.grace_secs };
+                let _ = control.write(&[Frame::Control(drain)]).await;
+            }
+            e = conn.closed() => return match e {
+                quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::LocallyClosed => Ok(()),
+                e => Err(e.to_string()),
+            },
+            _ = entry.kicked.cancelled() => {
+                // A lock or a role taken away: the reason goes in the close, which the agent logs.
+                let why = entry.reason().unwrap_or_default();
+                info!(reason = %why, transport = QUIC, "connection closed by policy");
+                tunnel.link.close(&why).await;
+                return Err("policy".into());
+            }
+            _ = shared.hard_stop.cancelled() => {
+                conn.close(0u32.into(), b"proxy shutting down");
+                return Err("shutdown".into());
+            }
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! The bytes of a client stream routed to a QUIC tunnel: the client's SSH channel spliced to one
+//! QUIC stream (opened, audited and counted by `tunnel::splice::open_stream`, as on SSH).
+//!
+//! No credit layer: QUIC's per-stream flow control does what [`tunnel_proto::credit`] does on
+//! SSH. A client that stops reading stops the proxy reading its QUIC stream; the agent then runs
+//! out of that stream's window (`quic.stream_window_bytes`, all the proxy holds for it) and
+//! nothing else of the tunnel is held back, because the connection window covers every stream's.
+//!
+//! Payload is not copied here: the `Bytes` quinn decrypted into go to russh's encrypter, and the
+//! `Bytes` russh decrypted into go to quinn's send buffer.
+
+use bytes::BytesMut;
+use metrics::counter;
+use russh::Channel;
+use russh::server::Msg;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics as m;
+use crate::tunnel::SPLICE_QUEUE_CAP;
+
+/// QUIC application error code on a stream the client abandoned.
+const CLIENT_GONE: u32 = 1;
+
+/// How one direction ended.
+#[derive(PartialEq)]
+enum End {
+    /// The sender half-closed; passed on.
+    Eof,
+    /// Reset, closed or failed: the stream is over.
+    Closed,
+}
+
+/// Passes bytes both ways between a client's channel and a QUIC stream until both directions
+/// ended or either side closed. `early` is payload that arrived with the agent's accept.
+pub async fn splice(
+    client: Channel<Msg>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    early: BytesMut,
+    stop: &CancellationToken,
+) -> (u64, u64) {
+    use postern_dial::splice::{Item, eager_reader};
+    let (rx, tx) = client.split();
+    let up_bytes = counter!(m::BYTES_PROXIED, "direction" => "client_to_agent");
+    let down_bytes = counter!(m::BYTES_PROXIED, "direction" => "agent_to_client");
+    // The client's channel is drained eagerly (its SSH connection carries its other streams);
+    // the queue's bound holds back only this client's connection, as on the SSH transport.
+    let (reader, mut queue) = eager_reader(rx, SPLICE_QUEUE_CAP, None);
+    let run = async {
+        let up = async {
+            let mut total = 0u64;
+            while let Some(item) = queue.next().await {
+                match item {
+                    Item::Data(data) => {
+                        let n = data.len();
+                        if send.write_chunk(data).await.is_err() {
+                            return (total, End::Closed);
+                        }
+                        let _ = queue.release(n);
+                        total += n as u64;
+                        up_bytes.increment(n as u64);
+                    }
+                    Item::Eof => {
+                        let _ = send.finish();
+                        return (total, End::Eof);
+                    }
+                }
+            }
+            let _ = send.reset(CLIENT_GONE.into());
+            (total, End::Closed)
+        };
+        let down = async {
+            let mut total = 0u64;
+            if !early.is_empty() {
+                total += early.len() as u64;
+                down_bytes.increment(early.len() as u64);
+                if tx.data_bytes(early.freeze()).await.is_err() {
+                    return (total, End::Closed);
+                }
+            }
+            loop {
+                match recv.read_chunk(usize::MAX, true).await {
+                    Ok(Some(chunk)) => {
+                        let n = chunk.bytes.len();
+                        if tx.data_bytes(chunk.bytes).await.is_err() {
+                            let _ = recv.stop(CLIENT_GONE.into());
+                            return (total, End::Closed);
+                        }
+                        total += n as u64;
+                        down_bytes.increment(n as u64);
+                    }
+                    Ok(None) => {
+                        let _ = tx.eof().await;
+                        return (total, End::Eof);
+                    }
+                    Err(_) => return (total, End::Closed),
+                }
+            }
+        };
+        tokio::pin!(up, down, reader);
+        let (mut up_r, mut down_r) = (None, None);
+        let mut reader_done = false;
+        loop {
+            tokio::select! {
+                r = &mut up, if up_r.is_none() => up_r = Some(r),
+                r = &mut down, if down_r.is_none() => down_r = Some(r),
+                _ = &mut reader, if !reader_done => reader_done = true,
+            }
+            let closed =
+                matches!(up_r, Some((_, End::Closed))) || matches!(down_r, Some((_, End::Closed)));
+            if closed || (up_r.is_some() && down_r.is_some()) {
+                break;
+            }
+        }
+        (up_r.map_or(0, |r| r.0), down_r.map_or(0, |r| r.0))
+    };
+    let out = tokio::select! {
+        r = run => r,
+        _ = stop.cancelled() => (0, 0),
+    };
+    // Whatever is still open is over now: the client's channel, and the QUIC stream both ways.
+    let _ = tx.close().await;
+    (out.0, out.1)
+}
