@@ -45,30 +45,6 @@ impl std::fmt::Display for Step {
 #[error("{0} failed")]
 pub struct DoctorFailed(pub &'static str);
 
-fn human_time(secs: u64) -> String {
-    let now = now();
-    let rel = if secs >= now {
-        format!("in {}", postern_api::duration::format_secs(secs - now))
-    } else {
-        format!("{} ago", postern_api::duration::format_secs(now - secs))
-    };
-    let at = time::OffsetDateTime::from_unix_timestamp(secs as i64)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| secs.to_string());
-    format!("{at} ({rel})")
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// The SHA-256 (hex) of the certificate the web listener at `web` presents, whatever it is, and
 /// the proxy's clock (the `Date` of its answer to `GET /webapi/ping`, Unix seconds) if it says.
 async fn presented_fingerprint(
@@ -316,21 +292,21 @@ pub async fn run(
     }
 
     // The clock against the proxy's.
-    match proxy_clock.map(|p| clock_skew(now(), p)) {
+    match proxy_clock.map(|p| clock_skew(crate::times::now(), p)) {
         Some(Ok(detail)) => out.ok("clock", detail),
         Some(Err((detail, fix))) => return Err(out.fail("clock", detail, fix)),
         None => out.ok("clock", "not checked: the proxy's answer had no Date"),
     }
 
     // The identity's certificate.
-    let now = now();
+    let now = crate::times::now();
     if id.expires <= now {
         return Err(out.fail(
             "certificate",
             format!(
                 "the identity of '{}' expired {}",
                 id.user,
-                human_time(id.expires)
+                crate::times::human_time(id.expires)
             ),
             "run psh login, or pctl auth sign, again",
         ));
@@ -341,7 +317,7 @@ pub async fn run(
             "'{}' of cluster '{}', expires {}",
             id.user,
             id.cluster,
-            human_time(id.expires)
+            crate::times::human_time(id.expires)
         ),
     );
 

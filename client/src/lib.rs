@@ -13,6 +13,7 @@
 //! - [`credentials`]: the five credential loaders; [`profile`]: what `psh login` writes;
 //! - [`requests`]: access requests from the SDK (create, get, list, review, reissue);
 //! - [`bot`]: Machine ID, the bot behind `psh bot start` that keeps an identity file renewed;
+//! - [`times`]: times for people (RFC 3339 with a relative hint);
 //! - [`connect`]: `Config` and connecting to the first address that works;
 //! - [`doctor`]: each step of the path to the Auth API checked, with the fix for the first that
 //!   fails (`pctl doctor`, `psh doctor`);
@@ -27,6 +28,7 @@ pub mod credentials;
 pub mod doctor;
 pub mod profile;
 pub mod requests;
+pub mod times;
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};

@@ -306,7 +306,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("writing the profile to {}", home.display()))?;
             println!(
                 "logged in to {proxy} as {user} (cluster {}), certificates valid until {}",
-                profile.cluster, id.expires
+                profile.cluster,
+                postern_client::times::human_time(id.expires)
             );
         }
         Command::Status => match Profile::load(&home) {
@@ -319,7 +320,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     p.user,
                     p.roles.join(", "),
                     p.cluster,
-                    id.expires,
+                    postern_client::times::rfc3339(id.expires),
                     postern_api::duration::format_secs(left)
                 );
             }
@@ -382,7 +383,7 @@ async fn login_with_request(home: &std::path::Path, id: &str) -> anyhow::Result<
         "logged in as {} with access request {id}: roles {}, certificates valid until {} (the elevation's end at the latest)",
         p.user,
         p.roles.join(", "),
-        identity.expires
+        postern_client::times::human_time(identity.expires)
     );
     Ok(())
 }
@@ -532,7 +533,7 @@ async fn openssh_config(
     let q = |path: &std::path::Path| format!("\"{}\"", path.display());
     Ok(format!(
         "# Postern: targets of cluster {cluster} through {proxy}, as {user} (psh config).\n\
-         # The certificate is renewed by psh login; it is valid until {expires} (Unix time).\n\
+         # The certificate is renewed by psh login; it is valid until {expires}.\n\
          Host *.{cluster}\n\
          \x20   IdentityFile {key}\n\
          \x20   CertificateFile {cert}\n\
@@ -544,7 +545,7 @@ async fn openssh_config(
         cluster = p.cluster,
         proxy = p.proxy,
         user = p.user,
-        expires = id.expires,
+        expires = postern_client::times::rfc3339(id.expires),
         key = q(&f.key),
         cert = q(&f.cert),
         known = q(&f.known_hosts),
