@@ -190,16 +190,7 @@ impl Message {
     /// left at the front of `buf`; the next call, even with no data, returns the error. So what
     /// a peer sent before a bad frame is acted on however the bytes were split into reads.
     pub fn feed(buf: &mut BytesMut, data: &[u8]) -> Result<Vec<Message>, DecodeError> {
-        buf.extend_from_slice(data);
-        let mut out = Vec::new();
-        loop {
-            match Message::decode_from(buf) {
-                Ok(m) => out.push(m),
-                Err(DecodeError::Incomplete) => return Ok(out),
-                Err(e) if out.is_empty() => return Err(e),
-                Err(_) => return Ok(out),
-            }
-        }
+        feed_frames(buf, data, Message::decode)
     }
 }
 
@@ -234,6 +225,33 @@ pub(crate) fn get_str(b: &mut &[u8]) -> Result<String, DecodeError> {
     let s = s.to_owned();
     b.advance(n);
     Ok(s)
+}
+
+/// A frame decoder: the frame at the front of a buffer, and the bytes it used.
+pub(crate) type Decoder<T> = fn(&[u8]) -> Result<(T, usize), DecodeError>;
+
+/// Appends `data` to `buf` and decodes every whole frame in it with `decode` (which returns a
+/// frame and the bytes it used), leaving a partial frame for the next call. The frames before a
+/// malformed one come first; the malformed one stays at the front of `buf`, so the next call
+/// returns its error. Shared by [`Message::feed`] and the QUIC transport's `Frame::feed`.
+pub(crate) fn feed_frames<T>(
+    buf: &mut BytesMut,
+    data: &[u8],
+    decode: Decoder<T>,
+) -> Result<Vec<T>, DecodeError> {
+    buf.extend_from_slice(data);
+    let mut out = Vec::new();
+    loop {
+        match decode(buf) {
+            Ok((frame, used)) => {
+                buf.advance(used);
+                out.push(frame);
+            }
+            Err(DecodeError::Incomplete) => return Ok(out),
+            Err(e) if out.is_empty() => return Err(e),
+            Err(_) => return Ok(out),
+        }
+    }
 }
 
 #[cfg(test)]

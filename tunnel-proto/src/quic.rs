@@ -266,16 +266,7 @@ impl Frame {
     /// [`Message::feed`] does: the frames before a malformed one come first, the error on the
     /// next call.
     pub fn feed(buf: &mut BytesMut, data: &[u8]) -> Result<Vec<Frame>, DecodeError> {
-        buf.extend_from_slice(data);
-        let mut out = Vec::new();
-        loop {
-            match Frame::decode_from(buf) {
-                Ok(f) => out.push(f),
-                Err(DecodeError::Incomplete) => return Ok(out),
-                Err(e) if out.is_empty() => return Err(e),
-                Err(_) => return Ok(out),
-            }
-        }
+        crate::control::feed_frames(buf, data, Frame::decode)
     }
 }
 
