@@ -55,6 +55,9 @@ pub struct AgentConfig {
     /// Reconnect back-off.
     #[serde(default)]
     pub reconnect: ReconnectConfig,
+    /// The agent pool: a tunnel to every proxy (see [`crate::pool`]).
+    #[serde(default)]
+    pub pool: crate::pool::PoolConfig,
     /// Plain-HTTP ops listener (`/metrics`, `/healthz`, `/readyz`); off when unset. Keep it on
     /// loopback or a private network. `POSTERN_AGENT_OPS_LISTEN` overrides it.
     #[serde(default)]

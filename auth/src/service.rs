@@ -140,7 +140,7 @@ spec:
 version: v7
 ---
 kind: role
-metadata: {name: proxy, description: 'A proxy: watch roles, users and locks; read the CAs; write audit events'}
+metadata: {name: proxy, description: 'A proxy: watch roles, users and locks; read the CAs; write audit events; heartbeat into the proxy set'}
 spec:
   allow:
     rules:
@@ -148,6 +148,8 @@ spec:
         verbs: ['list', 'read']
       - resources: ['event']
         verbs: ['create']
+      - resources: ['proxy']
+        verbs: ['create', 'list']
 version: v7
 ---
 kind: role
@@ -1158,6 +1160,13 @@ impl AuthService for Service {
         req: Request<ListStreamEventsRequest>,
     ) -> Result<Response<ListStreamEventsResponse>, Status> {
         self.list_stream_events_rpc(req).await
+    }
+
+    async fn proxy_heartbeat(
+        &self,
+        req: Request<ProxyHeartbeatRequest>,
+    ) -> Result<Response<ProxyHeartbeatResponse>, Status> {
+        self.proxy_heartbeat_rpc(req).await
     }
 
     async fn list_audit_events(

@@ -32,6 +32,8 @@ pub struct ProxyConfig {
     pub shutdown: ShutdownConfig,
     /// PROXY protocol from trusted load balancers (web and tunnel listeners).
     pub proxy_protocol: crate::proxy_protocol::ProxyProtocolConfig,
+    /// Heartbeats into each cluster's proxy set (see [`crate::peers`]).
+    pub peers: crate::peers::PeersConfig,
     /// Clusters this proxy routes to, each with the CAs it trusts.
     pub clusters: Vec<ClusterConfig>,
     /// Start even as root (`--allow-root`). The proxy needs no privileges: give it
@@ -160,6 +162,10 @@ pub struct QuicConfig {
 pub struct ShutdownConfig {
     /// Seconds open streams get to finish after SIGTERM. Default 30.
     pub grace_secs: u64,
+    /// Seconds between SIGTERM and the drain during which `/readyz` answers 503 while the
+    /// listeners still accept, so a balancer checking `/readyz` stops sending new connections
+    /// before they are refused (0..=300). Default 0 (Kubernetes' `preStop` wait does the same).
+    pub unready_secs: u64,
 }
 
 /// One cluster the proxy routes to.
@@ -234,6 +240,7 @@ impl Default for ProxyConfig {
             quic: QuicConfig::default(),
             shutdown: ShutdownConfig::default(),
             proxy_protocol: Default::default(),
+            peers: Default::default(),
             clusters: Vec::new(),
             allow_root: false,
         }
@@ -297,7 +304,10 @@ impl Default for QuicConfig {
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
-        ShutdownConfig { grace_secs: 30 }
+        ShutdownConfig {
+            grace_secs: 30,
+            unready_secs: 0,
+        }
     }
 }
 
@@ -360,6 +370,12 @@ impl ProxyConfig {
         if let Some(id) = &self.proxy_id {
             tunnel_proto::names::validate_label("proxy id", id)
                 .map_err(|e| invalid("proxy_id", e.to_string()))?;
+        }
+        if self.shutdown.unready_secs > 300 {
+            return Err(invalid("shutdown.unready_secs", "must be 0..=300"));
+        }
+        if let Err((field, message)) = self.peers.validate() {
+            return Err(invalid(&field, message));
         }
         if self.ssh.keepalive_interval_secs == 0 || self.ssh.keepalive_interval_secs > 3600 {
             return Err(invalid("ssh.keepalive_interval_secs", "must be 1..=3600"));

@@ -19,6 +19,7 @@
 //! - [`audit`]: the stream access audit: events logged, spooled in the data dir, shipped.
 //! - [`policy`]: who may open streams to which target (roles by labels, locks, deleted users),
 //!   watched from each cluster's Auth server through the cluster's own tunnel.
+//! - [`peers`]: each cluster's proxy set, heartbeated to its Auth server, sent to agents.
 //! - [`web`]: HTTPS discovery. [`ops`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`metrics`]: every `postern_*` metric. [`mint`]: minting CAs and certificates (`certs`).
 //!
@@ -32,6 +33,7 @@ pub mod login;
 pub mod metrics;
 pub use postern_dial::mint;
 pub mod ops;
+pub mod peers;
 pub mod policy;
 pub mod proxy_protocol;
 pub mod quic;
@@ -244,6 +246,44 @@ fn policy_watchers(
     tasks
 }
 
+/// Starts one proxy-set heartbeater per cluster with an Auth identity (policy source `auth`);
+/// each leaves the set when draining begins and stops at hard stop.
+fn peer_heartbeaters(
+    config: &ProxyConfig,
+    shared: &Arc<tunnel::TunnelShared>,
+    tunnel_addr: std::net::SocketAddr,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for c in &config.clusters {
+        let (config::PolicySource::Auth, Some(identity_file)) =
+            (c.policy.source, c.policy.identity_file.clone())
+        else {
+            continue;
+        };
+        let record = postern_api::proto::ProxyRecord {
+            id: shared.proxy_id.clone(),
+            web_addr: config.public.web_addr.clone().unwrap_or_default(),
+            tunnel_addr: config
+                .public
+                .tunnel_addr
+                .clone()
+                .unwrap_or_else(|| tunnel_addr.to_string()),
+            expires_ms: 0,
+        };
+        let hb = peers::Heartbeater {
+            cluster: c.name.clone(),
+            identity_file,
+            shared: shared.clone(),
+            record,
+            config: config.peers.clone(),
+        };
+        tasks.push(tokio::spawn(
+            hb.run(shared.draining.clone(), shared.hard_stop.clone()),
+        ));
+    }
+    tasks
+}
+
 /// Runs the proxy on bound listeners until `shutdown` is cancelled, then drains: stop accepting,
 /// tell agents to move, let streams finish for `shutdown.grace_secs`, close the rest.
 pub async fn run(
@@ -353,6 +393,19 @@ pub async fn run(
     metrics::zero_cluster_counters(config.clusters.iter().map(|c| c.name.as_str()));
     shared.policies = Arc::new(policy::Policies::from_config(&config.clusters));
     shared.audit = Arc::new(stream_audit(&config, &proxy_id)?);
+    let heartbeating: Vec<String> = config
+        .clusters
+        .iter()
+        .filter(|c| {
+            c.policy.source == config::PolicySource::Auth && c.policy.identity_file.is_some()
+        })
+        .map(|c| c.name.clone())
+        .collect();
+    shared.peers = Arc::new(peers::Peers::new(
+        &proxy_id,
+        config.clusters.iter().map(|c| c.name.as_str()),
+        &heartbeating,
+    ));
     let shared = Arc::new(shared);
     let mut watchers = policy_watchers(&config, &shared);
     if let (key, true, Some(web)) = renew_with
@@ -372,6 +425,7 @@ pub async fn run(
         };
         watchers.push(tokio::spawn(renewal.run(shared.hard_stop.clone())));
     }
+    watchers.extend(peer_heartbeaters(&config, &shared, tunnel_addr));
     watchers.extend(audit_shippers(&config, &shared));
     info!(
         proxy_id = %proxy_id,
@@ -420,8 +474,17 @@ pub async fn run(
     ready.set(true);
 
     shutdown.cancelled().await;
-    info!(grace_s = config.shutdown.grace_secs, "shutdown: draining");
     ready.set(false);
+    if config.shutdown.unready_secs > 0 {
+        // Out of the balancer's rotation first (it checks /readyz), then stop accepting: a
+        // connection the balancer sends meanwhile is still served.
+        info!(
+            unready_s = config.shutdown.unready_secs,
+            "shutdown: /readyz is 503, still accepting"
+        );
+        tokio::time::sleep(Duration::from_secs(config.shutdown.unready_secs)).await;
+    }
+    info!(grace_s = config.shutdown.grace_secs, "shutdown: draining");
     shared.draining.cancel();
     let _ = web_task.await;
     let _ = tunnel_task.await;

@@ -224,20 +224,23 @@ async fn login(
                 version: tunnel_proto::PROTOCOL_VERSION,
                 id: shared.proxy_id.clone(),
             };
-            let set = Message::ProxySet {
-                ids: vec![shared.proxy_id.clone()],
+            // The proxy set as on SSH's `@control` (see `crate::peers`): this proxy alone
+            // without a peers table for the cluster, nothing while the set is not known yet.
+            let ids = match shared.peers.subscribe(&cluster) {
+                Some(rx) => rx.borrow().clone(),
+                None => vec![shared.proxy_id.clone()],
             };
-            control
-                .write(&[
-                    Frame::ProxyAuth {
-                        key: proof.line(),
-                        signature,
-                    },
-                    Frame::Control(hello),
-                    Frame::Control(set),
-                ])
-                .await
-                .map_err(Failed::Protocol)?;
+            let mut frames = vec![
+                Frame::ProxyAuth {
+                    key: proof.line(),
+                    signature,
+                },
+                Frame::Control(hello),
+            ];
+            if !ids.is_empty() {
+                frames.push(Frame::Control(Message::ProxySet { ids }));
+            }
+            control.write(&frames).await.map_err(Failed::Protocol)?;
             info!(role = "agent", who = %format!("{host_id}.{cluster} (role {role})"), transport = QUIC, "login accepted");
             Ok(LoggedIn {
                 control,
@@ -312,8 +315,25 @@ async fn serve_control(
     // The tunnel lives as long as the connection, not its control stream: an agent that moves on
     // a drain order drops the control stream while its streams finish here.
     let mut control_open = true;
+    // Each change of the proxy set goes to the agent, as on SSH's `@control`.
+    let mut peers = shared.peers.subscribe(&tunnel.cluster);
+    // Again now: a change since the login's set would otherwise be missed (a repeat is harmless).
+    if let Some(rx) = &mut peers {
+        let ids = rx.borrow_and_update().clone();
+        if !ids.is_empty() {
+            control
+                .write(&[Frame::Control(Message::ProxySet { ids })])
+                .await?;
+        }
+    }
     loop {
         tokio::select! {
+            Ok(()) = async { peers.as_mut().expect("guarded").changed().await }, if peers.is_some() && control_open && !drained => {
+                let ids = peers.as_mut().expect("guarded").borrow_and_update().clone();
+                if !ids.is_empty() {
+                    control.write(&[Frame::Control(Message::ProxySet { ids })]).await?;
+                }
+            }
             frame = control.read(), if control_open => match frame {
                 Err(e) => {
                     debug!(error = %e, "control stream ended");

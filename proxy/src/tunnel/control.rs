@@ -11,11 +11,13 @@ use tunnel_proto::control::Message;
 
 use super::*;
 
-/// Serves an agent's `@control` channel: hello both ways, the proxy set, drain on shutdown.
+/// Serves an agent's `@control` channel: hello both ways, the proxy set (once known, and again
+/// at every change: see [`crate::peers`]), drain on shutdown.
 pub(super) async fn control(
     channel: Channel<Msg>,
     shared: Arc<TunnelShared>,
     tunnel: Option<Arc<Tunnel>>,
+    cluster: String,
 ) {
     let (mut rx, tx) = channel.split();
     let mut out = BytesMut::new();
@@ -23,10 +25,12 @@ pub(super) async fn control(
         version: tunnel_proto::PROTOCOL_VERSION,
         id: shared.proxy_id.clone(),
     };
-    let set = Message::ProxySet {
-        ids: vec![shared.proxy_id.clone()],
+    let mut peers = shared.peers.subscribe(&cluster);
+    let ids = match &mut peers {
+        Some(rx) => rx.borrow_and_update().clone(),
+        None => vec![shared.proxy_id.clone()],
     };
-    if hello.encode(&mut out).is_err() || set.encode(&mut out).is_err() {
+    if hello.encode(&mut out).is_err() || encode_set(ids, &mut out).is_err() {
         return;
     }
     if tx.data_bytes(out.split().freeze()).await.is_err() {
@@ -67,6 +71,12 @@ pub(super) async fn control(
                 Some(ChannelMsg::Close) | None => return,
                 Some(_) => {}
             },
+            Ok(()) = async { peers.as_mut().expect("guarded").changed().await }, if peers.is_some() && !drained => {
+                let ids = peers.as_mut().expect("guarded").borrow_and_update().clone();
+                if encode_set(ids, &mut out).is_ok() && !out.is_empty() {
+                    let _ = tx.data_bytes(out.split().freeze()).await;
+                }
+            }
             _ = shared.draining.cancelled(), if !drained => {
                 drained = true;
                 let drain = Message::Drain { reason: "proxy shutting down".into(), grace_secs: shared.grace_secs };
@@ -77,4 +87,12 @@ pub(super) async fn control(
             _ = shared.hard_stop.cancelled() => return,
         }
     }
+}
+
+/// Appends a `ProxySet` frame for `ids` to `out`, unless the set is unknown (empty).
+fn encode_set(ids: Vec<String>, out: &mut BytesMut) -> Result<(), ()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    Message::ProxySet { ids }.encode(out).map_err(|_| ())
 }

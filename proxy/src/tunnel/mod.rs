@@ -92,6 +92,8 @@ pub struct TunnelShared {
     pub policies: Arc<crate::policy::Policies>,
     /// The stream access audit (set after `new`).
     pub audit: Arc<crate::audit::StreamAudit>,
+    /// Each cluster's proxy set, sent to agents on `@control` (set after `new`).
+    pub peers: Arc<crate::peers::Peers>,
     /// The next tunnel id (both transports draw from it).
     pub(crate) next_id: AtomicU64,
 }
@@ -139,6 +141,7 @@ impl TunnelShared {
             proxy_protocol: Default::default(),
             policies: Arc::default(),
             audit: Arc::default(),
+            peers: Arc::default(),
             next_id: AtomicU64::new(1),
         }
     }
