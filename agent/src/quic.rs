@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 use tunnel_proto::control::{DecodeError, Message};
+use tunnel_proto::frame_stream::{FrameStream, FrameStreamError};
 use tunnel_proto::quic::{
     AGENT_CONTEXT, ALPN, EXPORTER_LABEL, EXPORTER_LEN, Frame, PROXY_CONTEXT, sign_binding,
     verify_binding,
@@ -80,36 +81,7 @@ pub struct QuicTunnel {
 }
 
 /// The control stream.
-struct Control {
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    buf: BytesMut,
-}
-
-impl Control {
-    async fn read(&mut self) -> Result<Frame, String> {
-        loop {
-            match Frame::decode_from(&mut self.buf) {
-                Ok(f) => return Ok(f),
-                Err(DecodeError::Incomplete) => {}
-                Err(e) => return Err(e.to_string()),
-            }
-            match self.recv.read_chunk(64 * 1024, true).await {
-                Ok(Some(c)) => self.buf.extend_from_slice(&c.bytes),
-                Ok(None) => return Err("the proxy closed the control stream".into()),
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-    }
-
-    async fn write(&mut self, frames: &[Frame]) -> Result<(), String> {
-        let mut out = BytesMut::new();
-        for f in frames {
-            f.encode(&mut out).map_err(|e| e.to_string())?;
-        }
-        self.send.write_all(&out).await.map_err(|e| e.to_string())
-    }
-}
+type Control = FrameStream<quinn::RecvStream, quinn::SendStream>;
 
 fn quic_err(addr: &str, what: impl std::fmt::Display) -> DialError {
     DialError::Quic {
@@ -249,6 +221,12 @@ impl From<String> for LoginFailed {
     }
 }
 
+impl From<FrameStreamError> for LoginFailed {
+    fn from(e: FrameStreamError) -> Self {
+        LoginFailed::Other(e.to_string())
+    }
+}
+
 /// The login and the target registration on the control stream.
 async fn login(
     config: &AgentConfig,
@@ -260,11 +238,7 @@ async fn login(
     shutdown: &CancellationToken,
 ) -> Result<LoggedIn, LoginFailed> {
     let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    let mut control = Control {
-        send,
-        recv,
-        buf: BytesMut::new(),
-    };
+    let mut control = Control::new(send, recv);
     let signature =
         sign_binding(&identity.key, &exporter(conn, AGENT_CONTEXT)?).map_err(|e| e.to_string())?;
     let auth = Frame::AgentAuth {
@@ -311,7 +285,7 @@ async fn login(
     if let Some((pool, attempt)) = pool {
         let hello = async {
             loop {
-                match control.read().await? {
+                match control.read().await.map_err(|e| e.to_string())? {
                     Frame::Control(Message::Hello { version, id }) => {
                         debug!(version, proxy = %id, "control hello");
                         return Ok::<_, String>(id);
@@ -336,7 +310,7 @@ async fn login(
     // Each target's labels go first, as on SSH: no stream is decided on a target without them.
     let labels = crate::labels::encode_target_labels(config);
     control
-        .send
+        .send_half()
         .write_all(&labels)
         .await
         .map_err(|e| e.to_string())?;
