@@ -105,18 +105,23 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     crate::metrics::describe(config.targets.keys());
     // A service agent renews its own certificate; the Auth server's own agent (role `auth`) is
     // issued in-process by its server.
-    let _renewing = (identity
+    let service = identity
         .cert
         .extensions()
         .get(tunnel_proto::names::EXT_ROLE)
         .map(String::as_str)
-        == Some(tunnel_proto::names::ROLE_SERVICE))
-    .then(|| {
+        == Some(tunnel_proto::names::ROLE_SERVICE);
+    let dialer = std::sync::Arc::new(Dialer::new(config, identity));
+    let _renewing = service.then(|| {
         let stop = shutdown.child_token();
-        tokio::spawn(renew::keep_renewed(config.clone(), stop.clone()));
+        let hints = dialer.hints.subscribe();
+        tokio::spawn(renew::keep_renewed(
+            dialer.config.clone(),
+            stop.clone(),
+            hints,
+        ));
         stop.drop_guard()
     });
-    let dialer = std::sync::Arc::new(Dialer::new(config, identity));
     if dialer.config.pool.enabled {
         pool::run(dialer, shutdown).await;
         return Ok(());
@@ -169,6 +174,8 @@ type Stamp = Option<(u64, std::time::SystemTime, u64)>;
 pub struct Dialer {
     /// The agent's configuration.
     pub config: AgentConfig,
+    /// What the proxies say about the host CA's signer, for the renewal loop.
+    pub hints: renew::SignerHints,
     quic: quic::QuicClient,
     identity: std::sync::Mutex<(std::sync::Arc<postern_dial::ssh::Identity>, Stamp)>,
 }
@@ -179,6 +186,7 @@ impl Dialer {
         let stamp = cert_stamp(&config);
         Dialer {
             config,
+            hints: std::sync::Arc::new(tokio::sync::watch::Sender::new(None)),
             quic: quic::QuicClient::default(),
             identity: std::sync::Mutex::new((std::sync::Arc::new(identity), stamp)),
         }
@@ -223,7 +231,16 @@ impl Dialer {
                 .increment(1);
             return Err(refine_unknown_cluster(config, f).await);
         }
-        match tunnel::connect_and_serve_in(&self.quic, config, &identity, shutdown, pool).await {
+        match tunnel::connect_and_serve_in(
+            &self.quic,
+            &self.hints,
+            config,
+            &identity,
+            shutdown,
+            pool,
+        )
+        .await
+        {
             Ok(ended) => {
                 let reason = match ended {
                     tunnel::Ended::Drained => Some("drained"),

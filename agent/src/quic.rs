@@ -358,8 +358,13 @@ async fn login(
 
 impl QuicTunnel {
     /// Serves streams and the control stream until the connection ends, a drain order arrives,
-    /// or `shutdown` is cancelled.
-    pub async fn serve(self, config: &AgentConfig, shutdown: &CancellationToken) -> Ended {
+    /// or `shutdown` is cancelled. What the proxy says about the host CA signer goes to `hints`.
+    pub async fn serve(
+        self,
+        config: &AgentConfig,
+        hints: &crate::renew::SignerHints,
+        shutdown: &CancellationToken,
+    ) -> Ended {
         let QuicTunnel {
             endpoint,
             conn,
@@ -417,6 +422,9 @@ impl QuicTunnel {
                             if proxy_id.is_empty() {
                                 proxy_id = id;
                             }
+                        }
+                        Ok(Frame::Control(Message::HostCaSigner { fingerprint, spread_secs })) => {
+                            crate::tunnel::post_signer(hints, fingerprint, spread_secs);
                         }
                         Ok(Frame::Control(Message::ProxySet { ids })) => {
                             debug!(?ids, "proxy set");

@@ -22,6 +22,7 @@ use tunnel_proto::credit::{CREDIT_EXT, CREDIT_VERSION, STREAM_WINDOW};
 use tunnel_proto::names::{CONTROL_HOST, agent_login};
 
 use crate::config::{AgentConfig, TargetAddr, TransportMode};
+use crate::renew::{SignerHint, SignerHints};
 
 /// Deadline to connect to a local target.
 pub(crate) const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -61,13 +62,15 @@ pub fn web_trust(config: &AgentConfig) -> Result<WebTrust, DialError> {
 }
 
 /// Dials the proxy and serves until the connection ends or `shutdown` is cancelled.
+/// What proxies say about the host CA's signer goes to `hints`.
 pub async fn connect_and_serve(
     quic: &crate::quic::QuicClient,
+    hints: &SignerHints,
     config: &AgentConfig,
     identity: &Identity,
     shutdown: &CancellationToken,
 ) -> Result<Ended, DialError> {
-    connect_and_serve_in(quic, config, identity, shutdown, None).await
+    connect_and_serve_in(quic, hints, config, identity, shutdown, None).await
 }
 
 /// As [`connect_and_serve`], as dial number `attempt` of an agent pool (see [`crate::pool`]):
@@ -76,6 +79,7 @@ pub async fn connect_and_serve(
 /// that proxy.
 pub async fn connect_and_serve_in(
     quic: &crate::quic::QuicClient,
+    hints: &SignerHints,
     config: &AgentConfig,
     identity: &Identity,
     shutdown: &CancellationToken,
@@ -110,7 +114,9 @@ pub async fn connect_and_serve_in(
             _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
         };
         match dialled {
-            Ok(Some(tunnel)) => return Ok(tunnel.serve(config, shutdown).instrument(span).await),
+            Ok(Some(tunnel)) => {
+                return Ok(tunnel.serve(config, hints, shutdown).instrument(span).await);
+            }
             Ok(None) => return Ok(Ended::Duplicate),
             Err(e) if config.transport.mode == TransportMode::Quic => return Err(e),
             Err(e) => warn!(
@@ -175,6 +181,7 @@ pub async fn connect_and_serve_in(
             let link = ControlLink {
                 hello: Some(hello_tx),
                 pool: pool.map(|(p, _)| p.clone()),
+                hints: hints.clone(),
             };
             control_task = Some(tokio::spawn(
                 control(ch, hello, active, drain_tx, proxy_version_tx, link)
@@ -498,6 +505,8 @@ struct ControlLink {
     hello: Option<tokio::sync::oneshot::Sender<String>>,
     /// The pool that follows this proxy's sets.
     pool: Option<Arc<crate::pool::Pool>>,
+    /// Where the host CA's signer goes (the renewal loop follows it).
+    hints: SignerHints,
 }
 
 /// The agent side of `@control`: hello, heartbeats, and a drain order that ends the tunnel.
@@ -550,6 +559,9 @@ async fn control(
                                 let _ = drain.send(());
                                 return;
                             }
+                            Message::HostCaSigner { fingerprint, spread_secs } => {
+                                post_signer(&link.hints, fingerprint, spread_secs);
+                            }
                             other => debug!(?other, "unexpected control message"),
                         }
                     }
@@ -565,6 +577,18 @@ async fn control(
             }
         }
     }
+}
+
+/// Posts what a proxy said about the host CA's signer (either transport) for the renewal loop.
+pub(crate) fn post_signer(hints: &SignerHints, fingerprint: String, spread_secs: u32) {
+    debug!(%fingerprint, spread_secs, "host CA signer");
+    postern_dial::renew_due::post(
+        hints,
+        SignerHint {
+            fingerprint,
+            spread_secs,
+        },
+    );
 }
 
 /// The host CA keys proxies may be signed by: `proxy_host_ca` and those the last certificate

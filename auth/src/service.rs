@@ -1103,14 +1103,14 @@ impl AuthService for Service {
             .await?;
         let a = &self.state.authorities;
         let result = match kind.as_str() {
-            "host" => Ok(a.host_ca_lines()),
-            "user" => Ok(a.user_ca_lines()),
-            "tls" => Ok(vec![a.tls_ca_pem.clone()]),
+            "host" => Ok((a.host_ca_lines(), a.host_ca_line())),
+            "user" => Ok((a.user_ca_lines(), a.user_ca_line())),
+            "tls" => Ok((vec![a.tls_ca_pem.clone()], String::new())),
             other => Err(Status::invalid_argument(format!(
                 "kind: '{other}' is not a CA kind (host, user, tls)"
             ))),
         }
-        .map(|entries| ExportAuthoritiesResponse { entries });
+        .map(|(entries, signing)| ExportAuthoritiesResponse { entries, signing });
         self.finish(
             &caller,
             "ExportAuthorities",

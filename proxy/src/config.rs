@@ -214,6 +214,10 @@ pub struct PolicyConfig {
     /// With `auth`: how often the proxy reads the cluster's trusted CA keys from the Auth server
     /// (a CA rotation reaches the proxy within this). Default 10.
     pub ca_refresh_secs: u64,
+    /// With `auth`: when the host CA's signing key changes (a rotation's `update_clients`, or a
+    /// rollback), the agents of this proxy renew their certificates at random moments within
+    /// this many seconds (0: at once). Default 60.
+    pub renew_spread_secs: u32,
 }
 
 impl Default for PolicyConfig {
@@ -223,6 +227,7 @@ impl Default for PolicyConfig {
             identity_file: None,
             stale_after_secs: 60,
             ca_refresh_secs: 10,
+            renew_spread_secs: 60,
         }
     }
 }
@@ -521,6 +526,12 @@ impl ProxyConfig {
                 return Err(invalid(
                     format!("clusters[{i}].policy.ca_refresh_secs"),
                     "must be 1..=3600",
+                ));
+            }
+            if c.policy.renew_spread_secs > 86_400 {
+                return Err(invalid(
+                    format!("clusters[{i}].policy.renew_spread_secs"),
+                    "must be 0..=86400",
                 ));
             }
             if !(1..=86_400).contains(&c.policy.stale_after_secs) {

@@ -239,6 +239,8 @@ fn policy_watchers(
             cluster: c.name.clone(),
             identity_file: c.policy.identity_file.clone().unwrap_or_default(),
             every: std::time::Duration::from_secs(c.policy.ca_refresh_secs),
+            renew_spread_secs: c.policy.renew_spread_secs,
+            cache: trust::CaCache::new(&config.data_dir),
             shared: shared.clone(),
         };
         tasks.push(tokio::spawn(refresher.run(shared.hard_stop.clone())));
@@ -321,8 +323,8 @@ pub async fn run(
     let proxy_id = proxy_id(&config)?;
     let (host_key, host_cert) = keys::ssh_host(&config)?;
     let (web_tls, web_fp) = keys::web_tls(&config)?;
-    let trust =
-        trust::Trust::from_config(&config.clusters).map_err(|e| config::ConfigError::Invalid {
+    let trust = trust::Trust::from_config(&config.clusters, &trust::CaCache::new(&config.data_dir))
+        .map_err(|e| config::ConfigError::Invalid {
             field: "clusters".into(),
             message: e,
         })?;

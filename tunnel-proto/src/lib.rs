@@ -30,5 +30,6 @@ pub mod names;
 pub mod quic;
 
 /// Version of the tunnel protocol spoken on the `@control` channel and advertised by discovery.
-/// Version 2 added per-stream credit ([`credit`]).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Version 2 added per-stream credit ([`credit`]); version 3 the host CA's signer on `@control`
+/// ([`control::Message::HostCaSigner`]).
+pub const PROTOCOL_VERSION: u32 = 3;

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use metrics::{counter, histogram};
 use russh::keys::{Certificate, PublicKey};
 use tracing::{debug, info, warn};
-use tunnel_proto::control::Message;
+use tunnel_proto::control::{HOST_CA_SIGNER_VERSION, Message};
+
+use crate::tunnel::control::signer_for;
 use tunnel_proto::frame_stream::FrameStream;
 use tunnel_proto::quic::{
     AGENT_CONTEXT, EXPORTER_LABEL, EXPORTER_LEN, Frame, PROXY_CONTEXT, sign_binding, verify_binding,
@@ -301,8 +303,15 @@ async fn serve_control(
                 .map_err(|e| e.to_string())?;
         }
     }
+    let mut signer = shared.trust.host_signer(&tunnel.cluster);
+    let mut agent_version = 0u32;
     loop {
         tokio::select! {
+            Ok(()) = async { signer.as_mut().expect("guarded").changed().await }, if signer.is_some() && agent_version >= HOST_CA_SIGNER_VERSION && control_open && !drained => {
+                if let Some(m) = signer_for(&mut signer, agent_version) {
+                    control.write(&[Frame::Control(m)]).await.map_err(|e| e.to_string())?;
+                }
+            }
             Ok(()) = async { peers.as_mut().expect("guarded").changed().await }, if peers.is_some() && control_open && !drained => {
                 let ids = peers.as_mut().expect("guarded").borrow_and_update().clone();
                 if !ids.is_empty() {
@@ -329,6 +338,10 @@ async fn serve_control(
                 Frame::Control(Message::Hello { version, id }) => {
                     debug!(version, agent = %id, "control hello");
                     tunnel.agent_version.send_replace(version.max(1));
+                    agent_version = version;
+                    if let Some(m) = signer_for(&mut signer, agent_version) {
+                        control.write(&[Frame::Control(m)]).await.map_err(|e| e.to_string())?;
+                    }
                 }
                 Frame::Control(Message::Heartbeat { active_streams }) => debug!(active_streams, "heartbeat"),
                 other => {

@@ -14,7 +14,7 @@
 pub mod admission;
 pub(crate) mod checks;
 mod conn;
-mod control;
+pub(crate) mod control;
 mod handler;
 pub(crate) mod register;
 pub mod splice;

@@ -154,8 +154,7 @@ pub async fn start_balanced(name: &str, n: usize) -> (Cluster, Balancer) {
             policy: PolicyConfig {
                 source: PolicySource::Auth,
                 identity_file: Some(dir.path().join(format!("proxy-{i}.identity"))),
-                stale_after_secs: 60,
-                ca_refresh_secs: 10,
+                ..Default::default()
             },
         }];
         let key = mint::generate_key();

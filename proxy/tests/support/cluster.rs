@@ -70,7 +70,7 @@ pub async fn spawn_proxy_process(
     let toml = format!(
         "{id}data_dir = {:?}\nallow_root = true\n[listen]\nweb = \"{}\"\ntunnel = \"{}\"\nops = \"{}\"\n[shutdown]\ngrace_secs = 2\nunready_secs = {}\n\
          [[clusters]]\nname = \"{}\"\nhost_ca = [{:?}]\nuser_ca = [{:?}]\n[clusters.policy]\nsource = \"auth\"\n\
-         identity_file = {:?}\nstale_after_secs = {}\n",
+         identity_file = {:?}\nstale_after_secs = {}\nca_refresh_secs = {}\nrenew_spread_secs = {}\n",
         config.data_dir,
         config.listen.web,
         config.listen.tunnel,
@@ -81,6 +81,8 @@ pub async fn spawn_proxy_process(
         c.user_ca[0],
         c.policy.identity_file.as_ref().unwrap(),
         c.policy.stale_after_secs,
+        c.policy.ca_refresh_secs,
+        c.policy.renew_spread_secs,
     ) + extra;
     let path = config.data_dir.join("proxy.toml");
     std::fs::write(&path, toml).unwrap();
@@ -223,8 +225,10 @@ impl Cluster {
                     source: PolicySource::Auth,
                     identity_file: Some(dir.path().join(format!("proxy-{i}.identity"))),
                     stale_after_secs,
-                    // CA rotations reach the proxies within a second.
+                    // CA rotations reach the proxies within a second, and their agents within
+                    // another.
                     ca_refresh_secs: 1,
+                    renew_spread_secs: 1,
                 },
             }];
             let key = mint::generate_key();
