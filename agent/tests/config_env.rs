@@ -46,3 +46,22 @@ fn a_bad_env_value_names_the_variable() {
         Ok(())
     });
 }
+
+#[test]
+fn text_that_looks_like_a_number_is_quoted() {
+    Jail::expect_with(|jail| {
+        jail.create_file("agent.toml", FILE)?;
+        jail.set_env("POSTERN_AGENT_HOST_ID", "123");
+        let msg = AgentConfig::load(Path::new("agent.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("POSTERN_AGENT_HOST_ID") && msg.contains("quote it"),
+            "{msg}"
+        );
+        jail.set_env("POSTERN_AGENT_HOST_ID", "\"123\"");
+        let c = AgentConfig::load(Path::new("agent.toml")).map_err(|e| e.to_string())?;
+        assert_eq!(c.host_id, "123");
+        Ok(())
+    });
+}

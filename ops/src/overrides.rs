@@ -3,8 +3,8 @@
 //! `POSTERN_AGENT_*` or `POSTERN_AUTH_*`, `__` separating nested keys
 //! (`POSTERN_PROXY_LISTEN__WEB=0.0.0.0:443`, `POSTERN_AUTH_BACKEND=postgres://…`,
 //! `POSTERN_AGENT_RECONNECT__MAX_MS=60000`). Variables win over the file; command-line flags win
-//! over both. Values are read as TOML-like scalars (`true`, `30`, `[1, 2]`) and as strings
-//! otherwise.
+//! over both. Values are read as TOML-like scalars (`true`, `30`, `[1, 2]`, `"quoted text"`)
+//! and as strings otherwise, so text that looks like a number is quoted (`'"123"'`).
 //!
 //! `figment` does the layering: the file, already parsed by our `toml` (figment's own TOML
 //! support would bring a second `toml` major version), goes in as `Serialized` defaults and
@@ -94,6 +94,13 @@ fn env_error(e: figment::Error, prefix: &str, vars: &[String]) -> EnvError {
     if hits.is_empty() {
         hits = vars.iter().collect();
     }
+    // `123` or `true` in a variable is read as a number or a boolean, not as text.
+    let hint = match &e.kind {
+        figment::error::Kind::InvalidType(_, expected) if expected.contains("string") => {
+            ": to pass text that looks like a number or boolean, quote it (VAR='\"123\"')"
+        }
+        _ => "",
+    };
     let key = if path.is_empty() {
         String::new()
     } else {
@@ -105,6 +112,6 @@ fn env_error(e: figment::Error, prefix: &str, vars: &[String]) -> EnvError {
             .map(|s| s.as_str())
             .collect::<Vec<_>>()
             .join(", "),
-        message: format!("{}{key}", e.kind),
+        message: format!("{}{key}{hint}", e.kind),
     }
 }
