@@ -42,40 +42,55 @@ fn text(status: StatusCode, ctype: &'static str, body: String) -> Response<Body>
         .expect("static response parts")
 }
 
-/// The ops routes (any method): `/metrics`, `/healthz`, `/readyz`, `404 not found` elsewhere.
+/// What the ops routes read.
+#[derive(Clone)]
+struct Ops {
+    prom: PrometheusHandle,
+    ready: Arc<Ready>,
+}
+
+/// `/metrics`: Prometheus text.
+async fn metrics(State(ops): State<Ops>) -> Response<Body> {
+    ops.prom.run_upkeep();
+    text(
+        StatusCode::OK,
+        "text/plain; version=0.0.4",
+        ops.prom.render(),
+    )
+}
+
+/// `/healthz`: the process answers.
+async fn healthz() -> Response<Body> {
+    text(StatusCode::OK, "text/plain", "ok\n".into())
+}
+
+/// `/readyz`: 200 while ready, 503 otherwise.
+async fn readyz(State(ops): State<Ops>) -> Response<Body> {
+    if ops.ready.get() {
+        text(StatusCode::OK, "text/plain", "ready\n".into())
+    } else {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready\n".into(),
+        )
+    }
+}
+
+/// Any other path.
+async fn not_found() -> Response<Body> {
+    text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into())
+}
+
+/// The ops routes, any method on each (as scrapers and probes use GET, a HEAD or POST is not
+/// refused either).
 fn router(prom: PrometheusHandle, ready: Arc<Ready>) -> Router {
     Router::new()
-        .route(
-            "/metrics",
-            any(
-                |State((prom, _)): State<(PrometheusHandle, Arc<Ready>)>| async move {
-                    prom.run_upkeep();
-                    text(StatusCode::OK, "text/plain; version=0.0.4", prom.render())
-                },
-            ),
-        )
-        .route(
-            "/healthz",
-            any(|| async { text(StatusCode::OK, "text/plain", "ok\n".into()) }),
-        )
-        .route(
-            "/readyz",
-            any(
-                |State((_, ready)): State<(PrometheusHandle, Arc<Ready>)>| async move {
-                    if ready.get() {
-                        text(StatusCode::OK, "text/plain", "ready\n".into())
-                    } else {
-                        text(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "text/plain",
-                            "not ready\n".into(),
-                        )
-                    }
-                },
-            ),
-        )
-        .fallback(|| async { text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()) })
-        .with_state((prom, ready))
+        .route("/metrics", any(metrics))
+        .route("/healthz", any(healthz))
+        .route("/readyz", any(readyz))
+        .fallback(not_found)
+        .with_state(Ops { prom, ready })
 }
 
 /// Ops connections open at once, at most (closed at accept beyond it).
