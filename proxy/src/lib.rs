@@ -16,6 +16,7 @@
 //!   client stream). [`link`]: a tunnel's link to its agent, either transport.
 //! - [`routing`]: the cluster → tunnels table, with each target's labels.
 //! - [`proxy_protocol`]: PROXY headers from trusted load balancers.
+//! - [`rate`]: per-key rate limits (`governor`) and failed-login counts.
 //! - [`audit`]: the stream access audit: events logged, spooled in the data dir, shipped.
 //! - [`policy`]: who may open streams to which target (roles by labels, locks, deleted users),
 //!   watched from each cluster's Auth server through the cluster's own tunnel.
@@ -37,6 +38,7 @@ pub mod peers;
 pub mod policy;
 pub mod proxy_protocol;
 pub mod quic;
+pub mod rate;
 pub mod renewal;
 pub mod routing;
 pub mod trust;
@@ -385,7 +387,7 @@ pub async fn run(
         u32::try_from(config.shutdown.grace_secs).unwrap_or(u32::MAX),
         proxy_id.clone(),
     );
-    shared.limits = config.limits.clone();
+    shared.set_limits(config.limits.clone());
     shared.proxy_protocol = config.proxy_protocol.policy().map_err(|message| {
         ProxyError::Config(config::ConfigError::Invalid {
             field: "proxy_protocol.trusted_networks".into(),
