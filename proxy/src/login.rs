@@ -1,7 +1,11 @@
 //! The login relay: `POST /webapi/login` on the web listener, passed as one JSON line down a
 //! stream to target `login` of the cluster (the Auth server's agent serves it), rate-limited per
 //! user and per source address before anything is relayed. Agent joins (`POST /webapi/join`)
-//! take the same way.
+//! take the same way. A renewal (`POST /webapi/renew`) that presents a certificate from one of
+//! the cluster's trusted CAs, unexpired, counts against that certificate's key instead
+//! ([`PER_CERT_PER_MINUTE`]): a fleet behind one NAT address renews at once after a CA rotation
+//! without spending its users' login budget, and a certificate seen once cannot be used to
+//! flood the Auth server.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -23,6 +27,9 @@ pub const PER_SOURCE_PER_MINUTE: u32 = 30;
 /// that a stranger using up the budget of a user does not lock its owner out from another
 /// address (issue 11, item 6).
 pub const PER_USER_PER_MINUTE: u32 = 10;
+/// Renewals relayed per certificate key per minute, at most (an agent, a bot or a proxy renews
+/// once in two-thirds of its certificate's life, or once when a rotation moves the CA).
+pub const PER_CERT_PER_MINUTE: u32 = 6;
 /// How long the Auth server has to answer.
 const RELAY_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -33,6 +40,11 @@ pub trait AgentRequest: serde::Serialize + serde::de::DeserializeOwned {
     fn cluster(&self) -> &str;
     /// Records the source address (whatever the agent sent is replaced).
     fn set_source(&mut self, source: String);
+    /// The key its rate limit counts against, when not the source address: see
+    /// [`PER_CERT_PER_MINUTE`].
+    fn certificate_key(&self, _trust: &crate::trust::Trust, _now: u64) -> Option<String> {
+        None
+    }
 }
 
 impl AgentRequest for tunnel_proto::join::JoinRequest {
@@ -51,6 +63,21 @@ impl AgentRequest for tunnel_proto::join::RenewRequest {
     fn set_source(&mut self, source: String) {
         self.source = Some(source);
     }
+    /// The certificate's key, if the certificate is unexpired and signed by one of the cluster's
+    /// trusted host or user CA keys (the Auth server checks the rest).
+    fn certificate_key(&self, trust: &crate::trust::Trust, now: u64) -> Option<String> {
+        let cert = russh::keys::ssh_key::Certificate::from_openssh(self.renew_cert.trim()).ok()?;
+        let cas = trust.cluster(&self.cluster)?;
+        let signer = tunnel_proto::certs::signer_fingerprint(&cert);
+        let trusted = cas.host_cas.contains(&signer) || cas.user_cas.contains(&signer);
+        (trusted && cert.valid_before() > now).then(|| {
+            format!(
+                "{}/{}",
+                self.cluster,
+                cert.public_key().fingerprint(russh::keys::HashAlg::Sha256)
+            )
+        })
+    }
 }
 
 /// What the relay needs from the proxy.
@@ -61,6 +88,8 @@ pub struct LoginRelay {
     pub by_source: RateLimit,
     /// Per `cluster/user/source address`: [`PER_USER_PER_MINUTE`].
     pub by_user: RateLimit,
+    /// Renewals per `cluster/certificate key`: [`PER_CERT_PER_MINUTE`].
+    pub by_cert: RateLimit,
 }
 
 fn result(resp: LoginResponse, label: &'static str) -> LoginResponse {
@@ -75,6 +104,7 @@ impl LoginRelay {
             shared,
             by_source: RateLimit::per_minute(PER_SOURCE_PER_MINUTE),
             by_user: RateLimit::per_minute(PER_USER_PER_MINUTE),
+            by_cert: RateLimit::per_minute(PER_CERT_PER_MINUTE),
         }
     }
 
@@ -148,13 +178,25 @@ impl LoginRelay {
         body: &[u8],
         peer: SocketAddr,
     ) -> LoginResponse {
-        if !self.by_source.allow(&peer.ip().to_string()) {
-            return result(
-                LoginResponse::failed(429, "too many requests from this address: wait a minute"),
-                "rate_limited",
-            );
+        let parsed = serde_json::from_slice::<T>(body);
+        let cert_key = parsed
+            .as_ref()
+            .ok()
+            .and_then(|r| r.certificate_key(&self.shared.trust, postern_dial::mint::now_unix()));
+        let (allowed, refusal) = match &cert_key {
+            Some(k) => (
+                self.by_cert.allow(k),
+                "too many renewals for this certificate: wait a minute",
+            ),
+            None => (
+                self.by_source.allow(&peer.ip().to_string()),
+                "too many requests from this address: wait a minute",
+            ),
+        };
+        if !allowed {
+            return result(LoginResponse::failed(429, refusal), "rate_limited");
         }
-        let mut req: T = match serde_json::from_slice(body) {
+        let mut req: T = match parsed {
             Ok(r) => r,
             Err(e) => {
                 return result(
