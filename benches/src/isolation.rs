@@ -113,21 +113,27 @@ pub async fn isolation(
 ) -> anyhow::Result<IsolationReport> {
     let alone = pings(&b, t, secs).await?;
     let rss0 = proxy_pid.map(rss_kib).unwrap_or(0);
-    // A: reads 16 KiB at a time, paced to `slow_kib_per_s`.
+    // A: reads at most 16 KiB at a time and paces by bytes, not by reads: a read returns one
+    // message of whatever size the proxy passed on (over QUIC, about one datagram's payload), so
+    // a fixed pause per read would read far slower than `slow_kib_per_s`.
     let stop = tokio_util::sync::CancellationToken::new();
     let reader = {
         let (a, t, stop) = (a.clone(), t.clone(), stop.clone());
         tokio::spawn(async move {
             let mut s = a.open(&t.hose, &t.cluster, 0).await?;
             let mut buf = vec![0u8; 16 << 10];
-            let pause = Duration::from_secs_f64(16.0 / slow_kib_per_s.max(1) as f64);
+            let rate = (slow_kib_per_s.max(1) * 1024) as f64;
+            let start = Instant::now();
             let mut total = 0u64;
             while !stop.is_cancelled() {
                 match s.read(&mut buf).await? {
                     0 => break,
                     n => total += n as u64,
                 }
-                tokio::time::sleep(pause).await;
+                let due = Duration::from_secs_f64(total as f64 / rate);
+                if let Some(wait) = due.checked_sub(start.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
             }
             Ok::<u64, anyhow::Error>(total)
         })
@@ -173,6 +179,10 @@ pub struct StallReport {
     pub pushed_bytes: u64,
     /// Seconds until the hose stopped making progress.
     pub settle_secs: f64,
+    /// Bytes the proxy passed on toward A's client (from its metrics), when the caller can read
+    /// them: what left the proxy, as opposed to what it holds.
+    #[serde(default)]
+    pub passed_on_bytes: Option<u64>,
 }
 
 impl StallReport {
@@ -212,6 +222,7 @@ pub async fn stalled(
         rss_stalled_kib: rss_kib(proxy_pid),
         pushed_bytes: last - w0,
         settle_secs: settle,
+        passed_on_bytes: None,
     };
     drop(stream);
     Ok(report)

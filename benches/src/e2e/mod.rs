@@ -203,30 +203,44 @@ fn iso_targets() -> isolation::Targets {
     }
 }
 
-/// One Postern setup's rows and figures: the stalled stream first (on a proxy whose heap has
-/// not grown yet), then (SSH only) the agent log-ins, the table's figures, and isolation last.
+/// The stalled-stream figure for `transport`, on a proxy and agent of its own: RSS growth is
+/// only meaningful on a heap that nothing has grown and freed before (freed memory would be
+/// reused unseen), and the stream's own freed memory would in turn hide the next figure's.
+async fn stall_figure(
+    dir: &Path,
+    bin: &Path,
+    targets: Targets,
+    hose: &services::Hose,
+    transport: AgentTransport,
+) -> anyhow::Result<ByTransport<StallReport>> {
+    let p = start_postern(dir, bin, targets, transport).await?;
+    let sent0 = p.bytes_to_clients().await?;
+    let mut s =
+        isolation::stalled(&p.session, &iso_targets(), p.proxy_pid, || hose.written()).await?;
+    s.passed_on_bytes = Some(p.bytes_to_clients().await?.saturating_sub(sent0));
+    p.check_transport().await?;
+    eprintln!(
+        "  agent on {transport}: one stalled stream: proxy RSS +{} KiB ({} pushed before it stalled)",
+        s.growth_bytes() / 1024,
+        support::bytes(s.pushed_bytes)
+    );
+    Ok(ByTransport {
+        transport,
+        report: s,
+    })
+}
+
+/// One Postern setup's rows and figures: (SSH only) the agent log-ins first, on a proxy whose
+/// heap stream traffic has not grown yet, then the table's figures, and isolation last.
 async fn postern_rows(
     cli: &Cli,
     cipher: &str,
     p: &PosternSetup,
-    hose: &services::Hose,
     extras: bool,
     out: &mut Phase,
 ) -> anyhow::Result<()> {
     let (pp, ap) = (p.proxy_pid, p.agent_pid);
     let t = p.transport;
-    if extras {
-        let s = isolation::stalled(&p.session, &iso_targets(), pp, || hose.written()).await?;
-        eprintln!(
-            "  agent on {t}: one stalled stream: proxy RSS +{} KiB ({} pushed before it stalled)",
-            s.growth_bytes() / 1024,
-            support::bytes(s.pushed_bytes)
-        );
-        out.stalls.push(ByTransport {
-            transport: t,
-            report: s,
-        });
-    }
     if t == AgentTransport::Ssh {
         // Idle tunnels first, on a proxy whose heap stream traffic has not grown yet.
         let (rate, per_tunnel) = logins::agent_logins(p, cli.agents).await?;
@@ -319,21 +333,24 @@ async fn phase(cli: &Cli, cipher: &str) -> anyhow::Result<Phase> {
     out.rows
         .push(measure("direct loopback", "-", &direct, cli, &Vec::new).await?);
 
-    let p = start_postern(&dir.path().join("ssh"), &bin, targets, AgentTransport::Ssh).await?;
-    postern_rows(cli, cipher, &p, &hose, extras, &mut out).await?;
-    drop(p);
-
+    let mut transports = vec![AgentTransport::Ssh];
     if extras && !cli.no_quic {
-        let q = start_postern(
-            &dir.path().join("quic"),
-            &bin,
-            targets,
-            AgentTransport::Quic,
-        )
-        .await?;
-        out.knobs = Some(knobs::read(&q.proxy_config, &q.agent_config)?);
-        postern_rows(cli, cipher, &q, &hose, extras, &mut out).await?;
-        drop(q);
+        transports.push(AgentTransport::Quic);
+    }
+    if extras {
+        for &t in &transports {
+            let sub = dir.path().join(format!("stall-{}", t.label()));
+            out.stalls
+                .push(stall_figure(&sub, &bin, targets, &hose, t).await?);
+        }
+    }
+    // One setup at a time: each is dropped (its processes killed) before the next starts.
+    for &t in &transports {
+        let p = start_postern(&dir.path().join(t.label()), &bin, targets, t).await?;
+        if t == AgentTransport::Quic {
+            out.knobs = Some(knobs::read(&p.proxy_config, &p.agent_config)?);
+        }
+        postern_rows(cli, cipher, &p, extras, &mut out).await?;
     }
 
     let o = openssh::start_openssh(dir.path(), cipher, sink, echo).await?;
@@ -367,11 +384,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         eprintln!("== {cipher}");
         let mut args: Vec<String> = std::env::args().skip(1).collect();
         args.extend(["--phase".into(), cipher.clone()]);
+        // Not `output()`: tokio's pipes stderr too, which would hide the phase's progress and
+        // the reason it failed.
         let out = Command::new(&exe)
             .args(&args)
             .env("POSTERN_SSH_CIPHERS", cipher)
+            .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
-            .output()
+            .spawn()?
+            .wait_with_output()
             .await?;
         if !out.status.success() {
             bail!("phase {cipher} failed");

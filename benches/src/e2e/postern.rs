@@ -261,6 +261,20 @@ impl PosternSetup {
         }
         Ok(())
     }
+
+    /// The proxy's `postern_bytes_proxied_total{direction="agent_to_client"}`: payload bytes it
+    /// has passed on toward clients.
+    pub async fn bytes_to_clients(&self) -> anyhow::Result<u64> {
+        let text = scrape(self.ops).await?;
+        Ok(text
+            .lines()
+            .filter(|l| {
+                l.starts_with("postern_bytes_proxied_total{")
+                    && l.contains("direction=\"agent_to_client\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64)
+    }
 }
 
 /// `GET /metrics` from the proxy's ops listener (HTTP/1.0, read to EOF): the body.

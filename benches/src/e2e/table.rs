@@ -141,14 +141,14 @@ fn stalls(ph: &Phase) -> String {
             .unwrap_or(u64::from(tunnel_proto::credit::STREAM_WINDOW))
     };
     let mut s = format!(
-        "\nOne fully stalled stream ({}): client A opens a stream to a service that writes as fast as it is let and never reads; once the service can write no more (every window on the way full), the proxy's RSS is compared with before A opened it. Target: growth ≤ the window.\n\n| agent transport | proxy RSS before | growth once stalled | window (proxy side) | pushed by the service before it stalled |\n|---|---|---|---|---|\n",
+        "\nOne fully stalled stream ({}): client A opens a stream to a service that writes as fast as it is let and never reads; once the service can write no more (every window on the way full), the proxy's RSS is compared with before A opened it. Target: growth ≤ the window.\n\n| agent transport | proxy RSS before | growth once stalled | window (proxy side) | pushed by the service before it stalled | of which the proxy passed on toward A |\n|---|---|---|---|---|---|\n",
         ph.cipher
     );
     for f in &ph.stalls {
         let r = &f.report;
         let w = window(f.transport);
         s.push_str(&format!(
-            "| {} | {} | {}{} | {} ({}) | {} in {:.1} s |\n",
+            "| {} | {} | {}{} | {} ({}) | {} in {:.1} s | {} |\n",
             f.transport,
             bytes(r.rss_before_kib * 1024),
             bytes(r.growth_bytes()),
@@ -164,6 +164,7 @@ fn stalls(ph: &Phase) -> String {
             },
             bytes(r.pushed_bytes),
             r.settle_secs,
+            r.passed_on_bytes.map(bytes).unwrap_or_else(|| "—".into()),
         ));
     }
     s
