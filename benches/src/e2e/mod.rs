@@ -255,7 +255,7 @@ async fn postern_rows(
         AgentTransport::Ssh => ("Postern (Rust client)".to_string(), cipher.to_string()),
         AgentTransport::Quic => (
             QUIC_ROW.to_string(),
-            format!("{cipher} client leg; agent leg QUIC (run once, not per cipher)"),
+            format!("{cipher} (client leg) + QUIC (once)"),
         ),
     };
     let mut row = measure(&name, &cipher_cell, &d, cli, &|| vec![pp, ap]).await?;

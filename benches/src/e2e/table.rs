@@ -83,7 +83,7 @@ pub fn render(phases: &[Phase], cli: &Cli) -> String {
         .any(|p| p.rows.iter().any(|r| r.system == QUIC_ROW))
     {
         s.push_str(&format!(
-            "\n{QUIC_ROW}: the agent's leg is QUIC (TLS 1.3), which does not depend on the SSH cipher, so it runs once, in the {} phase; the client's leg to the proxy is SSH with that cipher, and its ratios are against that phase's direct and OpenSSH rows. The agent was forced to QUIC (`transport.mode = \"quic\"`) and the proxy's `postern_tunnels_connected{{transport=\"quic\"}}` gauge was checked before and after.",
+            "\n{QUIC_ROW}: the agent's leg is QUIC (TLS 1.3), which does not depend on the SSH cipher, so this row runs once, in the {} phase, not per cipher; the client's leg to the proxy is SSH with that cipher, and its ratios are against that phase's direct and OpenSSH rows. The agent was forced to QUIC (`transport.mode = \"quic\"`) and the proxy's `postern_tunnels_connected{{transport=\"quic\"}}` gauge was checked before and after.",
             cli.extras_cipher()
         ));
     }
