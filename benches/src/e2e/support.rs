@@ -56,9 +56,11 @@ pub async fn wait_port(port: u16) -> anyhow::Result<()> {
     bail!("nothing listens on 127.0.0.1:{port} after 10 s")
 }
 
-/// `n` bytes as KiB or MiB, whichever reads better.
+/// `n` bytes as KiB, MiB or GiB, whichever reads better.
 pub fn bytes(n: u64) -> String {
-    if n >= 1 << 20 {
+    if n >= 1 << 30 {
+        format!("{:.1} GiB", n as f64 / 1073741824.0)
+    } else if n >= 1 << 20 {
         format!("{:.1} MiB", n as f64 / 1048576.0)
     } else {
         format!("{:.0} KiB", n as f64 / 1024.0)
