@@ -80,25 +80,9 @@ struct Cli {
     quic: bool,
 }
 
-mod isolation;
-
 /// A service that writes `mib` MiB to every connection, as fast as it is let.
 async fn firehose(mib: u64) -> anyhow::Result<SocketAddr> {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let a = l.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let chunk = vec![0u8; 1 << 20];
-                for _ in 0..mib {
-                    if s.write_all(&chunk).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    Ok(a)
+    Ok(postern_benches::e2e::services::Hose::start(mib).await?.addr)
 }
 
 async fn echo() -> anyhow::Result<SocketAddr> {
@@ -120,6 +104,32 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
         return 0.0;
     }
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Prints the `--isolation` figures.
+fn print_isolation(r: &postern_benches::isolation::IsolationReport, proxy_pid: Option<u32>) {
+    let ((p50a, p99a), (p50d, p99d)) = (r.alone(), r.during());
+    println!(
+        "\npostern-loadtest --isolation: B pings 64 B at 10 Hz for {} s per phase",
+        r.secs
+    );
+    println!(
+        "  B alone                     p50 {p50a:.2} ms  p99 {p99a:.2} ms  ({} pings)",
+        r.alone_ms.len()
+    );
+    println!(
+        "  B while A reads {} KiB/s   p50 {p50d:.2} ms  p99 {p99d:.2} ms  ({} pings; A read {:.1} MiB)",
+        r.slow_kib_per_s,
+        r.during_ms.len(),
+        r.slow_read_bytes as f64 / 1048576.0
+    );
+    println!("  B's p99 during / alone      {:.2}x", r.ratio());
+    if let Some(pid) = proxy_pid {
+        println!(
+            "  proxy (pid {pid}) RSS {} KiB before A, peak {} KiB while A was held back",
+            r.rss_before_kib, r.rss_peak_kib
+        );
+    }
 }
 
 #[tokio::main]
@@ -242,15 +252,20 @@ async fn main() -> anyhow::Result<()> {
         if sessions.len() < 2 {
             bail!("--isolation needs --sessions 2 or more (the slow client and the other one)");
         }
-        isolation::run(
+        let r = postern_benches::isolation::isolation(
             sessions[0].clone(),
             sessions[1].clone(),
-            &cli.cluster,
+            &postern_benches::isolation::Targets {
+                cluster: cli.cluster.clone(),
+                echo: "load".into(),
+                hose: "hose".into(),
+            },
             cli.duration,
             cli.slow_kib_per_s,
             cli.proxy_pid,
         )
         .await?;
+        print_isolation(&r, cli.proxy_pid);
         stop.cancel();
         return Ok(());
     }
