@@ -4,6 +4,10 @@
 //!
 //! Only the TLS certificate can be revoked (the API checks it against the database); the SSH
 //! certificate in the file expires on its own.
+//!
+//! A TLS CA rotation replaces the identity at each change of the trusted TLS CAs or of the one
+//! signing client certificates (`init`, `update_clients`, completion, rollback), so `pctl
+//! --data-dir` keeps working through it.
 
 use postern_api::identity::IdentityFile;
 use postern_dial::mint;
@@ -23,8 +27,10 @@ fn tls_fingerprint(pem: &str) -> Option<String> {
 }
 
 /// Whether the identity at `path` can be kept: this cluster's admin, recorded and unrevoked, at
-/// least half its lifetime left and no longer than `ttl` configures.
-fn reusable(state: &State, path: &std::path::Path, ttl: u64, now: u64) -> bool {
+/// least half its lifetime left and no longer than `ttl` configures; with `same_cas`, listing
+/// exactly the TLS CAs trusted now, the one signing client certificates first (as identity files
+/// issued now do), so that a TLS CA rotation's phases re-issue it.
+fn reusable(state: &State, path: &std::path::Path, ttl: u64, now: u64, same_cas: bool) -> bool {
     let Ok(old) = IdentityFile::load(path) else {
         return false;
     };
@@ -32,6 +38,7 @@ fn reusable(state: &State, path: &std::path::Path, ttl: u64, now: u64) -> bool {
         || old.cluster != state.authorities.cluster
         || old.expires < now + ttl / 2
         || old.expires > now + ttl + 60
+        || (same_cas && old.tls_cas != state.authorities.tls_ca_pems())
     {
         return false;
     }
@@ -41,12 +48,23 @@ fn reusable(state: &State, path: &std::path::Path, ttl: u64, now: u64) -> bool {
 }
 
 /// Keeps or replaces the admin identity (see the module docs). Returns true if a new one was
-/// issued.
+/// issued. Once the TLS CA has been rotated, the identity must list the TLS CAs of now (an
+/// identity of a cluster whose Ed25519 TLS CA was migrated is kept as it is until then).
 pub fn ensure_identity(state: &State, config: &AuthConfig) -> Result<bool, AuthError> {
+    let tls = state.authorities.tls_keys();
+    let rotated = tls.phase != crate::rotation::Phase::Standby || tls.retired.is_some();
+    ensure_identity_with(state, config, rotated)
+}
+
+fn ensure_identity_with(
+    state: &State,
+    config: &AuthConfig,
+    same_cas: bool,
+) -> Result<bool, AuthError> {
     let path = config.data_dir.join(files::ADMIN_IDENTITY);
     let ttl = config.admin_identity_ttl_secs;
     let now = mint::now_unix();
-    if reusable(state, &path, ttl, now) {
+    if reusable(state, &path, ttl, now, same_cas) {
         info!(path = %path.display(), "admin identity still valid: reused");
         return Ok(false);
     }
@@ -68,7 +86,7 @@ pub fn ensure_identity(state: &State, config: &AuthConfig) -> Result<bool, AuthE
             .to_string(),
         ssh_cert: issued.ssh_cert,
         tls_cert: issued.tls_cert,
-        tls_cas: vec![a.tls_ca_pem.clone()],
+        tls_cas: a.tls_ca_pems(),
         ssh_host_cas: a.host_ca_lines(),
     };
     admin
@@ -76,4 +94,28 @@ pub fn ensure_identity(state: &State, config: &AuthConfig) -> Result<bool, AuthE
         .map_err(|e| AuthError::Tls(e.to_string()))?;
     info!(path = %path.display(), revoked, "admin identity issued; earlier admin certificates revoked");
     Ok(true)
+}
+
+/// Until `shutdown`: keeps the admin identity from the TLS CA that signs client certificates,
+/// re-checking it at every TLS CA change (see the module docs).
+pub async fn follow_tls_ca(
+    state: std::sync::Arc<State>,
+    config: AuthConfig,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut changes = state.authorities.tls_changes();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = changes.changed() => if r.is_err() { return },
+        }
+        let (st, cfg) = (state.clone(), config.clone());
+        match tokio::task::spawn_blocking(move || ensure_identity_with(&st, &cfg, true)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "TLS CA changed: the admin identity could not be re-issued")
+            }
+            Err(e) => tracing::warn!(error = %e, "admin identity task failed"),
+        }
+    }
 }

@@ -51,6 +51,9 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// SHA-256 (hex) of the client certificate, if one was presented (and verified by TLS).
     pub cert_fingerprint: Option<String>,
+    /// The client certificate chains only to the TLS CA a completed rotation retired: every
+    /// call is refused, saying so.
+    pub retired_ca: bool,
 }
 
 /// A user as stored.
@@ -300,6 +303,11 @@ impl Service {
             });
         };
         let cluster = self.state.authorities.cluster.clone();
+        if info.retired_ca {
+            return Err(Status::unauthenticated(format!(
+                "this client certificate was issued by a TLS CA of cluster '{cluster}' that a CA rotation retired: get a new identity (psh login, pctl auth sign, or let the bot renew)"
+            )));
+        }
         let (user, roles) = self
             .blocking(move |s| -> Result<(String, Vec<Role>), Status> {
                 let (user, expires) = s.backend.cert_owner(&fp).map_err(storage_status)?.ok_or_else(|| {
@@ -459,7 +467,7 @@ impl Service {
             cluster: a.cluster.clone(),
             ssh_cert: issued.ssh_cert,
             tls_cert: issued.tls_cert,
-            tls_cas: vec![a.tls_ca_pem.clone()],
+            tls_cas: a.tls_ca_pems(),
             ssh_host_cas: a.host_ca_lines(),
             expires: issued.expires,
             roles,
@@ -794,15 +802,24 @@ impl AuthService for Service {
         req: Request<GenerateUserCertsRequest>,
     ) -> Result<Response<Certs>, Status> {
         let name = req.get_ref().user.clone();
-        let caller = self
-            .authorize(
-                &req,
-                "GenerateUserCerts",
-                "user_cert",
-                &name,
-                &[Verb::Create],
-            )
-            .await?;
+        // A proxy renews its own Auth identity without `user_cert: create` (see `proxy_renew`).
+        let own = match self.authenticate(&req).await {
+            Ok(c) if crate::proxy_renew::may_renew_own(&c.user, &c.roles, &name) => Some(c),
+            _ => None,
+        };
+        let caller = match own {
+            Some(c) => c,
+            None => {
+                self.authorize(
+                    &req,
+                    "GenerateUserCerts",
+                    "user_cert",
+                    &name,
+                    &[Verb::Create],
+                )
+                .await?
+            }
+        };
         let r = req.into_inner();
         let result = async {
             check_user_name(&r.user)?;
@@ -1103,7 +1120,7 @@ impl AuthService for Service {
         let result = match kind.as_str() {
             "host" => Ok(a.host_ca_lines()),
             "user" => Ok(a.user_ca_lines()),
-            "tls" => Ok(vec![a.tls_ca_pem.clone()]),
+            "tls" => Ok(a.tls_ca_pems()),
             other => Err(Status::invalid_argument(format!(
                 "kind: '{other}' is not a CA kind (host, user, tls)"
             ))),

@@ -94,6 +94,8 @@ pub struct TunnelShared {
     pub audit: Arc<crate::audit::StreamAudit>,
     /// The next tunnel id (both transports draw from it).
     pub(crate) next_id: AtomicU64,
+    /// Renewals of the proxy's Auth identities: Auth connections reconnect after one.
+    pub identity_renewals: crate::policy::identity::Renewals,
 }
 
 impl TunnelShared {
@@ -140,6 +142,7 @@ impl TunnelShared {
             policies: Arc::default(),
             audit: Arc::default(),
             next_id: AtomicU64::new(1),
+            identity_renewals: Default::default(),
         }
     }
 }
