@@ -78,7 +78,7 @@ impl IdentityRenewal {
                 Ok(id) => id,
                 Err(e) => {
                     debug!(cluster = %self.cluster, error = %e, "cannot read the proxy's Auth identity to renew it: retrying");
-                    if sleep_or_stop(&stop, Duration::from_secs(5)).await {
+                    if sleep_or_stop(&stop, MIN_WAIT).await {
                         return;
                     }
                     continue;

@@ -189,6 +189,33 @@ impl Cluster {
         tweak: impl FnOnce(&mut AuthConfig),
         proxy_cert_ttl: u64,
     ) -> Cluster {
+        Self::start_all(
+            name,
+            proxies,
+            stale_after_secs,
+            process,
+            tweak,
+            proxy_cert_ttl,
+            3600,
+        )
+        .await
+    }
+
+    /// As [`Cluster::start`], with the proxies' Auth identity valid `identity_ttl` seconds (they
+    /// renew it at two-thirds of its life).
+    pub async fn start_identity_ttl(name: &str, proxies: usize, identity_ttl: u64) -> Cluster {
+        Self::start_all(name, proxies, 60, false, |_| {}, 86400, identity_ttl).await
+    }
+
+    async fn start_all(
+        name: &str,
+        proxies: usize,
+        stale_after_secs: u64,
+        process: bool,
+        tweak: impl FnOnce(&mut AuthConfig),
+        proxy_cert_ttl: u64,
+        identity_ttl: u64,
+    ) -> Cluster {
         init_tracing();
         let dir = tempfile::tempdir().unwrap();
         let mut auth_cfg = auth_config(dir.path(), name);
@@ -316,7 +343,7 @@ impl Cluster {
             })
             .await
             .unwrap();
-        let id = c.identity("proxy-1").await;
+        let id = c.identity_ttl("proxy-1", identity_ttl).await;
         for i in 0..c.proxies.len() {
             id.save(&c.dir.path().join(format!("proxy-{i}.identity")))
                 .unwrap();
@@ -326,13 +353,18 @@ impl Cluster {
 
     /// Signs an identity for an existing user.
     pub async fn identity(&self, user: &str) -> IdentityFile {
+        self.identity_ttl(user, 3600).await
+    }
+
+    /// Signs an identity valid `ttl` seconds for an existing user.
+    pub async fn identity_ttl(&self, user: &str, ttl: u64) -> IdentityFile {
         let key = mint::generate_key();
         let certs = self
             .admin
             .generate_user_certs(GenerateUserCertsRequest {
                 user: user.into(),
                 public_key: key.public_key().to_openssh().unwrap(),
-                ttl_secs: 3600,
+                ttl_secs: ttl,
             })
             .await
             .unwrap();
