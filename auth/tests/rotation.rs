@@ -219,3 +219,53 @@ fn the_user_ca_rotates_through_the_same_phases() {
             .all(|c| c.kind != "ca_rotation")
     );
 }
+
+/// The TLS CA through the same machine: which CA signs client certificates and which signs the
+/// server's changes by phase; a restart resumes the phase with the same CAs; completing keeps
+/// only the new CA (the old one as `retired`); a second rotation works from there.
+#[test]
+fn the_tls_ca_rotates_through_the_same_phases_and_resumes_after_a_restart() {
+    let (_d, b) = backend();
+    let a = Authorities::load_or_create(&b, Some("rot")).unwrap();
+    let old = a.tls_ca_pems();
+    assert_eq!(old.len(), 1);
+    let s = rotation::rotate(&b, &a, &manual(CaKind::Tls, "init"), 100).unwrap();
+    assert_eq!(s.phase, Phase::Init);
+    let both = a.tls_ca_pems();
+    assert_eq!(
+        (both.len(), &both[0]),
+        (2, &old[0]),
+        "the old CA still signs clients"
+    );
+    let new = both[1].clone();
+    rotation::rotate(&b, &a, &manual(CaKind::Tls, "update_clients"), 101).unwrap();
+    assert_eq!(a.tls_ca_pems(), vec![new.clone(), old[0].clone()]);
+    assert_eq!(a.tls_client_roots().unwrap().len(), 2);
+
+    // A restart in update_clients resumes it with the same two CAs.
+    let restarted = Authorities::load_or_create(&b, Some("rot")).unwrap();
+    assert_eq!(restarted.tls_ca_pems(), old, "before resume: the stored CA");
+    rotation::resume(&b, &restarted).unwrap();
+    assert_eq!(restarted.tls_ca_pems(), vec![new.clone(), old[0].clone()]);
+    assert_eq!(restarted.tls_keys().phase, Phase::UpdateClients);
+
+    rotation::rotate(&b, &restarted, &manual(CaKind::Tls, "update_servers"), 102).unwrap();
+    let s = rotation::rotate(&b, &restarted, &manual(CaKind::Tls, "standby"), 103).unwrap();
+    assert_eq!(s.last_rotated, Some(103));
+    assert_eq!(restarted.tls_ca_pems(), vec![new.clone()]);
+    assert_eq!(
+        restarted.tls_keys().retired.as_deref(),
+        Some(old[0].as_str())
+    );
+    assert!(restarted.tls_retired_root().unwrap().is_some());
+
+    // Another restart loads the new CA as the current one; a second rotation starts from it.
+    let again = Authorities::load_or_create(&b, Some("rot")).unwrap();
+    rotation::resume(&b, &again).unwrap();
+    assert_eq!(again.tls_ca_pems(), vec![new.clone()]);
+    rotation::rotate(&b, &again, &manual(CaKind::Tls, "init"), 200).unwrap();
+    let r = again.tls_ca_pems();
+    assert_eq!((r.len(), &r[0]), (2, &new));
+    rotation::rotate(&b, &again, &manual(CaKind::Tls, "rollback"), 201).unwrap();
+    assert_eq!(again.tls_ca_pems(), vec![new]);
+}
