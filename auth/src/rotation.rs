@@ -17,7 +17,8 @@
 //!
 //! Completing (`update_servers → standby`) makes `next` the current key and drops the old one
 //! from every trust list (the TLS CA's old certificate is kept as `retired`, public part only,
-//! so that its client certificates are refused with a reason). The state of each CA kind is one storage row (kind `ca_rotation`,
+//! so that its client certificates are refused with a reason; a TLS CA rollback keeps the
+//! dropped new CA's certificate there likewise). The state of each CA kind is one storage row (kind `ca_rotation`,
 //! written conditionally on its revision), so an Auth restart resumes the phase it was in and two
 //! Auth servers on one backend cannot both advance it. In automatic mode each phase lasts a third
 //! of the grace period; [`run`] advances it. The row holds private keys: its kind is not in the
@@ -33,6 +34,9 @@ use tracing::{info, warn};
 
 use crate::authority::Authorities;
 use crate::storage::{Backend, Condition, StorageError};
+
+mod rpc;
+pub use rpc::{list_rpc, rotate_rpc};
 
 /// Storage kind of the rotation rows (one per CA kind, named by [`CaKind::as_str`]).
 const ROW_KIND: &str = "ca_rotation";
@@ -160,7 +164,8 @@ pub struct RotationState {
     next: Option<String>,
     /// Unix seconds the last rotation completed.
     pub last_rotated: Option<u64>,
-    /// The TLS CA certificate (PEM) the last completed rotation retired.
+    /// The TLS CA certificate (PEM) the last completed rotation retired, or the last rollback
+    /// dropped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     retired: Option<String>,
 }
@@ -425,7 +430,12 @@ pub fn rotate(
                 )));
             }
             s.phase = Phase::Standby;
-            s.next = None;
+            let dropped = s.next.take();
+            if req.kind == CaKind::Tls {
+                // Its client certificates are refused with a reason, as an old CA's after a
+                // completed rotation.
+                s.retired = dropped.as_deref().and_then(crate::tls_ca::material_cert);
+            }
         }
         Some(wanted) => {
             let expected = s.phase.next();
@@ -520,72 +530,4 @@ pub fn advance_due(
         keys.apply(a, kind);
     }
     Ok(())
-}
-
-/// `RotateCertAuthority`: parses the request, moves the rotation, answers its new state.
-pub fn rotate_rpc(
-    state: &crate::service::State,
-    r: &postern_api::proto::RotateCertAuthorityRequest,
-) -> Result<postern_api::proto::CaRotation, tonic::Status> {
-    let kind =
-        CaKind::parse(&r.kind).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
-    let req = RotateRequest {
-        kind,
-        phase: Some(r.phase.trim().to_string()).filter(|p| !p.is_empty()),
-        manual: r.manual,
-        grace_secs: r.grace_period_secs,
-    };
-    let now = postern_dial::mint::now_unix();
-    match rotate(state.backend.as_ref(), &state.authorities, &req, now) {
-        Ok(s) => Ok(to_proto(kind, &s, &state.authorities)),
-        Err(RotationError::Refused(m)) => Err(tonic::Status::failed_precondition(m)),
-        Err(RotationError::Conflict) => {
-            Err(tonic::Status::aborted(RotationError::Conflict.to_string()))
-        }
-        Err(e) => Err(tonic::Status::internal(e.to_string())),
-    }
-}
-
-/// `ListCaRotations`: each rotatable CA's state.
-pub fn list_rpc(
-    state: &crate::service::State,
-) -> Result<postern_api::proto::ListCaRotationsResponse, tonic::Status> {
-    let mut rotations = Vec::new();
-    for kind in CaKind::ALL {
-        let s = status(state.backend.as_ref(), &state.authorities, kind)
-            .map_err(|e| tonic::Status::internal(e.to_string()))?;
-        rotations.push(to_proto(kind, &s, &state.authorities));
-    }
-    Ok(postern_api::proto::ListCaRotationsResponse { rotations })
-}
-
-fn to_proto(kind: CaKind, s: &RotationState, a: &Authorities) -> postern_api::proto::CaRotation {
-    let trusted = match kind {
-        CaKind::Tls => a.tls_ca_pems(),
-        _ => ssh_lines(a, kind),
-    };
-    postern_api::proto::CaRotation {
-        kind: kind.as_str().into(),
-        phase: s.phase.as_str().into(),
-        manual: s.manual,
-        started: s.started,
-        grace_period_secs: s.grace_secs,
-        next_phase_at: s.deadline().unwrap_or(0),
-        last_rotated: s.last_rotated.unwrap_or(0),
-        trusted,
-    }
-}
-
-/// An SSH CA's trusted key lines, the signing one first.
-fn ssh_lines(a: &Authorities, kind: CaKind) -> Vec<String> {
-    let keys = a.ca_keys(kind);
-    let signer = keys.signer.public_key().clone();
-    let mut trusted: Vec<String> = vec![signer.to_openssh().unwrap_or_default()];
-    trusted.extend(
-        keys.trusted
-            .iter()
-            .filter(|k| **k != signer)
-            .filter_map(|k| k.to_openssh().ok()),
-    );
-    trusted
 }

@@ -3,8 +3,8 @@
 //! to the new CA at `update_servers` and the client-certificate roots follow every phase, with no
 //! restart. Connections already open keep the config they were accepted with.
 //!
-//! After a completed rotation the retired CA's client certificates still pass the handshake, so
-//! that the API can refuse them with a reason (a failed handshake only shows the client an
+//! After a completed rotation (or a rollback) the retired (or dropped) CA's client certificates
+//! still pass the handshake, so that the API can refuse them with a reason (a failed handshake only shows the client an
 //! `UnknownCA` alert): the listener marks such a connection (see [`Snapshot::retired_only`]) and
 //! every call on it is refused.
 

@@ -305,7 +305,7 @@ impl Service {
         let cluster = self.state.authorities.cluster.clone();
         if info.retired_ca {
             return Err(Status::unauthenticated(format!(
-                "this client certificate was issued by a TLS CA of cluster '{cluster}' that a CA rotation retired: get a new identity (psh login, pctl auth sign, or let the bot renew)"
+                "this client certificate was issued by a TLS CA of cluster '{cluster}' that a CA rotation retired or rolled back: get a new identity (psh login, pctl auth sign, or let the bot renew)"
             )));
         }
         let (user, roles) = self

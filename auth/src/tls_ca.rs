@@ -195,8 +195,8 @@ pub struct TlsCaKeys {
     pub(crate) legacy: Option<String>,
     /// The cross certificate sent after a serving certificate of the migrated CA (PEM).
     pub(crate) cross: Option<String>,
-    /// The CA the last completed rotation retired (PEM): its client certificates are refused
-    /// with a reason saying so.
+    /// The CA the last completed rotation retired, or the last rollback dropped (PEM): its client
+    /// certificates are refused with a reason saying so.
     pub retired: Option<String>,
     /// The rotation phase.
     pub phase: crate::rotation::Phase,

@@ -268,4 +268,9 @@ fn the_tls_ca_rotates_through_the_same_phases_and_resumes_after_a_restart() {
     assert_eq!((r.len(), &r[0]), (2, &new));
     rotation::rotate(&b, &again, &manual(CaKind::Tls, "rollback"), 201).unwrap();
     assert_eq!(again.tls_ca_pems(), vec![new]);
+    assert_eq!(
+        again.tls_keys().retired.as_deref(),
+        Some(r[1].as_str()),
+        "the dropped CA"
+    );
 }

@@ -50,7 +50,7 @@ async fn until_refused(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxy_auth_identity_renews_itself_and_policy_stays_enforced() {
-    let c = Cluster::start_identity_ttl("pident", 1, 6).await;
+    let c = Cluster::start_full("pident", 1, 60, false, |_| {}, (86400, 6)).await;
     c.role(ALL_TARGETS).await;
     let echo = echo_server().await;
     let agent = c.service_agent("web-1", 0, &[("web", echo, &[])]).await;

@@ -5,7 +5,8 @@
 //! `update_clients` signs client certificates with the new CA, `update_servers` switches the
 //! Auth server's serving certificate without a restart (an identity trusting only the old CA no
 //! longer verifies the server), `standby` drops the old CA and refuses its client certificates
-//! with a reason. A rollback puts the old CA back in every role.
+//! with a reason. A rollback puts the old CA back in every role, and the dropped CA's client
+//! certificates are refused with a reason too.
 
 #[path = "support/cluster.rs"]
 #[allow(dead_code)]
@@ -269,6 +270,13 @@ async fn the_tls_ca_rotates_through_every_phase_while_api_calls_flow() {
         .expect_err("an identity trusting only the old CA cannot verify the server any more");
     eprintln!("old-CA-only identity after update_servers: {e}");
     assert!(e.contains("TLS CA was rotated"), "{e}");
+    // Both CAs have one name: a client holding them in either order finds the right one.
+    let mut reversed = IdentityFile::load(&bot_id).unwrap();
+    reversed.tls_cas.reverse();
+    assert_eq!(reversed.tls_cas[1], new_ca);
+    direct_call(&c, &reversed)
+        .await
+        .expect("the new CA listed second verifies the server");
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     // standby: only the new CA is left.
@@ -330,7 +338,7 @@ async fn a_rolled_back_tls_rotation_leaves_the_old_ca_working() {
         .await
         .expect_err("a rolled-back-CA identity");
     eprintln!("rolled-back-CA identity: {e}");
-    assert!(e.contains("rolled back or retired"), "{e}");
+    assert!(e.contains("retired or rolled back"), "{e}");
     let fresh = identity(&admin(&c).await, "oldie").await;
     assert_eq!(fresh.tls_cas, vec![old_ca]);
     direct_call(&c, &fresh).await.expect("a fresh identity");

@@ -176,45 +176,27 @@ impl Cluster {
         process: bool,
         tweak: impl FnOnce(&mut AuthConfig),
     ) -> Cluster {
-        Self::start_full(name, proxies, stale_after_secs, process, tweak, 86400).await
+        Self::start_full(
+            name,
+            proxies,
+            stale_after_secs,
+            process,
+            tweak,
+            (86400, 3600),
+        )
+        .await
     }
 
     /// As [`Cluster::start_tweaked`], with the proxies' host certificates valid
-    /// `proxy_cert_ttl` seconds (they renew at two-thirds of it).
+    /// `proxy_cert_ttl` seconds and their Auth identity `identity_ttl` seconds (they renew both
+    /// at two-thirds of it).
     pub async fn start_full(
         name: &str,
         proxies: usize,
         stale_after_secs: u64,
         process: bool,
         tweak: impl FnOnce(&mut AuthConfig),
-        proxy_cert_ttl: u64,
-    ) -> Cluster {
-        Self::start_all(
-            name,
-            proxies,
-            stale_after_secs,
-            process,
-            tweak,
-            proxy_cert_ttl,
-            3600,
-        )
-        .await
-    }
-
-    /// As [`Cluster::start`], with the proxies' Auth identity valid `identity_ttl` seconds (they
-    /// renew it at two-thirds of its life).
-    pub async fn start_identity_ttl(name: &str, proxies: usize, identity_ttl: u64) -> Cluster {
-        Self::start_all(name, proxies, 60, false, |_| {}, 86400, identity_ttl).await
-    }
-
-    async fn start_all(
-        name: &str,
-        proxies: usize,
-        stale_after_secs: u64,
-        process: bool,
-        tweak: impl FnOnce(&mut AuthConfig),
-        proxy_cert_ttl: u64,
-        identity_ttl: u64,
+        (proxy_cert_ttl, identity_ttl): (u64, u64),
     ) -> Cluster {
         init_tracing();
         let dir = tempfile::tempdir().unwrap();
