@@ -23,7 +23,7 @@ mod keys {
     pub use crate::tls_ca::keys::{CERT as TLS_CA_CERT, KEY as TLS_CA_KEY};
 }
 /// Backdating of every certificate, to absorb clock skew between hosts.
-const BACKDATE_SECS: u64 = 60;
+pub(crate) const BACKDATE_SECS: u64 = 60;
 
 /// A problem with the cluster's authorities.
 #[derive(Debug, thiserror::Error)]

@@ -15,10 +15,10 @@
 //! listener rebuilds its TLS config without a restart, see [`crate::server_tls`]). Identity
 //! files issued during a rotation carry both CA certificates.
 //!
-//! Completing (`update_servers → standby`) makes `next` the current key and drops the old one
-//! from every trust list (the TLS CA's old certificate is kept as `retired`, public part only,
-//! so that its client certificates are refused with a reason; a TLS CA rollback keeps the
-//! dropped new CA's certificate there likewise). The state of each CA kind is one storage row (kind `ca_rotation`,
+//! Completing (`update_servers → standby`) makes `next` the current key and drops the old one from
+//! every trust list (the TLS CA's old certificate is kept as `retired`, public part only, so that
+//! its client certificates are refused with a reason; a TLS CA rollback keeps the dropped new CA's
+//! certificate there likewise). The state of each CA kind is one storage row (kind `ca_rotation`,
 //! written conditionally on its revision), so an Auth restart resumes the phase it was in and two
 //! Auth servers on one backend cannot both advance it. In automatic mode each phase lasts a third
 //! of the grace period; [`run`] advances it. The row holds private keys: its kind is not in the
@@ -55,7 +55,7 @@ pub enum CaKind {
 }
 
 impl CaKind {
-    /// Both kinds.
+    /// Every kind.
     pub const ALL: [CaKind; 3] = [CaKind::Host, CaKind::User, CaKind::Tls];
 
     /// Its name in `pctl auth rotate --type=…` and in storage.
@@ -347,9 +347,11 @@ fn current_material(a: &Authorities, kind: CaKind) -> Result<String, RotationErr
 /// A new key of `kind`, as a rotation state stores it.
 fn new_material(a: &Authorities, kind: CaKind) -> Result<String, RotationError> {
     match kind {
-        CaKind::Tls => crate::tls_ca::TlsSigner::generate(&a.cluster, 60)
-            .map(|s| s.material())
-            .map_err(|e| RotationError::Refused(format!("cannot make a new TLS CA: {e}"))),
+        CaKind::Tls => {
+            crate::tls_ca::TlsSigner::generate(&a.cluster, crate::authority::BACKDATE_SECS)
+                .map(|s| s.material())
+                .map_err(|e| RotationError::Refused(format!("cannot make a new TLS CA: {e}")))
+        }
         _ => openssh(&postern_dial::mint::generate_key()),
     }
 }

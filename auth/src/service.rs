@@ -807,6 +807,8 @@ impl AuthService for Service {
             Ok(c) if crate::proxy_renew::may_renew_own(&c.user, &c.roles, &name) => Some(c),
             _ => None,
         };
+        // A renewal keeps going when the roles' cap has shrunk: it gets the cap.
+        let clamp = own.is_some();
         let caller = match own {
             Some(c) => c,
             None => {
@@ -835,7 +837,7 @@ impl AuthService for Service {
                     let (stored, _) = user_from_item(&item)?;
                     let roles = load_roles(s, &stored.roles)?;
                     let cap = rbac::max_session_ttl(&roles);
-                    let ttl = if r.ttl_secs == 0 {
+                    let ttl = if r.ttl_secs == 0 || (clamp && r.ttl_secs > cap) {
                         cap
                     } else {
                         ttl_within(
