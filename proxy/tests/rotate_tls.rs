@@ -5,8 +5,10 @@
 //! `update_clients` signs client certificates with the new CA, `update_servers` switches the
 //! Auth server's serving certificate without a restart (an identity trusting only the old CA no
 //! longer verifies the server), `standby` drops the old CA and refuses its client certificates
-//! with a reason. A rollback puts the old CA back in every role, and the dropped CA's client
-//! certificates are refused with a reason too.
+//! with a reason. The proxy's own Auth identity (valid 6 s) renews itself onto the new CA, and
+//! after the rotation its policy watch still works: a lock closes a live stream. A rollback puts
+//! the old CA back in every role, and the dropped CA's client certificates are refused with a
+//! reason too.
 
 #[path = "support/cluster.rs"]
 #[allow(dead_code)]
@@ -30,7 +32,16 @@ use postern_client::connect::Config;
 use postern_client::credentials::Credentials;
 use postern_dial::web::WebTrust;
 use russh::keys::ssh_key::LineEnding;
+use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
+
+const ALL_TARGETS: &str = "kind: role
+metadata: {name: all-targets}
+spec:
+  allow:
+    node_labels: {'*': '*'}
+version: v7
+";
 
 const READER: &str = "kind: role
 metadata: {name: bot-reader}
@@ -186,8 +197,14 @@ async fn sdk_call(c: &Cluster, path: &PathBuf) -> Result<(), String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tls_ca_rotates_through_every_phase_while_api_calls_flow() {
-    let c = Cluster::start("rottls", 1, 60).await;
+    let c = Cluster::start_full("rottls", 1, 60, false, |_| {}, (86400, 6)).await;
     c.role(READER).await;
+    c.role(ALL_TARGETS).await;
+    let echo = support::echo_server().await;
+    let agent = c.service_agent("web-1", 0, &[("web", echo, &[])]).await;
+    let session = c.user_session("alice", &["all-targets"], 0).await;
+    let mut held = support::wait_stream(&session, "web", "rottls", Duration::from_secs(20)).await;
+    let proxy_id = c.dir.path().join("proxy-0.identity");
     reader(&c.admin, "robot").await;
     reader(&c.admin, "oldie").await;
     let old_id = identity(&c.admin, "oldie").await;
@@ -250,15 +267,36 @@ async fn the_tls_ca_rotates_through_every_phase_while_api_calls_flow() {
         "identity files carry both CAs"
     );
 
-    // update_clients: client certificates come from the new CA.
+    // update_clients: client certificates come from the new CA; the proxy's Auth identity moves
+    // to it at its next renewal.
     let r = rotate(&c, "update_clients").await;
     assert_eq!(r.trusted, vec![new_ca.clone(), old_ca.clone()]);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let id = IdentityFile::load(&bot_id).unwrap();
-    assert_eq!(
-        id.tls_cas[0], new_ca,
-        "the bot's certificate is from the new CA"
-    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while IdentityFile::load(&proxy_id)
+        .map(|i| i.tls_cas.first() == Some(&new_ca))
+        .ok()
+        != Some(true)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the proxy's Auth identity did not renew onto the new CA"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The bot renews every second: its next identity is from the new CA.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while IdentityFile::load(&bot_id)
+        .map(|i| i.tls_cas.first() == Some(&new_ca))
+        .ok()
+        != Some(true)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the bot's certificate is not from the new CA"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
     direct_call(&c, &old_id)
         .await
         .expect("an old-CA identity still works in update_clients");
@@ -283,7 +321,25 @@ async fn the_tls_ca_rotates_through_every_phase_while_api_calls_flow() {
     let r = rotate(&c, "standby").await;
     assert_eq!(r.trusted, vec![new_ca.clone()]);
     assert!(r.last_rotated > 0);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The proxy renews again (its policy watch reconnects on the new CA only).
+    let before = IdentityFile::load(&proxy_id).unwrap().expires;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while IdentityFile::load(&proxy_id)
+        .map(|i| i.expires)
+        .unwrap_or(before)
+        == before
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no proxy identity renewal after standby"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        IdentityFile::load(&proxy_id).unwrap().tls_cas,
+        vec![new_ca.clone()]
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
     done.store(true, Ordering::Relaxed);
     caller.await.unwrap();
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
@@ -305,7 +361,25 @@ async fn the_tls_ca_rotates_through_every_phase_while_api_calls_flow() {
     let fresh = identity(&admin(&c).await, "oldie").await;
     assert_eq!(fresh.tls_cas, vec![new_ca]);
     direct_call(&c, &fresh).await.expect("a new-CA identity");
+
+    // The proxy's policy watch works on its new-CA identity: a lock closes a live stream.
+    admin(&c)
+        .await
+        .create_lock(postern_api::proto::Lock {
+            user: "alice".into(),
+            message: "locked after the TLS rotation".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let r = tokio::time::timeout(Duration::from_secs(10), held.read(&mut buf)).await;
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+        "the live stream was not closed by the lock: {r:?}"
+    );
     stop.cancel();
+    agent.stop().await;
     c.stop().await;
 }
 
