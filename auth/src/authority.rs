@@ -230,6 +230,11 @@ impl Authorities {
         self.tls_changed.subscribe()
     }
 
+    /// How many times the TLS CA's keys have changed since the start.
+    pub fn tls_generation(&self) -> u64 {
+        *self.tls_changed.borrow()
+    }
+
     /// The current TLS CA's material for a rotation state (key and certificate PEM).
     pub(crate) fn tls_material(&self) -> String {
         self.tls_keys().client.material()

@@ -59,7 +59,7 @@ pub struct ServerTls {
 impl ServerTls {
     /// Builds the config from the authorities' current TLS CA keys.
     pub fn new(authorities: Arc<Authorities>) -> Result<ServerTls, AuthError> {
-        let generation = *authorities.tls_changes().borrow();
+        let generation = authorities.tls_generation();
         let snapshot = build(&authorities)?;
         Ok(ServerTls {
             authorities,
@@ -70,7 +70,7 @@ impl ServerTls {
     /// The config to accept a connection with: rebuilt first if the TLS CA changed (a failed
     /// rebuild keeps the last config, and is tried again at the next connection).
     pub fn current(&self) -> Snapshot {
-        let generation = *self.authorities.tls_changes().borrow();
+        let generation = self.authorities.tls_generation();
         {
             let cur = self.current.read().unwrap_or_else(|e| e.into_inner());
             if cur.0 == generation {
