@@ -6,8 +6,11 @@
 //! certificate in the file expires on its own.
 //!
 //! A TLS CA rotation replaces the identity at each change of the trusted TLS CAs or of the one
-//! signing client certificates (`init`, `update_clients`, completion, rollback), so `pctl
-//! --data-dir` keeps working through it.
+//! signing client certificates (`init`, `update_clients`, completion, rollback), before the
+//! rotation RPC answers, so `pctl --data-dir` keeps working through it.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
 
 use postern_api::identity::IdentityFile;
 use postern_dial::mint;
@@ -47,24 +50,56 @@ fn reusable(state: &State, path: &std::path::Path, ttl: u64, now: u64, same_cas:
         .is_some_and(|(owner, expires)| owner == ADMIN_USER && expires > now)
 }
 
+/// The admin identity file of an Auth server: where it is, how long it lives, and a lock so that
+/// two re-issues (a rotation RPC's and the TLS CA change watcher's) do not interleave.
+#[derive(Debug)]
+pub struct AdminFile {
+    /// `<data_dir>/admin.identity`.
+    pub path: PathBuf,
+    /// `admin_identity_ttl_secs`.
+    pub ttl: u64,
+    /// Held while the identity is checked and re-issued.
+    lock: Mutex<()>,
+}
+
+impl AdminFile {
+    /// The admin identity file `config` names.
+    pub fn new(config: &AuthConfig) -> AdminFile {
+        AdminFile {
+            path: config.data_dir.join(files::ADMIN_IDENTITY),
+            ttl: config.admin_identity_ttl_secs,
+            lock: Mutex::new(()),
+        }
+    }
+}
+
 /// Keeps or replaces the admin identity (see the module docs). Returns true if a new one was
 /// issued. Once the TLS CA has been rotated, the identity must list the TLS CAs of now (an
 /// identity of a cluster whose Ed25519 TLS CA was migrated is kept as it is until then).
 pub fn ensure_identity(state: &State, config: &AuthConfig) -> Result<bool, AuthError> {
     let tls = state.authorities.tls_keys();
     let rotated = tls.phase != crate::rotation::Phase::Standby || tls.retired.is_some();
-    ensure_identity_with(state, config, rotated)
+    match &state.admin_file {
+        Some(f) => ensure_with(state, f, rotated),
+        None => ensure_with(state, &AdminFile::new(config), rotated),
+    }
 }
 
-fn ensure_identity_with(
-    state: &State,
-    config: &AuthConfig,
-    same_cas: bool,
-) -> Result<bool, AuthError> {
-    let path = config.data_dir.join(files::ADMIN_IDENTITY);
-    let ttl = config.admin_identity_ttl_secs;
+/// Re-issues the admin identity if it no longer lists the TLS CAs trusted now (a TLS CA
+/// rotation moved). Done by the rotation RPC before it answers, so that the next `pctl
+/// --data-dir` finds the new identity, and by [`follow_tls_ca`] for changes made elsewhere.
+pub fn follow(state: &State) -> Result<bool, AuthError> {
+    match &state.admin_file {
+        Some(f) => ensure_with(state, f, true),
+        None => Ok(false),
+    }
+}
+
+fn ensure_with(state: &State, file: &AdminFile, same_cas: bool) -> Result<bool, AuthError> {
+    let _one_at_a_time = file.lock.lock().unwrap_or_else(|e| e.into_inner());
+    let (path, ttl) = (&file.path, file.ttl);
     let now = mint::now_unix();
-    if reusable(state, &path, ttl, now, same_cas) {
+    if reusable(state, path, ttl, now, same_cas) {
         info!(path = %path.display(), "admin identity still valid: reused");
         return Ok(false);
     }
@@ -90,17 +125,15 @@ fn ensure_identity_with(
         ssh_host_cas: a.host_ca_lines(),
     };
     admin
-        .save(&path)
+        .save(path)
         .map_err(|e| AuthError::Tls(e.to_string()))?;
     info!(path = %path.display(), revoked, "admin identity issued; earlier admin certificates revoked");
     Ok(true)
 }
 
-/// Until `shutdown`: keeps the admin identity from the TLS CA that signs client certificates,
-/// re-checking it at every TLS CA change (see the module docs).
+/// Until `shutdown`: re-checks the admin identity at every TLS CA change (see [`follow`]).
 pub async fn follow_tls_ca(
     state: std::sync::Arc<State>,
-    config: AuthConfig,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut changes = state.authorities.tls_changes();
@@ -109,8 +142,8 @@ pub async fn follow_tls_ca(
             _ = shutdown.cancelled() => return,
             r = changes.changed() => if r.is_err() { return },
         }
-        let (st, cfg) = (state.clone(), config.clone());
-        match tokio::task::spawn_blocking(move || ensure_identity_with(&st, &cfg, true)).await {
+        let st = state.clone();
+        match tokio::task::spawn_blocking(move || follow(&st)).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "TLS CA changed: the admin identity could not be re-issued")

@@ -193,6 +193,7 @@ pub fn prepare(config: &AuthConfig) -> Result<Prepared, AuthError> {
             authorities,
             audit,
             watches: Default::default(),
+            admin_file: Some(crate::admin::AdminFile::new(config)),
         }),
         tls,
         config: config.clone(),
@@ -419,7 +420,6 @@ async fn serve_bound(
     ));
     tokio::spawn(crate::admin::follow_tls_ca(
         prepared.state.clone(),
-        prepared.config.clone(),
         shutdown.clone(),
     ));
 

@@ -82,6 +82,8 @@ pub struct State {
     pub audit: Audit,
     /// Open `WatchPolicy` streams, ended together at shutdown.
     pub watches: crate::watch::Watches,
+    /// The admin identity file (`pctl --data-dir`), re-issued as a TLS CA rotation moves.
+    pub admin_file: Option<crate::admin::AdminFile>,
 }
 
 /// The `AuthService` implementation.

@@ -17,7 +17,15 @@ pub fn rotate_rpc(
     };
     let now = postern_dial::mint::now_unix();
     match rotate(state.backend.as_ref(), &state.authorities, &req, now) {
-        Ok(s) => Ok(to_proto(kind, &s, &state.authorities)),
+        Ok(s) => {
+            // Before answering: the next `pctl --data-dir` reads an identity of the new phase.
+            if kind == CaKind::Tls
+                && let Err(e) = crate::admin::follow(state)
+            {
+                tracing::warn!(error = %e, "TLS CA rotation moved but the admin identity could not be re-issued");
+            }
+            Ok(to_proto(kind, &s, &state.authorities))
+        }
         Err(RotationError::Refused(m)) => Err(tonic::Status::failed_precondition(m)),
         Err(RotationError::Conflict) => {
             Err(tonic::Status::aborted(RotationError::Conflict.to_string()))
