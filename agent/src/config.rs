@@ -55,6 +55,9 @@ pub struct AgentConfig {
     /// Reconnect back-off.
     #[serde(default)]
     pub reconnect: ReconnectConfig,
+    /// The agent pool: a tunnel to every proxy (see [`crate::pool`]).
+    #[serde(default)]
+    pub pool: crate::pool::PoolConfig,
     /// Plain-HTTP ops listener (`/metrics`, `/healthz`, `/readyz`); off when unset. Keep it on
     /// loopback or a private network. `POSTERN_AGENT_OPS_LISTEN` overrides it.
     #[serde(default)]
@@ -323,6 +326,9 @@ pub enum ConfigError {
         /// What toml said.
         message: String,
     },
+    /// A `POSTERN_AGENT_*` environment override held a bad value or named no field.
+    #[error(transparent)]
+    Env(#[from] postern_ops::overrides::EnvError),
     /// A bad value.
     #[error("config field `{field}`: {message}")]
     Invalid {
@@ -340,17 +346,35 @@ fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// The prefix of the environment overrides.
+pub const ENV_PREFIX: &str = "POSTERN_AGENT_";
+
 impl AgentConfig {
     /// Reads a TOML file (not yet validated).
     pub fn from_file(path: &Path) -> Result<AgentConfig, ConfigError> {
+        Ok(Self::read(path)?.0)
+    }
+
+    /// The file at `path` with the `POSTERN_AGENT_*` environment overrides over it
+    /// ([`postern_ops::overrides`]), not yet validated.
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let (config, table) = Self::read(path)?;
+        Ok(postern_ops::overrides::apply(&table, ENV_PREFIX)?.unwrap_or(config))
+    }
+
+    /// The file parsed as a config and as a TOML table.
+    fn read(path: &Path) -> Result<(AgentConfig, toml::Table), ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        let parse = |e: toml::de::Error| ConfigError::Parse {
             path: path.to_owned(),
             message: e.to_string(),
-        })
+        };
+        let config = toml::from_str(&text).map_err(parse)?;
+        let table = toml::from_str(&text).map_err(parse)?;
+        Ok((config, table))
     }
 
     /// Checks every field.

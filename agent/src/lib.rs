@@ -17,7 +17,8 @@
 //! - [`join`]: the first start with a join token: key, certificate through the proxy, CA pin.
 //! - [`metrics`]: every `postern_agent_*` metric, and readiness for the ops listener.
 //! - [`renew`]: renewing the certificate at two-thirds of its life, written atomically.
-//! - [`run`]: the reconnect loop.
+//! - [`pool`]: a tunnel to every proxy of the set, through one balanced address.
+//! - [`run`]: the pool (or, with `pool.enabled = false`, one tunnel and its reconnect loop).
 
 pub mod config;
 pub mod dial;
@@ -25,6 +26,7 @@ pub mod failure;
 pub mod join;
 pub mod labels;
 pub mod metrics;
+pub mod pool;
 pub mod quic;
 pub mod renew;
 pub mod tunnel;
@@ -75,8 +77,9 @@ pub fn full_jitter(ceiling: Duration) -> Duration {
     Duration::from_millis(rand::random_range(0..ms))
 }
 
-/// Runs the agent until `shutdown` is cancelled: join if it has no certificate yet, then
-/// connect, serve, back off, reconnect.
+/// Runs the agent until `shutdown` is cancelled: join if it has no certificate yet, then the
+/// agent pool (see [`pool`]), or with the pool off, one tunnel: connect, serve, back off,
+/// reconnect.
 ///
 /// Before each dial the agent checks its own certificate (reloaded when its file changes, so a
 /// renewed one is used for the next connection). A permanent failure (see [`failure`]) is said
@@ -89,7 +92,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             _ = shutdown.cancelled() => return Ok(()),
         }
     }
-    let mut identity =
+    let identity =
         postern_dial::ssh::Identity::load(&config.host_key_file, &config.host_cert_path())
             .map_err(AgentError::Identity)?;
     // The recorder is installed by the ops listener (first), so that the series exported at zero
@@ -100,78 +103,40 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             .map_err(|e| AgentError::Ops { addr, source: e })?;
     }
     crate::metrics::describe(config.targets.keys());
-    let mut loaded = cert_stamp(&config);
     // A service agent renews its own certificate; the Auth server's own agent (role `auth`) is
     // issued in-process by its server.
-    let _renewing = (identity
+    let service = identity
         .cert
         .extensions()
         .get(tunnel_proto::names::EXT_ROLE)
         .map(String::as_str)
-        == Some(tunnel_proto::names::ROLE_SERVICE))
-    .then(|| {
+        == Some(tunnel_proto::names::ROLE_SERVICE);
+    let dialer = std::sync::Arc::new(Dialer::new(config, identity));
+    let _renewing = service.then(|| {
         let stop = shutdown.child_token();
-        tokio::spawn(renew::keep_renewed(config.clone(), stop.clone()));
+        let hints = dialer.hints.subscribe();
+        tokio::spawn(renew::keep_renewed(
+            dialer.config.clone(),
+            stop.clone(),
+            hints,
+        ));
         stop.drop_guard()
     });
+    if dialer.config.pool.enabled {
+        pool::run(dialer, shutdown).await;
+        return Ok(());
+    }
+    let config = &dialer.config;
     let base = Duration::from_millis(config.reconnect.base_ms);
     let cap = Duration::from_millis(config.reconnect.cap_ms);
     let permanent = Duration::from_secs(config.reconnect.permanent_secs);
-    let cert_path = config.host_cert_path().display().to_string();
     let mut attempt = 0u32;
-    let quic = quic::QuicClient::default();
     let mut last_permanent: Option<String> = None;
     loop {
-        // A certificate file that changed (renewed, or replaced by an operator) is used now.
-        let stamp = cert_stamp(&config);
-        if stamp != loaded {
-            match postern_dial::ssh::Identity::load(&config.host_key_file, &config.host_cert_path())
-            {
-                Ok(fresh) => {
-                    info!(expires = %failure::utc(fresh.cert.valid_before()), "certificate reloaded");
-                    identity = fresh;
-                    loaded = stamp;
-                }
-                Err(e) => {
-                    warn!(error = %e, "certificate file changed but does not load: keeping the one in use")
-                }
-            }
-        }
-        let outcome = match failure::check_own_cert(
-            &identity.cert,
-            &cert_path,
-            postern_dial::mint::now_unix(),
-        ) {
-            Err(f) => {
-                ::metrics::counter!(crate::metrics::RECONNECTS, "reason" => "own_certificate")
-                    .increment(1);
-                Err(f)
-            }
-            Ok(()) => tunnel::connect_and_serve(&quic, &config, &identity, &shutdown)
-                .await
-                .map_err(|e| {
-                    ::metrics::counter!(
-                        crate::metrics::RECONNECTS,
-                        "reason" => crate::metrics::failure_reason(&e)
-                    )
-                    .increment(1);
-                    failure::classify(&e, &config.cluster)
-                }),
-        };
-        let outcome = match outcome {
-            Err(f) => Err(refine_unknown_cluster(&config, f).await),
-            ok => ok,
-        };
-        let wait = match outcome {
+        let wait = match dialer.dial(&shutdown, None).await {
             Ok(tunnel::Ended::Shutdown) => return Ok(()),
             Ok(ended) => {
                 info!(?ended, "tunnel ended: reconnecting");
-                let reason = if ended == tunnel::Ended::Drained {
-                    "drained"
-                } else {
-                    "closed"
-                };
-                ::metrics::counter!(crate::metrics::RECONNECTS, "reason" => reason).increment(1);
                 attempt = 0;
                 last_permanent = None;
                 full_jitter(backoff_ceiling(base, cap, 0))
@@ -201,8 +166,108 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     }
 }
 
+/// A certificate file's stamp (see [`cert_stamp`]).
+type Stamp = Option<(u64, std::time::SystemTime, u64)>;
+
+/// What every dial of an agent shares, alone or in a pool: its config, the QUIC endpoints, and
+/// its identity, reloaded when the certificate file changes.
+pub struct Dialer {
+    /// The agent's configuration.
+    pub config: AgentConfig,
+    /// What the proxies say about the host CA's signer, for the renewal loop.
+    pub hints: renew::SignerHints,
+    quic: quic::QuicClient,
+    identity: std::sync::Mutex<(std::sync::Arc<postern_dial::ssh::Identity>, Stamp)>,
+}
+
+impl Dialer {
+    /// A dialer for `config`, starting with `identity` (loaded from its files).
+    pub fn new(config: AgentConfig, identity: postern_dial::ssh::Identity) -> Self {
+        let stamp = cert_stamp(&config);
+        Dialer {
+            config,
+            hints: std::sync::Arc::new(tokio::sync::watch::Sender::new(None)),
+            quic: quic::QuicClient::default(),
+            identity: std::sync::Mutex::new((std::sync::Arc::new(identity), stamp)),
+        }
+    }
+
+    /// The identity to dial with: a certificate file that changed (renewed, or replaced by an
+    /// operator) is used now.
+    fn identity(&self) -> std::sync::Arc<postern_dial::ssh::Identity> {
+        let config = &self.config;
+        let mut slot = self.identity.lock().unwrap_or_else(|p| p.into_inner());
+        let stamp = cert_stamp(config);
+        if stamp != slot.1 {
+            match postern_dial::ssh::Identity::load(&config.host_key_file, &config.host_cert_path())
+            {
+                Ok(fresh) => {
+                    info!(expires = %failure::utc(fresh.cert.valid_before()), "certificate reloaded");
+                    *slot = (std::sync::Arc::new(fresh), stamp);
+                }
+                Err(e) => {
+                    warn!(error = %e, "certificate file changed but does not load: keeping the one in use")
+                }
+            }
+        }
+        slot.0.clone()
+    }
+
+    /// One dial, alone or as dial `attempt` of a pool: the own-certificate check, the tunnel
+    /// (QUIC first when offered, SSH otherwise) until it ends, the reconnect counted by reason,
+    /// and a failure classified as permanent or transient.
+    pub async fn dial(
+        &self,
+        shutdown: &CancellationToken,
+        pool: Option<(&std::sync::Arc<pool::Pool>, u64)>,
+    ) -> Result<tunnel::Ended, failure::Failure> {
+        let config = &self.config;
+        let identity = self.identity();
+        let cert_path = config.host_cert_path().display().to_string();
+        if let Err(f) =
+            failure::check_own_cert(&identity.cert, &cert_path, postern_dial::mint::now_unix())
+        {
+            ::metrics::counter!(crate::metrics::RECONNECTS, "reason" => "own_certificate")
+                .increment(1);
+            return Err(refine_unknown_cluster(config, f).await);
+        }
+        match tunnel::connect_and_serve_in(
+            &self.quic,
+            &self.hints,
+            config,
+            &identity,
+            shutdown,
+            pool,
+        )
+        .await
+        {
+            Ok(ended) => {
+                let reason = match ended {
+                    tunnel::Ended::Drained => Some("drained"),
+                    tunnel::Ended::Closed => Some("closed"),
+                    tunnel::Ended::Shutdown | tunnel::Ended::Duplicate => None,
+                };
+                if let Some(reason) = reason {
+                    ::metrics::counter!(crate::metrics::RECONNECTS, "reason" => reason)
+                        .increment(1);
+                }
+                Ok(ended)
+            }
+            Err(e) => {
+                ::metrics::counter!(
+                    crate::metrics::RECONNECTS,
+                    "reason" => crate::metrics::failure_reason(&e)
+                )
+                .increment(1);
+                let f = failure::classify(&e, &config.cluster);
+                Err(refine_unknown_cluster(config, f).await)
+            }
+        }
+    }
+}
+
 /// Size, modification time and inode of the certificate file: a change means a new one.
-fn cert_stamp(config: &AgentConfig) -> Option<(u64, std::time::SystemTime, u64)> {
+fn cert_stamp(config: &AgentConfig) -> Stamp {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(config.host_cert_path()).ok()?;
     Some((m.len(), m.modified().ok()?, m.ino()))

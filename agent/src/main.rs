@@ -37,7 +37,8 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     postern_ops::init_logging(cli.log_format, "info,russh=warn");
-    let mut config = AgentConfig::from_file(&cli.config)?;
+    // The file, then `POSTERN_AGENT_*` environment overrides, then these flags.
+    let mut config = AgentConfig::load(&cli.config)?;
     if let Some(p) = cli.proxy {
         config.proxy = Some(p);
     }

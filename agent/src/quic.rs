@@ -19,13 +19,16 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 use tunnel_proto::control::{DecodeError, Message};
+use tunnel_proto::frame_stream::{FrameStream, FrameStreamError};
 use tunnel_proto::quic::{
     AGENT_CONTEXT, ALPN, EXPORTER_LABEL, EXPORTER_LEN, Frame, PROXY_CONTEXT, sign_binding,
     verify_binding,
 };
 
 use crate::config::{AgentConfig, TargetAddr};
-use crate::tunnel::{Ended, HEARTBEAT, SPLICE_BUF, TARGET_CONNECT_TIMEOUT, web_trust};
+use crate::tunnel::{
+    Ended, HEARTBEAT, HELLO_DEADLINE, SPLICE_BUF, TARGET_CONNECT_TIMEOUT, web_trust,
+};
 
 /// Keepalive intervals without a single datagram from the proxy before the agent gives the
 /// connection up and redials.
@@ -71,39 +74,14 @@ pub struct QuicTunnel {
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
     control: Control,
+    /// The proxy's id, from its hello (empty when it sent none).
+    proxy_id: String,
+    /// In an agent pool: the pool, and this tunnel's hold on its proxy.
+    pool: Option<(Arc<crate::pool::Pool>, crate::pool::Claim)>,
 }
 
 /// The control stream.
-struct Control {
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    buf: BytesMut,
-}
-
-impl Control {
-    async fn read(&mut self) -> Result<Frame, String> {
-        loop {
-            match Frame::decode_from(&mut self.buf) {
-                Ok(f) => return Ok(f),
-                Err(DecodeError::Incomplete) => {}
-                Err(e) => return Err(e.to_string()),
-            }
-            match self.recv.read_chunk(64 * 1024, true).await {
-                Ok(Some(c)) => self.buf.extend_from_slice(&c.bytes),
-                Ok(None) => return Err("the proxy closed the control stream".into()),
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-    }
-
-    async fn write(&mut self, frames: &[Frame]) -> Result<(), String> {
-        let mut out = BytesMut::new();
-        for f in frames {
-            f.encode(&mut out).map_err(|e| e.to_string())?;
-        }
-        self.send.write_all(&out).await.map_err(|e| e.to_string())
-    }
-}
+type Control = FrameStream<quinn::RecvStream, quinn::SendStream>;
 
 fn quic_err(addr: &str, what: impl std::fmt::Display) -> DialError {
     DialError::Quic {
@@ -115,13 +93,19 @@ fn quic_err(addr: &str, what: impl std::fmt::Display) -> DialError {
 /// Dials `addr` over QUIC. The QUIC/TLS handshake must complete within
 /// `transport.quic_handshake_timeout_ms` (past that the caller falls back to SSH); the login and
 /// registration then get [`postern_dial::ssh::HANDSHAKE_TIMEOUT`].
+///
+/// As dial number `attempt` of an agent pool, the tunnel claims its proxy's id (from the hello
+/// on the control stream) before registering any target: `Ok(None)` when the pool already holds
+/// that proxy (the connection is closed).
 pub async fn dial(
     client: &QuicClient,
     config: &AgentConfig,
     identity: &Identity,
     addr: &str,
     verifier: &ProxyVerifier,
-) -> Result<QuicTunnel, DialError> {
+    pool: Option<(&Arc<crate::pool::Pool>, u64)>,
+    shutdown: &CancellationToken,
+) -> Result<Option<QuicTunnel>, DialError> {
     let t = &config.transport;
     let target: SocketAddr = tokio::net::lookup_host(addr)
         .await
@@ -163,13 +147,23 @@ pub async fn dial(
             ));
         }
     };
-    let login = login(config, identity, &conn, verifier);
-    match tokio::time::timeout(postern_dial::ssh::HANDSHAKE_TIMEOUT, login).await {
-        Ok(Ok(control)) => Ok(QuicTunnel {
+    let login = login(config, identity, &conn, verifier, addr, pool, shutdown);
+    match tokio::time::timeout(postern_dial::ssh::HANDSHAKE_TIMEOUT + HELLO_DEADLINE, login).await {
+        Ok(Ok(LoggedIn {
+            control,
+            proxy_id,
+            claim,
+        })) => Ok(Some(QuicTunnel {
             endpoint,
             conn,
             control,
-        }),
+            proxy_id,
+            pool: pool.map(|(p, _)| p.clone()).zip(claim),
+        })),
+        Ok(Err(LoginFailed::Duplicate)) => {
+            conn.close(0u32.into(), b"already connected");
+            Ok(None)
+        }
         Ok(Err(e)) => {
             conn.close(0u32.into(), b"login failed");
             Err(match e {
@@ -182,6 +176,7 @@ pub async fn dial(
                     detail,
                 },
                 LoginFailed::Other(e) => quic_err(addr, e),
+                LoginFailed::Duplicate => unreachable!("handled above"),
             })
         }
         Err(_) => {
@@ -207,11 +202,28 @@ enum LoginFailed {
     Untrusted(String),
     /// Anything else: the connection broke, or the proxy spoke out of turn.
     Other(String),
+    /// In an agent pool: the pool already holds a tunnel to this proxy.
+    Duplicate,
+}
+
+/// A login that went through, targets registered.
+struct LoggedIn {
+    control: Control,
+    /// The proxy's id from its hello (empty when it sent none).
+    proxy_id: String,
+    /// In a pool: the hold on this proxy.
+    claim: Option<crate::pool::Claim>,
 }
 
 impl From<String> for LoginFailed {
     fn from(e: String) -> Self {
         LoginFailed::Other(e)
+    }
+}
+
+impl From<FrameStreamError> for LoginFailed {
+    fn from(e: FrameStreamError) -> Self {
+        LoginFailed::Other(e.to_string())
     }
 }
 
@@ -221,13 +233,12 @@ async fn login(
     identity: &Identity,
     conn: &quinn::Connection,
     verifier: &ProxyVerifier,
-) -> Result<Control, LoginFailed> {
+    addr: &str,
+    pool: Option<(&Arc<crate::pool::Pool>, u64)>,
+    shutdown: &CancellationToken,
+) -> Result<LoggedIn, LoginFailed> {
     let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    let mut control = Control {
-        send,
-        recv,
-        buf: BytesMut::new(),
-    };
+    let mut control = Control::new(send, recv);
     let signature =
         sign_binding(&identity.key, &exporter(conn, AGENT_CONTEXT)?).map_err(|e| e.to_string())?;
     let auth = Frame::AgentAuth {
@@ -267,10 +278,39 @@ async fn login(
         Frame::Refused { reason } => return Err(LoginFailed::Refused(reason)),
         other => return Err(format!("unexpected answer to the login: {other:?}").into()),
     }
+    // In a pool: which proxy is this? Its hello follows the proof. A second tunnel to a proxy
+    // already held is closed now, before any target is registered.
+    let mut proxy_id = String::new();
+    let mut claim = None;
+    if let Some((pool, attempt)) = pool {
+        let hello = async {
+            loop {
+                match control.read().await.map_err(|e| e.to_string())? {
+                    Frame::Control(Message::Hello { version, id }) => {
+                        debug!(version, proxy = %id, "control hello");
+                        return Ok::<_, String>(id);
+                    }
+                    other => debug!(?other, "control frame before the hello"),
+                }
+            }
+        };
+        // A proxy that does not say who it is in time is held as the one proxy at this address.
+        proxy_id = match tokio::time::timeout(HELLO_DEADLINE, hello).await {
+            Ok(r) => r?,
+            Err(_) => {
+                warn!(after = ?HELLO_DEADLINE, "no control hello from the proxy: held as the only proxy at this address");
+                format!("@{addr}")
+            }
+        };
+        claim = Some(
+            pool.claim(attempt, &proxy_id, shutdown)
+                .ok_or(LoginFailed::Duplicate)?,
+        );
+    }
     // Each target's labels go first, as on SSH: no stream is decided on a target without them.
     let labels = crate::labels::encode_target_labels(config);
     control
-        .send
+        .send_half()
         .write_all(&labels)
         .await
         .map_err(|e| e.to_string())?;
@@ -292,6 +332,12 @@ async fn login(
                     warn!(%target, %reason, "proxy refused to register target");
                 }
             }
+            Frame::Control(Message::ProxySet { ids }) => {
+                debug!(?ids, "proxy set");
+                if let Some((p, _)) = pool {
+                    p.proxy_set(&proxy_id, ids);
+                }
+            }
             Frame::Control(m) => debug!(?m, "control message during registration"),
             other => {
                 return Err(format!("unexpected frame during registration: {other:?}").into());
@@ -303,17 +349,28 @@ async fn login(
             "the proxy refused every target".into(),
         ));
     }
-    Ok(control)
+    Ok(LoggedIn {
+        control,
+        proxy_id,
+        claim,
+    })
 }
 
 impl QuicTunnel {
     /// Serves streams and the control stream until the connection ends, a drain order arrives,
-    /// or `shutdown` is cancelled.
-    pub async fn serve(self, config: &AgentConfig, shutdown: &CancellationToken) -> Ended {
+    /// or `shutdown` is cancelled. What the proxy says about the host CA signer goes to `hints`.
+    pub async fn serve(
+        self,
+        config: &AgentConfig,
+        hints: &crate::renew::SignerHints,
+        shutdown: &CancellationToken,
+    ) -> Ended {
         let QuicTunnel {
             endpoint,
             conn,
             mut control,
+            mut proxy_id,
+            pool,
         } = self;
         info!(
             targets = config.targets.len(),
@@ -360,7 +417,21 @@ impl QuicTunnel {
                             info!(%reason, grace_secs, "proxy asked to drain: moving");
                             break Ended::Drained;
                         }
-                        Ok(Frame::Control(Message::Hello { version, id })) => debug!(version, proxy = %id, "control hello"),
+                        Ok(Frame::Control(Message::Hello { version, id })) => {
+                            debug!(version, proxy = %id, "control hello");
+                            if proxy_id.is_empty() {
+                                proxy_id = id;
+                            }
+                        }
+                        Ok(Frame::Control(Message::HostCaSigner { fingerprint, spread_secs })) => {
+                            crate::tunnel::post_signer(hints, fingerprint, spread_secs);
+                        }
+                        Ok(Frame::Control(Message::ProxySet { ids })) => {
+                            debug!(?ids, "proxy set");
+                            if let Some((p, _)) = &pool {
+                                p.proxy_set(&proxy_id, ids);
+                            }
+                        }
                         Ok(other) => debug!(?other, "control frame"),
                         Err(e) => {
                             debug!(error = %e, "control stream ended");
@@ -388,6 +459,9 @@ impl QuicTunnel {
         };
         match ended {
             Ended::Drained => {
+                if let Some((_, claim)) = &pool {
+                    claim.drained();
+                }
                 // Streams on this tunnel finish on their own (and new ones are still served);
                 // the draining proxy closes it at its deadline. Meanwhile the caller redials.
                 let shutdown = shutdown.clone();
@@ -406,6 +480,7 @@ impl QuicTunnel {
                 let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
             }
             Ended::Closed => conn.close(0u32.into(), b"closed"),
+            Ended::Duplicate => {}
         }
         ended
     }

@@ -4,11 +4,21 @@
 //! use. The new one replaces the file atomically (temporary file, then rename: a full disk
 //! leaves the old one in place); the reconnect loop picks it up for the next connection, and
 //! open tunnels and streams carry on.
+//!
+//! A proxy also says which key signs the cluster's host certificates now (`@control`
+//! `HostCaSigner`). When that is not the key that signed this agent's certificate (a host CA
+//! rotation reached `update_clients`, or rolled back), the agent renews at a random moment within
+//! the spread the proxy gives, instead of waiting for the two-thirds mark: a fleet picks up a
+//! rotated CA in that time, without every agent asking at once.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use postern_dial::mint;
+pub use postern_dial::renew_due::SignerHint;
+use postern_dial::renew_due::wait_due;
 use russh::keys::ssh_key::Certificate;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use tunnel_proto::join::RenewRequest;
@@ -25,8 +35,17 @@ pub fn renew_at(now: u64, valid_before: u64) -> u64 {
     now + valid_before.saturating_sub(now) * 2 / 3
 }
 
+/// Where the agent's tunnels (either transport, alone or in a pool) post what proxies say about
+/// the host CA's signer; the renewal loop follows it.
+pub type SignerHints = Arc<watch::Sender<Option<SignerHint>>>;
+
 /// Keeps the agent's certificate renewed until `shutdown`. Needs `proxy` (the web address).
-pub async fn keep_renewed(config: AgentConfig, shutdown: CancellationToken) {
+/// `hints` (see [`SignerHints`]) brings a renewal forward when the host CA's signer changed.
+pub async fn keep_renewed(
+    config: AgentConfig,
+    shutdown: CancellationToken,
+    mut hints: watch::Receiver<Option<SignerHint>>,
+) {
     let Some(web) = config.proxy.clone() else {
         info!("no web address (`proxy`): the certificate is not renewed automatically");
         return;
@@ -48,12 +67,9 @@ pub async fn keep_renewed(config: AgentConfig, shutdown: CancellationToken) {
         if failures == 0 {
             let at = renew_at(now, cert.valid_before());
             debug!(at = %utc(at), "next certificate renewal");
-            if sleep_or_stop(
-                &shutdown,
-                Duration::from_secs(at.saturating_sub(now)).max(MIN_WAIT),
-            )
-            .await
-            {
+            let wait = Duration::from_secs(at.saturating_sub(now)).max(MIN_WAIT);
+            let ours = tunnel_proto::certs::signer_fingerprint(&cert).to_string();
+            if wait_due(&shutdown, wait, Some(&mut hints), &ours).await {
                 return;
             }
         }
@@ -140,7 +156,13 @@ fn check_signer(old: &Certificate, new: &Certificate, announced: &[String]) -> R
 /// agent trusts proxies signed by them as well as by `proxy_host_ca`, so that proxies renewed
 /// from a rotated host CA are accepted.
 pub fn learned_cas_path(config: &AgentConfig) -> std::path::PathBuf {
-    let mut p = config.host_cert_path().into_os_string();
+    learned_cas_file(&config.host_cert_path())
+}
+
+/// [`learned_cas_path`] for the certificate at `cert_path` (an agent embedded in the Auth
+/// server writes it there itself).
+pub fn learned_cas_file(cert_path: &std::path::Path) -> std::path::PathBuf {
+    let mut p = cert_path.as_os_str().to_owned();
     p.push(".cas");
     p.into()
 }

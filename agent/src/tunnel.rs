@@ -22,6 +22,7 @@ use tunnel_proto::credit::{CREDIT_EXT, CREDIT_VERSION, STREAM_WINDOW};
 use tunnel_proto::names::{CONTROL_HOST, agent_login};
 
 use crate::config::{AgentConfig, TargetAddr, TransportMode};
+use crate::renew::{SignerHint, SignerHints};
 
 /// Deadline to connect to a local target.
 pub(crate) const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -42,7 +43,12 @@ pub enum Ended {
     Closed,
     /// The proxy asked its agents to move (it is shutting down).
     Drained,
+    /// The agent pool already held a tunnel to this proxy: closed before registering anything.
+    Duplicate,
 }
+
+/// How long a pooled tunnel waits for its proxy's control hello (which names the proxy).
+pub(crate) const HELLO_DEADLINE: Duration = Duration::from_secs(5);
 
 /// The web trust the config asks for.
 pub fn web_trust(config: &AgentConfig) -> Result<WebTrust, DialError> {
@@ -56,11 +62,28 @@ pub fn web_trust(config: &AgentConfig) -> Result<WebTrust, DialError> {
 }
 
 /// Dials the proxy and serves until the connection ends or `shutdown` is cancelled.
+/// What proxies say about the host CA's signer goes to `hints`.
 pub async fn connect_and_serve(
     quic: &crate::quic::QuicClient,
+    hints: &SignerHints,
     config: &AgentConfig,
     identity: &Identity,
     shutdown: &CancellationToken,
+) -> Result<Ended, DialError> {
+    connect_and_serve_in(quic, hints, config, identity, shutdown, None).await
+}
+
+/// As [`connect_and_serve`], as dial number `attempt` of an agent pool (see [`crate::pool`]):
+/// the tunnel claims its proxy's id (from the control hello, on either transport) before
+/// registering any target, and ends at once as [`Ended::Duplicate`] if the pool already holds
+/// that proxy.
+pub async fn connect_and_serve_in(
+    quic: &crate::quic::QuicClient,
+    hints: &SignerHints,
+    config: &AgentConfig,
+    identity: &Identity,
+    shutdown: &CancellationToken,
+    pool: Option<(&Arc<crate::pool::Pool>, u64)>,
 ) -> Result<Ended, DialError> {
     let (addr, offered_quic) = match &config.proxy {
         Some(web) => {
@@ -87,11 +110,14 @@ pub async fn connect_and_serve(
         let span = info_span!("tunnel", cluster = %config.cluster, host_id = %config.host_id, proxy = %quic_addr, transport = "quic");
         let started = std::time::Instant::now();
         let dialled = tokio::select! {
-            r = crate::quic::dial(quic, config, identity, &quic_addr, &verifier).instrument(span.clone()) => r,
+            r = crate::quic::dial(quic, config, identity, &quic_addr, &verifier, pool, shutdown).instrument(span.clone()) => r,
             _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
         };
         match dialled {
-            Ok(tunnel) => return Ok(tunnel.serve(config, shutdown).instrument(span).await),
+            Ok(Some(tunnel)) => {
+                return Ok(tunnel.serve(config, hints, shutdown).instrument(span).await);
+            }
+            Ok(None) => return Ok(Ended::Duplicate),
             Err(e) if config.transport.mode == TransportMode::Quic => return Err(e),
             Err(e) => warn!(
                 error = %e,
@@ -137,6 +163,7 @@ pub async fn connect_and_serve(
     // The control channel comes first: each target's labels go to the proxy before the target
     // is registered, so no stream is ever decided on a target without its labels.
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel();
+    let (hello_tx, hello_rx) = tokio::sync::oneshot::channel();
     let mut control_task = None;
     match handle
         .channel_open_direct_tcpip(CONTROL_HOST, 0, "127.0.0.1", 0)
@@ -151,12 +178,45 @@ pub async fn connect_and_serve(
                 version: tunnel_proto::PROTOCOL_VERSION,
                 id: config.host_id.clone(),
             };
+            let link = ControlLink {
+                hello: Some(hello_tx),
+                pool: pool.map(|(p, _)| p.clone()),
+                hints: hints.clone(),
+            };
             control_task = Some(tokio::spawn(
-                control(ch, hello, active, drain_tx, proxy_version_tx).instrument(span.clone()),
+                control(ch, hello, active, drain_tx, proxy_version_tx, link)
+                    .instrument(span.clone()),
             ));
         }
         Err(e) => warn!(error = %e, "no control channel: drain orders will not arrive"),
     }
+    // In a pool: which proxy is this? A second tunnel to a proxy already held is closed now.
+    let claim = match pool {
+        None => None,
+        Some((pool, attempt)) => {
+            // A proxy that does not say who it is (no control channel, no hello in time) is
+            // held as the one proxy at this address.
+            let id = match tokio::time::timeout(HELLO_DEADLINE, hello_rx).await {
+                Ok(Ok(id)) => id,
+                _ => {
+                    warn!(after = ?HELLO_DEADLINE, "no control hello from the proxy: held as the only proxy at this address");
+                    format!("@{addr}")
+                }
+            };
+            match pool.claim(attempt, &id, shutdown) {
+                Some(c) => Some(c),
+                None => {
+                    if let Some(t) = control_task {
+                        t.abort();
+                    }
+                    let _ = handle
+                        .disconnect(Disconnect::ByApplication, "already connected", "")
+                        .await;
+                    return Ok(Ended::Duplicate);
+                }
+            }
+        }
+    };
     let mut registered = 0;
     for name in config.targets.keys() {
         match handle.tcpip_forward(name.clone(), 0).await {
@@ -193,6 +253,9 @@ pub async fn connect_and_serve(
         t.abort();
     }
     if ended == Ended::Drained {
+        if let Some(c) = &claim {
+            c.drained();
+        }
         // Streams on this tunnel finish on their own; the draining proxy closes it at its
         // deadline. Meanwhile the caller dials a new tunnel.
         let shutdown = shutdown.clone();
@@ -435,6 +498,17 @@ async fn splice_tcp(channel: Channel<Msg>, tcp: TcpStream, credit: bool) -> (u64
     (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed))
 }
 
+/// What the control channel tells the rest of the agent besides the drain order: the proxy's id
+/// (from its hello) and, in a pool, each proxy set.
+struct ControlLink {
+    /// Receives the proxy's id once.
+    hello: Option<tokio::sync::oneshot::Sender<String>>,
+    /// The pool that follows this proxy's sets.
+    pool: Option<Arc<crate::pool::Pool>>,
+    /// Where the host CA's signer goes (the renewal loop follows it).
+    hints: SignerHints,
+}
+
 /// The agent side of `@control`: hello, heartbeats, and a drain order that ends the tunnel.
 async fn control(
     channel: Channel<Msg>,
@@ -442,7 +516,9 @@ async fn control(
     active: Arc<AtomicUsize>,
     drain: tokio::sync::oneshot::Sender<()>,
     proxy_version: watch::Sender<u32>,
+    mut link: ControlLink,
 ) {
+    let mut proxy_id = String::new();
     let (mut rx, tx) = channel.split();
     let mut out = BytesMut::new();
     if hello.encode(&mut out).is_err() || tx.data_bytes(out.split().freeze()).await.is_err() {
@@ -467,12 +543,24 @@ async fn control(
                             Message::Hello { version, id } => {
                                 debug!(version, proxy = %id, "control hello");
                                 let _ = proxy_version.send(version.max(1));
+                                if let Some(h) = link.hello.take() {
+                                    let _ = h.send(id.clone());
+                                }
+                                proxy_id = id;
                             }
-                            Message::ProxySet { ids } => debug!(?ids, "proxy set"),
+                            Message::ProxySet { ids } => {
+                                debug!(?ids, "proxy set");
+                                if let Some(p) = &link.pool {
+                                    p.proxy_set(&proxy_id, ids);
+                                }
+                            }
                             Message::Drain { reason, grace_secs } => {
                                 info!(%reason, grace_secs, "proxy asked to drain: moving");
                                 let _ = drain.send(());
                                 return;
+                            }
+                            Message::HostCaSigner { fingerprint, spread_secs } => {
+                                post_signer(&link.hints, fingerprint, spread_secs);
                             }
                             other => debug!(?other, "unexpected control message"),
                         }
@@ -489,6 +577,18 @@ async fn control(
             }
         }
     }
+}
+
+/// Posts what a proxy said about the host CA's signer (either transport) for the renewal loop.
+pub(crate) fn post_signer(hints: &SignerHints, fingerprint: String, spread_secs: u32) {
+    debug!(%fingerprint, spread_secs, "host CA signer");
+    postern_dial::renew_due::post(
+        hints,
+        SignerHint {
+            fingerprint,
+            spread_secs,
+        },
+    );
 }
 
 /// The host CA keys proxies may be signed by: `proxy_host_ca` and those the last certificate

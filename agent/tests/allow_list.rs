@@ -147,6 +147,7 @@ async fn agent_refuses_targets_it_does_not_serve() {
         reconnect: Default::default(),
         ops_listen: None,
         transport: Default::default(),
+        pool: Default::default(),
     };
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(postern_agent::run(agent, shutdown.clone()));

@@ -38,6 +38,7 @@ fn config(key_path: std::path::PathBuf) -> AgentConfig {
         reconnect: Default::default(),
         ops_listen: None,
         transport: Default::default(),
+        pool: Default::default(),
     }
 }
 

@@ -1,5 +1,15 @@
 //! Durations as Teleport roles write them (`30h`, `8h`, `1h30m`, `90s`, `30h0m0s`), plus days
-//! (`30d`, `1d12h`): the one duration syntax of every Postern command and config.
+//! (`30d`, `1d12h`): the one duration syntax of every Postern command and config, and the one
+//! parser of it (`pctl`, `psh`, role files, `postern-proxy certs issue --ttl`).
+//!
+//! Kept by hand rather than `humantime::parse_duration`, checked against humantime 2.4 (2026-11):
+//! humantime does accept every form above, but it also accepts what Teleport's syntax (Go's
+//! `time.ParseDuration` plus days) refuses, in ways that matter for a certificate lifetime: `M`
+//! is *months* and `m` minutes, so a role's `max_session_ttl: 10M` would mean ten months where
+//! Teleport refuses it; `y` and `w`, words (`1 hour`), spaces, fractions (`1.5h`) and sub-second
+//! units (`500ms`, which would have to be rounded to whole seconds) all parse too. Refusing them
+//! around humantime would take a grammar check as long as this parser, so this parser stays:
+//! units `d`, `h`, `m`, `s`, whole numbers, overflow refused, errors that say what to write.
 
 use std::fmt::Write;
 
@@ -77,5 +87,14 @@ mod tests {
         assert!(parse_secs("8w").unwrap_err().contains("unknown unit 'w'"));
         assert!(parse_secs("h").is_err());
         assert!(parse_secs("99999999999999999999h").is_err());
+    }
+
+    #[test]
+    fn refuses_what_teleport_refuses_and_humantime_would_accept() {
+        for text in [
+            "10M", "1y", "2w", "500ms", "1 hour", "1h 30m", "1.5h", "-1h",
+        ] {
+            assert!(parse_secs(text).is_err(), "{text} must be refused");
+        }
     }
 }

@@ -17,6 +17,7 @@ pub const RESOURCES: &[&str] = &[
     "event",
     "lock",
     "access_request",
+    "proxy",
 ];
 
 /// Every verb a rule may name (besides `*`).

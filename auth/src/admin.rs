@@ -1,6 +1,8 @@
 //! The admin identity `pctl --data-dir` uses (`<data_dir>/admin.identity`): written once the API
 //! listener is bound, reused while it has at least half its lifetime left, and otherwise
-//! replaced with every earlier admin certificate revoked, so that at most one is valid.
+//! replaced with the certificate this data directory held revoked, so that at most one is valid
+//! per data directory. Only that one: several Auth servers on one PostgreSQL database each keep
+//! their own admin identity, and one server's start must not revoke another's.
 //!
 //! Only the TLS certificate can be revoked (the API checks it against the database); the SSH
 //! certificate in the file expires on its own.
@@ -103,7 +105,15 @@ fn ensure_with(state: &State, file: &AdminFile, same_cas: bool) -> Result<bool, 
         info!(path = %path.display(), "admin identity still valid: reused");
         return Ok(false);
     }
-    let revoked = state.backend.forget_certs(Some(ADMIN_USER), now)?;
+    // Revoke what this data directory held (if anything), never another server's admin.
+    let revoked = match IdentityFile::load(path)
+        .ok()
+        .filter(|old| old.user == ADMIN_USER)
+        .and_then(|old| tls_fingerprint(&old.tls_cert))
+    {
+        Some(fp) => state.backend.forget_cert(&fp, now)?,
+        None => false,
+    };
     let a = &state.authorities;
     let key = mint::generate_key();
     let issued = a.issue_user(ADMIN_USER, key.public_key(), ttl, &[])?;
@@ -127,7 +137,7 @@ fn ensure_with(state: &State, file: &AdminFile, same_cas: bool) -> Result<bool, 
     admin
         .save(path)
         .map_err(|e| AuthError::Tls(e.to_string()))?;
-    info!(path = %path.display(), revoked, "admin identity issued; earlier admin certificates revoked");
+    info!(path = %path.display(), revoked, "admin identity issued; the certificate this data directory held revoked");
     Ok(true)
 }
 

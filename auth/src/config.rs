@@ -184,6 +184,9 @@ pub enum ConfigError {
         /// What toml said (names the field and line).
         message: String,
     },
+    /// A `POSTERN_AUTH_*` environment override held a bad value or named no field.
+    #[error(transparent)]
+    Env(#[from] postern_ops::overrides::EnvError),
     /// A field holds a bad value.
     #[error("config field {field}: {problem}")]
     Invalid {
@@ -194,17 +197,38 @@ pub enum ConfigError {
     },
 }
 
+/// The prefix of the environment overrides.
+pub const ENV_PREFIX: &str = "POSTERN_AUTH_";
+
 impl AuthConfig {
     /// Reads a TOML file (not yet validated).
     pub fn from_file(path: &Path) -> Result<AuthConfig, ConfigError> {
+        Ok(Self::read(path)?.0)
+    }
+
+    /// The file at `path` (defaults without one) with the `POSTERN_AUTH_*` environment
+    /// overrides over it ([`postern_ops::overrides`]), not yet validated.
+    pub fn load(path: Option<&Path>) -> Result<AuthConfig, ConfigError> {
+        let (config, table) = match path {
+            Some(p) => Self::read(p)?,
+            None => (AuthConfig::default(), toml::Table::new()),
+        };
+        Ok(postern_ops::overrides::apply(&table, ENV_PREFIX)?.unwrap_or(config))
+    }
+
+    /// The file parsed as a config and as a TOML table.
+    fn read(path: &Path) -> Result<(AuthConfig, toml::Table), ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.into(),
             source,
         })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        let parse = |e: toml::de::Error| ConfigError::Parse {
             path: path.into(),
             message: e.to_string(),
-        })
+        };
+        let config = toml::from_str(&text).map_err(parse)?;
+        let table = toml::from_str(&text).map_err(parse)?;
+        Ok((config, table))
     }
 
     /// Checks every field.

@@ -18,6 +18,7 @@
 //! - [`watch`]: `WatchPolicy`, the feed as a gRPC stream with resume from a revision;
 //! - [`locks`]: locks on a user, a role or an agent;
 //! - [`requests`]: access requests (temporary elevation on approval) and their RPCs;
+//! - [`proxies`]: the proxy set, from each proxy's `ProxyHeartbeat`, with expiry;
 //! - [`stream_events`]: stream access events shipped by proxies;
 //! - [`tokens`]: join tokens as stored, and spending one use atomically;
 //! - [`login`]: `psh login` behind the proxy's login relay (signup secret, then password);
@@ -47,6 +48,7 @@ pub mod locks;
 pub mod login;
 pub mod metrics;
 pub mod password;
+pub mod proxies;
 pub mod proxy_renew;
 pub mod renewal;
 pub mod requests;

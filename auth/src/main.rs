@@ -61,10 +61,8 @@ async fn main() -> anyhow::Result<()> {
         allow_root,
         ops_listen,
     } = cli.command;
-    let mut cfg = match &config {
-        Some(p) => AuthConfig::from_file(p)?,
-        None => AuthConfig::default(),
-    };
+    // The file, then `POSTERN_AUTH_*` environment overrides, then these flags.
+    let mut cfg = AuthConfig::load(config.as_deref())?;
     if let Some(d) = data_dir {
         cfg.data_dir = d;
     }

@@ -3,7 +3,9 @@
 //! two-thirds of that lifetime, written atomically (temporary file, fsync, rename: a full disk
 //! leaves the old one in place). The agent loop reloads a changed certificate file before its
 //! next dial, so the open tunnel and its streams carry on and the next connection uses the new
-//! certificate.
+//! certificate. When a host CA rotation moves the signing key (`update_clients`, or a rollback),
+//! the certificate is re-issued within a second: the proxies stop trusting the old key at the
+//! end of the rotation, and the Auth server's own tunnel must not depend on its renewal schedule.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,6 +17,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::authority::{Authorities, AuthorityError};
+use crate::rotation::CaKind;
+
+/// How often the signing key is compared with the one that signed the current certificate.
+const SIGNER_CHECK: Duration = Duration::from_secs(1);
 
 /// What renewing the embedded agent's certificate needs.
 pub struct AgentRenewal {
@@ -31,7 +37,9 @@ pub struct AgentRenewal {
 }
 
 impl AgentRenewal {
-    /// Issues a certificate and writes it atomically; returns its expiry (unix seconds).
+    /// Issues a certificate and writes it atomically, with the host CA keys trusted now next to
+    /// it (as a service agent's renewal records them: the agent then trusts proxies renewed from
+    /// a rotated host CA); returns its expiry (unix seconds).
     pub fn issue_and_write(&self) -> Result<u64, AuthorityError> {
         let issued = self
             .authorities
@@ -42,33 +50,53 @@ impl AgentRenewal {
             0o600,
         )
         .map_err(|e| AuthorityError::Issue(format!("{e} (the current certificate is kept)")))?;
+        let cas = format!("{}\n", self.authorities.host_ca_lines().join("\n"));
+        let cas_path = postern_agent::renew::learned_cas_file(&self.cert_path);
+        if let Err(e) = mint::write_file_atomic(&cas_path, cas.as_bytes(), 0o600) {
+            warn!(error = %e, "cannot record the cluster's host CAs next to the embedded agent's certificate");
+        }
         Ok(issued.expires)
     }
 
-    /// Renews at two-thirds of each certificate's life until `shutdown`; a failure is retried
-    /// after a tenth of what is left (at least 1 s).
+    /// Renews at two-thirds of each certificate's life, and at once when the host CA's signing
+    /// key is no longer the one that signed it, until `shutdown`; a failure is retried after 1 s.
     pub async fn run(self, expires: u64, shutdown: CancellationToken) {
-        let mut wait = renew_wait(mint::now_unix(), expires);
+        let mut due = tokio::time::Instant::now() + renew_wait(mint::now_unix(), expires);
+        let mut signed_by = self.signer();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep(SIGNER_CHECK) => {}
+            }
+            let rotated = self.signer() != signed_by;
+            if !rotated && tokio::time::Instant::now() < due {
+                continue;
             }
             // One signature and one small file: cheap enough to do here.
             match self.issue_and_write() {
                 Ok(e) => {
                     info!(
                         expires = e,
-                        "embedded agent certificate renewed: the next connection uses it"
+                        rotated, "embedded agent certificate renewed: the next connection uses it"
                     );
-                    wait = renew_wait(mint::now_unix(), e);
+                    due = tokio::time::Instant::now() + renew_wait(mint::now_unix(), e);
+                    signed_by = self.signer();
                 }
                 Err(e) => {
                     warn!(error = %e, "embedded agent certificate renewal failed: retrying");
-                    wait = Duration::from_secs(1);
+                    due = tokio::time::Instant::now();
                 }
             }
         }
+    }
+
+    /// The host CA key that signs now.
+    fn signer(&self) -> PublicKey {
+        self.authorities
+            .ca_keys(CaKind::Host)
+            .signer
+            .public_key()
+            .clone()
     }
 }
 

@@ -335,6 +335,13 @@ fn agent_config(
         reconnect: Default::default(),
         ops_listen: None,
         transport: Default::default(),
+        // Proxies join the proxy set only through this agent's tunnels: it finds new ones by
+        // dialling the balanced address (see `postern_agent::pool`).
+        pool: postern_agent::pool::PoolConfig {
+            probe_secs: 5,
+            probe_after_gain: true,
+            ..Default::default()
+        },
     };
     cfg.validate()
         .map_err(|e| AuthError::Agent(e.to_string()))?;

@@ -145,7 +145,7 @@ spec:
 version: v7
 ---
 kind: role
-metadata: {name: proxy, description: 'A proxy: watch roles, users and locks; read the CAs; write audit events'}
+metadata: {name: proxy, description: 'A proxy: watch roles, users and locks; read the CAs; write audit events; heartbeat into the proxy set'}
 spec:
   allow:
     rules:
@@ -153,6 +153,8 @@ spec:
         verbs: ['list', 'read']
       - resources: ['event']
         verbs: ['create']
+      - resources: ['proxy']
+        verbs: ['create', 'list']
 version: v7
 ---
 kind: role
@@ -1122,14 +1124,19 @@ impl AuthService for Service {
             .await?;
         let a = &self.state.authorities;
         let result = match kind.as_str() {
-            "host" => Ok(a.host_ca_lines()),
-            "user" => Ok(a.user_ca_lines()),
-            "tls" => Ok(a.tls_ca_pems()),
+            "host" => Ok((a.host_ca_lines(), a.host_ca_line())),
+            "user" => Ok((a.user_ca_lines(), a.user_ca_line())),
+            "tls" => {
+                // The one signing client certificates is listed first.
+                let pems = a.tls_ca_pems();
+                let signing = pems.first().cloned().unwrap_or_default();
+                Ok((pems, signing))
+            }
             other => Err(Status::invalid_argument(format!(
                 "kind: '{other}' is not a CA kind (host, user, tls)"
             ))),
         }
-        .map(|entries| ExportAuthoritiesResponse { entries });
+        .map(|(entries, signing)| ExportAuthoritiesResponse { entries, signing });
         self.finish(
             &caller,
             "ExportAuthorities",
@@ -1179,6 +1186,13 @@ impl AuthService for Service {
         req: Request<ListStreamEventsRequest>,
     ) -> Result<Response<ListStreamEventsResponse>, Status> {
         self.list_stream_events_rpc(req).await
+    }
+
+    async fn proxy_heartbeat(
+        &self,
+        req: Request<ProxyHeartbeatRequest>,
+    ) -> Result<Response<ProxyHeartbeatResponse>, Status> {
+        self.proxy_heartbeat_rpc(req).await
     }
 
     async fn list_audit_events(

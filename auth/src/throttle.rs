@@ -7,6 +7,12 @@
 //! per address) bound the rate from each address; many addresses guess faster, at one Argon2
 //! hash per core at a time at most. Both maps here are bounded: entries expire with their window and are
 //! pruned at least once a window, and at most [`MAX_TRACKED`] are kept.
+//!
+//! [`Failures`] is kept by hand, not `governor` (which the proxy's rate limits use): it is a
+//! lockout counter, not a rate limit. It is read before a login without spending anything
+//! ([`Failures::locked`]), charged only on a failure, and one pair is forgotten on success
+//! ([`Failures::clear`]); governor can neither read a key's state without consuming a cell nor
+//! remove a single key.
 
 use std::collections::HashMap;
 use std::net::IpAddr;

@@ -74,8 +74,7 @@ async fn two_auth_servers_share_one_database() {
         pb.state.authorities.tls_ca_pems(),
         "one TLS CA for the cluster"
     );
-    // Started one after the other: B's start revokes earlier admin certificates, A's included,
-    // so B's admin identity is the one used on both servers (issued by B, accepted by A).
+    // Started one after the other; B's admin identity (issued by B) is used on both servers.
     let a = serve(pa).await;
     let b = serve(pb).await;
     let id = b.admin_identity();
@@ -141,6 +140,32 @@ async fn two_auth_servers_share_one_database() {
     let names: Vec<_> = seen[0].iter().map(|(_, n, d)| (n.as_str(), *d)).collect();
     assert_eq!(names, [("w-a", false), ("w-b", false), ("w-a", true)]);
 
+    // The proxy set is shared: a proxy heartbeating on A and one on B each see both.
+    let beat = |id: &str| ProxyHeartbeatRequest {
+        proxy: Some(ProxyRecord {
+            id: id.into(),
+            ..Default::default()
+        }),
+        ttl_secs: 60,
+        leaving: false,
+    };
+    streams[0]
+        .0
+        .proxy_heartbeat(beat("proxy-on-a"))
+        .await
+        .unwrap();
+    let set = streams[1]
+        .0
+        .proxy_heartbeat(beat("proxy-on-b"))
+        .await
+        .unwrap();
+    let ids: Vec<_> = set.proxies.iter().map(|p| p.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["proxy-on-a", "proxy-on-b"],
+        "one proxy set across both servers"
+    );
+
     // Conditional updates at one revision, half through each server: exactly one wins.
     let r = on_a.get_role("from-a").await.unwrap();
     let mut tasks = Vec::new();
@@ -167,6 +192,61 @@ async fn two_auth_servers_share_one_database() {
     }
     assert_eq!((won, refused), (1, 15));
     drop(streams);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_auth_server_keeps_its_own_admin_identity() {
+    let pg = Postgres::start();
+    let (da, db) = (TempDir::new("pg-adm-a"), TempDir::new("pg-adm-b"));
+    let a = serve(prepare_async(pg.auth_config(&da.0, "adm")).await).await;
+    let first_a = a.admin_identity();
+    // B's start issues B's admin identity: it must not revoke A's.
+    let b = serve(prepare_async(pg.auth_config(&db.0, "adm")).await).await;
+    let (id_a, id_b) = (a.admin_identity(), b.admin_identity());
+    assert_eq!(id_a.tls_cert, first_a.tls_cert, "A's file untouched");
+    assert_ne!(
+        id_a.tls_cert, id_b.tls_cert,
+        "one admin identity per data dir"
+    );
+    for (who, id) in [("A's", &id_a), ("B's", &id_b)] {
+        for srv in [&a, &b] {
+            let c = AuthClient::connect_direct(&srv.addr.to_string(), id)
+                .await
+                .unwrap_or_else(|e| panic!("{who} admin identity refused: {e}"));
+            assert_eq!(c.ping(PingRequest {}).await.unwrap().user, "@admin");
+            c.list_roles(ListRolesRequest::default())
+                .await
+                .unwrap_or_else(|e| panic!("{who} admin identity: {e}"));
+        }
+    }
+    // A replaced identity still revokes what its own data dir held: A restarts on the same data
+    // dir with a shorter admin lifetime, so its identity is not reusable and is replaced.
+    a.stop().await;
+    let mut cfg = pg.auth_config(&da.0, "adm");
+    cfg.admin_identity_ttl_secs = 3600;
+    let a = serve(prepare_async(cfg).await).await;
+    let new_a = a.admin_identity();
+    assert_ne!(
+        new_a.tls_cert, id_a.tls_cert,
+        "A issued a new admin identity"
+    );
+    let old = AuthClient::connect_direct(&b.addr.to_string(), &id_a).await;
+    let refused = match old {
+        Err(_) => true,
+        Ok(c) => c.list_roles(ListRolesRequest::default()).await.is_err(),
+    };
+    assert!(
+        refused,
+        "A's previous admin certificate is revoked on B too"
+    );
+    let c = AuthClient::connect_direct(&a.addr.to_string(), &id_b)
+        .await
+        .unwrap();
+    c.list_roles(ListRolesRequest::default())
+        .await
+        .expect("B's admin identity survives A's restart");
     a.stop().await;
     b.stop().await;
 }

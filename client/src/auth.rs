@@ -482,6 +482,8 @@ calls! {
     emit_stream_events(EmitStreamEventsRequest) -> EmitStreamEventsResponse;
     /// Stream access events, newest first (`event: list`).
     list_stream_events(ListStreamEventsRequest) -> ListStreamEventsResponse;
+    /// A proxy's heartbeat into the proxy set; answers the live set (`proxy: create` and `list`).
+    proxy_heartbeat(ProxyHeartbeatRequest) -> ProxyHeartbeatResponse;
 }
 
 impl AuthClient {

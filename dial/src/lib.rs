@@ -11,10 +11,13 @@
 //! - [`accept`]: server-side accept with connection caps, back-off and a descriptor reserve
 //!   (the proxy's listeners and the Auth API).
 //! - [`error`]: [`DialError`], what went wrong and what to do about it.
+//! - [`renew_due`]: when a certificate renews (two-thirds of its life, or sooner after a host CA
+//!   rotation), for agents and proxies.
 
 pub mod accept;
 pub mod error;
 pub mod mint;
+pub mod renew_due;
 pub mod splice;
 pub mod ssh;
 pub mod web;

@@ -197,6 +197,7 @@ async fn main() -> anyhow::Result<()> {
                     ..Default::default()
                 }
             },
+            pool: Default::default(),
         };
         agents.push(tokio::spawn(postern_agent::run(cfg, stop.clone())));
     }

@@ -1,19 +1,22 @@
 //! The ops listener every daemon serves (plain HTTP, off or loopback by default): `/metrics`
 //! (Prometheus text), `/healthz` (the process answers), `/readyz` (it serves its purpose now).
+//! The accept loop and its limits are ours; an `axum` router answers the requests.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Request, Response, StatusCode};
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{Request, Response, StatusCode, header};
+use axum::routing::any;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use postern_dial::accept::{AcceptLimits, Acceptor};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower_service::Service;
 use tracing::debug;
 
 /// Readiness: true once every listener is serving, false again when draining starts.
@@ -31,12 +34,63 @@ impl Ready {
     }
 }
 
-fn text(status: StatusCode, ctype: &'static str, body: String) -> Response<Full<Bytes>> {
+fn text(status: StatusCode, ctype: &'static str, body: String) -> Response<Body> {
     Response::builder()
         .status(status)
-        .header(hyper::header::CONTENT_TYPE, ctype)
-        .body(Full::new(Bytes::from(body)))
+        .header(header::CONTENT_TYPE, ctype)
+        .body(Body::from(body))
         .expect("static response parts")
+}
+
+/// What the ops routes read.
+#[derive(Clone)]
+struct Ops {
+    prom: PrometheusHandle,
+    ready: Arc<Ready>,
+}
+
+/// `/metrics`: Prometheus text.
+async fn metrics(State(ops): State<Ops>) -> Response<Body> {
+    ops.prom.run_upkeep();
+    text(
+        StatusCode::OK,
+        "text/plain; version=0.0.4",
+        ops.prom.render(),
+    )
+}
+
+/// `/healthz`: the process answers.
+async fn healthz() -> Response<Body> {
+    text(StatusCode::OK, "text/plain", "ok\n".into())
+}
+
+/// `/readyz`: 200 while ready, 503 otherwise.
+async fn readyz(State(ops): State<Ops>) -> Response<Body> {
+    if ops.ready.get() {
+        text(StatusCode::OK, "text/plain", "ready\n".into())
+    } else {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready\n".into(),
+        )
+    }
+}
+
+/// Any other path.
+async fn not_found() -> Response<Body> {
+    text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into())
+}
+
+/// The ops routes, any method on each (as scrapers and probes use GET, a HEAD or POST is not
+/// refused either).
+fn router(prom: PrometheusHandle, ready: Arc<Ready>) -> Router {
+    Router::new()
+        .route("/metrics", any(metrics))
+        .route("/healthz", any(healthz))
+        .route("/readyz", any(readyz))
+        .fallback(not_found)
+        .with_state(Ops { prom, ready })
 }
 
 /// Ops connections open at once, at most (closed at accept beyond it).
@@ -49,6 +103,7 @@ pub async fn serve(
     ready: Arc<Ready>,
     stop: CancellationToken,
 ) {
+    let routes = router(prom, ready);
     // Back-off on accept errors and a descriptor reserve, so that /healthz answers (or fails
     // fast) when the process is short of descriptors; a scraper needs few connections.
     let mut accept = Acceptor::new(
@@ -70,28 +125,11 @@ pub async fn serve(
                 }
             },
         };
-        let prom = prom.clone();
-        let ready = ready.clone();
+        let routes = routes.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let resp = match req.uri().path() {
-                    "/metrics" => {
-                        prom.run_upkeep();
-                        text(StatusCode::OK, "text/plain; version=0.0.4", prom.render())
-                    }
-                    "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
-                    "/readyz" if ready.get() => {
-                        text(StatusCode::OK, "text/plain", "ready\n".into())
-                    }
-                    "/readyz" => text(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "text/plain",
-                        "not ready\n".into(),
-                    ),
-                    _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
-                };
-                async move { Ok::<_, Infallible>(resp) }
+                routes.clone().call(req)
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

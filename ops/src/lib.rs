@@ -5,10 +5,13 @@
 //! - [`VERSION`]: the version and the git commit the binary was built from, for `--version`.
 //! - [`http`]: the ops listener (`/metrics`, `/healthz`, `/readyz`) of the proxy, the agent and
 //!   the Auth server, with its readiness flag.
+//! - [`overrides`]: `POSTERN_PROXY_*`, `POSTERN_AGENT_*`, `POSTERN_AUTH_*` environment overrides
+//!   layered over each daemon's config file (`figment`).
 
 use std::io::IsTerminal;
 
 pub mod http;
+pub mod overrides;
 
 /// `<crate version> (<git commit>)`; `unknown` when built outside a git checkout.
 pub const VERSION: &str = concat!(

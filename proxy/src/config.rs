@@ -32,6 +32,8 @@ pub struct ProxyConfig {
     pub shutdown: ShutdownConfig,
     /// PROXY protocol from trusted load balancers (web and tunnel listeners).
     pub proxy_protocol: crate::proxy_protocol::ProxyProtocolConfig,
+    /// Heartbeats into each cluster's proxy set (see [`crate::peers`]).
+    pub peers: crate::peers::PeersConfig,
     /// Clusters this proxy routes to, each with the CAs it trusts.
     pub clusters: Vec<ClusterConfig>,
     /// Start even as root (`--allow-root`). The proxy needs no privileges: give it
@@ -160,6 +162,10 @@ pub struct QuicConfig {
 pub struct ShutdownConfig {
     /// Seconds open streams get to finish after SIGTERM. Default 30.
     pub grace_secs: u64,
+    /// Seconds between SIGTERM and the drain during which `/readyz` answers 503 while the
+    /// listeners still accept, so a balancer checking `/readyz` stops sending new connections
+    /// before they are refused (0..=300). Default 0 (Kubernetes' `preStop` wait does the same).
+    pub unready_secs: u64,
 }
 
 /// One cluster the proxy routes to.
@@ -209,6 +215,10 @@ pub struct PolicyConfig {
     /// With `auth`: how often the proxy reads the cluster's trusted CA keys from the Auth server
     /// (a CA rotation reaches the proxy within this). Default 10.
     pub ca_refresh_secs: u64,
+    /// With `auth`: when the host CA's signing key changes (a rotation's `update_clients`, or a
+    /// rollback), the agents of this proxy renew their certificates at random moments within
+    /// this many seconds (0: at once). Default 60.
+    pub renew_spread_secs: u32,
 }
 
 impl Default for PolicyConfig {
@@ -218,6 +228,7 @@ impl Default for PolicyConfig {
             identity_file: None,
             stale_after_secs: 60,
             ca_refresh_secs: 10,
+            renew_spread_secs: 60,
         }
     }
 }
@@ -235,6 +246,7 @@ impl Default for ProxyConfig {
             quic: QuicConfig::default(),
             shutdown: ShutdownConfig::default(),
             proxy_protocol: Default::default(),
+            peers: Default::default(),
             clusters: Vec::new(),
             allow_root: false,
         }
@@ -298,7 +310,10 @@ impl Default for QuicConfig {
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
-        ShutdownConfig { grace_secs: 30 }
+        ShutdownConfig {
+            grace_secs: 30,
+            unready_secs: 0,
+        }
     }
 }
 
@@ -321,6 +336,9 @@ pub enum ConfigError {
         /// What toml said, with line and column.
         message: String,
     },
+    /// A `POSTERN_PROXY_*` environment override held a bad value or named no field.
+    #[error(transparent)]
+    Env(#[from] postern_ops::overrides::EnvError),
     /// A field has a bad value.
     #[error("config field `{field}`: {message}")]
     Invalid {
@@ -330,6 +348,9 @@ pub enum ConfigError {
         message: String,
     },
 }
+
+/// The prefix of the proxy's environment overrides.
+pub const ENV_PREFIX: &str = "POSTERN_PROXY_";
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
@@ -351,6 +372,27 @@ impl ProxyConfig {
         })
     }
 
+    /// The file at `path` (defaults without one) with the `POSTERN_PROXY_*` environment
+    /// overrides over it ([`postern_ops::overrides`]; `POSTERN_PROXY_LISTEN__WEB`, …), not yet
+    /// validated.
+    pub fn load(path: Option<&Path>) -> Result<ProxyConfig, ConfigError> {
+        let Some(path) = path else {
+            let empty = toml::Table::new();
+            return Ok(postern_ops::overrides::apply(&empty, ENV_PREFIX)?.unwrap_or_default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let parse = |message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        };
+        let config = Self::from_toml(&text).map_err(parse)?;
+        let table: toml::Table = toml::from_str(&text).map_err(|e| parse(e.to_string()))?;
+        Ok(postern_ops::overrides::apply(&table, ENV_PREFIX)?.unwrap_or(config))
+    }
+
     /// Parses TOML text (not yet validated).
     pub fn from_toml(text: &str) -> Result<ProxyConfig, String> {
         toml::from_str(text).map_err(|e| e.to_string())
@@ -361,6 +403,12 @@ impl ProxyConfig {
         if let Some(id) = &self.proxy_id {
             tunnel_proto::names::validate_label("proxy id", id)
                 .map_err(|e| invalid("proxy_id", e.to_string()))?;
+        }
+        if self.shutdown.unready_secs > 300 {
+            return Err(invalid("shutdown.unready_secs", "must be 0..=300"));
+        }
+        if let Err((field, message)) = self.peers.validate() {
+            return Err(invalid(&field, message));
         }
         if self.ssh.keepalive_interval_secs == 0 || self.ssh.keepalive_interval_secs > 3600 {
             return Err(invalid("ssh.keepalive_interval_secs", "must be 1..=3600"));
@@ -508,6 +556,12 @@ impl ProxyConfig {
                     "must be 1..=3600",
                 ));
             }
+            if c.policy.renew_spread_secs > 86_400 {
+                return Err(invalid(
+                    format!("clusters[{i}].policy.renew_spread_secs"),
+                    "must be 0..=86400",
+                ));
+            }
             if !(1..=86_400).contains(&c.policy.stale_after_secs) {
                 return Err(invalid(
                     format!("clusters[{i}].policy.stale_after_secs"),
@@ -598,72 +652,4 @@ fn postern_ssh_lines(lines: &[String]) -> Result<(), String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn empty_file_gives_defaults() {
-        let c = ProxyConfig::from_toml("").unwrap();
-        c.validate().unwrap();
-        assert_eq!(c.listen.tunnel.port(), 3024);
-        assert_eq!(c.listen.ops.to_string(), "127.0.0.1:3081");
-    }
-
-    #[test]
-    fn errors_name_the_field() {
-        let e = ProxyConfig::from_toml("nonsense = 1").unwrap_err();
-        assert!(e.contains("nonsense"), "{e}");
-        let mut c = ProxyConfig::default();
-        c.ssh.keepalive_interval_secs = 0;
-        assert!(
-            c.validate()
-                .unwrap_err()
-                .to_string()
-                .contains("ssh.keepalive_interval_secs")
-        );
-        let c = ProxyConfig::from_toml(
-            "[[clusters]]\nname = \"Bad Name\"\nhost_ca = []\nuser_ca = []\n",
-        )
-        .unwrap();
-        assert!(
-            c.validate()
-                .unwrap_err()
-                .to_string()
-                .contains("clusters[0].name")
-        );
-        let mut c = ProxyConfig::default();
-        c.quic.connection_window_bytes = Some(c.quic.stream_window_bytes);
-        let e = c.validate().unwrap_err().to_string();
-        assert!(e.contains("quic.connection_window_bytes"), "{e}");
-        c.limits.max_streams_per_tunnel = 1;
-        c.validate().unwrap();
-        let c = ProxyConfig::from_toml(
-            "[[clusters]]\nname = \"ok\"\nhost_ca = [\"ssh-ed25519 garbage\"]\nuser_ca = []\n",
-        )
-        .unwrap();
-        assert!(
-            c.validate()
-                .unwrap_err()
-                .to_string()
-                .contains("clusters[0].host_ca")
-        );
-    }
-
-    /// An RSA CA line is refused at load with a message saying RSA is not supported (not a
-    /// later "signature invalid" at every login).
-    #[test]
-    fn an_rsa_ca_line_is_refused_at_load() {
-        const RSA: &str = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQCheqBUjDYcdWKbElfhC3kIJPs2bEPIjLfo1wENvyz0z5R2rPiTKVQayTeBiQSQxdBMbLjV7uSWTvYfamdPJZQANc79DTzpQZpzYRoZuwByhQ8P3OxnjTcQn5rwZSUvYF2ug8/DIOtU66VMeEv8D9n5J++3+TXkpFRTC8K2ZZUB2w== rsa-ca";
-        let c = ProxyConfig::from_toml(&format!(
-            "[[clusters]]\nname = \"ok\"\nhost_ca = [\"{RSA}\"]\nuser_ca = [\"{RSA}\"]\n"
-        ))
-        .unwrap();
-        let e = c.validate().unwrap_err().to_string();
-        assert!(
-            e.contains("clusters[0].host_ca") && e.contains("RSA is not supported"),
-            "{e}"
-        );
-        let e = postern_dial::ssh::parse_ca_lines(&[RSA.to_string()]).unwrap_err();
-        assert!(e.contains("RSA is not supported"), "{e}");
-    }
-}
+mod tests;

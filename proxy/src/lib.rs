@@ -16,9 +16,11 @@
 //!   client stream). [`link`]: a tunnel's link to its agent, either transport.
 //! - [`routing`]: the cluster → tunnels table, with each target's labels.
 //! - [`proxy_protocol`]: PROXY headers from trusted load balancers.
+//! - [`rate`]: per-key rate limits (`governor`) and failed-login counts.
 //! - [`audit`]: the stream access audit: events logged, spooled in the data dir, shipped.
 //! - [`policy`]: who may open streams to which target (roles by labels, locks, deleted users),
 //!   watched from each cluster's Auth server through the cluster's own tunnel.
+//! - [`peers`]: each cluster's proxy set, heartbeated to its Auth server, sent to agents.
 //! - [`web`]: HTTPS discovery. [`ops`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`metrics`]: every `postern_*` metric. [`mint`]: minting CAs and certificates (`certs`).
 //!
@@ -32,9 +34,11 @@ pub mod login;
 pub mod metrics;
 pub use postern_dial::mint;
 pub mod ops;
+pub mod peers;
 pub mod policy;
 pub mod proxy_protocol;
 pub mod quic;
+pub mod rate;
 pub mod renewal;
 pub mod routing;
 pub mod trust;
@@ -238,6 +242,8 @@ fn policy_watchers(
             cluster: c.name.clone(),
             identity_file: c.policy.identity_file.clone().unwrap_or_default(),
             every: std::time::Duration::from_secs(c.policy.ca_refresh_secs),
+            renew_spread_secs: c.policy.renew_spread_secs,
+            cache: trust::CaCache::new(&config.data_dir),
             shared: shared.clone(),
         };
         tasks.push(tokio::spawn(refresher.run(shared.hard_stop.clone())));
@@ -247,6 +253,44 @@ fn policy_watchers(
             shared: shared.clone(),
         };
         tasks.push(tokio::spawn(renewal.run(shared.hard_stop.clone())));
+    }
+    tasks
+}
+
+/// Starts one proxy-set heartbeater per cluster with an Auth identity (policy source `auth`);
+/// each leaves the set when draining begins and stops at hard stop.
+fn peer_heartbeaters(
+    config: &ProxyConfig,
+    shared: &Arc<tunnel::TunnelShared>,
+    tunnel_addr: std::net::SocketAddr,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for c in &config.clusters {
+        let (config::PolicySource::Auth, Some(identity_file)) =
+            (c.policy.source, c.policy.identity_file.clone())
+        else {
+            continue;
+        };
+        let record = postern_api::proto::ProxyRecord {
+            id: shared.proxy_id.clone(),
+            web_addr: config.public.web_addr.clone().unwrap_or_default(),
+            tunnel_addr: config
+                .public
+                .tunnel_addr
+                .clone()
+                .unwrap_or_else(|| tunnel_addr.to_string()),
+            expires_ms: 0,
+        };
+        let hb = peers::Heartbeater {
+            cluster: c.name.clone(),
+            identity_file,
+            shared: shared.clone(),
+            record,
+            config: config.peers.clone(),
+        };
+        tasks.push(tokio::spawn(
+            hb.run(shared.draining.clone(), shared.hard_stop.clone()),
+        ));
     }
     tasks
 }
@@ -288,8 +332,8 @@ pub async fn run(
     let proxy_id = proxy_id(&config)?;
     let (host_key, host_cert) = keys::ssh_host(&config)?;
     let (web_tls, web_fp) = keys::web_tls(&config)?;
-    let trust =
-        trust::Trust::from_config(&config.clusters).map_err(|e| config::ConfigError::Invalid {
+    let trust = trust::Trust::from_config(&config.clusters, &trust::CaCache::new(&config.data_dir))
+        .map_err(|e| config::ConfigError::Invalid {
             field: "clusters".into(),
             message: e,
         })?;
@@ -350,7 +394,7 @@ pub async fn run(
         u32::try_from(config.shutdown.grace_secs).unwrap_or(u32::MAX),
         proxy_id.clone(),
     );
-    shared.limits = config.limits.clone();
+    shared.set_limits(config.limits.clone());
     shared.proxy_protocol = config.proxy_protocol.policy().map_err(|message| {
         ProxyError::Config(config::ConfigError::Invalid {
             field: "proxy_protocol.trusted_networks".into(),
@@ -360,6 +404,19 @@ pub async fn run(
     metrics::zero_cluster_counters(config.clusters.iter().map(|c| c.name.as_str()));
     shared.policies = Arc::new(policy::Policies::from_config(&config.clusters));
     shared.audit = Arc::new(stream_audit(&config, &proxy_id)?);
+    let heartbeating: Vec<String> = config
+        .clusters
+        .iter()
+        .filter(|c| {
+            c.policy.source == config::PolicySource::Auth && c.policy.identity_file.is_some()
+        })
+        .map(|c| c.name.clone())
+        .collect();
+    shared.peers = Arc::new(peers::Peers::new(
+        &proxy_id,
+        config.clusters.iter().map(|c| c.name.as_str()),
+        &heartbeating,
+    ));
     let shared = Arc::new(shared);
     let mut watchers = policy_watchers(&config, &shared);
     if let (key, true, Some(web)) = renew_with
@@ -379,6 +436,7 @@ pub async fn run(
         };
         watchers.push(tokio::spawn(renewal.run(shared.hard_stop.clone())));
     }
+    watchers.extend(peer_heartbeaters(&config, &shared, tunnel_addr));
     watchers.extend(audit_shippers(&config, &shared));
     info!(
         proxy_id = %proxy_id,
@@ -427,8 +485,17 @@ pub async fn run(
     ready.set(true);
 
     shutdown.cancelled().await;
-    info!(grace_s = config.shutdown.grace_secs, "shutdown: draining");
     ready.set(false);
+    if config.shutdown.unready_secs > 0 {
+        // Out of the balancer's rotation first (it checks /readyz), then stop accepting: a
+        // connection the balancer sends meanwhile is still served.
+        info!(
+            unready_s = config.shutdown.unready_secs,
+            "shutdown: /readyz is 503, still accepting"
+        );
+        tokio::time::sleep(Duration::from_secs(config.shutdown.unready_secs)).await;
+    }
+    info!(grace_s = config.shutdown.grace_secs, "shutdown: draining");
     shared.draining.cancel();
     let _ = web_task.await;
     let _ = tunnel_task.await;

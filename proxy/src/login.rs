@@ -1,12 +1,15 @@
 //! The login relay: `POST /webapi/login` on the web listener, passed as one JSON line down a
 //! stream to target `login` of the cluster (the Auth server's agent serves it), rate-limited per
 //! user and per source address before anything is relayed. Agent joins (`POST /webapi/join`)
-//! take the same way.
+//! take the same way. A renewal (`POST /webapi/renew`) that presents a certificate from one of
+//! the cluster's trusted CAs, unexpired, counts against that certificate's key instead
+//! ([`PER_CERT_PER_MINUTE`]): a fleet behind one NAT address renews at once after a CA rotation
+//! without spending its users' login budget, and a certificate seen once cannot be used to
+//! flood the Auth server.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use metrics::counter;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -15,6 +18,7 @@ use tunnel_proto::login::{
 };
 
 use crate::metrics as m;
+use crate::rate::RateLimit;
 use crate::tunnel::TunnelShared;
 
 /// Logins relayed per source address per minute, at most.
@@ -23,80 +27,11 @@ pub const PER_SOURCE_PER_MINUTE: u32 = 30;
 /// that a stranger using up the budget of a user does not lock its owner out from another
 /// address (issue 11, item 6).
 pub const PER_USER_PER_MINUTE: u32 = 10;
+/// Renewals relayed per certificate key per minute, at most (an agent, a bot or a proxy renews
+/// once in two-thirds of its certificate's life, or once when a rotation moves the CA).
+pub const PER_CERT_PER_MINUTE: u32 = 6;
 /// How long the Auth server has to answer.
 const RELAY_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// Keys a [`Limiter`] tracks at most; new keys beyond it are refused (counted as over the limit)
-/// until old windows expire.
-pub const MAX_KEYS: usize = 100_000;
-
-/// Fixed windows (one minute by default) of attempts per key. Expired windows are pruned at
-/// least once a window, and at most [`MAX_KEYS`] keys are held, so memory stays bounded whatever
-/// keys arrive.
-pub struct Limiter {
-    /// Window start and count per key, and when expired windows were last pruned.
-    map: Mutex<(Windows, Instant)>,
-    window: Duration,
-}
-
-/// Per key: when its window began, and the attempts counted in it.
-type Windows = HashMap<String, (Instant, u32)>;
-
-impl Default for Limiter {
-    fn default() -> Self {
-        Limiter::with_window(Duration::from_secs(60))
-    }
-}
-
-impl Limiter {
-    /// A limiter counting in windows of `window`.
-    pub fn with_window(window: Duration) -> Limiter {
-        Limiter {
-            map: Mutex::new((HashMap::new(), Instant::now())),
-            window,
-        }
-    }
-
-    /// Counts an attempt for `key`; false once `limit` is reached within the window.
-    pub fn allow(&self, key: &str, limit: u32) -> bool {
-        let mut guard = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let (m, pruned) = &mut *guard;
-        let window = self.window;
-        if pruned.elapsed() >= window || m.len() >= MAX_KEYS {
-            m.retain(|_, (since, _)| since.elapsed() < window);
-            *pruned = Instant::now();
-        }
-        if m.len() >= MAX_KEYS && !m.contains_key(key) {
-            return false;
-        }
-        let e = m.entry(key.to_string()).or_insert((Instant::now(), 0));
-        if e.0.elapsed() >= window {
-            *e = (Instant::now(), 0);
-        }
-        e.1 = e.1.saturating_add(1);
-        e.1 <= limit
-    }
-
-    /// Attempts counted for `key` in the current window.
-    pub fn count(&self, key: &str) -> u32 {
-        let guard = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        guard
-            .0
-            .get(key)
-            .filter(|(since, _)| since.elapsed() < self.window)
-            .map_or(0, |(_, n)| *n)
-    }
-
-    /// Keys held now (expired ones included until the next prune).
-    pub fn len(&self) -> usize {
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).0.len()
-    }
-
-    /// Whether no key is held.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
 
 /// An agent's request the relay passes on: it names its cluster, and carries the source address
 /// the proxy saw.
@@ -105,6 +40,11 @@ pub trait AgentRequest: serde::Serialize + serde::de::DeserializeOwned {
     fn cluster(&self) -> &str;
     /// Records the source address (whatever the agent sent is replaced).
     fn set_source(&mut self, source: String);
+    /// The key its rate limit counts against, when not the source address: see
+    /// [`PER_CERT_PER_MINUTE`].
+    fn certificate_key(&self, _trust: &crate::trust::Trust, _now: u64) -> Option<String> {
+        None
+    }
 }
 
 impl AgentRequest for tunnel_proto::join::JoinRequest {
@@ -123,16 +63,33 @@ impl AgentRequest for tunnel_proto::join::RenewRequest {
     fn set_source(&mut self, source: String) {
         self.source = Some(source);
     }
+    /// The certificate's key, if the certificate is unexpired and signed by one of the cluster's
+    /// trusted host or user CA keys (the Auth server checks the rest).
+    fn certificate_key(&self, trust: &crate::trust::Trust, now: u64) -> Option<String> {
+        let cert = russh::keys::ssh_key::Certificate::from_openssh(self.renew_cert.trim()).ok()?;
+        let cas = trust.cluster(&self.cluster)?;
+        let signer = tunnel_proto::certs::signer_fingerprint(&cert);
+        let trusted = cas.host_cas.contains(&signer) || cas.user_cas.contains(&signer);
+        (trusted && cert.valid_before() > now).then(|| {
+            format!(
+                "{}/{}",
+                self.cluster,
+                cert.public_key().fingerprint(russh::keys::HashAlg::Sha256)
+            )
+        })
+    }
 }
 
 /// What the relay needs from the proxy.
 pub struct LoginRelay {
     /// Live tunnels.
     pub shared: Arc<TunnelShared>,
-    /// Per source address.
-    pub by_source: Limiter,
-    /// Per `cluster/user/source address`.
-    pub by_user: Limiter,
+    /// Per source address: [`PER_SOURCE_PER_MINUTE`].
+    pub by_source: RateLimit,
+    /// Per `cluster/user/source address`: [`PER_USER_PER_MINUTE`].
+    pub by_user: RateLimit,
+    /// Renewals per `cluster/certificate key`: [`PER_CERT_PER_MINUTE`].
+    pub by_cert: RateLimit,
 }
 
 fn result(resp: LoginResponse, label: &'static str) -> LoginResponse {
@@ -145,18 +102,16 @@ impl LoginRelay {
     pub fn new(shared: Arc<TunnelShared>) -> LoginRelay {
         LoginRelay {
             shared,
-            by_source: Limiter::default(),
-            by_user: Limiter::default(),
+            by_source: RateLimit::per_minute(PER_SOURCE_PER_MINUTE),
+            by_user: RateLimit::per_minute(PER_USER_PER_MINUTE),
+            by_cert: RateLimit::per_minute(PER_CERT_PER_MINUTE),
         }
     }
 
     /// Relays one login body from `peer`.
     pub async fn relay(&self, body: &[u8], peer: SocketAddr) -> LoginResponse {
         let source: IpAddr = peer.ip();
-        if !self
-            .by_source
-            .allow(&source.to_string(), PER_SOURCE_PER_MINUTE)
-        {
+        if !self.by_source.allow(&source.to_string()) {
             return result(
                 LoginResponse::failed(429, "too many logins from this address: wait a minute"),
                 "rate_limited",
@@ -198,10 +153,10 @@ impl LoginRelay {
                 "unknown_cluster",
             );
         }
-        if !self.by_user.allow(
-            &format!("{}/{}/{source}", req.cluster, req.user),
-            PER_USER_PER_MINUTE,
-        ) {
+        if !self
+            .by_user
+            .allow(&format!("{}/{}/{source}", req.cluster, req.user))
+        {
             return result(
                 LoginResponse::failed(
                     429,
@@ -223,16 +178,25 @@ impl LoginRelay {
         body: &[u8],
         peer: SocketAddr,
     ) -> LoginResponse {
-        if !self
-            .by_source
-            .allow(&peer.ip().to_string(), PER_SOURCE_PER_MINUTE)
-        {
-            return result(
-                LoginResponse::failed(429, "too many requests from this address: wait a minute"),
-                "rate_limited",
-            );
+        let parsed = serde_json::from_slice::<T>(body);
+        let cert_key = parsed
+            .as_ref()
+            .ok()
+            .and_then(|r| r.certificate_key(&self.shared.trust, postern_dial::mint::now_unix()));
+        let (allowed, refusal) = match &cert_key {
+            Some(k) => (
+                self.by_cert.allow(k),
+                "too many renewals for this certificate: wait a minute",
+            ),
+            None => (
+                self.by_source.allow(&peer.ip().to_string()),
+                "too many requests from this address: wait a minute",
+            ),
+        };
+        if !allowed {
+            return result(LoginResponse::failed(429, refusal), "rate_limited");
         }
-        let mut req: T = match serde_json::from_slice(body) {
+        let mut req: T = match parsed {
             Ok(r) => r,
             Err(e) => {
                 return result(
@@ -317,23 +281,5 @@ impl LoginRelay {
                 "error",
             ),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn expired_windows_are_pruned_and_the_map_is_bounded() {
-        let l = Limiter::with_window(Duration::from_millis(50));
-        for i in 0..1000 {
-            assert!(l.allow(&format!("user{i}"), 1));
-        }
-        assert!(!l.allow("user0", 1), "over the limit within the window");
-        assert_eq!(l.len(), 1000);
-        std::thread::sleep(Duration::from_millis(60));
-        assert!(l.allow("late", 1));
-        assert_eq!(l.len(), 1, "expired windows are pruned");
     }
 }

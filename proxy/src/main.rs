@@ -186,10 +186,8 @@ fn certs(cmd: Certs) -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let mut config = match &args.config {
-        Some(p) => ProxyConfig::from_file(p)?,
-        None => ProxyConfig::default(),
-    };
+    // The file, then `POSTERN_PROXY_*` environment overrides, then these flags.
+    let mut config = ProxyConfig::load(args.config.as_deref())?;
     if let Some(a) = args.web_listen {
         config.listen.web = a;
     }

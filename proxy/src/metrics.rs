@@ -55,6 +55,12 @@ pub const POLICY_SNAPSHOTS: &str = "postern_policy_snapshots_total";
 /// The policy revision each cluster's cache is at, by `cluster`.
 pub const POLICY_REVISION: &str = "postern_policy_revision";
 
+/// Proxies in each cluster's proxy set as this proxy last heard it from the Auth server, by
+/// `cluster`.
+pub const PROXY_SET_SIZE: &str = "postern_proxy_set_size";
+/// Proxy-set heartbeats that failed, by `cluster`.
+pub const PEER_HEARTBEAT_ERRORS: &str = "postern_proxy_heartbeat_errors_total";
+
 /// Stream audit events recorded, by `kind` (`open`, `close`, `refused`).
 pub const AUDIT_EVENTS: &str = "postern_audit_events_total";
 /// Stream audit events lost, by `reason` (`spool_write`, `spool_full`).
@@ -111,11 +117,21 @@ pub fn zero_cluster_counters<'a>(clusters: impl IntoIterator<Item = &'a str>) {
         counter!(AUDIT_SHIP_ERRORS, "cluster" => c.clone()).increment(0);
         counter!(POLICY_WATCH_ERRORS, "cluster" => c.clone()).increment(0);
         counter!(POLICY_SNAPSHOTS, "cluster" => c.clone()).increment(0);
+        counter!(PEER_HEARTBEAT_ERRORS, "cluster" => c.clone()).increment(0);
+        metrics::gauge!(PROXY_SET_SIZE, "cluster" => c.clone()).increment(0.0);
         metrics::gauge!(POLICY_REVISION, "cluster" => c).increment(0.0);
     }
 }
 
 fn describe() {
+    describe_gauge!(
+        PROXY_SET_SIZE,
+        "Proxies in each cluster's proxy set as last heard from its Auth server, by cluster."
+    );
+    describe_counter!(
+        PEER_HEARTBEAT_ERRORS,
+        "Proxy-set heartbeats to the Auth server that failed, by cluster."
+    );
     describe_gauge!(
         TUNNELS_CONNECTED,
         "Agent tunnels connected now, by cluster and transport."

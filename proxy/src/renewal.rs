@@ -6,12 +6,17 @@
 //! with it (and the QUIC proof): the next connection presents it, open tunnels and streams carry
 //! on.
 //!
+//! When that cluster's host CA signs with another key (a rotation's `update_clients`, or a
+//! rollback), the renewal comes sooner, within `policy.renew_spread_secs`, as for agents
+//! ([`postern_dial::renew_due`]).
+//!
 //! Only a proxy that has a host certificate and serves a cluster with policy `auth` renews; the
 //! proxy's Auth identity file is renewed by [`crate::policy::identity`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use postern_dial::renew_due::wait_due;
 use postern_dial::web::WebTrust;
 use russh::keys::PrivateKey;
 use russh::keys::ssh_key::Certificate;
@@ -64,7 +69,25 @@ impl HostCertRenewal {
                 let at = now + cert.valid_before().saturating_sub(now) * 2 / 3;
                 debug!(in_secs = at - now, "next proxy host certificate renewal");
                 let wait = Duration::from_secs(at.saturating_sub(now)).max(MIN_WAIT);
-                if sleep_or_stop(&stop, wait).await {
+                // Sooner when the signing cluster's host CA moves to another key (a rotation).
+                let ours = signer_fingerprint(&cert);
+                let mut hints = self
+                    .shared
+                    .trust
+                    .cluster_of_host_ca(&ours)
+                    .and_then(|c| self.shared.trust.host_signer(&c));
+                if let Some(rx) = &mut hints {
+                    rx.mark_unchanged();
+                    // Already moved on (the proxy read the CAs before this loop began).
+                    if rx
+                        .borrow()
+                        .as_ref()
+                        .is_some_and(|h| h.fingerprint != ours.to_string())
+                    {
+                        rx.mark_changed();
+                    }
+                }
+                if wait_due(&stop, wait, hints.as_mut(), &ours.to_string()).await {
                     return;
                 }
             }

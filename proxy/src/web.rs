@@ -1,14 +1,23 @@
 //! The web listener: HTTPS discovery (`/webapi/ping`, `/webapi/find`), the login relay
 //! (`POST /webapi/login`) and the agent join and renewal relays (`POST /webapi/join`,
 //! `/webapi/renew`), JSON errors elsewhere.
+//!
+//! The accept loop, the PROXY header, TLS and the connection limits are ours; each connection's
+//! requests go through one `axum` [`Router`] served by hyper.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
+use std::net::SocketAddr;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::header::{self, HeaderValue};
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::Response;
+use axum::routing::{MethodRouter, get, post};
+use axum::{Extension, Router};
 use hyper::body::Incoming;
-use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics::counter;
 use postern_dial::accept::{AcceptLimits, Acceptor, Refusal, Watched};
@@ -16,6 +25,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower_service::Service;
 use tracing::{debug, info};
 use tunnel_proto::discovery::{
     ErrorBody, FIND_PATH, FindResponse, PING_PATH, PingResponse, ProxySettings,
@@ -35,16 +45,16 @@ pub struct Discovery {
 }
 
 /// JSON response with a status.
-pub fn json(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes>> {
+pub fn json(status: StatusCode, body: &impl serde::Serialize) -> Response {
     let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
     Response::builder()
         .status(status)
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(bytes)))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(bytes))
         .expect("static response parts")
 }
 
-fn error(status: StatusCode, msg: &str) -> Response<Full<Bytes>> {
+fn error(status: StatusCode, msg: &str) -> Response {
     json(
         status,
         &ErrorBody {
@@ -75,49 +85,85 @@ fn head_size<B>(req: &Request<B>) -> usize {
     line + headers + 2
 }
 
-/// Answers one discovery request.
-pub fn route(discovery: &Discovery, method: &Method, path: &str) -> Response<Full<Bytes>> {
-    let resp = match path {
-        PING_PATH | FIND_PATH if method != Method::GET && method != Method::HEAD => {
-            let mut r = error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                &format!("{method} is not allowed on {path}: use GET"),
-            );
-            r.headers_mut().insert(
-                hyper::header::ALLOW,
-                hyper::header::HeaderValue::from_static("GET, HEAD"),
-            );
-            r
-        }
-        PING_PATH => json(
+/// What the web routes share.
+#[derive(Clone)]
+struct Web {
+    discovery: Arc<Discovery>,
+    relay: Arc<LoginRelay>,
+    /// Deadline for a login body, from the end of its headers.
+    body_timeout: Duration,
+}
+
+/// The client's address (after any PROXY header), put on each request of its connection.
+#[derive(Clone, Copy)]
+struct Peer(SocketAddr);
+
+/// Counts a discovery answer (`path` is `other` for unknown paths).
+fn counted(path: &str, resp: Response) -> Response {
+    counter!(m::DISCOVERY_REQUESTS, "path" => path.to_owned(), "status" => resp.status().as_u16().to_string()).increment(1);
+    resp
+}
+
+/// `GET /webapi/ping`.
+async fn ping(State(w): State<Web>) -> Response {
+    counted(
+        PING_PATH,
+        json(
             StatusCode::OK,
             &PingResponse {
-                cluster_names: discovery.cluster_names.clone(),
+                cluster_names: w.discovery.cluster_names.clone(),
                 server_version: env!("CARGO_PKG_VERSION").into(),
                 min_client_version: env!("CARGO_PKG_VERSION").into(),
                 protocol_version: tunnel_proto::PROTOCOL_VERSION,
-                proxy: discovery.settings.clone(),
+                proxy: w.discovery.settings.clone(),
             },
         ),
-        FIND_PATH => json(
+    )
+}
+
+/// `GET /webapi/find`.
+async fn find(State(w): State<Web>) -> Response {
+    counted(
+        FIND_PATH,
+        json(
             StatusCode::OK,
             &FindResponse {
                 server_version: env!("CARGO_PKG_VERSION").into(),
-                proxy: discovery.settings.clone(),
+                proxy: w.discovery.settings.clone(),
             },
         ),
-        _ => error(
+    )
+}
+
+/// Another method than GET or HEAD on a discovery path.
+async fn get_only(method: Method, uri: Uri) -> Response {
+    let path = uri.path();
+    let mut r = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &format!("{method} is not allowed on {path}: use GET"),
+    );
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+    counted(path, r)
+}
+
+/// Another method than POST on a relay path.
+async fn post_only(method: Method, uri: Uri) -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &format!("{method} is not allowed on {}: use POST", uri.path()),
+    )
+}
+
+/// Any other path.
+async fn not_found(uri: Uri) -> Response {
+    counted(
+        "other",
+        error(
             StatusCode::NOT_FOUND,
-            &format!("no such path: {}", short_path(path)),
+            &format!("no such path: {}", short_path(uri.path())),
         ),
-    };
-    let label = if path == PING_PATH || path == FIND_PATH {
-        path.to_owned()
-    } else {
-        "other".to_owned()
-    };
-    counter!(m::DISCOVERY_REQUESTS, "path" => label, "status" => resp.status().as_u16().to_string()).increment(1);
-    resp
+    )
 }
 
 /// Which request the relay passes on.
@@ -133,26 +179,10 @@ enum Relayed {
 
 /// Answers `POST /webapi/login`, `/webapi/join` or `/webapi/renew` (the body read up to 64 KiB)
 /// through the relay.
-async fn login(
-    relay: &LoginRelay,
-    req: Request<Incoming>,
-    peer: std::net::SocketAddr,
-    body_timeout: Duration,
-    kind: Relayed,
-) -> Response<Full<Bytes>> {
+async fn relayed(w: Web, Peer(peer): Peer, req: Request, kind: Relayed) -> Response {
     use http_body_util::BodyExt;
-    if req.method() != Method::POST {
-        return error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            &format!(
-                "{} is not allowed on {}: use POST",
-                req.method(),
-                req.uri().path()
-            ),
-        );
-    }
     let collect = http_body_util::Limited::new(req.into_body(), MAX_LOGIN_BYTES).collect();
-    let body = match tokio::time::timeout(body_timeout, collect).await {
+    let body = match tokio::time::timeout(w.body_timeout, collect).await {
         Ok(Ok(b)) => b.to_bytes(),
         Ok(Err(e)) => {
             return error(
@@ -166,16 +196,15 @@ async fn login(
                 StatusCode::REQUEST_TIMEOUT,
                 &format!(
                     "the login request body did not arrive within {} s",
-                    body_timeout.as_secs()
+                    w.body_timeout.as_secs()
                 ),
             );
-            r.headers_mut().insert(
-                hyper::header::CONNECTION,
-                hyper::header::HeaderValue::from_static("close"),
-            );
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
             return r;
         }
     };
+    let relay = &w.relay;
     let resp = match kind {
         Relayed::Login => relay.relay(&body, peer).await,
         Relayed::Join => {
@@ -193,11 +222,38 @@ async fn login(
     let mut r = json(status, &resp);
     if resp.retry_after_secs > 0 {
         r.headers_mut().insert(
-            hyper::header::RETRY_AFTER,
-            hyper::header::HeaderValue::from(resp.retry_after_secs),
+            header::RETRY_AFTER,
+            HeaderValue::from(resp.retry_after_secs),
         );
     }
     r
+}
+
+/// The relay route for `kind`: POST only.
+fn relay_route(kind: Relayed) -> MethodRouter<Web> {
+    post(
+        move |State(w): State<Web>, Extension(peer): Extension<Peer>, req: Request| {
+            relayed(w, peer, req, kind)
+        },
+    )
+    .fallback(post_only)
+}
+
+/// The web listener's routes: discovery (GET or HEAD), the three relays (POST), JSON errors
+/// elsewhere. Each request carries its connection's [`Peer`] as an extension.
+fn router(discovery: Arc<Discovery>, relay: Arc<LoginRelay>, body_timeout: Duration) -> Router {
+    Router::new()
+        .route(PING_PATH, get(ping).fallback(get_only))
+        .route(FIND_PATH, get(find).fallback(get_only))
+        .route(LOGIN_PATH, relay_route(Relayed::Login))
+        .route(tunnel_proto::join::JOIN_PATH, relay_route(Relayed::Join))
+        .route(tunnel_proto::join::RENEW_PATH, relay_route(Relayed::Renew))
+        .fallback(not_found)
+        .with_state(Web {
+            discovery,
+            relay,
+            body_timeout,
+        })
 }
 
 /// Limits of the web listener.
@@ -257,6 +313,7 @@ pub async fn serve(
     conns: TaskTracker,
 ) {
     let acceptor = TlsAcceptor::from(tls);
+    let routes = router(discovery, relay.clone(), limits.body_timeout);
     let mut accept = Acceptor::new(listener, "web", limits.accept);
     loop {
         let conn = tokio::select! {
@@ -276,8 +333,7 @@ pub async fn serve(
             },
         };
         let acceptor = acceptor.clone();
-        let discovery = discovery.clone();
-        let relay = relay.clone();
+        let routes = routes.clone();
         let stop = stop.clone();
         let proxy_protocol = relay.shared.proxy_protocol.clone();
         conns.spawn(async move {
@@ -302,31 +358,23 @@ pub async fn serve(
                     Err(_) => return debug!(%peer, "web TLS handshake timed out"),
                 };
             tls.get_mut().0.arm();
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let (discovery, relay) = (discovery.clone(), relay.clone());
+            // The connection is ours (PROXY header, TLS, limits); axum routes its requests.
+            let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                let mut routes = routes.clone();
                 async move {
-                    let resp = if head_size(&req) > limits.max_header_bytes {
+                    if head_size(&req) > limits.max_header_bytes {
                         counter!(m::CONNECTIONS_DROPPED, "reason" => "web_header_too_large")
                             .increment(1);
                         let mut r = error(
                             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                             &format!("request head over {} bytes", limits.max_header_bytes),
                         );
-                        r.headers_mut().insert(
-                            hyper::header::CONNECTION,
-                            hyper::header::HeaderValue::from_static("close"),
-                        );
-                        r
-                    } else if req.uri().path() == LOGIN_PATH {
-                        login(&relay, req, peer, limits.body_timeout, Relayed::Login).await
-                    } else if req.uri().path() == tunnel_proto::join::JOIN_PATH {
-                        login(&relay, req, peer, limits.body_timeout, Relayed::Join).await
-                    } else if req.uri().path() == tunnel_proto::join::RENEW_PATH {
-                        login(&relay, req, peer, limits.body_timeout, Relayed::Renew).await
-                    } else {
-                        route(&discovery, req.method(), req.uri().path())
-                    };
-                    Ok::<_, std::convert::Infallible>(resp)
+                        r.headers_mut()
+                            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                        return Ok(r);
+                    }
+                    req.extensions_mut().insert(Peer(peer));
+                    routes.call(req).await
                 }
             });
             let conn = hyper::server::conn::http1::Builder::new()

@@ -166,3 +166,81 @@ async fn a_locked_agents_renewal_is_refused() {
     );
     c.stop().await;
 }
+
+/// A fleet behind one address (a NAT, a balancer without PROXY protocol) renews at once, as
+/// after a CA rotation: renewals with a trusted, unexpired certificate count per certificate
+/// key, not against the address's login budget; one certificate cannot flood the Auth server;
+/// a renewal whose certificate the proxy cannot verify still counts against the address.
+#[tokio::test]
+async fn a_fleet_behind_one_address_renews_at_once_and_one_certificate_cannot_flood() {
+    use postern_api::proto::GenerateHostCertsRequest;
+    let c = Cluster::start("rlimit", 1, 60).await;
+    let proxy = &c.proxies[0];
+    let renew = |cert: String| {
+        let req = RenewRequest {
+            cluster: "rlimit".into(),
+            renew_cert: cert,
+            ..Default::default()
+        };
+        async move {
+            postern_dial::web::renew(&proxy.web.to_string(), &proxy.web_trust(), &req)
+                .await
+                .unwrap()
+        }
+    };
+    let fleet = postern_proxy::login::PER_SOURCE_PER_MINUTE as usize + 10;
+    let mut certs = Vec::new();
+    for i in 0..fleet {
+        let key = postern_dial::mint::generate_key();
+        let cert = c
+            .admin
+            .generate_host_certs(GenerateHostCertsRequest {
+                host_id: format!("n{i}"),
+                public_key: key.public_key().to_openssh().unwrap(),
+                ttl_secs: 3600,
+                proxy_principals: Vec::new(),
+            })
+            .await
+            .unwrap()
+            .ssh_cert;
+        certs.push(cert);
+    }
+    for (i, cert) in certs.iter().enumerate() {
+        let r = renew(cert.clone()).await;
+        assert!(
+            r.error.is_empty() && !r.ssh_cert.is_empty(),
+            "renewal {i} of {fleet} from one address: {} {}",
+            r.status,
+            r.error
+        );
+    }
+    // One certificate: its own budget, then 429 naming it.
+    let mut refused = None;
+    for i in 0..=postern_proxy::login::PER_CERT_PER_MINUTE {
+        let r = renew(certs[0].clone()).await;
+        if r.status == 429 {
+            refused = Some((i, r.error));
+            break;
+        }
+    }
+    let (i, e) = refused.expect("one certificate renewing in a loop is refused");
+    assert!(e.contains("for this certificate"), "{e}");
+    assert!(i < postern_proxy::login::PER_CERT_PER_MINUTE, "after {i}");
+    // A certificate the proxy cannot verify counts against the address: its budget is whole
+    // (the fleet's renewals did not spend it), then 429.
+    let mut refused = None;
+    for i in 0..=postern_proxy::login::PER_SOURCE_PER_MINUTE {
+        let r = renew("ssh-ed25519-cert-v01@openssh.com AAAA not a certificate".into()).await;
+        if r.status == 429 {
+            refused = Some((i, r.error));
+            break;
+        }
+    }
+    let (i, e) = refused.expect("unverifiable renewals are limited per address");
+    assert!(e.contains("from this address"), "{e}");
+    assert!(
+        i + 2 >= postern_proxy::login::PER_SOURCE_PER_MINUTE,
+        "the address's budget was spent by the fleet: refused after {i}"
+    );
+    c.stop().await;
+}

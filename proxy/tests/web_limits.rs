@@ -428,6 +428,67 @@ async fn a_stranger_cannot_spend_a_users_relay_budget() {
     proxy.stop().await;
 }
 
+/// One source address gets `PER_SOURCE_PER_MINUTE` relayed logins at once, whatever the users,
+/// then `429` (a GCRA limit: one more every two seconds, so a slow machine may see a few more
+/// pass before the refusal, never fewer); another address is not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_gets_its_per_source_budget_of_logins_then_429() {
+    init_tracing();
+    let pki = Pki::new("wlsource");
+    let proxy = start_proxy(&[&pki], |_| {}).await;
+    let login = |ip: &'static str, user: String| {
+        let proxy = &proxy;
+        async move {
+            let body = serde_json::json!({"cluster": "wlsource", "user": user, "password": "pw", "public_key": "k"})
+                .to_string();
+            let mut s = web_tls_from(proxy, ip).await.unwrap();
+            s.write_all(
+                format!(
+                    "POST /webapi/login HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+            let a = until_closed(&mut s, Duration::from_secs(10)).await.0;
+            let status = a
+                .get(9..12)
+                .and_then(|s| s.parse::<u16>().ok())
+                .unwrap_or(0);
+            (status, a)
+        }
+    };
+    let budget = postern_proxy::login::PER_SOURCE_PER_MINUTE as usize;
+    for i in 0..budget {
+        // Relayed (no agent serves `login`, so 502), each for another user.
+        assert_eq!(
+            login("127.0.0.7", format!("u{i}")).await.0,
+            502,
+            "login {i}"
+        );
+    }
+    let mut refused = None;
+    for i in budget..budget + 10 {
+        let (status, answer) = login("127.0.0.7", format!("u{i}")).await;
+        if status == 429 {
+            refused = Some(answer);
+            break;
+        }
+    }
+    let answer = refused.expect("the address was never refused");
+    assert!(
+        answer.contains("too many logins from this address"),
+        "{answer}"
+    );
+    assert_eq!(
+        login("127.0.0.8", "u0".into()).await.0,
+        502,
+        "another address"
+    );
+    proxy.stop().await;
+}
+
 /// A busy Auth server's answer reaches the web client as `503` with `Retry-After`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_auth_server_is_passed_on_as_503_with_retry_after() {

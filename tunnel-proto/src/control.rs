@@ -10,8 +10,13 @@
 //! | 3 | [`Message::Drain`] | proxy, when shutting down |
 //! | 4 | [`Message::Heartbeat`] | agent |
 //! | 5 | [`Message::TargetLabels`] | agent, once per target before it registers the target |
+//! | 6 | [`Message::HostCaSigner`] | proxy, to agents of [`HOST_CA_SIGNER_VERSION`] or later |
 
 use bytes::{Buf, BufMut, BytesMut};
+
+/// The protocol version from which an agent understands [`Message::HostCaSigner`]; the proxy
+/// sends it to no older agent (an unknown message type closes `@control`).
+pub const HOST_CA_SIGNER_VERSION: u32 = 3;
 
 /// Largest frame accepted (length field included).
 pub const MAX_FRAME: usize = 64 * 1024;
@@ -52,6 +57,16 @@ pub enum Message {
         /// `key = value` pairs, sorted by key, keys unique.
         labels: Vec<(String, String)>,
     },
+    /// The key that signs the cluster's host certificates now (it changes at a host CA
+    /// rotation's `update_clients`, and back on a rollback). An agent whose certificate has
+    /// another signer renews it at a random moment within `spread_secs`, so a fleet picks up a
+    /// rotated CA in that time without all renewing at once.
+    HostCaSigner {
+        /// SHA-256 fingerprint of the signing key (`SHA256:…`, as `ssh-keygen -l` prints).
+        fingerprint: String,
+        /// Seconds over which the agents of a proxy spread their renewals.
+        spread_secs: u32,
+    },
 }
 
 /// Why bytes did not decode.
@@ -81,6 +96,7 @@ impl Message {
             Message::Drain { .. } => 3,
             Message::Heartbeat { .. } => 4,
             Message::TargetLabels { .. } => 5,
+            Message::HostCaSigner { .. } => 6,
         }
     }
 
@@ -113,6 +129,13 @@ impl Message {
                     put_str(&mut body, k)?;
                     put_str(&mut body, v)?;
                 }
+            }
+            Message::HostCaSigner {
+                fingerprint,
+                spread_secs,
+            } => {
+                put_str(&mut body, fingerprint)?;
+                body.put_u32(*spread_secs);
             }
         }
         if body.len() + 4 > MAX_FRAME {
@@ -168,6 +191,10 @@ impl Message {
                 }
                 Message::TargetLabels { target, labels }
             }
+            6 => Message::HostCaSigner {
+                fingerprint: get_str(&mut body)?,
+                spread_secs: get_u32(&mut body)?,
+            },
             _ => return Err(DecodeError::Malformed("unknown message type")),
         };
         if body.has_remaining() {

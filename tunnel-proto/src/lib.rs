@@ -14,6 +14,8 @@
 //! - [`credit`]: per-stream credit between proxy and agent (flow control russh does not give).
 //! - [`quic`]: the QUIC transport's frames (agent login bound to the TLS exporter, target
 //!   registration, control messages, stream headers) and the exporter signatures.
+//! - [`frame_stream`]: the QUIC control stream read and written as frames, over any tokio
+//!   `AsyncRead`/`AsyncWrite` pair (the caller brings the stream; still no sockets here).
 //! - [`login`], [`join`]: the JSON the web listener relays to the Auth server (logins, agent
 //!   joins) and the CA pin.
 
@@ -21,11 +23,13 @@ pub mod certs;
 pub mod control;
 pub mod credit;
 pub mod discovery;
+pub mod frame_stream;
 pub mod join;
 pub mod login;
 pub mod names;
 pub mod quic;
 
 /// Version of the tunnel protocol spoken on the `@control` channel and advertised by discovery.
-/// Version 2 added per-stream credit ([`credit`]).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Version 2 added per-stream credit ([`credit`]); version 3 the host CA's signer on `@control`
+/// ([`control::Message::HostCaSigner`]).
+pub const PROTOCOL_VERSION: u32 = 3;

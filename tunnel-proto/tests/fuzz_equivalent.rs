@@ -59,6 +59,12 @@ fn message() -> impl Strategy<Value = Message> {
             proptest::collection::vec((any_text(6), any_text(6)), 0..4)
         )
             .prop_map(|(target, labels)| Message::TargetLabels { target, labels }),
+        (any_text(12), any::<u32>()).prop_map(|(fingerprint, spread_secs)| {
+            Message::HostCaSigner {
+                fingerprint,
+                spread_secs,
+            }
+        }),
     ]
 }
 

@@ -184,6 +184,9 @@ pub trait Backend: Send + Sync + 'static {
     fn cert_request(&self, fingerprint: &str) -> Result<Option<String>, StorageError>;
     /// Forgets every certificate of `user` (on delete) and every expired one; returns how many.
     fn forget_certs(&self, user: Option<&str>, now: u64) -> Result<usize, StorageError>;
+    /// Forgets one certificate by fingerprint (revokes it) and every expired one; returns whether
+    /// that certificate was recorded.
+    fn forget_cert(&self, fingerprint: &str, now: u64) -> Result<bool, StorageError>;
     /// Appends an audit record; returns its id.
     fn append_audit(&self, record: &AuditRecord) -> Result<u64, StorageError>;
     /// The newest `limit` audit records, newest first.

@@ -291,6 +291,20 @@ impl Backend for SqliteBackend {
         })
     }
 
+    fn forget_cert(&self, fingerprint: &str, now: u64) -> Result<bool, StorageError> {
+        self.with(|c| {
+            let n = c
+                .execute(
+                    "DELETE FROM tls_certs WHERE fingerprint = ?1",
+                    params![fingerprint],
+                )
+                .map_err(self.db())?;
+            c.execute("DELETE FROM tls_certs WHERE expires < ?1", params![now])
+                .map_err(self.db())?;
+            Ok(n > 0)
+        })
+    }
+
     fn append_audit(&self, r: &AuditRecord) -> Result<u64, StorageError> {
         self.with(|c| {
             c.execute(

@@ -3,7 +3,8 @@
 //! how a CA rotation reaches the proxy: in `init` the new key appears (both trusted), after the
 //! rotation the old one disappears (an old-CA certificate is refused at the next login).
 //!
-//! The config's `host_ca`/`user_ca` are the lists until the first answer. An answer with an
+//! The config's `host_ca`/`user_ca`, with what the last answer was (kept in the data directory:
+//! [`crate::trust::CaCache`]), are the lists until the first answer. An answer with an
 //! empty list is ignored (it would refuse everyone), and while the Auth server is unreachable
 //! the last lists stay.
 
@@ -20,6 +21,7 @@ use tracing::{debug, info, warn};
 use crate::policy::watch::{WatchError, connect};
 use crate::trust::ClusterTrust;
 use crate::tunnel::TunnelShared;
+use postern_dial::renew_due::SignerHint;
 
 /// Reads one cluster's CAs from its Auth server, periodically.
 pub struct CaRefresher {
@@ -29,6 +31,10 @@ pub struct CaRefresher {
     pub identity_file: PathBuf,
     /// Time between reads.
     pub every: Duration,
+    /// Told to agents with the host signer (`policy.renew_spread_secs`).
+    pub renew_spread_secs: u32,
+    /// Where each change is kept for the next start.
+    pub cache: crate::trust::CaCache,
     /// Live tunnels (the Auth server is reached through one) and the trust to update.
     pub shared: Arc<TunnelShared>,
 }
@@ -71,11 +77,27 @@ impl CaRefresher {
             return Ok(());
         };
         let mut lists = Vec::new();
+        let mut lines = Vec::new();
         for kind in ["host", "user"] {
             let r = c
                 .export_authorities(ExportAuthoritiesRequest { kind: kind.into() })
                 .await
                 .map_err(|e| WatchError::Stream(format!("ExportAuthorities {kind}: {e}")))?;
+            // The host signer (an older Auth server names none: agents then renew on their own
+            // schedule only).
+            if kind == "host"
+                && let Ok([fingerprint]) =
+                    parse_ca_lines(std::slice::from_ref(&r.signing)).as_deref()
+            {
+                self.shared.trust.set_host_signer(
+                    &self.cluster,
+                    SignerHint {
+                        fingerprint: fingerprint.to_string(),
+                        spread_secs: self.renew_spread_secs,
+                    },
+                );
+            }
+            lines.push(r.entries.clone());
             lists.push(
                 parse_ca_lines(&r.entries)
                     .map_err(|e| WatchError::Stream(format!("{kind} CA from Auth: {e}")))?,
@@ -91,6 +113,9 @@ impl CaRefresher {
         let (h, u) = (new.host_cas.len(), new.user_cas.len());
         if trust.replace(&self.cluster, new) {
             info!(cluster = %self.cluster, host_cas = h, user_cas = u, "trusted CA keys updated from the Auth server");
+            if let Err(e) = self.cache.store(&self.cluster, &lines[0], &lines[1]) {
+                warn!(cluster = %self.cluster, error = %e, "cannot keep the CA keys for the next start: after a rotation, a restart trusts the config's keys until the Auth server answers");
+            }
         } else {
             warn!(cluster = %self.cluster, "the Auth server exported an empty CA list: kept the last known lists");
         }

@@ -6,11 +6,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use metrics::{counter, histogram};
 use russh::keys::{Certificate, PublicKey};
 use tracing::{debug, info, warn};
-use tunnel_proto::control::{DecodeError, Message};
+use tunnel_proto::control::{HOST_CA_SIGNER_VERSION, Message};
+
+use crate::tunnel::control::signer_for;
+use tunnel_proto::frame_stream::FrameStream;
 use tunnel_proto::quic::{
     AGENT_CONTEXT, EXPORTER_LABEL, EXPORTER_LEN, Frame, PROXY_CONTEXT, sign_binding, verify_binding,
 };
@@ -29,38 +31,8 @@ const REFUSED: u32 = 1;
 /// QUIC application error code of a protocol violation.
 const PROTOCOL: u32 = 2;
 
-/// The control stream's two halves and what was read but not yet decoded.
-struct Control {
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    buf: BytesMut,
-}
-
-impl Control {
-    /// Reads until one whole frame is decoded.
-    async fn read(&mut self) -> Result<Frame, String> {
-        loop {
-            match Frame::decode_from(&mut self.buf) {
-                Ok(f) => return Ok(f),
-                Err(DecodeError::Incomplete) => {}
-                Err(e) => return Err(e.to_string()),
-            }
-            match self.recv.read_chunk(64 * 1024, true).await {
-                Ok(Some(c)) => self.buf.extend_from_slice(&c.bytes),
-                Ok(None) => return Err("control stream closed".into()),
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-    }
-
-    async fn write(&mut self, frames: &[Frame]) -> Result<(), String> {
-        let mut out = BytesMut::new();
-        for f in frames {
-            f.encode(&mut out).map_err(|e| e.to_string())?;
-        }
-        self.send.write_all(&out).await.map_err(|e| e.to_string())
-    }
-}
+/// The control stream.
+type Control = FrameStream<quinn::RecvStream, quinn::SendStream>;
 
 /// How a login attempt failed.
 enum Failed {
@@ -190,16 +162,15 @@ async fn login(
         .accept_bi()
         .await
         .map_err(|e| Failed::Protocol(e.to_string()))?;
-    let mut control = Control {
-        send,
-        recv,
-        buf: BytesMut::new(),
-    };
+    let mut control = Control::new(send, recv);
     let Frame::AgentAuth {
         login,
         cert,
         signature,
-    } = control.read().await.map_err(Failed::Protocol)?
+    } = control
+        .read()
+        .await
+        .map_err(|e| Failed::Protocol(e.to_string()))?
     else {
         return Err(Failed::Protocol("first frame is not AgentAuth".into()));
     };
@@ -217,27 +188,34 @@ async fn login(
             },
             registration,
         )) => {
-            let proxy_value = exporter(conn, PROXY_CONTEXT).map_err(Failed::Protocol)?;
+            let proxy_value =
+                exporter(conn, PROXY_CONTEXT).map_err(|e| Failed::Protocol(e.to_string()))?;
             let signature = sign_binding(&proof.key, &proxy_value)
                 .map_err(|e| Failed::Protocol(e.to_string()))?;
             let hello = Message::Hello {
                 version: tunnel_proto::PROTOCOL_VERSION,
                 id: shared.proxy_id.clone(),
             };
-            let set = Message::ProxySet {
-                ids: vec![shared.proxy_id.clone()],
+            // The proxy set as on SSH's `@control` (see `crate::peers`): this proxy alone
+            // without a peers table for the cluster, nothing while the set is not known yet.
+            let ids = match shared.peers.subscribe(&cluster) {
+                Some(rx) => rx.borrow().clone(),
+                None => vec![shared.proxy_id.clone()],
             };
+            let mut frames = vec![
+                Frame::ProxyAuth {
+                    key: proof.line(),
+                    signature,
+                },
+                Frame::Control(hello),
+            ];
+            if !ids.is_empty() {
+                frames.push(Frame::Control(Message::ProxySet { ids }));
+            }
             control
-                .write(&[
-                    Frame::ProxyAuth {
-                        key: proof.line(),
-                        signature,
-                    },
-                    Frame::Control(hello),
-                    Frame::Control(set),
-                ])
+                .write(&frames)
                 .await
-                .map_err(Failed::Protocol)?;
+                .map_err(|e| Failed::Protocol(e.to_string()))?;
             info!(role = "agent", who = %format!("{host_id}.{cluster} (role {role})"), transport = QUIC, "login accepted");
             Ok(LoggedIn {
                 control,
@@ -253,8 +231,9 @@ async fn login(
             let refused = Frame::Refused {
                 reason: detail.clone(),
             };
-            if control.write(&[refused]).await.is_ok() && control.send.finish().is_ok() {
-                let _ = tokio::time::timeout(Duration::from_secs(1), control.send.stopped()).await;
+            if control.write(&[refused]).await.is_ok() && control.send_half().finish().is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(1), control.send_half().stopped())
+                    .await;
             }
             Err(Failed::Refused(reason, login, detail))
         }
@@ -312,8 +291,33 @@ async fn serve_control(
     // The tunnel lives as long as the connection, not its control stream: an agent that moves on
     // a drain order drops the control stream while its streams finish here.
     let mut control_open = true;
+    // Each change of the proxy set goes to the agent, as on SSH's `@control`.
+    let mut peers = shared.peers.subscribe(&tunnel.cluster);
+    // Again now: a change since the login's set would otherwise be missed (a repeat is harmless).
+    if let Some(rx) = &mut peers {
+        let ids = rx.borrow_and_update().clone();
+        if !ids.is_empty() {
+            control
+                .write(&[Frame::Control(Message::ProxySet { ids })])
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    let mut signer = shared.trust.host_signer(&tunnel.cluster);
+    let mut agent_version = 0u32;
     loop {
         tokio::select! {
+            Ok(()) = async { signer.as_mut().expect("guarded").changed().await }, if signer.is_some() && agent_version >= HOST_CA_SIGNER_VERSION && control_open && !drained => {
+                if let Some(m) = signer_for(&mut signer, agent_version) {
+                    control.write(&[Frame::Control(m)]).await.map_err(|e| e.to_string())?;
+                }
+            }
+            Ok(()) = async { peers.as_mut().expect("guarded").changed().await }, if peers.is_some() && control_open && !drained => {
+                let ids = peers.as_mut().expect("guarded").borrow_and_update().clone();
+                if !ids.is_empty() {
+                    control.write(&[Frame::Control(Message::ProxySet { ids })]).await.map_err(|e| e.to_string())?;
+                }
+            }
             frame = control.read(), if control_open => match frame {
                 Err(e) => {
                     debug!(error = %e, "control stream ended");
@@ -325,7 +329,7 @@ async fn serve_control(
                         Ok(()) => Frame::Registered { target, ok: true, reason: String::new() },
                         Err((_, reason)) => Frame::Registered { target, ok: false, reason },
                     };
-                    control.write(&[reply]).await?;
+                    control.write(&[reply]).await.map_err(|e| e.to_string())?;
                 }
                 Frame::Control(Message::TargetLabels { target, labels }) => {
                     debug!(%target, ?labels, "target labels");
@@ -334,6 +338,10 @@ async fn serve_control(
                 Frame::Control(Message::Hello { version, id }) => {
                     debug!(version, agent = %id, "control hello");
                     tunnel.agent_version.send_replace(version.max(1));
+                    agent_version = version;
+                    if let Some(m) = signer_for(&mut signer, agent_version) {
+                        control.write(&[Frame::Control(m)]).await.map_err(|e| e.to_string())?;
+                    }
                 }
                 Frame::Control(Message::Heartbeat { active_streams }) => debug!(active_streams, "heartbeat"),
                 other => {

@@ -259,7 +259,7 @@ pub(crate) fn record_refusal(
     let key = identity_key(&ip, login);
     // The source's count grows by one per identity, not per attempt.
     if shared.failures_by_identity.count(&key) == 0 {
-        shared.failures_by_source.allow(&ip, u32::MAX);
+        shared.failures_by_source.record(&ip);
     }
-    shared.failures_by_identity.allow(&key, u32::MAX);
+    shared.failures_by_identity.record(&key);
 }

@@ -173,9 +173,9 @@ impl Handler for Conn {
                 reply.accept().await;
                 let span = info_span!("control", %cluster, %host_id);
                 let tunnel = self.tunnel(session);
-                self.shared
-                    .streams
-                    .spawn(control(channel, self.shared.clone(), tunnel).instrument(span));
+                self.shared.streams.spawn(
+                    control(channel, self.shared.clone(), tunnel, cluster.clone()).instrument(span),
+                );
             }
             Some(Role::Client {
                 user,

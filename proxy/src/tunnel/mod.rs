@@ -14,7 +14,7 @@
 pub mod admission;
 pub(crate) mod checks;
 mod conn;
-mod control;
+pub(crate) mod control;
 mod handler;
 pub(crate) mod register;
 pub mod splice;
@@ -64,14 +64,14 @@ pub struct TunnelShared {
     /// The other connection limits (set after `new`; defaults are `LimitsConfig`'s).
     pub limits: crate::config::LimitsConfig,
     /// New connections per source address, this minute.
-    pub connects_by_source: crate::login::Limiter,
+    pub connects_by_source: crate::rate::RateLimit,
     /// Identities (login names) that failed to log in from each source address, this minute:
     /// one identity counts once however often it retries, so one misconfigured agent cannot
     /// lock its neighbours out; many different identities failing from one address do.
-    pub failures_by_source: crate::login::Limiter,
+    pub failures_by_source: crate::rate::FailureCount,
     /// Failed logins per (source address, login name), this minute: past the limit that
     /// identity's logins from that address are refused, and nobody else's.
-    pub failures_by_identity: crate::login::Limiter,
+    pub failures_by_identity: crate::rate::FailureCount,
     /// Seconds agents are told they have to move, on drain.
     pub grace_secs: u32,
     /// This proxy's id (control hello).
@@ -92,6 +92,8 @@ pub struct TunnelShared {
     pub policies: Arc<crate::policy::Policies>,
     /// The stream access audit (set after `new`).
     pub audit: Arc<crate::audit::StreamAudit>,
+    /// Each cluster's proxy set, sent to agents on `@control` (set after `new`).
+    pub peers: Arc<crate::peers::Peers>,
     /// The next tunnel id (both transports draw from it).
     pub(crate) next_id: AtomicU64,
     /// Renewals of the proxy's Auth identities: Auth connections reconnect after one.
@@ -128,9 +130,11 @@ impl TunnelShared {
             handshake_timeout,
             max_streams_per_tunnel,
             limits: crate::config::LimitsConfig::default(),
-            connects_by_source: crate::login::Limiter::default(),
-            failures_by_source: crate::login::Limiter::default(),
-            failures_by_identity: crate::login::Limiter::default(),
+            connects_by_source: crate::rate::RateLimit::per_minute(
+                crate::config::LimitsConfig::default().max_connects_per_source_per_minute,
+            ),
+            failures_by_source: crate::rate::FailureCount::default(),
+            failures_by_identity: crate::rate::FailureCount::default(),
             grace_secs,
             proxy_id,
             draining: CancellationToken::new(),
@@ -141,9 +145,17 @@ impl TunnelShared {
             proxy_protocol: Default::default(),
             policies: Arc::default(),
             audit: Arc::default(),
+            peers: Arc::default(),
             next_id: AtomicU64::new(1),
             identity_renewals: Default::default(),
         }
+    }
+
+    /// Sets the connection limits, rebuilding the per-source connection limiter at the new rate.
+    pub fn set_limits(&mut self, limits: crate::config::LimitsConfig) {
+        self.connects_by_source =
+            crate::rate::RateLimit::per_minute(limits.max_connects_per_source_per_minute);
+        self.limits = limits;
     }
 }
 
@@ -337,10 +349,7 @@ pub(crate) fn over_source_limits(
             ),
         ));
     }
-    if !shared
-        .connects_by_source
-        .allow(&ip, l.max_connects_per_source_per_minute)
-    {
+    if !shared.connects_by_source.allow(&ip) {
         return Some((
             "connects_per_source",
             format!(

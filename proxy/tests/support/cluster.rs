@@ -47,7 +47,7 @@ pub struct Cluster {
 }
 
 /// A free loopback port (bound, then released).
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -55,26 +55,35 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Writes `config` as `proxy.toml` in its data dir and runs the real binary on it.
-async fn spawn_proxy_process(
+/// Writes `config` as `proxy.toml` in its data dir and runs the real binary on it. `extra` is
+/// appended (whole tables: `[public]`, `[peers]`, …); `proxy_id` is written when set.
+pub async fn spawn_proxy_process(
     config: &postern_proxy::ProxyConfig,
     data_dir: tempfile::TempDir,
+    extra: &str,
 ) -> (Proxy, tokio::process::Child, PathBuf) {
     let c = &config.clusters[0];
+    let id = match &config.proxy_id {
+        Some(id) => format!("proxy_id = {id:?}\n"),
+        None => String::new(),
+    };
     let toml = format!(
-        "data_dir = {:?}\nallow_root = true\n[listen]\nweb = \"{}\"\ntunnel = \"{}\"\nops = \"{}\"\n[shutdown]\ngrace_secs = 2\n\
+        "{id}data_dir = {:?}\nallow_root = true\n[listen]\nweb = \"{}\"\ntunnel = \"{}\"\nops = \"{}\"\n[shutdown]\ngrace_secs = 2\nunready_secs = {}\n\
          [[clusters]]\nname = \"{}\"\nhost_ca = [{:?}]\nuser_ca = [{:?}]\n[clusters.policy]\nsource = \"auth\"\n\
-         identity_file = {:?}\nstale_after_secs = {}\n",
+         identity_file = {:?}\nstale_after_secs = {}\nca_refresh_secs = {}\nrenew_spread_secs = {}\n",
         config.data_dir,
         config.listen.web,
         config.listen.tunnel,
         config.listen.ops,
+        config.shutdown.unready_secs,
         c.name,
         c.host_ca[0],
         c.user_ca[0],
         c.policy.identity_file.as_ref().unwrap(),
         c.policy.stale_after_secs,
-    );
+        c.policy.ca_refresh_secs,
+        c.policy.renew_spread_secs,
+    ) + extra;
     let path = config.data_dir.join("proxy.toml");
     std::fs::write(&path, toml).unwrap();
     let child = run_proxy_process(&path);
@@ -82,7 +91,7 @@ async fn spawn_proxy_process(
     (proxy, child, path)
 }
 
-fn run_proxy_process(config_file: &std::path::Path) -> tokio::process::Child {
+pub fn run_proxy_process(config_file: &std::path::Path) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_postern-proxy"))
         .arg("--config")
         .arg(config_file)
@@ -92,7 +101,7 @@ fn run_proxy_process(config_file: &std::path::Path) -> tokio::process::Child {
         .unwrap()
 }
 
-async fn wait_proxy_process(
+pub async fn wait_proxy_process(
     config: &postern_proxy::ProxyConfig,
     data_dir: tempfile::TempDir,
 ) -> Proxy {
@@ -124,7 +133,7 @@ async fn wait_proxy_process(
     }
 }
 
-fn auth_config(dir: &std::path::Path, name: &str) -> AuthConfig {
+pub fn auth_config(dir: &std::path::Path, name: &str) -> AuthConfig {
     AuthConfig {
         cluster: Some(name.into()),
         data_dir: dir.join("auth"),
@@ -134,7 +143,7 @@ fn auth_config(dir: &std::path::Path, name: &str) -> AuthConfig {
     }
 }
 
-async fn serve_auth(
+pub async fn serve_auth(
     cfg: &AuthConfig,
 ) -> (
     SocketAddr,
@@ -225,8 +234,10 @@ impl Cluster {
                     source: PolicySource::Auth,
                     identity_file: Some(dir.path().join(format!("proxy-{i}.identity"))),
                     stale_after_secs,
-                    // CA rotations reach the proxies within a second.
+                    // CA rotations reach the proxies within a second, and their agents within
+                    // another.
                     ca_refresh_secs: 1,
+                    renew_spread_secs: 1,
                 },
             }];
             let key = mint::generate_key();
@@ -253,7 +264,7 @@ impl Cluster {
                 ] {
                     *field = ([127, 0, 0, 1], port).into();
                 }
-                let (p, child, file) = spawn_proxy_process(&config, data_dir).await;
+                let (p, child, file) = spawn_proxy_process(&config, data_dir, "").await;
                 started.push(p);
                 children.push(Some(child));
                 config_files.push(file);
@@ -403,6 +414,21 @@ impl Cluster {
         targets: &[TargetSpec<'_>],
         transport: TransportMode,
     ) -> Agent {
+        let path = self.enroll(host_id, i).await;
+        let mut cfg = agent_cfg(
+            &self.name,
+            host_id,
+            &self.proxies[i],
+            &self.host_ca,
+            path,
+            targets.iter().copied(),
+        );
+        cfg.transport.mode = transport;
+        start_agent(cfg)
+    }
+
+    /// Enrolls a service agent with a join token; returns its key path (certificate beside it).
+    pub async fn enroll(&self, host_id: &str, i: usize) -> PathBuf {
         let token = self
             .admin
             .create_token(CreateTokenRequest {
@@ -432,16 +458,7 @@ impl Cluster {
             0o644,
         )
         .unwrap();
-        let mut cfg = agent_cfg(
-            &self.name,
-            host_id,
-            &self.proxies[i],
-            &self.host_ca,
-            path,
-            targets.iter().copied(),
-        );
-        cfg.transport.mode = transport;
-        start_agent(cfg)
+        path
     }
 
     /// The cluster's CA pin, computed from its host CA line as `pctl status` does.
@@ -594,5 +611,6 @@ pub fn agent_cfg<'a>(
             mode: postern_agent::config::TransportMode::Ssh,
             ..Default::default()
         },
+        pool: Default::default(),
     }
 }

@@ -262,6 +262,7 @@ pub fn agent_config(
             mode: postern_agent::config::TransportMode::Ssh,
             ..Default::default()
         },
+        pool: Default::default(),
     }
 }
 

@@ -18,6 +18,7 @@ enum Msg {
     Drain(String, u32),
     Heartbeat(u32),
     TargetLabels(String, Vec<(String, String)>),
+    HostCaSigner(String, u32),
 }
 
 impl From<Msg> for Message {
@@ -28,6 +29,10 @@ impl From<Msg> for Message {
             Msg::Drain(reason, grace_secs) => Message::Drain { reason, grace_secs },
             Msg::Heartbeat(active_streams) => Message::Heartbeat { active_streams },
             Msg::TargetLabels(target, labels) => Message::TargetLabels { target, labels },
+            Msg::HostCaSigner(fingerprint, spread_secs) => Message::HostCaSigner {
+                fingerprint,
+                spread_secs,
+            },
         }
     }
 }

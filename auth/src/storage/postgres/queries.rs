@@ -271,6 +271,23 @@ impl Backend for PostgresBackend {
         })
     }
 
+    fn forget_cert(&self, fingerprint: &str, now: u64) -> Result<bool, StorageError> {
+        let fingerprint = fingerprint.to_owned();
+        self.call(move |c, e| async move {
+            let n = c
+                .execute(
+                    "DELETE FROM tls_certs WHERE fingerprint = $1",
+                    &[&fingerprint],
+                )
+                .await
+                .map_err(|x| e.pg(x))?;
+            c.execute("DELETE FROM tls_certs WHERE expires < $1", &[&(now as i64)])
+                .await
+                .map_err(|x| e.pg(x))?;
+            Ok(n > 0)
+        })
+    }
+
     fn append_audit(&self, r: &AuditRecord) -> Result<u64, StorageError> {
         let r = r.clone();
         self.call(move |c, e| async move {
