@@ -4,8 +4,9 @@
 //! and key, over a connection to the Auth server authenticated by the identity in use (a caller
 //! holding the preset role `proxy` may ask that for itself). The answer is checked (same
 //! cluster, same key), written atomically over the old file (a full disk keeps the old one), and
-//! every Auth connection of the cluster is told to reconnect with it ([`Renewals`]): the policy
-//! watch resumes from the revision it had, so the policy cache is kept.
+//! every Auth connection of the cluster (policy watch, CA refresh, audit shipping, proxy
+//! heartbeat) is told to reconnect with it ([`Renewals`]): the policy watch resumes from the
+//! revision it had, so the policy cache is kept.
 //!
 //! It keeps its lifetime (the certificate's validity window less the minute certificates are
 //! backdated), capped by the roles' `max_session_ttl`. During a TLS CA rotation the renewed
