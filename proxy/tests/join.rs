@@ -11,17 +11,9 @@ mod support;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
-use cluster::Cluster;
+use cluster::{ALL_TARGETS, Cluster};
 use postern_agent::AgentConfig;
 use support::*;
-
-const ALL_TARGETS: &str = "kind: role
-metadata: {name: all-targets}
-spec:
-  allow:
-    node_labels: {'*': '*'}
-version: v7
-";
 
 /// Runs an agent that must stop by itself (a refused join) and returns its error text.
 async fn refused(cfg: AgentConfig) -> String {

@@ -19,8 +19,6 @@ use std::time::{Duration, Instant};
 
 use balanced::*;
 use cluster::Cluster;
-use postern_api::proto::*;
-use postern_proxy::mint;
 use support::*;
 
 /// Samples every proxy's connect counter every 100 ms until each holds `want` tunnels (after
@@ -94,50 +92,14 @@ async fn storm_of_a_thousand_agents_over_three_proxies() {
         .unwrap_or(1000);
     let (c, mut b) = start_balanced("storm3", 3).await;
     let echo = echo_server().await;
-    // Enrol every agent with one multi-use token (1,000 uses at most per token).
-    let mut configs = Vec::new();
-    let mut token = String::new();
-    for i in 0..n {
-        if i % 1000 == 0 {
-            token = c
-                .admin
-                .create_token(CreateTokenRequest {
-                    kind: "agent".into(),
-                    ttl_secs: 600,
-                    uses: (n - i).min(1000) as u32,
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .token;
-        }
-        let host_id = format!("s{i}");
-        let key = mint::generate_key();
-        let certs = c
-            .admin
-            .register_agent(RegisterAgentRequest {
-                token: token.clone(),
-                host_id: host_id.clone(),
-                public_key: key.public_key().to_openssh().unwrap(),
-            })
-            .await
-            .unwrap();
-        let path = c.dir.path().join(format!("agent-{host_id}"));
-        mint::write_key_pair(&path, &key).unwrap();
-        mint::write_file(
-            &mint::cert_path(&path),
-            format!("{}\n", certs.ssh_cert).as_bytes(),
-            0o644,
-        )
-        .unwrap();
-        configs.push(balanced_agent_config(
-            &c,
-            &b,
-            &host_id,
-            path,
-            &[("echo", echo, &[])],
-        ));
-    }
+    let configs: Vec<_> = c
+        .enroll_fleet("s", n)
+        .await
+        .into_iter()
+        .map(|(host_id, path)| {
+            balanced_agent_config(&c, &b, &host_id, path, &[("echo", echo, &[])])
+        })
+        .collect();
     let started = Instant::now();
     let agents: Vec<Agent> = configs.into_iter().map(start_agent).collect();
     let want = (n + 1) as f64; // the service agents and the Auth server's own

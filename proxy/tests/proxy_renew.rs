@@ -11,17 +11,9 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use cluster::Cluster;
+use cluster::{ALL_TARGETS, Cluster};
 use russh::keys::ssh_key::Certificate;
 use support::*;
-
-const ALL_TARGETS: &str = "kind: role
-metadata: {name: all-targets}
-spec:
-  allow:
-    node_labels: {'*': '*'}
-version: v7
-";
 
 /// Lifetime of every certificate in this test, seconds.
 const TTL: u64 = 6;

@@ -10,19 +10,11 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use cluster::Cluster;
+use cluster::{ALL_TARGETS, Cluster};
 use postern_api::proto::Lock;
 use russh::keys::ssh_key::Certificate;
 use support::*;
 use tunnel_proto::join::RenewRequest;
-
-const ALL_TARGETS: &str = "kind: role
-metadata: {name: all-targets}
-spec:
-  allow:
-    node_labels: {'*': '*'}
-version: v7
-";
 
 /// Lifetime of the agents' certificates in this test, seconds.
 const TTL: u64 = 6;

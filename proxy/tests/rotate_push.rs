@@ -13,19 +13,11 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use cluster::Cluster;
+use cluster::{ALL_TARGETS, Cluster};
 use postern_agent::config::TransportMode;
 use postern_api::proto::RotateCertAuthorityRequest;
 use russh::keys::ssh_key::{Certificate, PublicKey};
 use support::*;
-
-const ALL_TARGETS: &str = "kind: role
-metadata: {name: all-targets}
-spec:
-  allow:
-    node_labels: {'*': '*'}
-version: v7
-";
 
 fn signer_of(path: &std::path::Path) -> russh::keys::ssh_key::public::KeyData {
     Certificate::from_openssh(std::fs::read_to_string(path).unwrap().trim())

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use cluster::Cluster;
 use postern_api::proto::*;
-use postern_proxy::mint;
 use russh::keys::ssh_key::{Certificate, PublicKey};
 use support::*;
 
@@ -37,50 +36,21 @@ async fn a_thousand_agents_pick_up_a_rotated_host_ca() {
         .unwrap_or(1000);
     let c = Cluster::start_tweaked("rstorm", 1, 60, false, |a| a.agent_cert_ttl_secs = 3600).await;
     let echo = echo_server().await;
-    let mut configs = Vec::new();
-    let mut token = String::new();
-    for i in 0..n {
-        if i % 1000 == 0 {
-            token = c
-                .admin
-                .create_token(CreateTokenRequest {
-                    kind: "agent".into(),
-                    ttl_secs: 600,
-                    uses: (n - i).min(1000) as u32,
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .token;
-        }
-        let host_id = format!("r{i}");
-        let key = mint::generate_key();
-        let certs = c
-            .admin
-            .register_agent(RegisterAgentRequest {
-                token: token.clone(),
-                host_id: host_id.clone(),
-                public_key: key.public_key().to_openssh().unwrap(),
-            })
-            .await
-            .unwrap();
-        let path = c.dir.path().join(format!("agent-{host_id}"));
-        mint::write_key_pair(&path, &key).unwrap();
-        mint::write_file(
-            &mint::cert_path(&path),
-            format!("{}\n", certs.ssh_cert).as_bytes(),
-            0o600,
-        )
-        .unwrap();
-        configs.push(cluster::agent_cfg(
-            "rstorm",
-            &host_id,
-            &c.proxies[0],
-            &c.host_ca,
-            path,
-            [("echo", echo, &[][..])],
-        ));
-    }
+    let configs: Vec<_> = c
+        .enroll_fleet("r", n)
+        .await
+        .into_iter()
+        .map(|(host_id, path)| {
+            cluster::agent_cfg(
+                "rstorm",
+                &host_id,
+                &c.proxies[0],
+                &c.host_ca,
+                path,
+                [("echo", echo, &[][..])],
+            )
+        })
+        .collect();
     let paths: Vec<_> = configs.iter().map(|c| c.host_cert_path()).collect();
     let agents: Vec<Agent> = configs.into_iter().map(start_agent).collect();
     let ops = c.proxies[0].ops;

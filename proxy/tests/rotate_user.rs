@@ -10,19 +10,11 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use cluster::Cluster;
+use cluster::{ALL_TARGETS, Cluster};
 use postern_api::proto::{CaRotation, ListCaRotationsRequest, RotateCertAuthorityRequest};
 use postern_client::auth::proxy_options;
 use postern_client::{ProxyAddr, ProxySession};
 use support::*;
-
-const ALL_TARGETS: &str = "kind: role
-metadata: {name: all-targets}
-spec:
-  allow:
-    node_labels: {'*': '*'}
-version: v7
-";
 
 async fn user_rotation(c: &Cluster) -> CaRotation {
     let all = c

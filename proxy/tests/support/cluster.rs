@@ -47,6 +47,15 @@ pub struct Cluster {
 }
 
 /// A free loopback port (bound, then released).
+/// A role that reaches every target of the cluster.
+pub const ALL_TARGETS: &str = "kind: role
+metadata: {name: all-targets}
+spec:
+  allow:
+    node_labels: {'*': '*'}
+version: v7
+";
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -459,6 +468,49 @@ impl Cluster {
         )
         .unwrap();
         path
+    }
+
+    /// Enrolls `n` service agents named `<prefix><i>` with multi-use join tokens (1,000 uses at
+    /// most each); returns each host id and key path (certificate beside it).
+    pub async fn enroll_fleet(&self, prefix: &str, n: usize) -> Vec<(String, PathBuf)> {
+        let mut fleet = Vec::with_capacity(n);
+        let mut token = String::new();
+        for i in 0..n {
+            if i % 1000 == 0 {
+                token = self
+                    .admin
+                    .create_token(CreateTokenRequest {
+                        kind: "agent".into(),
+                        ttl_secs: 600,
+                        uses: (n - i).min(1000) as u32,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .token;
+            }
+            let host_id = format!("{prefix}{i}");
+            let key = mint::generate_key();
+            let certs = self
+                .admin
+                .register_agent(RegisterAgentRequest {
+                    token: token.clone(),
+                    host_id: host_id.clone(),
+                    public_key: key.public_key().to_openssh().unwrap(),
+                })
+                .await
+                .unwrap();
+            let path = self.dir.path().join(format!("agent-{host_id}"));
+            mint::write_key_pair(&path, &key).unwrap();
+            mint::write_file(
+                &mint::cert_path(&path),
+                format!("{}\n", certs.ssh_cert).as_bytes(),
+                0o600,
+            )
+            .unwrap();
+            fleet.push((host_id, path));
+        }
+        fleet
     }
 
     /// The cluster's CA pin, computed from its host CA line as `pctl status` does.
