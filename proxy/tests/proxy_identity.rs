@@ -17,14 +17,6 @@ use postern_api::proto::Lock;
 use support::*;
 use tokio::io::AsyncReadExt;
 
-const ALL_TARGETS: &str = "kind: role
-metadata: {name: all-targets}
-spec:
-  allow:
-    node_labels: {'*': '*'}
-version: v7
-";
-
 /// Waits until opening `target` is refused with a reason containing `needle`.
 async fn until_refused(
     s: &postern_client::ProxySession,
@@ -51,7 +43,7 @@ async fn until_refused(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxy_auth_identity_renews_itself_and_policy_stays_enforced() {
     let c = Cluster::start_full("pident", 1, 60, false, |_| {}, (86400, 6)).await;
-    c.role(ALL_TARGETS).await;
+    c.role(cluster::ALL_TARGETS).await;
     let echo = echo_server().await;
     let agent = c.service_agent("web-1", 0, &[("web", echo, &[])]).await;
     let session = c.user_session("alice", &["all-targets"], 0).await;

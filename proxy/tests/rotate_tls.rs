@@ -35,14 +35,6 @@ use russh::keys::ssh_key::LineEnding;
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
-const ALL_TARGETS: &str = "kind: role
-metadata: {name: all-targets}
-spec:
-  allow:
-    node_labels: {'*': '*'}
-version: v7
-";
-
 const READER: &str = "kind: role
 metadata: {name: bot-reader}
 spec:
@@ -200,7 +192,7 @@ async fn sdk_call(c: &Cluster, path: &PathBuf) -> Result<(), String> {
 async fn the_tls_ca_rotates_through_every_phase_while_api_calls_flow() {
     let c = Cluster::start_full("rottls", 1, 60, false, |_| {}, (86400, 6)).await;
     c.role(READER).await;
-    c.role(ALL_TARGETS).await;
+    c.role(cluster::ALL_TARGETS).await;
     let echo = support::echo_server().await;
     let agent = c.service_agent("web-1", 0, &[("web", echo, &[])]).await;
     let session = c.user_session("alice", &["all-targets"], 0).await;
