@@ -13,7 +13,7 @@ use std::sync::RwLock;
 
 use crate::rotation::{CaKeys, CaKind};
 use crate::storage::{Backend, StorageError};
-use crate::tls_ca::{self, ca_params};
+use crate::tls_ca::{self, TlsCaKeys, TlsSigner, ca_params};
 
 /// Meta keys the authorities are stored under.
 mod keys {
@@ -23,7 +23,7 @@ mod keys {
     pub use crate::tls_ca::keys::{CERT as TLS_CA_CERT, KEY as TLS_CA_KEY};
 }
 /// Backdating of every certificate, to absorb clock skew between hosts.
-const BACKDATE_SECS: u64 = 60;
+pub(crate) const BACKDATE_SECS: u64 = 60;
 
 /// A problem with the cluster's authorities.
 #[derive(Debug, thiserror::Error)]
@@ -67,12 +67,15 @@ pub struct Authorities {
     user_ca: RwLock<CaKeys>,
     /// The host CA's keys.
     host_ca: RwLock<CaKeys>,
-    tls_key: KeyPair,
-    /// The TLS CA certificate (PEM).
-    pub tls_ca_pem: String,
+    /// The TLS CA's keys (two during a rotation).
+    tls: RwLock<TlsCaKeys>,
     /// On a cluster migrated from an Ed25519 TLS CA: the old CA certificate (still trusted for
-    /// client certificates) and the cross certificate sent after the server's own.
+    /// client certificates until a TLS CA rotation completes) and the cross certificate sent
+    /// after the server's own.
     tls_legacy: Option<(String, String)>,
+    /// Counts changes of the TLS CA's keys: the API listener rebuilds its TLS config, the admin
+    /// identity is re-issued.
+    tls_changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Authorities {
@@ -179,20 +182,76 @@ impl Authorities {
         let user_ca = ssh_key(keys::USER_CA)?;
         let host_ca = ssh_key(keys::HOST_CA)?;
         let tls = tls_ca::load(backend, &cluster, BACKDATE_SECS)?;
+        let tls_legacy = tls.legacy_pem.zip(tls.cross_pem);
+        let signer = TlsSigner {
+            key: tls.key,
+            cert_pem: tls.cert_pem,
+        };
+        let keys = TlsCaKeys::build(
+            signer,
+            None,
+            crate::rotation::Phase::Standby,
+            tls_legacy.as_ref(),
+            None,
+        );
         Ok(Authorities {
             cluster,
             user_ca: RwLock::new(CaKeys::single(user_ca)),
             host_ca: RwLock::new(CaKeys::single(host_ca)),
-            tls_key: tls.key,
-            tls_ca_pem: tls.cert_pem,
-            tls_legacy: tls.legacy_pem.zip(tls.cross_pem),
+            tls: RwLock::new(keys),
+            tls_legacy,
+            tls_changed: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// A copy of the TLS CA's keys.
+    pub fn tls_keys(&self) -> TlsCaKeys {
+        self.tls.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Sets the TLS CA's keys from a rotation state (see [`TlsCaKeys::build`]); `completed`:
+    /// a rotation has completed once, so a migrated cluster's legacy CA is no longer trusted.
+    pub(crate) fn set_tls_rotation(
+        &self,
+        current: TlsSigner,
+        next: Option<TlsSigner>,
+        phase: crate::rotation::Phase,
+        completed: bool,
+        retired: Option<String>,
+    ) {
+        let migrated = self.tls_legacy.as_ref().filter(|_| !completed);
+        let keys = TlsCaKeys::build(current, next, phase, migrated, retired);
+        *self.tls.write().unwrap_or_else(|e| e.into_inner()) = keys;
+        self.tls_changed.send_modify(|g| *g += 1);
+    }
+
+    /// Changes of the TLS CA's keys (a counter).
+    pub fn tls_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.tls_changed.subscribe()
+    }
+
+    /// How many times the TLS CA's keys have changed since the start.
+    pub fn tls_generation(&self) -> u64 {
+        *self.tls_changed.borrow()
+    }
+
+    /// The current TLS CA's material for a rotation state (key and certificate PEM).
+    pub(crate) fn tls_material(&self) -> String {
+        self.tls_keys().client.material()
+    }
+
+    /// Every trusted TLS CA certificate (PEM), the one signing client certificates first: what
+    /// identity files carry (two during a rotation, so clients trust the server under either).
+    pub fn tls_ca_pems(&self) -> Vec<String> {
+        self.tls_keys().trusted
     }
 
     fn ca(&self, kind: CaKind) -> &RwLock<CaKeys> {
         match kind {
             CaKind::Host => &self.host_ca,
             CaKind::User => &self.user_ca,
+            // Callers ask for SSH kinds only; the TLS CA's keys are `tls_keys`.
+            CaKind::Tls => unreachable!("the TLS CA has no SSH keys"),
         }
     }
 
@@ -289,14 +348,20 @@ impl Authorities {
         dn.push(DnType::CommonName, cn);
         dn.push(DnType::OrganizationName, self.cluster.as_str());
         p.distinguished_name = dn;
-        p.extended_key_usages = vec![eku];
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let now = mint::now_unix();
         p.not_before = stamp(now - BACKDATE_SECS);
         p.not_after = stamp(now + ttl);
         p.serial_number = Some(rcgen::SerialNumber::from_slice(&rand::random::<[u8; 16]>()));
         p.custom_extensions = extensions;
-        let issuer = Issuer::new(ca_params(&self.cluster), &self.tls_key);
+        let keys = self.tls_keys();
+        let signer = if eku == ExtendedKeyUsagePurpose::ServerAuth {
+            &keys.server
+        } else {
+            &keys.client
+        };
+        let issuer = Issuer::new(ca_params(&self.cluster), &signer.key);
+        p.extended_key_usages = vec![eku];
         p.signed_by(subject, &issuer)
             .map_err(|e| AuthorityError::Issue(e.to_string()))
     }
@@ -410,8 +475,9 @@ impl Authorities {
         self.issue_from_host_ca(key, &spec, ttl)
     }
 
-    /// A fresh TLS server key (ECDSA P-256) and certificate for `auth.<cluster>` (DER cert chain,
-    /// PKCS#8 key). On a migrated cluster the chain ends with the cross certificate.
+    /// A fresh TLS server key (ECDSA P-256) and certificate for `auth.<cluster>` from the CA
+    /// that signs serving certificates in this rotation phase (DER cert chain, PKCS#8 key). On a
+    /// migrated cluster whose migrated CA serves, the chain ends with the cross certificate.
     pub fn server_tls(
         &self,
         ttl: u64,
@@ -422,6 +488,7 @@ impl Authorities {
         ),
         AuthorityError,
     > {
+        let cross = self.tls_keys().cross;
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(|e| AuthorityError::Issue(e.to_string()))?;
         let name = postern_api::auth_server_name(&self.cluster);
@@ -434,29 +501,36 @@ impl Authorities {
         )?;
         let der = rustls_pki_types::PrivatePkcs8KeyDer::from(key.serialize_der());
         let mut chain = vec![cert.der().clone()];
-        if let Some((_, cross)) = &self.tls_legacy {
+        if let Some(cross) = &cross {
             chain.push(tls_ca::der(cross, tls_ca::keys::CROSS_CERT)?);
         }
         Ok((chain, der.into()))
     }
 
-    /// The CA certificates client certificates may chain to (DER): the TLS CA, and on a migrated
-    /// cluster the old one too, so certificates it issued keep working until they expire.
+    /// The CA certificates client certificates may chain to (DER): every trusted TLS CA (two
+    /// during a rotation), and on a migrated cluster the old one too until a rotation completes.
     pub fn tls_client_roots(
         &self,
     ) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, AuthorityError> {
-        let mut roots = vec![self.tls_ca_der()?];
-        if let Some((legacy, _)) = &self.tls_legacy {
+        let k = self.tls_keys();
+        let mut roots = Vec::new();
+        for pem in &k.trusted {
+            roots.push(tls_ca::der(pem, keys::TLS_CA_CERT)?);
+        }
+        if let Some(legacy) = &k.legacy {
             roots.push(tls_ca::der(legacy, tls_ca::keys::LEGACY_CERT)?);
         }
         Ok(roots)
     }
 
-    /// The TLS CA certificate (DER).
-    pub fn tls_ca_der(&self) -> Result<rustls_pki_types::CertificateDer<'static>, AuthorityError> {
-        use rustls_pki_types::pem::PemObject;
-        rustls_pki_types::CertificateDer::from_pem_slice(self.tls_ca_pem.as_bytes())
-            .map_err(|e| corrupt(keys::TLS_CA_CERT)(e.to_string()))
+    /// The CA the last completed TLS CA rotation retired (DER), if any.
+    pub fn tls_retired_root(
+        &self,
+    ) -> Result<Option<rustls_pki_types::CertificateDer<'static>>, AuthorityError> {
+        self.tls_keys()
+            .retired
+            .map(|pem| tls_ca::der(&pem, keys::TLS_CA_CERT))
+            .transpose()
     }
 }
 

@@ -139,7 +139,7 @@ fn issue(
         cluster: a.cluster.clone(),
         ssh_cert: issued.ssh_cert,
         tls_cert: issued.tls_cert,
-        tls_cas: vec![a.tls_ca_pem.clone()],
+        tls_cas: a.tls_ca_pems(),
         ssh_host_cas: a.host_ca_lines(),
         expires: issued.expires,
         roles,

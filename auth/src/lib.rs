@@ -29,10 +29,12 @@
 //! - [`listener`]: the API listener's caps and deadlines;
 //! - [`admin`]: the admin identity, at most one valid;
 //! - [`metrics`]: every `postern_auth_*` metric, and `GET /metrics`;
-//! - [`rotation`]: CA rotation, one phase machine for the host and user CAs, stored and resumed;
+//! - [`rotation`]: CA rotation, one phase machine for the host, user and TLS CAs, stored and
+//!   resumed;
 //! - [`proxy_renew`]: a proxy's host certificate renewal (same key and names);
 //! - [`renewal`]: the embedded agent's certificate, re-issued at two-thirds of its life;
-//! - [`server`]: data dir checks, the TLS config, the embedded agent, `run`.
+//! - [`server_tls`]: the API's TLS config, rebuilt when a TLS CA rotation moves;
+//! - [`server`]: data dir checks, the embedded agent, `run`.
 
 pub mod admin;
 pub mod audit;
@@ -52,6 +54,7 @@ pub mod renewal;
 pub mod requests;
 pub mod rotation;
 pub mod server;
+pub mod server_tls;
 pub mod service;
 pub mod storage;
 pub mod stream_events;

@@ -88,12 +88,11 @@ impl AsyncWrite for TlsConn {
 /// Accepts on `listener` until `shutdown`, handing finished TLS connections to `tx`.
 pub async fn accept_loop(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: Arc<crate::server_tls::ServerTls>,
     limits: LimitsConfig,
     tx: mpsc::Sender<TlsConn>,
     shutdown: CancellationToken,
 ) {
-    let acceptor = TlsAcceptor::from(tls);
     let handshake = Duration::from_secs(limits.api_handshake_timeout_secs);
     let idle = Duration::from_secs(limits.api_idle_timeout_secs);
     let mut accept = Acceptor::new(
@@ -122,7 +121,9 @@ pub async fn accept_loop(
                 }
             },
         };
-        let acceptor = acceptor.clone();
+        // The TLS config of now: a TLS CA rotation changes it between connections.
+        let snapshot = tls.current();
+        let acceptor = TlsAcceptor::from(snapshot.config.clone());
         let tx = tx.clone();
         tokio::spawn(async move {
             let peer = conn.peer;
@@ -139,15 +140,13 @@ pub async fn accept_loop(
             drop(permit);
             let mut tls = tls;
             tls.get_mut().0.arm();
-            let cert_fingerprint = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| authority::fingerprint(c));
+            let chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
+            let cert_fingerprint = chain.first().map(|c| authority::fingerprint(c));
+            let retired_ca = snapshot.retired_only(chain);
             let info = ConnInfo {
                 peer,
                 cert_fingerprint,
+                retired_ca,
             };
             let _ = tx
                 .send(TlsConn {

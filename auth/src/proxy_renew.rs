@@ -1,4 +1,9 @@
-//! A proxy's host certificate renewal (`POST /webapi/renew` with a proxy certificate, relayed
+//! A proxy's renewals. Its Auth identity (the mTLS identity file of `clusters[].policy`, a user
+//! holding the preset role `proxy`) is renewed over the API it already uses: `GenerateUserCerts`
+//! for its own user, which such a caller may ask without `user_cert: create` (see
+//! [`may_renew_own`]).
+//!
+//! Its host certificate renewal (`POST /webapi/renew` with a proxy certificate, relayed
 //! like an agent's): the certificate presented must be a proxy host certificate (key id
 //! `proxy <names>`, no agent role), valid now and signed by a trusted host CA key (during a
 //! rotation, either); the answer is a certificate for the same key and the same names, from the
@@ -13,6 +18,18 @@ use tunnel_proto::names::EXT_ROLE;
 
 use crate::rotation::CaKind;
 use crate::service::State;
+
+/// The preset role a proxy's Auth identity holds.
+pub const PROXY_ROLE: &str = "proxy";
+
+/// Whether a caller authenticated as `caller` with `roles` may have `GenerateUserCerts` issue
+/// certificates for `user` without `user_cert: create`: a proxy's Auth identity renewing itself.
+/// Authenticated by its client certificate (the TLS handshake proves its key); the lifetime is
+/// still capped by its roles' `max_session_ttl`, and a locked or deleted user is refused at
+/// authentication.
+pub fn may_renew_own(caller: &str, roles: &[postern_api::proto::Role], user: &str) -> bool {
+    caller == user && roles.iter().any(|r| r.name == PROXY_ROLE)
+}
 
 /// Whether `cert` is a proxy's host certificate (what [`renew`] answers).
 pub fn is_proxy_cert(cert: &Certificate) -> bool {

@@ -1,5 +1,5 @@
-//! CA rotation (`pctl auth rotate`): one phase machine, parameterised by CA kind (SSH host or
-//! SSH user), as Teleport does it.
+//! CA rotation (`pctl auth rotate`): one phase machine, parameterised by CA kind (SSH host,
+//! SSH user or TLS), as Teleport does it.
 //!
 //! Phases, in order: `standby → init → update_clients → update_servers → standby`, and
 //! `rollback` from any phase but `standby` (back to `standby` with the old key). What each means:
@@ -10,8 +10,15 @@
 //! | `init` | current, next | current |
 //! | `update_clients`, `update_servers` | current, next | next |
 //!
-//! Completing (`update_servers → standby`) makes `next` the current key and drops the old one
-//! from every trust list. The state of each CA kind is one storage row (kind `ca_rotation`,
+//! The TLS CA signs two kinds of certificates: client certificates switch to the new CA at
+//! `update_clients`, the Auth server's own serving certificate at `update_servers` (the API
+//! listener rebuilds its TLS config without a restart, see [`crate::server_tls`]). Identity
+//! files issued during a rotation carry both CA certificates.
+//!
+//! Completing (`update_servers → standby`) makes `next` the current key and drops the old one from
+//! every trust list (the TLS CA's old certificate is kept as `retired`, public part only, so that
+//! its client certificates are refused with a reason; a TLS CA rollback keeps the dropped new CA's
+//! certificate there likewise). The state of each CA kind is one storage row (kind `ca_rotation`,
 //! written conditionally on its revision), so an Auth restart resumes the phase it was in and two
 //! Auth servers on one backend cannot both advance it. In automatic mode each phase lasts a third
 //! of the grace period; [`run`] advances it. The row holds private keys: its kind is not in the
@@ -28,6 +35,9 @@ use tracing::{info, warn};
 use crate::authority::Authorities;
 use crate::storage::{Backend, Condition, StorageError};
 
+mod rpc;
+pub use rpc::{list_rpc, rotate_rpc};
+
 /// Storage kind of the rotation rows (one per CA kind, named by [`CaKind::as_str`]).
 const ROW_KIND: &str = "ca_rotation";
 /// How often [`run`] looks at the stored state.
@@ -40,27 +50,31 @@ pub enum CaKind {
     Host,
     /// The SSH user CA (users' and bots' certificates).
     User,
+    /// The TLS CA (client certificates of the Auth API and the Auth server's own).
+    Tls,
 }
 
 impl CaKind {
-    /// Both kinds.
-    pub const ALL: [CaKind; 2] = [CaKind::Host, CaKind::User];
+    /// Every kind.
+    pub const ALL: [CaKind; 3] = [CaKind::Host, CaKind::User, CaKind::Tls];
 
     /// Its name in `pctl auth rotate --type=…` and in storage.
     pub fn as_str(self) -> &'static str {
         match self {
             CaKind::Host => "host",
             CaKind::User => "user",
+            CaKind::Tls => "tls",
         }
     }
 
-    /// Parses `host` or `user`.
+    /// Parses `host`, `user` or `tls`.
     pub fn parse(s: &str) -> Result<CaKind, RotationError> {
         match s {
             "host" => Ok(CaKind::Host),
             "user" => Ok(CaKind::User),
+            "tls" => Ok(CaKind::Tls),
             other => Err(RotationError::Refused(format!(
-                "type '{other}' cannot be rotated: give host or user (tls rotation is not built)"
+                "type '{other}' cannot be rotated: give host, user or tls"
             ))),
         }
     }
@@ -143,12 +157,17 @@ pub struct RotationState {
     pub started: u64,
     /// Grace period, seconds (automatic mode: each phase lasts a third of it).
     pub grace_secs: u64,
-    /// The current key (OpenSSH private key text).
+    /// The current key (OpenSSH private key text; for the TLS CA, the key's and certificate's
+    /// PEM).
     current: String,
     /// The new key during a rotation.
     next: Option<String>,
     /// Unix seconds the last rotation completed.
     pub last_rotated: Option<u64>,
+    /// The TLS CA certificate (PEM) the last completed rotation retired, or the last rollback
+    /// dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    retired: Option<String>,
 }
 
 impl RotationState {
@@ -164,13 +183,22 @@ impl RotationState {
     }
 
     /// The keys this state trusts and the one that signs.
-    fn keys(&self, kind: CaKind) -> Result<CaKeys, RotationError> {
-        let parse = |t: &str| {
-            PrivateKey::from_openssh(t).map_err(|e| RotationError::Corrupt {
-                kind: kind.as_str(),
-                message: e.to_string(),
-            })
+    fn keys(&self, kind: CaKind) -> Result<Keys, RotationError> {
+        let corrupt = |message: String| RotationError::Corrupt {
+            kind: kind.as_str(),
+            message,
         };
+        if kind == CaKind::Tls {
+            let parse = |t: &str| crate::tls_ca::TlsSigner::parse(t).map_err(corrupt);
+            return Ok(Keys::Tls {
+                current: parse(&self.current)?,
+                next: self.next.as_deref().map(parse).transpose()?,
+                phase: self.phase,
+                completed: self.last_rotated.is_some(),
+                retired: self.retired.clone(),
+            });
+        }
+        let parse = |t: &str| PrivateKey::from_openssh(t).map_err(|e| corrupt(e.to_string()));
         let current = parse(&self.current)?;
         let next = self.next.as_deref().map(parse).transpose()?;
         let signer = match (&next, self.phase.new_key_signs()) {
@@ -179,11 +207,69 @@ impl RotationState {
         };
         let mut trusted = vec![current.public_key().clone()];
         trusted.extend(next.iter().map(|n| n.public_key().clone()));
-        Ok(CaKeys {
+        Ok(Keys::Ssh(CaKeys {
             signer,
             trusted,
             phase: self.phase,
-        })
+        }))
+    }
+}
+
+/// A rotation state's keys, ready to apply to [`Authorities`] (short-lived: its size is no
+/// concern).
+#[allow(clippy::large_enum_variant)]
+enum Keys {
+    /// An SSH CA's.
+    Ssh(CaKeys),
+    /// The TLS CA's (built by [`Authorities`], which holds the migration's certificates).
+    Tls {
+        current: crate::tls_ca::TlsSigner,
+        next: Option<crate::tls_ca::TlsSigner>,
+        phase: Phase,
+        completed: bool,
+        retired: Option<String>,
+    },
+}
+
+impl Keys {
+    /// Whether `a` holds these keys already.
+    fn applied(&self, a: &Authorities, kind: CaKind) -> bool {
+        match self {
+            Keys::Ssh(k) => {
+                let now = a.ca_keys(kind);
+                now.trusted == k.trusted && now.phase == k.phase
+            }
+            Keys::Tls {
+                current,
+                next,
+                phase,
+                retired,
+                ..
+            } => {
+                let now = a.tls_keys();
+                let mut want: Vec<&String> = std::iter::once(&current.cert_pem)
+                    .chain(next.iter().map(|n| &n.cert_pem))
+                    .collect();
+                let mut have: Vec<&String> = now.trusted.iter().collect();
+                want.sort();
+                have.sort();
+                want == have && now.phase == *phase && now.retired == *retired
+            }
+        }
+    }
+
+    /// Makes these the keys `a` trusts and signs with.
+    fn apply(self, a: &Authorities, kind: CaKind) {
+        match self {
+            Keys::Ssh(k) => a.set_ca_keys(kind, k),
+            Keys::Tls {
+                current,
+                next,
+                phase,
+                completed,
+                retired,
+            } => a.set_tls_rotation(current, next, phase, completed, retired),
+        }
     }
 }
 
@@ -240,12 +326,33 @@ fn load(
                 manual: false,
                 started: 0,
                 grace_secs: 0,
-                current: openssh(&a.ca_keys(kind).signer)?,
+                current: current_material(a, kind)?,
                 next: None,
                 last_rotated: None,
+                retired: None,
             },
             None,
         )),
+    }
+}
+
+/// The key `a` signs with now, as a rotation state stores it.
+fn current_material(a: &Authorities, kind: CaKind) -> Result<String, RotationError> {
+    match kind {
+        CaKind::Tls => Ok(a.tls_material()),
+        _ => openssh(&a.ca_keys(kind).signer),
+    }
+}
+
+/// A new key of `kind`, as a rotation state stores it.
+fn new_material(a: &Authorities, kind: CaKind) -> Result<String, RotationError> {
+    match kind {
+        CaKind::Tls => {
+            crate::tls_ca::TlsSigner::generate(&a.cluster, crate::authority::BACKDATE_SECS)
+                .map(|s| s.material())
+                .map_err(|e| RotationError::Refused(format!("cannot make a new TLS CA: {e}")))
+        }
+        _ => openssh(&postern_dial::mint::generate_key()),
     }
 }
 
@@ -309,7 +416,7 @@ pub fn rotate(
             s.manual = req.manual || req.phase.is_some();
             s.started = now;
             s.grace_secs = req.grace_secs;
-            s.next = Some(openssh(&postern_dial::mint::generate_key())?);
+            s.next = Some(new_material(a, req.kind)?);
         }
         None | Some("init") => {
             return Err(RotationError::Refused(format!(
@@ -325,7 +432,12 @@ pub fn rotate(
                 )));
             }
             s.phase = Phase::Standby;
-            s.next = None;
+            let dropped = s.next.take();
+            if req.kind == CaKind::Tls {
+                // Its client certificates are refused with a reason, as an old CA's after a
+                // completed rotation.
+                s.retired = dropped.as_deref().and_then(crate::tls_ca::material_cert);
+            }
         }
         Some(wanted) => {
             let expected = s.phase.next();
@@ -336,21 +448,25 @@ pub fn rotate(
                     expected.as_str()
                 )));
             }
-            advance(&mut s, now);
+            advance(&mut s, req.kind, now);
         }
     }
     store(b, req.kind, &s, rev)?;
-    a.set_ca_keys(req.kind, s.keys(req.kind)?);
+    s.keys(req.kind)?.apply(a, req.kind);
     info!(ca = kind, phase = s.phase.as_str(), "CA rotation moved");
     Ok(s)
 }
 
-/// One step forward; completing makes the new key the current one.
-fn advance(s: &mut RotationState, now: u64) {
+/// One step forward; completing makes the new key the current one (of an old TLS CA, its
+/// certificate is kept as `retired`).
+fn advance(s: &mut RotationState, kind: CaKind, now: u64) {
     s.phase = s.phase.next();
     if s.phase == Phase::Standby {
         if let Some(next) = s.next.take() {
-            s.current = next;
+            let old = std::mem::replace(&mut s.current, next);
+            if kind == CaKind::Tls {
+                s.retired = crate::tls_ca::material_cert(&old);
+            }
         }
         s.last_rotated = Some(now);
     }
@@ -361,7 +477,7 @@ pub fn resume(b: &dyn Backend, a: &Authorities) -> Result<(), RotationError> {
     for kind in CaKind::ALL {
         let (s, rev) = load(b, a, kind)?;
         if rev.is_some() {
-            a.set_ca_keys(kind, s.keys(kind)?);
+            s.keys(kind)?.apply(a, kind);
             info!(
                 ca = kind.as_str(),
                 phase = s.phase.as_str(),
@@ -400,7 +516,7 @@ pub fn advance_due(
     let (mut s, rev) = load(b, a, kind)?;
     let Some(rev) = rev else { return Ok(()) };
     if s.deadline().is_some_and(|d| now >= d) {
-        advance(&mut s, now);
+        advance(&mut s, kind, now);
         match store(b, kind, &s, Some(rev)) {
             Ok(()) => info!(
                 ca = kind.as_str(),
@@ -412,67 +528,8 @@ pub fn advance_due(
         }
     }
     let keys = s.keys(kind)?;
-    if a.ca_keys(kind).trusted != keys.trusted || a.ca_keys(kind).phase != keys.phase {
-        a.set_ca_keys(kind, keys);
+    if !keys.applied(a, kind) {
+        keys.apply(a, kind);
     }
     Ok(())
-}
-
-/// `RotateCertAuthority`: parses the request, moves the rotation, answers its new state.
-pub fn rotate_rpc(
-    state: &crate::service::State,
-    r: &postern_api::proto::RotateCertAuthorityRequest,
-) -> Result<postern_api::proto::CaRotation, tonic::Status> {
-    let kind =
-        CaKind::parse(&r.kind).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
-    let req = RotateRequest {
-        kind,
-        phase: Some(r.phase.trim().to_string()).filter(|p| !p.is_empty()),
-        manual: r.manual,
-        grace_secs: r.grace_period_secs,
-    };
-    let now = postern_dial::mint::now_unix();
-    match rotate(state.backend.as_ref(), &state.authorities, &req, now) {
-        Ok(s) => Ok(to_proto(kind, &s, &state.authorities)),
-        Err(RotationError::Refused(m)) => Err(tonic::Status::failed_precondition(m)),
-        Err(RotationError::Conflict) => {
-            Err(tonic::Status::aborted(RotationError::Conflict.to_string()))
-        }
-        Err(e) => Err(tonic::Status::internal(e.to_string())),
-    }
-}
-
-/// `ListCaRotations`: each rotatable CA's state.
-pub fn list_rpc(
-    state: &crate::service::State,
-) -> Result<postern_api::proto::ListCaRotationsResponse, tonic::Status> {
-    let mut rotations = Vec::new();
-    for kind in CaKind::ALL {
-        let s = status(state.backend.as_ref(), &state.authorities, kind)
-            .map_err(|e| tonic::Status::internal(e.to_string()))?;
-        rotations.push(to_proto(kind, &s, &state.authorities));
-    }
-    Ok(postern_api::proto::ListCaRotationsResponse { rotations })
-}
-
-fn to_proto(kind: CaKind, s: &RotationState, a: &Authorities) -> postern_api::proto::CaRotation {
-    let keys = a.ca_keys(kind);
-    let signer = keys.signer.public_key().clone();
-    let mut trusted: Vec<String> = vec![signer.to_openssh().unwrap_or_default()];
-    trusted.extend(
-        keys.trusted
-            .iter()
-            .filter(|k| **k != signer)
-            .filter_map(|k| k.to_openssh().ok()),
-    );
-    postern_api::proto::CaRotation {
-        kind: kind.as_str().into(),
-        phase: s.phase.as_str().into(),
-        manual: s.manual,
-        started: s.started,
-        grace_period_secs: s.grace_secs,
-        next_phase_at: s.deadline().unwrap_or(0),
-        last_rotated: s.last_rotated.unwrap_or(0),
-        trusted,
-    }
 }

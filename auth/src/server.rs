@@ -21,9 +21,6 @@ use crate::storage::{
     Backend, Condition, PostgresBackend, PostgresOptions, SqliteBackend, StorageError,
 };
 
-/// Lifetime of the server's own TLS certificate (re-issued at every start).
-const SERVER_CERT_TTL: u64 = 365 * 24 * 3600;
-
 /// Files in the data dir.
 pub mod files {
     /// The SQLite database.
@@ -146,7 +143,7 @@ pub fn check_data_dir(dir: &Path) -> Result<(), AuthError> {
 pub struct Prepared {
     /// The service state.
     pub state: Arc<State>,
-    tls: Arc<rustls::ServerConfig>,
+    tls: Arc<crate::server_tls::ServerTls>,
     /// The configuration it was prepared from.
     pub config: AuthConfig,
 }
@@ -186,7 +183,7 @@ pub fn prepare(config: &AuthConfig) -> Result<Prepared, AuthError> {
     let pruned = backend.forget_certs(None, mint::now_unix())?;
     debug!(pruned, "expired client certificates forgotten");
 
-    let tls = server_tls(&authorities)?;
+    let tls = Arc::new(crate::server_tls::ServerTls::new(authorities.clone())?);
     let audit = Audit::open(backend.clone(), &dir.join(files::AUDIT_LOG))
         .map_err(io_err(&dir.join(files::AUDIT_LOG)))?;
     info!(cluster = %authorities.cluster, data_dir = %dir.display(), "cluster loaded");
@@ -196,6 +193,7 @@ pub fn prepare(config: &AuthConfig) -> Result<Prepared, AuthError> {
             authorities,
             audit,
             watches: Default::default(),
+            admin_file: Some(crate::admin::AdminFile::new(config)),
         }),
         tls,
         config: config.clone(),
@@ -233,33 +231,6 @@ pub fn open_backend(config: &AuthConfig) -> Result<Arc<dyn Backend>, AuthError> 
     })?;
     info!(database = db.addr(), "storage: PostgreSQL");
     Ok(Arc::new(db))
-}
-
-fn server_tls(a: &Authorities) -> Result<Arc<rustls::ServerConfig>, AuthError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in a.tls_client_roots()? {
-        roots.add(ca).map_err(|e| AuthError::Tls(e.to_string()))?;
-    }
-    // Clients without a certificate get through the handshake but can call only Ping and
-    // RegisterAgent (the join token is their credential); a certificate that does not chain to
-    // the cluster's TLS CA, or is expired, fails the handshake.
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .allow_unauthenticated()
-    .build()
-    .map_err(|e| AuthError::Tls(e.to_string()))?;
-    let (chain, key) = a.server_tls(SERVER_CERT_TTL)?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| AuthError::Tls(e.to_string()))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(|e| AuthError::Tls(e.to_string()))?;
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(cfg))
 }
 
 /// Reopens the audit log file on each SIGHUP (logrotate's `postrotate`), until `shutdown`.
@@ -452,6 +423,10 @@ async fn serve_bound(
     tokio::spawn(crate::rotation::run(
         prepared.state.backend.clone(),
         prepared.state.authorities.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(crate::admin::follow_tls_ca(
+        prepared.state.clone(),
         shutdown.clone(),
     ));
 

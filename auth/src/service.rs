@@ -51,6 +51,9 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// SHA-256 (hex) of the client certificate, if one was presented (and verified by TLS).
     pub cert_fingerprint: Option<String>,
+    /// The client certificate chains only to the TLS CA a completed rotation retired: every
+    /// call is refused, saying so.
+    pub retired_ca: bool,
 }
 
 /// A user as stored.
@@ -79,6 +82,8 @@ pub struct State {
     pub audit: Audit,
     /// Open `WatchPolicy` streams, ended together at shutdown.
     pub watches: crate::watch::Watches,
+    /// The admin identity file (`pctl --data-dir`), re-issued as a TLS CA rotation moves.
+    pub admin_file: Option<crate::admin::AdminFile>,
 }
 
 /// The `AuthService` implementation.
@@ -302,6 +307,11 @@ impl Service {
             });
         };
         let cluster = self.state.authorities.cluster.clone();
+        if info.retired_ca {
+            return Err(Status::unauthenticated(format!(
+                "this client certificate was issued by a TLS CA of cluster '{cluster}' that a CA rotation retired or rolled back: get a new identity (psh login, pctl auth sign, or let the bot renew)"
+            )));
+        }
         let (user, roles) = self
             .blocking(move |s| -> Result<(String, Vec<Role>), Status> {
                 let (user, expires) = s.backend.cert_owner(&fp).map_err(storage_status)?.ok_or_else(|| {
@@ -461,7 +471,7 @@ impl Service {
             cluster: a.cluster.clone(),
             ssh_cert: issued.ssh_cert,
             tls_cert: issued.tls_cert,
-            tls_cas: vec![a.tls_ca_pem.clone()],
+            tls_cas: a.tls_ca_pems(),
             ssh_host_cas: a.host_ca_lines(),
             expires: issued.expires,
             roles,
@@ -796,15 +806,26 @@ impl AuthService for Service {
         req: Request<GenerateUserCertsRequest>,
     ) -> Result<Response<Certs>, Status> {
         let name = req.get_ref().user.clone();
-        let caller = self
-            .authorize(
-                &req,
-                "GenerateUserCerts",
-                "user_cert",
-                &name,
-                &[Verb::Create],
-            )
-            .await?;
+        // A proxy renews its own Auth identity without `user_cert: create` (see `proxy_renew`).
+        let own = match self.authenticate(&req).await {
+            Ok(c) if crate::proxy_renew::may_renew_own(&c.user, &c.roles, &name) => Some(c),
+            _ => None,
+        };
+        // A renewal keeps going when the roles' cap has shrunk: it gets the cap.
+        let clamp = own.is_some();
+        let caller = match own {
+            Some(c) => c,
+            None => {
+                self.authorize(
+                    &req,
+                    "GenerateUserCerts",
+                    "user_cert",
+                    &name,
+                    &[Verb::Create],
+                )
+                .await?
+            }
+        };
         let r = req.into_inner();
         let result = async {
             check_user_name(&r.user)?;
@@ -820,7 +841,7 @@ impl AuthService for Service {
                     let (stored, _) = user_from_item(&item)?;
                     let roles = load_roles(s, &stored.roles)?;
                     let cap = rbac::max_session_ttl(&roles);
-                    let ttl = if r.ttl_secs == 0 {
+                    let ttl = if r.ttl_secs == 0 || (clamp && r.ttl_secs > cap) {
                         cap
                     } else {
                         ttl_within(
@@ -1105,7 +1126,12 @@ impl AuthService for Service {
         let result = match kind.as_str() {
             "host" => Ok((a.host_ca_lines(), a.host_ca_line())),
             "user" => Ok((a.user_ca_lines(), a.user_ca_line())),
-            "tls" => Ok((vec![a.tls_ca_pem.clone()], String::new())),
+            "tls" => {
+                // The one signing client certificates is listed first.
+                let pems = a.tls_ca_pems();
+                let signing = pems.first().cloned().unwrap_or_default();
+                Ok((pems, signing))
+            }
             other => Err(Status::invalid_argument(format!(
                 "kind: '{other}' is not a CA kind (host, user, tls)"
             ))),

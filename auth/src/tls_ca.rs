@@ -140,3 +140,105 @@ pub(crate) fn der(
 ) -> Result<CertificateDer<'static>, AuthorityError> {
     CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| corrupt(what)(e.to_string()))
 }
+
+/// A TLS CA that signs: its key and its certificate.
+pub struct TlsSigner {
+    /// The CA key.
+    pub key: KeyPair,
+    /// The CA certificate (PEM).
+    pub cert_pem: String,
+}
+
+impl TlsSigner {
+    /// The rotation state's text of this CA: the key's PEM, then the certificate's.
+    pub(crate) fn material(&self) -> String {
+        format!("{}{}", self.key.serialize_pem(), self.cert_pem)
+    }
+
+    /// Parses [`TlsSigner::material`].
+    pub(crate) fn parse(text: &str) -> Result<TlsSigner, String> {
+        let at = text
+            .find("-----BEGIN CERTIFICATE-----")
+            .ok_or("no CA certificate after the key")?;
+        let key = KeyPair::from_pem(&text[..at]).map_err(|e| e.to_string())?;
+        Ok(TlsSigner {
+            key,
+            cert_pem: text[at..].to_string(),
+        })
+    }
+
+    /// A new CA for `cluster` (a TLS CA rotation's next key).
+    pub(crate) fn generate(cluster: &str, backdate: u64) -> Result<TlsSigner, AuthorityError> {
+        let (key, cert_pem) = generate(cluster, backdate)?;
+        Ok(TlsSigner { key, cert_pem })
+    }
+}
+
+/// The certificate part of [`TlsSigner::material`] (what a completed rotation keeps of the old CA).
+pub(crate) fn material_cert(text: &str) -> Option<String> {
+    text.find("-----BEGIN CERTIFICATE-----")
+        .map(|at| text[at..].to_string())
+}
+
+/// The TLS CA as a rotation phase leaves it (see [`crate::rotation`]): which CA signs client
+/// certificates, which signs the Auth server's own, and which are trusted.
+#[derive(Clone)]
+pub struct TlsCaKeys {
+    /// Signs client certificates (the new CA from `update_clients` on).
+    pub(crate) client: std::sync::Arc<TlsSigner>,
+    /// Signs the Auth server's serving certificate (the new CA from `update_servers` on).
+    pub(crate) server: std::sync::Arc<TlsSigner>,
+    /// Every trusted CA certificate (PEM), the client signer's first: what identity files carry
+    /// and what client certificates may chain to.
+    pub trusted: Vec<String>,
+    /// A migrated cluster's Ed25519 CA certificate (PEM): also a client-certificate root.
+    pub(crate) legacy: Option<String>,
+    /// The cross certificate sent after a serving certificate of the migrated CA (PEM).
+    pub(crate) cross: Option<String>,
+    /// The CA the last completed rotation retired, or the last rollback dropped (PEM): its client
+    /// certificates are refused with a reason saying so.
+    pub retired: Option<String>,
+    /// The rotation phase.
+    pub phase: crate::rotation::Phase,
+}
+
+impl TlsCaKeys {
+    /// The keys of a TLS CA rotation state: `current`, `next` during a rotation; the legacy CA
+    /// and cross certificate (`migrated`) are kept until a rotation completes, the cross
+    /// certificate only while the migrated CA serves.
+    pub(crate) fn build(
+        current: TlsSigner,
+        next: Option<TlsSigner>,
+        phase: crate::rotation::Phase,
+        migrated: Option<&(String, String)>,
+        retired: Option<String>,
+    ) -> TlsCaKeys {
+        use crate::rotation::Phase;
+        let current = std::sync::Arc::new(current);
+        let next = next.map(std::sync::Arc::new);
+        let pick = |new: bool| match (&next, new) {
+            (Some(n), true) => n.clone(),
+            _ => current.clone(),
+        };
+        let client = pick(matches!(phase, Phase::UpdateClients | Phase::UpdateServers));
+        let server = pick(phase == Phase::UpdateServers);
+        let mut trusted = vec![client.cert_pem.clone()];
+        for s in std::iter::once(&current).chain(next.iter()) {
+            if !trusted.contains(&s.cert_pem) {
+                trusted.push(s.cert_pem.clone());
+            }
+        }
+        let server_is_current = std::sync::Arc::ptr_eq(&server, &current);
+        TlsCaKeys {
+            client,
+            server,
+            trusted,
+            legacy: migrated.map(|(l, _)| l.clone()),
+            cross: migrated
+                .filter(|_| server_is_current)
+                .map(|(_, c)| c.clone()),
+            retired,
+            phase,
+        }
+    }
+}

@@ -70,7 +70,8 @@ async fn two_auth_servers_share_one_database() {
         prepare_async(pg.auth_config(&db.0, "ha"))
     );
     assert_eq!(
-        pa.state.authorities.tls_ca_pem, pb.state.authorities.tls_ca_pem,
+        pa.state.authorities.tls_ca_pems(),
+        pb.state.authorities.tls_ca_pems(),
         "one TLS CA for the cluster"
     );
     // Started one after the other; B's admin identity (issued by B) is used on both servers.

@@ -84,8 +84,9 @@ fn phases_out_of_order_rollback_from_standby_and_bad_requests_are_refused() {
         100,
     ));
     assert!(m.contains("--grace-period must be at least 3s"), "{m}");
-    let e = CaKind::parse("tls").unwrap_err().to_string();
-    assert!(e.contains("tls rotation is not built"), "{e}");
+    assert_eq!(CaKind::parse("tls").unwrap(), CaKind::Tls);
+    let e = CaKind::parse("db").unwrap_err().to_string();
+    assert!(e.contains("give host, user or tls"), "{e}");
     rotation::rotate(&b, &a, &manual(CaKind::Host, "init"), 100).unwrap();
     let m = refused(rotation::rotate(&b, &a, &manual(CaKind::Host, "init"), 101));
     assert!(m.contains("already in phase init"), "{m}");
@@ -216,5 +217,60 @@ fn the_user_ca_rotates_through_the_same_phases() {
             .changes
             .iter()
             .all(|c| c.kind != "ca_rotation")
+    );
+}
+
+/// The TLS CA through the same machine: which CA signs client certificates and which signs the
+/// server's changes by phase; a restart resumes the phase with the same CAs; completing keeps
+/// only the new CA (the old one as `retired`); a second rotation works from there.
+#[test]
+fn the_tls_ca_rotates_through_the_same_phases_and_resumes_after_a_restart() {
+    let (_d, b) = backend();
+    let a = Authorities::load_or_create(&b, Some("rot")).unwrap();
+    let old = a.tls_ca_pems();
+    assert_eq!(old.len(), 1);
+    let s = rotation::rotate(&b, &a, &manual(CaKind::Tls, "init"), 100).unwrap();
+    assert_eq!(s.phase, Phase::Init);
+    let both = a.tls_ca_pems();
+    assert_eq!(
+        (both.len(), &both[0]),
+        (2, &old[0]),
+        "the old CA still signs clients"
+    );
+    let new = both[1].clone();
+    rotation::rotate(&b, &a, &manual(CaKind::Tls, "update_clients"), 101).unwrap();
+    assert_eq!(a.tls_ca_pems(), vec![new.clone(), old[0].clone()]);
+    assert_eq!(a.tls_client_roots().unwrap().len(), 2);
+
+    // A restart in update_clients resumes it with the same two CAs.
+    let restarted = Authorities::load_or_create(&b, Some("rot")).unwrap();
+    assert_eq!(restarted.tls_ca_pems(), old, "before resume: the stored CA");
+    rotation::resume(&b, &restarted).unwrap();
+    assert_eq!(restarted.tls_ca_pems(), vec![new.clone(), old[0].clone()]);
+    assert_eq!(restarted.tls_keys().phase, Phase::UpdateClients);
+
+    rotation::rotate(&b, &restarted, &manual(CaKind::Tls, "update_servers"), 102).unwrap();
+    let s = rotation::rotate(&b, &restarted, &manual(CaKind::Tls, "standby"), 103).unwrap();
+    assert_eq!(s.last_rotated, Some(103));
+    assert_eq!(restarted.tls_ca_pems(), vec![new.clone()]);
+    assert_eq!(
+        restarted.tls_keys().retired.as_deref(),
+        Some(old[0].as_str())
+    );
+    assert!(restarted.tls_retired_root().unwrap().is_some());
+
+    // Another restart loads the new CA as the current one; a second rotation starts from it.
+    let again = Authorities::load_or_create(&b, Some("rot")).unwrap();
+    rotation::resume(&b, &again).unwrap();
+    assert_eq!(again.tls_ca_pems(), vec![new.clone()]);
+    rotation::rotate(&b, &again, &manual(CaKind::Tls, "init"), 200).unwrap();
+    let r = again.tls_ca_pems();
+    assert_eq!((r.len(), &r[0]), (2, &new));
+    rotation::rotate(&b, &again, &manual(CaKind::Tls, "rollback"), 201).unwrap();
+    assert_eq!(again.tls_ca_pems(), vec![new]);
+    assert_eq!(
+        again.tls_keys().retired.as_deref(),
+        Some(r[1].as_str()),
+        "the dropped CA"
     );
 }

@@ -376,8 +376,15 @@ impl AuthClient {
 
 /// Adds what to do to the TLS alerts a refused client certificate produces.
 fn with_hint(reason: String) -> String {
-    let hint = if reason.contains("UnknownCA") || reason.contains("BadCertificate") {
-        "the Auth server does not trust this identity's certificate: it was issued by another cluster's CA"
+    let hint = if reason.contains("UnknownCA")
+        || reason.contains("BadCertificate")
+        || reason.contains("alert: DecryptError")
+    {
+        "the Auth server does not trust this identity's certificate: it was issued by another cluster's CA, or by a TLS CA a rotation rolled back or retired: get a new identity"
+    } else if reason.contains("invalid peer certificate: BadSignature")
+        || reason.contains("invalid peer certificate: UnknownIssuer")
+    {
+        "this identity does not trust the Auth server's certificate: the cluster's TLS CA was rotated since it was issued (or it is another cluster): get a new identity (psh login, pctl auth sign)"
     } else if reason.contains("CertificateExpired") || reason.contains("Expired") {
         "certificate expired: run psh login (or pctl auth sign) again"
     } else if reason.contains("CertificateRequired") {

@@ -206,7 +206,8 @@ pub struct PolicyConfig {
     /// `deny` (default), `auth` or `open`.
     pub source: PolicySource,
     /// With `auth`: the proxy's identity file (`pctl auth sign --user=<proxy user>`), re-read at
-    /// every connection to the Auth server, so a renewed file is picked up.
+    /// every connection to the Auth server. The proxy renews it in place at two-thirds of its
+    /// life (so the directory must be writable by the proxy).
     pub identity_file: Option<PathBuf>,
     /// With `auth`: how long the last known policy is used while the Auth server is unreachable;
     /// after that new streams are refused. Default 60.

@@ -215,7 +215,8 @@ fn audit_shippers(
     tasks
 }
 
-/// Starts one policy watcher per cluster whose policy source is `auth`; they stop at hard stop.
+/// Starts, per cluster whose policy source is `auth`, its policy watcher, its CA refresher and
+/// its Auth identity renewal; they stop at hard stop.
 fn policy_watchers(
     config: &ProxyConfig,
     shared: &Arc<tunnel::TunnelShared>,
@@ -246,6 +247,12 @@ fn policy_watchers(
             shared: shared.clone(),
         };
         tasks.push(tokio::spawn(refresher.run(shared.hard_stop.clone())));
+        let renewal = policy::identity::IdentityRenewal {
+            cluster: c.name.clone(),
+            identity_file: c.policy.identity_file.clone().unwrap_or_default(),
+            shared: shared.clone(),
+        };
+        tasks.push(tokio::spawn(renewal.run(shared.hard_stop.clone())));
     }
     tasks
 }

@@ -148,11 +148,17 @@ impl Heartbeater {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut client = None;
         let mut last_error = String::new();
+        let mut renewed = self.shared.identity_renewals.subscribe(&self.cluster);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = draining.cancelled() => break,
                 _ = stop.cancelled() => return,
+            }
+            // A renewed identity: the next heartbeat connects with it.
+            if renewed.has_changed().unwrap_or(false) {
+                renewed.mark_unchanged();
+                client = None;
             }
             match self.beat(&mut client, false).await {
                 Ok(ids) => {

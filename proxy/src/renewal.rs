@@ -11,7 +11,7 @@
 //! ([`postern_dial::renew_due`]).
 //!
 //! Only a proxy that has a host certificate and serves a cluster with policy `auth` renews; the
-//! proxy's Auth identity file is not renewed here.
+//! proxy's Auth identity file is renewed by [`crate::policy::identity`].
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -24,7 +24,15 @@ fn cert_of(path: &std::path::Path) -> Certificate {
 
 #[tokio::test]
 async fn the_proxy_renews_its_host_certificate_three_times_while_streams_flow() {
-    let c = Cluster::start_full("prenew", 1, 60, false, |a| a.agent_cert_ttl_secs = TTL, TTL).await;
+    let c = Cluster::start_full(
+        "prenew",
+        1,
+        60,
+        false,
+        |a| a.agent_cert_ttl_secs = TTL,
+        (TTL, 3600),
+    )
+    .await;
     c.role(ALL_TARGETS).await;
     let echo = echo_server().await;
     let session = c.user_session("alice", &["all-targets"], 0).await;

@@ -39,6 +39,7 @@ impl Shipper {
     pub async fn run(self, stop: CancellationToken) {
         let mut client: Option<AuthClient> = None;
         let mut backoff = Duration::from_millis(200);
+        let mut renewed = self.shared.identity_renewals.subscribe(&self.cluster);
         loop {
             tokio::select! {
                 _ = self.spool.appended.notified() => {
@@ -47,6 +48,11 @@ impl Shipper {
                 }
                 _ = tokio::time::sleep(FLUSH) => {}
                 _ = stop.cancelled() => return,
+            }
+            // A renewed identity: the next batch connects with it.
+            if renewed.has_changed().unwrap_or(false) {
+                renewed.mark_unchanged();
+                client = None;
             }
             self.spool.rotate();
             match self.ship_closed(&mut client).await {

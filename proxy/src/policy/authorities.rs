@@ -44,7 +44,13 @@ impl CaRefresher {
     pub async fn run(self, stop: CancellationToken) {
         let mut client: Option<AuthClient> = None;
         let mut last_error = String::new();
+        let mut renewed = self.shared.identity_renewals.subscribe(&self.cluster);
         loop {
+            // A renewed identity: the next read connects with it.
+            if renewed.has_changed().unwrap_or(false) {
+                renewed.mark_unchanged();
+                client = None;
+            }
             match self.once(&mut client).await {
                 Ok(()) => last_error.clear(),
                 Err(e) => {

@@ -7,7 +7,9 @@
 //! - [`registry`]: live client connections and agent tunnels, so a lock or a deleted user closes
 //!   what is already open;
 //! - [`watch`]: the `WatchPolicy` stream from the cluster's Auth server, reached through the
-//!   cluster's own tunnel, that feeds the cache.
+//!   cluster's own tunnel, that feeds the cache;
+//! - [`authorities`]: the cluster's trusted CA keys, read from its Auth server;
+//! - [`identity`]: the proxy's Auth identity, renewed at two-thirds of its life.
 //!
 //! A decision, in order: the policy must be fresh (source `auth`); no lock may name the user, one
 //! of its roles, the access request its certificate's elevation comes from, or the agent; an
@@ -17,6 +19,7 @@
 
 pub mod authorities;
 pub mod cache;
+pub mod identity;
 pub mod registry;
 pub mod watch;
 

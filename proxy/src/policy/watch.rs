@@ -44,6 +44,9 @@ pub enum WatchError {
     /// The stream failed or went silent.
     #[error("watch stream: {0}")]
     Stream(String),
+    /// The proxy's identity was renewed: reconnect with it (not a failure).
+    #[error("the proxy's Auth identity was renewed")]
+    Renewed,
 }
 
 /// What a watcher needs.
@@ -93,6 +96,11 @@ impl Watcher {
             };
             match r {
                 Ok(()) => return,
+                Err(WatchError::Renewed) => {
+                    debug!(cluster = %self.policy.cluster, "Auth identity renewed: the policy watch reconnects with it");
+                    backoff = Duration::from_millis(100);
+                    continue;
+                }
                 Err(e) => {
                     let e = e.to_string();
                     counter!(m::POLICY_WATCH_ERRORS, "cluster" => self.policy.cluster.clone())
@@ -114,6 +122,10 @@ impl Watcher {
     }
 
     async fn watch_once(&self, stop: &CancellationToken) -> Result<(), WatchError> {
+        let mut renewed = self
+            .shared
+            .identity_renewals
+            .subscribe(&self.policy.cluster);
         let client = connect(&self.policy.cluster, &self.identity_file, &self.shared).await?;
         let from = self.policy.cache.revision();
         let mut stream = client
@@ -128,6 +140,7 @@ impl Watcher {
         loop {
             let next = tokio::select! {
                 n = tokio::time::timeout(SILENCE, stream.message()) => n,
+                _ = renewed.changed() => return Err(WatchError::Renewed),
                 _ = stop.cancelled() => return Ok(()),
             };
             match next {

@@ -96,6 +96,8 @@ pub struct TunnelShared {
     pub peers: Arc<crate::peers::Peers>,
     /// The next tunnel id (both transports draw from it).
     pub(crate) next_id: AtomicU64,
+    /// Renewals of the proxy's Auth identities: Auth connections reconnect after one.
+    pub identity_renewals: crate::policy::identity::Renewals,
 }
 
 impl TunnelShared {
@@ -145,6 +147,7 @@ impl TunnelShared {
             audit: Arc::default(),
             peers: Arc::default(),
             next_id: AtomicU64::new(1),
+            identity_renewals: Default::default(),
         }
     }
 

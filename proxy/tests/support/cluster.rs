@@ -194,18 +194,27 @@ impl Cluster {
         process: bool,
         tweak: impl FnOnce(&mut AuthConfig),
     ) -> Cluster {
-        Self::start_full(name, proxies, stale_after_secs, process, tweak, 86400).await
+        Self::start_full(
+            name,
+            proxies,
+            stale_after_secs,
+            process,
+            tweak,
+            (86400, 3600),
+        )
+        .await
     }
 
     /// As [`Cluster::start_tweaked`], with the proxies' host certificates valid
-    /// `proxy_cert_ttl` seconds (they renew at two-thirds of it).
+    /// `proxy_cert_ttl` seconds and their Auth identity `identity_ttl` seconds (they renew both
+    /// at two-thirds of it).
     pub async fn start_full(
         name: &str,
         proxies: usize,
         stale_after_secs: u64,
         process: bool,
         tweak: impl FnOnce(&mut AuthConfig),
-        proxy_cert_ttl: u64,
+        (proxy_cert_ttl, identity_ttl): (u64, u64),
     ) -> Cluster {
         init_tracing();
         let dir = tempfile::tempdir().unwrap();
@@ -336,7 +345,7 @@ impl Cluster {
             })
             .await
             .unwrap();
-        let id = c.identity("proxy-1").await;
+        let id = c.identity_ttl("proxy-1", identity_ttl).await;
         for i in 0..c.proxies.len() {
             id.save(&c.dir.path().join(format!("proxy-{i}.identity")))
                 .unwrap();
@@ -346,13 +355,18 @@ impl Cluster {
 
     /// Signs an identity for an existing user.
     pub async fn identity(&self, user: &str) -> IdentityFile {
+        self.identity_ttl(user, 3600).await
+    }
+
+    /// Signs an identity valid `ttl` seconds for an existing user.
+    pub async fn identity_ttl(&self, user: &str, ttl: u64) -> IdentityFile {
         let key = mint::generate_key();
         let certs = self
             .admin
             .generate_user_certs(GenerateUserCertsRequest {
                 user: user.into(),
                 public_key: key.public_key().to_openssh().unwrap(),
-                ttl_secs: 3600,
+                ttl_secs: ttl,
             })
             .await
             .unwrap();

@@ -188,7 +188,7 @@ enum AuthCommand {
     /// Rotate a CA: automatic (`--type=host --grace-period=30h`) or phase by phase
     /// (`--manual --phase=init|update_clients|update_servers|standby|rollback`).
     Rotate {
-        /// Which CA: host or user.
+        /// Which CA: host, user or tls.
         #[arg(long = "type")]
         kind: String,
         /// Automatic mode: the whole rotation's length (each phase lasts a third of it).
