@@ -1,13 +1,17 @@
 //! CA rotation (`pctl auth rotate`): one phase machine, parameterised by CA kind (SSH host,
 //! SSH user or TLS), as Teleport does it.
 //!
-//! Phases, in order: `standby → init → update_clients → update_servers → standby`, and
-//! `rollback` from any phase but `standby` (back to `standby` with the old key). What each means:
+//! Phases, in order: `standby → init → update_clients → update_servers → standby`, and a
+//! rollback: from `init` straight back to `standby` (the new key never signed), from
+//! `update_clients` or `update_servers` through a phase of its own, `rollback`, in which both keys
+//! stay trusted and the old one signs again, so that whoever renewed from the new key can renew
+//! back (agents and proxies are told at once: the signer changed); `--phase standby` then drops
+//! the new key. What each means:
 //!
 //! | phase | trusted keys | signing key |
 //! |---|---|---|
 //! | `standby` | current | current |
-//! | `init` | current, next | current |
+//! | `init`, `rollback` | current, next | current |
 //! | `update_clients`, `update_servers` | current, next | next |
 //!
 //! The TLS CA signs two kinds of certificates: client certificates switch to the new CA at
@@ -92,6 +96,8 @@ pub enum Phase {
     UpdateClients,
     /// As `update_clients`; servers (proxies, agents) renew from the new key.
     UpdateServers,
+    /// Rolling back: both keys trusted, the old one signs again; `standby` drops the new one.
+    Rollback,
 }
 
 impl Phase {
@@ -102,6 +108,7 @@ impl Phase {
             Phase::Init => "init",
             Phase::UpdateClients => "update_clients",
             Phase::UpdateServers => "update_servers",
+            Phase::Rollback => "rollback",
         }
     }
 
@@ -111,7 +118,7 @@ impl Phase {
             Phase::Standby => Phase::Init,
             Phase::Init => Phase::UpdateClients,
             Phase::UpdateClients => Phase::UpdateServers,
-            Phase::UpdateServers => Phase::Standby,
+            Phase::UpdateServers | Phase::Rollback => Phase::Standby,
         }
     }
 
@@ -175,7 +182,7 @@ impl RotationState {
     pub fn deadline(&self) -> Option<u64> {
         let third = self.grace_secs / 3;
         match (self.manual, self.phase) {
-            (true, _) | (_, Phase::Standby) => None,
+            (true, _) | (_, Phase::Standby) | (_, Phase::Rollback) => None,
             (false, Phase::Init) => Some(self.started + third),
             (false, Phase::UpdateClients) => Some(self.started + 2 * third),
             (false, Phase::UpdateServers) => Some(self.started + self.grace_secs),
@@ -431,12 +438,20 @@ pub fn rotate(
                     "no {kind} CA rotation to roll back: it is in standby"
                 )));
             }
-            s.phase = Phase::Standby;
-            let dropped = s.next.take();
-            if req.kind == CaKind::Tls {
-                // Its client certificates are refused with a reason, as an old CA's after a
-                // completed rotation.
-                s.retired = dropped.as_deref().and_then(crate::tls_ca::material_cert);
+            if s.phase == Phase::Rollback {
+                return Err(RotationError::Refused(format!(
+                    "the {kind} CA is already rolling back: --phase standby ends it (once everyone renewed from the old key)"
+                )));
+            }
+            if s.phase == Phase::Init {
+                // The new key never signed: nothing to renew back from.
+                s.phase = Phase::Standby;
+                drop_next(&mut s, req.kind);
+            } else {
+                // Certificates were issued from the new key: it stays trusted while their
+                // holders renew from the old one, which signs again; standby drops it.
+                s.phase = Phase::Rollback;
+                s.manual = true;
             }
         }
         Some(wanted) => {
@@ -457,9 +472,23 @@ pub fn rotate(
     Ok(s)
 }
 
+/// Drops the new key of a rollback (of a TLS CA, its certificate is kept as `retired`, so that
+/// its client certificates are refused with a reason, as an old CA's after a completed rotation).
+fn drop_next(s: &mut RotationState, kind: CaKind) {
+    let dropped = s.next.take();
+    if kind == CaKind::Tls {
+        s.retired = dropped.as_deref().and_then(crate::tls_ca::material_cert);
+    }
+}
+
 /// One step forward; completing makes the new key the current one (of an old TLS CA, its
-/// certificate is kept as `retired`).
+/// certificate is kept as `retired`); completing a rollback drops the new key.
 fn advance(s: &mut RotationState, kind: CaKind, now: u64) {
+    if s.phase == Phase::Rollback {
+        s.phase = Phase::Standby;
+        drop_next(s, kind);
+        return;
+    }
     s.phase = s.phase.next();
     if s.phase == Phase::Standby {
         if let Some(next) = s.next.take() {

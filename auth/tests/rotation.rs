@@ -1,5 +1,6 @@
 //! The CA rotation phase machine on a real SQLite backend: refusals say why, automatic mode
-//! walks the phases by the grace period, rollback drops the new key, a fresh load (an Auth
+//! walks the phases by the grace period, rollback signs with the old key again and standby then
+//! drops the new one, a fresh load (an Auth
 //! restart) resumes the phase, and the user CA rotates through the same code as the host CA.
 
 use postern_auth::authority::Authorities;
@@ -171,13 +172,21 @@ fn rollback_drops_the_new_key_and_a_restart_resumes_the_phase() {
     rotation::resume(&b, &restarted).unwrap();
     assert_eq!(restarted.host_ca_line(), new);
     assert_eq!(restarted.host_ca_lines(), a.host_ca_lines());
-    // Rollback: the old key signs again and is the only one trusted.
+    // Rollback: the old key signs again; both stay trusted while holders of new-key
+    // certificates renew back.
     let s = rotation::rotate(&b, &restarted, &manual(CaKind::Host, "rollback"), 102).unwrap();
+    assert_eq!(s.phase, Phase::Rollback);
+    assert_eq!(restarted.host_ca_line(), old);
+    assert_eq!(restarted.host_ca_lines().len(), 2);
+    assert!(restarted.host_ca_lines().contains(&new));
+    // Standby drops the new key: the old one is the only one trusted.
+    let s = rotation::rotate(&b, &restarted, &manual(CaKind::Host, "standby"), 103).unwrap();
     assert_eq!(s.phase, Phase::Standby);
+    assert_eq!(s.last_rotated, None, "a rollback completes nothing");
     assert_eq!(restarted.host_ca_lines(), vec![old.clone()]);
     assert_eq!(restarted.host_ca_line(), old);
     // The other server's ticker applies the stored state.
-    rotation::advance_due(&b, &a, CaKind::Host, 103).unwrap();
+    rotation::advance_due(&b, &a, CaKind::Host, 104).unwrap();
     assert_eq!(a.host_ca_lines(), vec![old]);
 }
 

@@ -521,10 +521,28 @@ async fn pctl_rotates_the_host_ca_phase_by_phase() {
     .await);
     let status = ok(&pctl(&env, &["status"], None).await);
     assert!(
-        status.contains("host CA:  phase standby, 1 trusted key(s)"),
+        status.contains("host CA:  phase rollback (manual), 2 trusted key(s)"),
         "{status}"
     );
     assert_eq!(pin(&status), old_pin, "rollback: the old key signs again");
+    ok(&pctl(
+        &env,
+        &[
+            "auth",
+            "rotate",
+            "--type=host",
+            "--manual",
+            "--phase=standby",
+        ],
+        None,
+    )
+    .await);
+    let status = ok(&pctl(&env, &["status"], None).await);
+    assert!(
+        status.contains("host CA:  phase standby, 1 trusted key(s)"),
+        "{status}"
+    );
+    assert_eq!(pin(&status), old_pin);
 
     // The TLS CA through the same commands; `pctl status` shows its phase. The admin identity
     // in the data dir follows the rotation, so pctl keeps working.
