@@ -162,7 +162,12 @@ pub async fn start_postern(
     let transport_toml = match transport {
         AgentTransport::Ssh => "[transport]\nmode = \"ssh\"\n".to_string(),
         AgentTransport::Quic => {
-            format!("[transport]\nmode = \"quic\"\nquic_addr = \"127.0.0.1:{tunnel}\"\n")
+            // The idle-stream figure holds 10,000 streams on one tunnel: the agent's default
+            // of 10,000 concurrent QUIC streams would leave no room for the streams of the
+            // figures before it, whose QUIC stream credit comes back only after they close.
+            format!(
+                "[transport]\nmode = \"quic\"\nquic_addr = \"127.0.0.1:{tunnel}\"\nquic_max_streams = 20000\n"
+            )
         }
     };
     std::fs::write(
