@@ -218,7 +218,7 @@ async fn the_host_ca_rotates_while_streams_flow_and_old_certificates_are_refused
     let cert_file = postern_dial::mint::cert_path(&path);
     postern_dial::mint::write_file(&cert_file, format!("{stale_cert}\n").as_bytes(), 0o600)
         .unwrap();
-    let old_cfg = cluster::agent_cfg(
+    let mut old_cfg = cluster::agent_cfg(
         "rotate",
         "web-2",
         proxy,
@@ -226,6 +226,12 @@ async fn the_host_ca_rotates_while_streams_flow_and_old_certificates_are_refused
         path,
         [("web-2", echo, &[][..])],
     );
+    // The proxy's own certificate is from the new key by now (it renewed when the signer
+    // changed): this agent trusts it as a renewed agent would, so that the refusal seen is the
+    // proxy's, of the agent's old-CA certificate.
+    old_cfg
+        .proxy_host_ca
+        .push(new_key.to_openssh().unwrap().trim().to_string());
     let untrusted = || async {
         metric(
             &scrape(proxy.ops).await,
