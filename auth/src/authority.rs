@@ -298,6 +298,12 @@ impl Authorities {
         self.lines(CaKind::Host)
     }
 
+    /// The SSH host CA key that signs proxies' certificates now (see `CaKeys::server_signer`).
+    pub fn host_ca_server_line(&self) -> String {
+        let k = self.ca_keys(CaKind::Host).server_signer;
+        k.public_key().to_openssh().unwrap_or_default()
+    }
+
     /// SHA-256 fingerprint of the host CA's signing key.
     pub fn host_ca_fingerprint(&self) -> russh::keys::ssh_key::Fingerprint {
         self.ca_keys(CaKind::Host)
@@ -447,7 +453,11 @@ impl Authorities {
         ttl: u64,
     ) -> Result<Issued, AuthorityError> {
         let now = mint::now_unix();
-        let signer = self.ca_keys(CaKind::Host).signer;
+        let keys = self.ca_keys(CaKind::Host);
+        let signer = match spec {
+            CertSpec::Proxy { .. } => keys.server_signer,
+            _ => keys.signer,
+        };
         let cert = mint::issue(&signer, key, spec, now - BACKDATE_SECS, now + ttl)
             .map_err(|e| AuthorityError::Issue(e.to_string()))?;
         Ok(Issued {

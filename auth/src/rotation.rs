@@ -212,10 +212,15 @@ impl RotationState {
             (Some(n), true) => n.clone(),
             _ => current.clone(),
         };
+        let server_signer = match (&next, self.phase) {
+            (Some(n), Phase::UpdateServers) => n.clone(),
+            _ => current.clone(),
+        };
         let mut trusted = vec![current.public_key().clone()];
         trusted.extend(next.iter().map(|n| n.public_key().clone()));
         Ok(Keys::Ssh(CaKeys {
             signer,
+            server_signer,
             trusted,
             phase: self.phase,
         }))
@@ -285,6 +290,10 @@ impl Keys {
 pub struct CaKeys {
     /// The key that signs new certificates.
     pub signer: PrivateKey,
+    /// The key that signs servers' certificates (the host CA's, for proxies): the new key only
+    /// from `update_servers`, as in Teleport, so that agents hold the new CA (announced by their
+    /// renewal at `update_clients`) before any proxy presents a certificate from it.
+    pub server_signer: PrivateKey,
     /// Every trusted public key (the signer's among them).
     pub trusted: Vec<PublicKey>,
     /// The rotation phase these keys belong to.
@@ -296,6 +305,7 @@ impl CaKeys {
     pub fn single(key: PrivateKey) -> CaKeys {
         CaKeys {
             trusted: vec![key.public_key().clone()],
+            server_signer: key.clone(),
             signer: key,
             phase: Phase::Standby,
         }

@@ -1136,7 +1136,15 @@ impl AuthService for Service {
                 "kind: '{other}' is not a CA kind (host, user, tls)"
             ))),
         }
-        .map(|(entries, signing)| ExportAuthoritiesResponse { entries, signing });
+        .map(|(entries, signing)| ExportAuthoritiesResponse {
+            entries,
+            signing,
+            server_signing: if kind == "host" {
+                a.host_ca_server_line()
+            } else {
+                String::new()
+            },
+        });
         self.finish(
             &caller,
             "ExportAuthorities",

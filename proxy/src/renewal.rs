@@ -6,8 +6,9 @@
 //! with it (and the QUIC proof): the next connection presents it, open tunnels and streams carry
 //! on.
 //!
-//! When that cluster's host CA signs with another key (a rotation's `update_clients`, or a
-//! rollback), the renewal comes sooner, within `policy.renew_spread_secs`, as for agents
+//! When the key that signs that cluster's proxy certificates changes (a rotation's
+//! `update_servers`, after agents learned the new key at `update_clients`; or a rollback), the
+//! renewal comes sooner, within `policy.renew_spread_secs`, as for agents
 //! ([`postern_dial::renew_due`]).
 //!
 //! Only a proxy that has a host certificate and serves a cluster with policy `auth` renews; the
@@ -75,7 +76,7 @@ impl HostCertRenewal {
                     .shared
                     .trust
                     .cluster_of_host_ca(&ours)
-                    .and_then(|c| self.shared.trust.host_signer(&c));
+                    .and_then(|c| self.shared.trust.server_signer(&c));
                 if let Some(rx) = &mut hints {
                     rx.mark_unchanged();
                     // Already moved on (the proxy read the CAs before this loop began).

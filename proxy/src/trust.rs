@@ -44,6 +44,8 @@ pub struct Trust {
     clusters: Arc<RwLock<HashMap<String, Arc<ClusterTrust>>>>,
     /// Each served cluster's host signer (None until its Auth server names it).
     signers: Arc<HashMap<String, watch::Sender<Option<SignerHint>>>>,
+    /// Each served cluster's signer of proxies' host certificates (it moves at `update_servers`).
+    server_signers: Arc<HashMap<String, watch::Sender<Option<SignerHint>>>>,
 }
 
 impl Trust {
@@ -52,8 +54,10 @@ impl Trust {
     pub fn from_config(clusters: &[ClusterConfig], cache: &CaCache) -> Result<Trust, String> {
         let mut map = HashMap::new();
         let mut signers = HashMap::new();
+        let mut server_signers = HashMap::new();
         for c in clusters {
             signers.insert(c.name.clone(), watch::Sender::new(None));
+            server_signers.insert(c.name.clone(), watch::Sender::new(None));
             let mut host_cas = parse_ca_lines(&c.host_ca)?;
             let mut user_cas = parse_ca_lines(&c.user_ca)?;
             if let Some((host, user)) = cache.load(&c.name) {
@@ -68,6 +72,7 @@ impl Trust {
         Ok(Trust {
             clusters: Arc::new(RwLock::new(map)),
             signers: Arc::new(signers),
+            server_signers: Arc::new(server_signers),
         })
     }
 
@@ -104,6 +109,21 @@ impl Trust {
     /// Records `cluster`'s host signer; followers wake only if it changed.
     pub fn set_host_signer(&self, cluster: &str, signer: SignerHint) {
         if let Some(s) = self.signers.get(cluster) {
+            postern_dial::renew_due::post(s, signer);
+        }
+    }
+
+    /// Follows the key that signs `cluster`'s proxy certificates (what this proxy's own host
+    /// certificate renewal goes by).
+    pub fn server_signer(&self, cluster: &str) -> Option<watch::Receiver<Option<SignerHint>>> {
+        self.server_signers
+            .get(cluster)
+            .map(watch::Sender::subscribe)
+    }
+
+    /// Records the key that signs `cluster`'s proxy certificates.
+    pub fn set_server_signer(&self, cluster: &str, signer: SignerHint) {
+        if let Some(s) = self.server_signers.get(cluster) {
             postern_dial::renew_due::post(s, signer);
         }
     }

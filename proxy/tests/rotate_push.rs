@@ -1,8 +1,9 @@
 //! A host CA rotation reaches every holder of a host certificate without waiting for its renewal
 //! schedule: at `update_clients` the proxy tells its agents (`@control` `HostCaSigner`, on SSH
 //! and on QUIC) which key signs now, and each agent whose certificate has another signer renews
-//! within the proxy's `renew_spread_secs`; the proxy renews its own host certificate the same
-//! way, and the Auth server re-issues its embedded agent's. Everything here holds hour-long (or
+//! within the proxy's `renew_spread_secs`, and the Auth server re-issues its embedded agent's;
+//! at `update_servers`, once agents know the new key, the proxy renews its own host certificate
+//! the same way. Everything here holds hour-long (or
 //! day-long) certificates, so without this nothing would renew for 40 minutes.
 //!
 //! After the rotation, or after a rollback from `update_clients` (everyone renews back from the
@@ -26,6 +27,10 @@ use support::*;
 
 /// Who holds a host certificate, in the order of [`Fleet::paths`].
 const NAMES: [&str; 4] = ["QUIC agent", "SSH agent", "embedded agent", "proxy"];
+/// The agents among [`NAMES`]: they move at `update_clients`.
+const AGENTS: [usize; 3] = [0, 1, 2];
+/// The proxy among [`NAMES`]: it moves at `update_servers`.
+const PROXY: usize = 3;
 
 fn signer_of(path: &std::path::Path) -> KeyData {
     Certificate::from_openssh(std::fs::read_to_string(path).unwrap().trim())
@@ -101,24 +106,29 @@ impl Fleet {
         }
     }
 
-    /// Waits until every certificate is signed by `key`; returns how long each took.
-    async fn all_signed_by(&self, key: &KeyData, what: &str) -> [Duration; 4] {
+    /// Waits until the certificates `which` (indices into [`NAMES`]) are signed by `key`;
+    /// returns how long each took.
+    async fn signed_by(&self, which: &[usize], key: &KeyData, what: &str) -> Vec<Duration> {
         let start = Instant::now();
-        let mut picked = [None; 4];
+        let mut picked = vec![None; which.len()];
         while picked.iter().any(Option::is_none) {
-            for (i, p) in self.paths.iter().enumerate() {
-                if picked[i].is_none() && &signer_of(p) == key {
-                    picked[i] = Some(start.elapsed());
+            for (slot, &i) in which.iter().enumerate() {
+                if picked[slot].is_none() && &signer_of(&self.paths[i]) == key {
+                    picked[slot] = Some(start.elapsed());
                 }
             }
             assert!(
                 start.elapsed() < Duration::from_secs(20),
                 "not every host certificate renewed from the {what} within 20 s: {:?}",
-                NAMES.iter().zip(&picked).collect::<Vec<_>>()
+                which
+                    .iter()
+                    .map(|&i| NAMES[i])
+                    .zip(&picked)
+                    .collect::<Vec<_>>()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        picked.map(Option::unwrap)
+        picked.into_iter().map(Option::unwrap).collect()
     }
 
     /// SIGKILLs the proxy and waits until all three tunnels are back on the restarted one.
@@ -162,18 +172,36 @@ async fn agents_with_long_certificates_renew_from_a_rotated_host_ca_within_the_s
 
     let trusted = rotate(&f.c, "update_clients").await;
     let new_key = PublicKey::from_openssh(&trusted[0]).unwrap();
-    let took = f.all_signed_by(new_key.key_data(), "new host CA").await;
-    for (n, t) in NAMES.iter().zip(took) {
+    let took = f
+        .signed_by(&AGENTS, new_key.key_data(), "new host CA")
+        .await;
+    for (i, t) in AGENTS.iter().zip(took) {
         eprintln!(
-            "{n}: new-CA certificate {t:?} after update_clients (ca_refresh 1 s, spread 1 s)"
+            "{}: new-CA certificate {t:?} after update_clients (ca_refresh 1 s, spread 1 s)",
+            NAMES[*i]
         );
     }
+    // The proxy keeps its old-key certificate until update_servers: an agent that has not
+    // renewed yet still trusts it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        signer_of(&f.paths[PROXY]),
+        old[PROXY],
+        "the proxy moves at update_servers"
+    );
+    rotate(&f.c, "update_servers").await;
+    let took = f
+        .signed_by(&[PROXY], new_key.key_data(), "new host CA")
+        .await;
+    eprintln!(
+        "proxy: new-CA certificate {:?} after update_servers",
+        took[0]
+    );
 
     // Completing the rotation: the old key is trusted nowhere. A proxy restart drops every
     // tunnel; all three come back on their new-CA certificates, the Auth server's own included
     // (the restarted proxy trusts the CA it cached, though its config names the old one), and
     // the agents accept the proxy's renewed host certificate.
-    rotate(&f.c, "update_servers").await;
     rotate(&f.c, "standby").await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     f.restart_proxy_and_reconnect().await;
@@ -188,15 +216,17 @@ async fn a_rollback_after_update_clients_brings_everyone_back_to_the_old_key() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let trusted = rotate(&f.c, "update_clients").await;
     let new_key = PublicKey::from_openssh(&trusted[0]).unwrap();
-    f.all_signed_by(new_key.key_data(), "new host CA").await;
+    f.signed_by(&AGENTS, new_key.key_data(), "new host CA")
+        .await;
 
     // Rolling back: both keys stay trusted, the old one signs again, and everyone renews back.
     let trusted = rotate(&f.c, "rollback").await;
     assert_eq!(trusted.len(), 2, "both keys trusted while rolling back");
-    let took = f.all_signed_by(&old_key, "old host CA").await;
-    for (n, t) in NAMES.iter().zip(took) {
-        eprintln!("{n}: back on the old CA {t:?} after rollback");
+    let took = f.signed_by(&AGENTS, &old_key, "old host CA").await;
+    for (i, t) in AGENTS.iter().zip(took) {
+        eprintln!("{}: back on the old CA {t:?} after rollback", NAMES[*i]);
     }
+    assert_eq!(signer_of(&f.paths[PROXY]), old_key, "the proxy never moved");
     f.streams_flow(b"rolling back").await;
     // A second rollback is refused, saying how to finish.
     let e =

@@ -85,17 +85,24 @@ impl CaRefresher {
                 .map_err(|e| WatchError::Stream(format!("ExportAuthorities {kind}: {e}")))?;
             // The host signer (an older Auth server names none: agents then renew on their own
             // schedule only).
-            if kind == "host"
-                && let Ok([fingerprint]) =
-                    parse_ca_lines(std::slice::from_ref(&r.signing)).as_deref()
-            {
-                self.shared.trust.set_host_signer(
-                    &self.cluster,
-                    SignerHint {
-                        fingerprint: fingerprint.to_string(),
-                        spread_secs: self.renew_spread_secs,
-                    },
-                );
+            if kind == "host" {
+                let hint = |line: &String| {
+                    parse_ca_lines(std::slice::from_ref(line))
+                        .ok()
+                        .and_then(|fps| fps.first().copied())
+                        .map(|fp| SignerHint {
+                            fingerprint: fp.to_string(),
+                            spread_secs: self.renew_spread_secs,
+                        })
+                };
+                // An older Auth server names neither: agents and this proxy then renew on
+                // their own schedule only.
+                if let Some(h) = hint(&r.signing) {
+                    self.shared.trust.set_host_signer(&self.cluster, h);
+                }
+                if let Some(h) = hint(&r.server_signing) {
+                    self.shared.trust.set_server_signer(&self.cluster, h);
+                }
             }
             lines.push(r.entries.clone());
             lists.push(
