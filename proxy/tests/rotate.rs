@@ -226,9 +226,9 @@ async fn the_host_ca_rotates_while_streams_flow_and_old_certificates_are_refused
         path,
         [("web-2", echo, &[][..])],
     );
-    // The proxy's own certificate is from the new key by now (it renewed when the signer
-    // changed): this agent trusts it as a renewed agent would, so that the refusal seen is the
-    // proxy's, of the agent's old-CA certificate.
+    // The proxy's own certificate is from the new key by now (it renewed at update_servers):
+    // this agent trusts it as a renewed agent would, so that the refusal seen is the proxy's,
+    // of the agent's old-CA certificate.
     old_cfg
         .proxy_host_ca
         .push(new_key.to_openssh().unwrap().trim().to_string());
