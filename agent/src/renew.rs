@@ -97,8 +97,22 @@ pub async fn keep_renewed(
                 failures = failures.saturating_add(1);
                 let left = cert.valid_before().saturating_sub(mint::now_unix());
                 warn!(error = %e, expires_in_secs = left, "certificate renewal failed: retrying");
-                // Retry well before expiry, but not in a tight loop.
-                let wait = Duration::from_secs((left / 10).clamp(1, 300));
+                // Retry well before expiry, but not in a tight loop; after a rotation (the
+                // cluster signs with another key than this certificate's), within the spread
+                // again rather than minutes later: a fleet renewing at once through one address
+                // meets the proxy's per-source caps, and each retry finds room.
+                let mut wait = Duration::from_secs((left / 10).clamp(1, 300));
+                let ours = tunnel_proto::certs::signer_fingerprint(&cert).to_string();
+                if let Some(spread) = hints
+                    .borrow()
+                    .as_ref()
+                    .filter(|h| h.fingerprint != ours)
+                    .map(|h| u64::from(h.spread_secs.max(1)) * 1000)
+                {
+                    wait = wait.min(Duration::from_millis(rand::random_range(
+                        1000..=1000 + spread,
+                    )));
+                }
                 if sleep_or_stop(&shutdown, wait).await {
                     return;
                 }
