@@ -27,6 +27,7 @@ use tunnel_proto::certs::signer_fingerprint;
 use tunnel_proto::join::RenewRequest;
 
 use crate::mint;
+use crate::trust::Signs;
 use crate::tunnel::TunnelShared;
 
 /// Shortest wait between attempts.
@@ -76,17 +77,11 @@ impl HostCertRenewal {
                     .shared
                     .trust
                     .cluster_of_host_ca(&ours)
-                    .and_then(|c| self.shared.trust.server_signer(&c));
+                    .and_then(|c| self.shared.trust.signer(&c, Signs::Proxies));
+                // Looked at once even if it moved before this wait began (the proxy read the CAs
+                // earlier); `wait_due` ignores a signer equal to this certificate's.
                 if let Some(rx) = &mut hints {
-                    rx.mark_unchanged();
-                    // Already moved on (the proxy read the CAs before this loop began).
-                    if rx
-                        .borrow()
-                        .as_ref()
-                        .is_some_and(|h| h.fingerprint != ours.to_string())
-                    {
-                        rx.mark_changed();
-                    }
+                    rx.mark_changed();
                 }
                 if wait_due(&stop, wait, hints.as_mut(), &ours.to_string()).await {
                     return;

@@ -42,10 +42,19 @@ pub fn signer_message(hint: &SignerHint) -> Message {
 #[derive(Debug, Clone, Default)]
 pub struct Trust {
     clusters: Arc<RwLock<HashMap<String, Arc<ClusterTrust>>>>,
-    /// Each served cluster's host signer (None until its Auth server names it).
-    signers: Arc<HashMap<String, watch::Sender<Option<SignerHint>>>>,
-    /// Each served cluster's signer of proxies' host certificates (it moves at `update_servers`).
-    server_signers: Arc<HashMap<String, watch::Sender<Option<SignerHint>>>>,
+    /// Each served cluster's host CA signers, indexed by [`Signs`] (None until its Auth server
+    /// names them).
+    signers: Arc<HashMap<String, [watch::Sender<Option<SignerHint>>; 2]>>,
+}
+
+/// Whose certificates a host CA signer signs: during a rotation agents move to the new key at
+/// `update_clients`, proxies at `update_servers`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signs {
+    /// Agents' certificates (what the proxy tells its agents on `@control`).
+    Agents = 0,
+    /// Proxies' host certificates (what this proxy's own renewal goes by).
+    Proxies = 1,
 }
 
 impl Trust {
@@ -54,10 +63,11 @@ impl Trust {
     pub fn from_config(clusters: &[ClusterConfig], cache: &CaCache) -> Result<Trust, String> {
         let mut map = HashMap::new();
         let mut signers = HashMap::new();
-        let mut server_signers = HashMap::new();
         for c in clusters {
-            signers.insert(c.name.clone(), watch::Sender::new(None));
-            server_signers.insert(c.name.clone(), watch::Sender::new(None));
+            signers.insert(
+                c.name.clone(),
+                [watch::Sender::new(None), watch::Sender::new(None)],
+            );
             let mut host_cas = parse_ca_lines(&c.host_ca)?;
             let mut user_cas = parse_ca_lines(&c.user_ca)?;
             if let Some((host, user)) = cache.load(&c.name) {
@@ -72,7 +82,6 @@ impl Trust {
         Ok(Trust {
             clusters: Arc::new(RwLock::new(map)),
             signers: Arc::new(signers),
-            server_signers: Arc::new(server_signers),
         })
     }
 
@@ -101,30 +110,22 @@ impl Trust {
         }
     }
 
-    /// Follows `cluster`'s host signer (None for a cluster the proxy does not serve).
-    pub fn host_signer(&self, cluster: &str) -> Option<watch::Receiver<Option<SignerHint>>> {
-        self.signers.get(cluster).map(watch::Sender::subscribe)
-    }
-
-    /// Records `cluster`'s host signer; followers wake only if it changed.
-    pub fn set_host_signer(&self, cluster: &str, signer: SignerHint) {
-        if let Some(s) = self.signers.get(cluster) {
-            postern_dial::renew_due::post(s, signer);
-        }
-    }
-
-    /// Follows the key that signs `cluster`'s proxy certificates (what this proxy's own host
-    /// certificate renewal goes by).
-    pub fn server_signer(&self, cluster: &str) -> Option<watch::Receiver<Option<SignerHint>>> {
-        self.server_signers
+    /// Follows `cluster`'s signer of `whose` certificates (None for a cluster the proxy does not
+    /// serve).
+    pub fn signer(
+        &self,
+        cluster: &str,
+        whose: Signs,
+    ) -> Option<watch::Receiver<Option<SignerHint>>> {
+        self.signers
             .get(cluster)
-            .map(watch::Sender::subscribe)
+            .map(|s| s[whose as usize].subscribe())
     }
 
-    /// Records the key that signs `cluster`'s proxy certificates.
-    pub fn set_server_signer(&self, cluster: &str, signer: SignerHint) {
-        if let Some(s) = self.server_signers.get(cluster) {
-            postern_dial::renew_due::post(s, signer);
+    /// Records `cluster`'s signer of `whose` certificates; followers wake only if it changed.
+    pub fn set_signer(&self, cluster: &str, whose: Signs, signer: SignerHint) {
+        if let Some(s) = self.signers.get(cluster) {
+            postern_dial::renew_due::post(&s[whose as usize], signer);
         }
     }
 

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::policy::watch::{WatchError, connect};
-use crate::trust::ClusterTrust;
+use crate::trust::{ClusterTrust, Signs};
 use crate::tunnel::TunnelShared;
 use postern_dial::renew_due::SignerHint;
 
@@ -97,11 +97,13 @@ impl CaRefresher {
                 };
                 // An older Auth server names neither: agents and this proxy then renew on
                 // their own schedule only.
-                if let Some(h) = hint(&r.signing) {
-                    self.shared.trust.set_host_signer(&self.cluster, h);
-                }
-                if let Some(h) = hint(&r.server_signing) {
-                    self.shared.trust.set_server_signer(&self.cluster, h);
+                for (line, whose) in [
+                    (&r.signing, Signs::Agents),
+                    (&r.server_signing, Signs::Proxies),
+                ] {
+                    if let Some(h) = hint(line) {
+                        self.shared.trust.set_signer(&self.cluster, whose, h);
+                    }
                 }
             }
             lines.push(r.entries.clone());

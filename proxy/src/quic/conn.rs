@@ -22,6 +22,7 @@ use crate::link::QUIC;
 use crate::metrics as m;
 use crate::policy::registry::Registration;
 use crate::routing::Tunnel;
+use crate::trust::Signs;
 use crate::tunnel::TunnelShared;
 use crate::tunnel::admission::Slot;
 use crate::tunnel::checks::{Role, admit_login, check_login, record_refusal};
@@ -303,7 +304,7 @@ async fn serve_control(
                 .map_err(|e| e.to_string())?;
         }
     }
-    let mut signer = shared.trust.host_signer(&tunnel.cluster);
+    let mut signer = shared.trust.signer(&tunnel.cluster, Signs::Agents);
     let mut agent_version = 0u32;
     loop {
         tokio::select! {

@@ -11,6 +11,7 @@ use tracing::{debug, warn};
 use tunnel_proto::control::{HOST_CA_SIGNER_VERSION, Message};
 
 use super::*;
+use crate::trust::Signs;
 
 /// Serves an agent's `@control` channel: hello both ways, the proxy set (once known, and again
 /// at every change: see [`crate::peers`]), the host CA's signer to agents that understand it
@@ -40,7 +41,7 @@ pub(super) async fn control(
     }
     let mut inbuf = BytesMut::new();
     let mut drained = false;
-    let mut signer = shared.trust.host_signer(&cluster);
+    let mut signer = shared.trust.signer(&cluster, Signs::Agents);
     let mut agent_version = 0u32;
     loop {
         tokio::select! {
