@@ -8,7 +8,7 @@
 //! [`auth::AuthClient`] calls the Auth API over mTLS, directly or inside such a stream.
 //!
 //! ## Layout
-//! - this file: options, session, stream, errors;
+//! - this file: options, session, errors; `stream`: [`TunnelStream`] and its per-stream credit;
 //! - [`auth`]: the Auth API client (mTLS, direct or through the proxy, typed calls);
 //! - [`credentials`]: the five credential loaders; [`profile`]: what `psh login` writes;
 //! - [`requests`]: access requests from the SDK (create, get, list, review, reissue);
@@ -28,21 +28,21 @@ pub mod credentials;
 pub mod doctor;
 pub mod profile;
 pub mod requests;
+mod stream;
 pub mod times;
 
-use std::pin::Pin;
+pub use stream::TunnelStream;
+
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use postern_dial::DialError;
-use postern_dial::ssh::{Identity, ProxyVerifier, client_config, login};
+use postern_dial::ssh::{Identity, ProxyVerifier, client_config, login_with_id};
 use postern_dial::web::{WebTrust, discover_tunnel_addr, host_of};
-use russh::client::{Handle, Msg, Session};
+use russh::client::{Handle, Session};
 use russh::keys::PublicKeyOrCertificate;
 use russh::keys::ssh_key::Fingerprint;
 use russh::{ChannelId, ChannelOpenFailure};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tunnel_proto::names::StreamTarget;
 
 /// Where the proxy is and how to trust it.
@@ -103,7 +103,8 @@ pub enum ClientError {
 #[derive(Default)]
 struct Refusals(Mutex<Vec<(ChannelId, String)>>, Mutex<Option<String>>);
 
-struct ClientHandler {
+/// The session's russh handler.
+pub(crate) struct ClientHandler {
     verifier: ProxyVerifier,
     refusals: Arc<Refusals>,
 }
@@ -152,6 +153,10 @@ impl russh::client::Handler for ClientHandler {
 pub struct ProxySession {
     handle: Arc<Handle<ClientHandler>>,
     refusals: Arc<Refusals>,
+    /// Whether the proxy speaks per-stream credit on client channels (its SSH identification
+    /// string says so): then each stream is flow-controlled on its own, and one the application
+    /// stops reading holds back none of the session's others.
+    credit: bool,
     /// The tunnel address dialled.
     pub tunnel_addr: String,
 }
@@ -173,9 +178,18 @@ impl ProxySession {
             verifier: verifier.clone(),
             refusals: refusals.clone(),
         };
-        let handle = login(
+        let mut config = client_config(Duration::from_secs(15));
+        config.client_id = russh::SshId::Standard(
+            format!(
+                "SSH-2.0-PosternClient_{} {}",
+                env!("CARGO_PKG_VERSION"),
+                tunnel_proto::credit::CREDIT_ID_TAG
+            )
+            .into(),
+        );
+        let (handle, server_id) = login_with_id(
             &addr,
-            Arc::new(client_config(Duration::from_secs(15))),
+            Arc::new(config),
             handler,
             &verifier,
             &opts.user,
@@ -184,6 +198,7 @@ impl ProxySession {
         .await?;
         Ok(ProxySession {
             handle: Arc::new(handle),
+            credit: tunnel_proto::credit::id_speaks_credit(&server_id),
             refusals,
             tunnel_addr: addr,
         })
@@ -211,7 +226,7 @@ impl ProxySession {
             .channel_open_direct_tcpip(host, port, "127.0.0.1", 0)
             .await
         {
-            Ok(ch) => Ok(TunnelStream::new(ch, self.handle.clone())),
+            Ok(ch) => Ok(TunnelStream::new(ch, self.handle.clone(), self.credit)),
             Err(russh::Error::ChannelOpenFailure(code)) => {
                 // russh hands the failure code to the channel, then the description to the
                 // handler: wait a moment for the description to land.
@@ -280,124 +295,4 @@ pub async fn connect_target(
         .await?
         .open(target, cluster, port)
         .await
-}
-
-/// A byte stream to a target, multiplexed over the SSH session with the proxy. Keeps the session
-/// alive while it exists; dropping it closes the stream.
-///
-/// Reads end with `Ok(0)` only when the far side sent EOF. A stream cut short (the agent or the
-/// service died, the proxy shut down, the session broke) ends with an
-/// [`std::io::ErrorKind::ConnectionAborted`] error instead, never silently.
-pub struct TunnelStream {
-    rx: tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>,
-    pending: bytes::Bytes,
-    failed: Option<(std::io::ErrorKind, String)>,
-    writer: Pin<Box<dyn AsyncWrite + Send + Sync>>,
-    tx: Arc<russh::ChannelWriteHalf<Msg>>,
-    reader: tokio::task::JoinHandle<()>,
-    _session: Arc<Handle<ClientHandler>>,
-}
-
-impl TunnelStream {
-    fn new(ch: russh::Channel<Msg>, session: Arc<Handle<ClientHandler>>) -> TunnelStream {
-        let (mut rd, wr) = ch.split();
-        // Bounded: a reader that stops reading stops this task, whose channel queue then fills
-        // and applies back-pressure through the session.
-        let (q, rx) = tokio::sync::mpsc::channel(64);
-        let reader = tokio::spawn(async move {
-            loop {
-                match rd.wait().await {
-                    Some(russh::ChannelMsg::Data { data }) => {
-                        if q.send(Ok(data)).await.is_err() {
-                            return;
-                        }
-                    }
-                    // EOF: the sender is dropped, and the reader sees the end of the stream.
-                    Some(russh::ChannelMsg::Eof) => return,
-                    Some(russh::ChannelMsg::Close) => {
-                        let _ = q
-                            .send(Err(std::io::Error::new(
-                                std::io::ErrorKind::ConnectionAborted,
-                                "stream cut before its end: the agent, the service or the proxy went away",
-                            )))
-                            .await;
-                        return;
-                    }
-                    Some(_) => {}
-                    None => {
-                        let _ = q
-                            .send(Err(std::io::Error::new(
-                                std::io::ErrorKind::ConnectionAborted,
-                                "stream cut before its end: the SSH session with the proxy ended",
-                            )))
-                            .await;
-                        return;
-                    }
-                }
-            }
-        });
-        TunnelStream {
-            rx,
-            pending: bytes::Bytes::new(),
-            failed: None,
-            writer: Box::pin(wr.make_writer()),
-            tx: Arc::new(wr),
-            reader,
-            _session: session,
-        }
-    }
-}
-
-impl Drop for TunnelStream {
-    fn drop(&mut self) {
-        self.reader.abort();
-        let tx = self.tx.clone();
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                let _ = tx.close().await;
-            });
-        }
-    }
-}
-
-impl AsyncRead for TunnelStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        if let Some((kind, msg)) = &self.failed {
-            return Poll::Ready(Err(std::io::Error::new(*kind, msg.clone())));
-        }
-        while self.pending.is_empty() {
-            match std::task::ready!(self.rx.poll_recv(cx)) {
-                Some(Ok(data)) => self.pending = data,
-                Some(Err(e)) => {
-                    self.failed = Some((e.kind(), e.to_string()));
-                    return Poll::Ready(Err(e));
-                }
-                None => return Poll::Ready(Ok(())),
-            }
-        }
-        let n = buf.remaining().min(self.pending.len());
-        let chunk = self.pending.split_to(n);
-        buf.put_slice(&chunk);
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for TunnelStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        self.writer.as_mut().poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.writer.as_mut().poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.writer.as_mut().poll_shutdown(cx)
-    }
 }

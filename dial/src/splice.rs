@@ -96,6 +96,11 @@ impl Queue {
         self.rx.recv().await
     }
 
+    /// [`Queue::next`] for a poll-based reader.
+    pub fn poll_next(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Item>> {
+        self.rx.poll_recv(cx)
+    }
+
     /// Gives back the budget of an item of `len` bytes once its data has been written on. With
     /// credit, returns the grant to send the peer now (see [`grant_bytes`]), if one is due.
     #[must_use = "a grant that is not sent stalls the peer"]
@@ -185,6 +190,72 @@ pub async fn peer_version(mut version: tokio::sync::watch::Receiver<u32>) -> u32
     match tokio::time::timeout(HELLO_WAIT, version.wait_for(|v| *v != 0)).await {
         Ok(Ok(v)) => *v,
         _ => 1,
+    }
+}
+
+/// An [`AsyncWrite`](tokio::io::AsyncWrite) that spends a stream's [`Credit`] before each write
+/// to `inner` (a channel's writer): it waits, without blocking anything else, until the peer
+/// granted room.
+pub struct CreditWriter<W> {
+    inner: W,
+    permits: tokio_util::sync::PollSemaphore,
+    /// Bytes already spent and not yet taken by `inner` (it may take less than offered).
+    prepaid: usize,
+    /// The most offered to `inner` at once.
+    max: usize,
+}
+
+impl<W> CreditWriter<W> {
+    /// Writes to `inner` under `credit`, at most `max` bytes per write. Keep `max` well under
+    /// the window: a write waits until all of it was granted, and grants come in quarter windows
+    /// ([`GRANT_EVERY`]), so `max` above three quarters of the window could wait forever.
+    pub fn new(inner: W, credit: &Credit, max: usize) -> CreditWriter<W> {
+        CreditWriter {
+            inner,
+            permits: tokio_util::sync::PollSemaphore::new(credit.permits.clone()),
+            prepaid: 0,
+            max: max.max(1),
+        }
+    }
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CreditWriter<W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::task::Poll;
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if self.prepaid == 0 {
+            let want = buf.len().min(self.max) as u32;
+            // The semaphore is never closed.
+            if let Some(p) = std::task::ready!(self.permits.poll_acquire_many(cx, want)) {
+                p.forget();
+            }
+            self.prepaid = want as usize;
+        }
+        let n = buf.len().min(self.prepaid);
+        let wrote =
+            std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_write(cx, &buf[..n]))?;
+        self.prepaid -= wrote;
+        Poll::Ready(Ok(wrote))
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

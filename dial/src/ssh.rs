@@ -223,6 +223,31 @@ pub fn client_config(keepalive: Duration) -> client::Config {
     config
 }
 
+/// The server's identification line, read without consuming it (russh reads it again): the first
+/// line starting `SSH-` among what the server sent first, without its line end. Empty when none
+/// came whole within a few peeks (the handshake then decides as it would have).
+async fn peek_server_id(tcp: &tokio::net::TcpStream) -> Vec<u8> {
+    let mut buf = [0u8; 1024];
+    for _ in 0..50 {
+        let Ok(n) = tcp.peek(&mut buf).await else {
+            return Vec::new();
+        };
+        let seen = &buf[..n];
+        let mut lines = seen.split(|b| *b == b'\n');
+        let complete = seen.iter().filter(|b| **b == b'\n').count();
+        for line in lines.by_ref().take(complete) {
+            if line.starts_with(b"SSH-") {
+                return line.strip_suffix(b"\r").unwrap_or(line).to_vec();
+            }
+        }
+        if n == 0 || n == buf.len() {
+            return Vec::new();
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Vec::new()
+}
+
 /// Connects to `addr`, verifies the proxy with `verifier` (the handler must call
 /// [`ProxyVerifier::verify`] from `check_server_key`), and logs in as `login` with `identity`.
 pub async fn login<H>(
@@ -236,6 +261,25 @@ pub async fn login<H>(
 where
     H: client::Handler<Error = russh::Error> + Send + 'static,
 {
+    login_with_id(addr, config, handler, verifier, login, identity)
+        .await
+        .map(|(handle, _)| handle)
+}
+
+/// [`login`], also returning the proxy's SSH identification string (its first line, without the
+/// line end; empty if it sent none before the handshake went on): whether it speaks
+/// [`tunnel_proto::credit::CREDIT_ID_TAG`] decides how the client sends.
+pub async fn login_with_id<H>(
+    addr: &str,
+    config: Arc<client::Config>,
+    handler: H,
+    verifier: &ProxyVerifier,
+    login: &str,
+    identity: &Identity,
+) -> Result<(Handle<H>, Vec<u8>), DialError>
+where
+    H: client::Handler<Error = russh::Error> + Send + 'static,
+{
     let fut = async {
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
@@ -244,6 +288,7 @@ where
                 source,
             })?;
         let _ = tcp.set_nodelay(true);
+        let server_id = peek_server_id(&tcp).await;
         let tcp = crate::write_behind::WriteBehind::new(tcp, crate::write_behind::WRITE_BEHIND_CAP);
         let mut handle = client::connect_stream(config, tcp, handler)
             .await
@@ -272,7 +317,7 @@ where
                 login: login.to_owned(),
             });
         }
-        Ok(handle)
+        Ok((handle, server_id))
     };
     tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
         .await

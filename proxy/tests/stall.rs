@@ -166,9 +166,9 @@ async fn stopped_reader_scenario(cluster: &str, transport: TransportMode) {
 }
 
 /// A client that writes without reading to a service that echoes fills every queue on its own
-/// path, and its own SSH connection stops moving (SSH's back-pressure on a peer without credit:
-/// see the README). Other clients' streams through the same tunnel keep working all along, and
-/// once the hog gives up, its tunnel serves new streams as before.
+/// stream's path (with credit on the client's leg, only that stream stops; an OpenSSH client's
+/// whole connection would: see the README). Other clients' streams through the same tunnel keep
+/// working all along, and once the hog gives up, its tunnel serves new streams as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writer_that_stops_reading_does_not_wedge_its_tunnel() {
     init_tracing();

@@ -1,8 +1,9 @@
 //! The bytes of a client stream routed to a QUIC tunnel: the client's SSH channel spliced to one
 //! QUIC stream (opened, audited and counted by `tunnel::splice::open_stream`, as on SSH).
 //!
-//! No credit layer: QUIC's per-stream flow control does what [`tunnel_proto::credit`] does on
-//! SSH. A client that stops reading stops the proxy reading its QUIC stream; the agent then runs
+//! No credit layer toward the agent: QUIC's per-stream flow control does what
+//! [`tunnel_proto::credit`] does on SSH (toward a client that speaks credit, the credit layer
+//! applies on its SSH channel as on the SSH transport). A client that stops reading stops the proxy reading its QUIC stream; the agent then runs
 //! out of that stream's window (`quic.stream_window_bytes`, all the proxy holds for it) and
 //! nothing else of the tunnel is held back, because the connection window covers every stream's.
 //!
@@ -65,14 +66,25 @@ pub async fn splice(
     mut recv: quinn::RecvStream,
     early: BytesMut,
     stop: &CancellationToken,
+    client_credit: bool,
 ) -> (u64, u64) {
-    use postern_dial::splice::{Item, eager_reader};
+    use postern_dial::splice::{Credit, Item, eager_reader, grant_bytes, send_data};
+    use tunnel_proto::credit::{CREDIT_EXT, STREAM_WINDOW};
     let (rx, tx) = client.split();
     let up_bytes = counter!(m::BYTES_PROXIED, "direction" => "client_to_agent");
     let down_bytes = counter!(m::BYTES_PROXIED, "direction" => "agent_to_client");
-    // The client's channel is drained eagerly (its SSH connection carries its other streams);
+    let window = STREAM_WINDOW as usize;
+    // The client's channel is drained eagerly (its SSH connection carries its other streams).
+    // A client that speaks credit never has more than a window outstanding here and is granted
+    // more as quinn takes it, and the proxy sends it no more than it granted; without credit,
     // the queue's bound holds back only this client's connection, as on the SSH transport.
-    let (reader, mut queue) = eager_reader(rx, SPLICE_QUEUE_CAP, None);
+    let to_client = client_credit.then(|| Credit::new(window));
+    let cap = if client_credit {
+        window
+    } else {
+        SPLICE_QUEUE_CAP
+    };
+    let (reader, mut queue) = eager_reader(rx, cap, to_client.clone());
     let run = async {
         let up = async {
             let mut total = 0u64;
@@ -83,7 +95,9 @@ pub async fn splice(
                         if send.write_chunk(data).await.is_err() {
                             return (total, End::Closed);
                         }
-                        let _ = queue.release(n);
+                        if let Some(g) = queue.release(n) {
+                            let _ = tx.extended_data_bytes(CREDIT_EXT, grant_bytes(g)).await;
+                        }
                         total += n as u64;
                         up_bytes.increment(n as u64);
                     }
@@ -101,7 +115,10 @@ pub async fn splice(
             if !early.is_empty() {
                 total += early.len() as u64;
                 down_bytes.increment(early.len() as u64);
-                if tx.data_bytes(early.freeze()).await.is_err() {
+                if send_data(&tx, early.freeze(), to_client.as_ref(), window)
+                    .await
+                    .is_err()
+                {
                     return (total, End::Closed);
                 }
             }
@@ -110,7 +127,10 @@ pub async fn splice(
                 match read_coalesced(&mut recv, &mut buf).await {
                     Ok(Some(data)) => {
                         let n = data.len();
-                        if tx.data_bytes(data).await.is_err() {
+                        if send_data(&tx, data, to_client.as_ref(), window)
+                            .await
+                            .is_err()
+                        {
                             let _ = recv.stop(CLIENT_GONE.into());
                             return (total, End::Closed);
                         }

@@ -216,6 +216,7 @@ impl Handler for Conn {
                     host: host_to_connect.to_owned(),
                     port: port_to_connect,
                     originator: (originator_address.to_owned(), originator_port),
+                    client_credit: tunnel_proto::credit::id_speaks_credit(session.remote_sshid()),
                     info: self.stream_info(host_to_connect),
                 };
                 match self.route(&open).and_then(|(tunnel, target)| {
@@ -316,6 +317,8 @@ pub(super) struct OpenRequest {
     pub(super) host: String,
     pub(super) port: u32,
     pub(super) originator: (String, u32),
+    /// Whether the client speaks per-stream credit (its SSH identification string says so).
+    pub(super) client_credit: bool,
 }
 
 impl Conn {

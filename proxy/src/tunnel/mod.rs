@@ -19,7 +19,7 @@ mod handler;
 pub(crate) mod register;
 pub mod splice;
 
-pub use splice::{SPLICE_QUEUE_CAP, splice};
+pub use splice::{Credits, SPLICE_QUEUE_CAP, splice};
 
 use postern_dial::accept::{AcceptLimits, Acceptor, Slot as AcceptSlot};
 
@@ -375,7 +375,12 @@ pub fn ssh_config(
     russh::server::Config {
         preferred,
         server_id: russh::SshId::Standard(
-            format!("SSH-2.0-Postern_{}", env!("CARGO_PKG_VERSION")).into(),
+            format!(
+                "SSH-2.0-Postern_{} {}",
+                env!("CARGO_PKG_VERSION"),
+                tunnel_proto::credit::CREDIT_ID_TAG
+            )
+            .into(),
         ),
         methods: MethodSet::from(&[MethodKind::PublicKey][..]),
         auth_rejection_time: Duration::from_millis(200),

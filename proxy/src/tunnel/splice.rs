@@ -82,12 +82,17 @@ pub(super) async fn open_stream(
         AgentStream::Ssh(channel) => {
             // Whether the agent speaks per-stream credit: its control hello says (normally long
             // since arrived; a stream racing the agent's first hello waits for it).
-            let credit = peer_version(tunnel.agent_version.subscribe()).await >= CREDIT_VERSION;
+            let credit = Credits {
+                agent: peer_version(tunnel.agent_version.subscribe()).await >= CREDIT_VERSION,
+                client: open.client_credit,
+            };
             splice(client, channel, &shared.hard_stop, credit).await
         }
         // QUIC's own per-stream flow control does what the credit layer does on SSH.
         AgentStream::Quic { send, recv, early } => {
-            crate::quic::splice::splice(client, send, recv, early, &shared.hard_stop).await
+            let client_credit = open.client_credit;
+            crate::quic::splice::splice(client, send, recv, early, &shared.hard_stop, client_credit)
+                .await
         }
     };
     let why = if shared.hard_stop.is_cancelled() {
@@ -107,29 +112,42 @@ pub(super) async fn open_stream(
     );
 }
 
-/// Bytes a splice direction may hold from a peer without credit (a client, or an agent older than
-/// [`CREDIT_VERSION`]) while its writer waits; past that the peer's own connection is held back.
+/// Bytes a splice direction may hold from a peer without credit (an OpenSSH client, or an agent
+/// older than [`CREDIT_VERSION`]) while its writer waits; past that the peer's own connection is
+/// held back.
 pub const SPLICE_QUEUE_CAP: usize = 4 << 20;
+
+/// Which ends of a stream speak per-stream credit ([`tunnel_proto::credit`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Credits {
+    /// The agent (its `@control` hello).
+    pub agent: bool,
+    /// The client (its SSH identification string: Postern's client SDK).
+    pub client: bool,
+}
 
 /// Passes channel messages both ways until both sides close. Payload moves as the `Bytes` russh
 /// decrypted into, straight to the other channel's encrypter: no copy buffer on the proxy.
 ///
-/// `a` is the client's channel and `b` the agent's. With `credit` (the agent speaks
-/// [`tunnel_proto::credit`]), the agent never has more than one window of this stream
-/// outstanding at the proxy, and the proxy sends it no more than the agent granted: a slow or
-/// stopped client holds at most one window here and stalls only its own stream. See
-/// [`postern_dial::splice`].
+/// `a` is the client's channel and `b` the agent's. Toward each end that speaks credit
+/// ([`Credits`]), the proxy sends no more than that end granted, and that end never has more
+/// than one window of this stream outstanding at the proxy: a slow or stopped reader holds at
+/// most one window here and stalls only its own stream, and neither session loop ever blocks
+/// (a blocked loop also stops reading the window adjustments the other direction waits for,
+/// which could deadlock a stream that writes and reads at once). See [`postern_dial::splice`].
 pub async fn splice(
     a: Channel<Msg>,
     b: Channel<Msg>,
     stop: &CancellationToken,
-    credit: bool,
+    credit: Credits,
 ) -> (u64, u64) {
     let (a_rx, a_tx) = a.split();
     let (b_rx, b_tx) = b.split();
     let window = STREAM_WINDOW as usize;
-    // Our credit to send to the agent: grants arrive on the agent's channel.
-    let to_agent = credit.then(|| Credit::new(window));
+    // Our credit to send to each end: its grants arrive on its own channel.
+    let to_agent = credit.agent.then(|| Credit::new(window));
+    let to_client = credit.client.then(|| Credit::new(window));
+    let cap = |speaks: bool| if speaks { window } else { SPLICE_QUEUE_CAP };
     let run = async {
         let (up_reader, up) = pump(
             a_rx,
@@ -137,9 +155,9 @@ pub async fn splice(
             &b_tx,
             Flow {
                 direction: "client_to_agent",
-                cap: SPLICE_QUEUE_CAP,
-                grants_in: None,
-                grant_back: false,
+                cap: cap(credit.client),
+                grants_in: to_client.clone(),
+                grant_back: credit.client,
                 send_credit: to_agent.as_ref(),
             },
         );
@@ -149,10 +167,10 @@ pub async fn splice(
             &a_tx,
             Flow {
                 direction: "agent_to_client",
-                cap: if credit { window } else { SPLICE_QUEUE_CAP },
+                cap: cap(credit.agent),
                 grants_in: to_agent.clone(),
-                grant_back: credit,
-                send_credit: None,
+                grant_back: credit.agent,
+                send_credit: to_client.as_ref(),
             },
         );
         tokio::pin!(up, down, up_reader, down_reader);

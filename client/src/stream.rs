@@ -1,0 +1,141 @@
+//! [`TunnelStream`]: one stream to a target, multiplexed over the session with the proxy.
+//!
+//! russh re-opens an SSH channel's window as soon as its session loop receives data, and holds a
+//! reader back only by blocking that loop, which also stops every other stream of the session
+//! (and the window adjustments this stream's own writes wait for). With a proxy that speaks
+//! per-stream credit ([`tunnel_proto::credit`]), the stream is flow-controlled on its own, both
+//! ways: what arrives is taken off the channel at once into a queue the proxy can never overfill
+//! (it sends only what this end granted, granted back as the application reads), and writes
+//! spend the proxy's grants first. An application that stops reading one stream then stalls that
+//! stream only, for as long as it likes, and it resumes with every byte.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use postern_dial::splice::{Credit, CreditWriter, Item, Queue, eager_reader, grant_bytes};
+use russh::client::{Handle, Msg};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tunnel_proto::credit::{CREDIT_EXT, STREAM_WINDOW};
+
+use crate::ClientHandler;
+
+/// The most one write spends and sends at once: one SSH packet's payload. Spending more would
+/// wait for the whole amount to be granted back, and the proxy grants in quarter windows.
+const WRITE_CHUNK: usize = 32 << 10;
+
+/// A byte stream to a target, multiplexed over the SSH session with the proxy. Keeps the session
+/// alive while it exists; dropping it closes the stream.
+///
+/// Reads end with `Ok(0)` only when the far side sent EOF. A stream cut short (the agent or the
+/// service died, the proxy shut down, the session broke) ends with an
+/// [`std::io::ErrorKind::ConnectionAborted`] error instead, never silently.
+pub struct TunnelStream {
+    queue: Queue,
+    pending: bytes::Bytes,
+    /// The far side sent EOF.
+    ended: bool,
+    failed: Option<(std::io::ErrorKind, String)>,
+    writer: Pin<Box<dyn AsyncWrite + Send + Sync>>,
+    tx: Arc<russh::ChannelWriteHalf<Msg>>,
+    reader: tokio::task::JoinHandle<()>,
+    _session: Arc<Handle<ClientHandler>>,
+}
+
+impl TunnelStream {
+    /// Wraps an open channel; `credit` when the proxy speaks per-stream credit.
+    pub(crate) fn new(
+        ch: russh::Channel<Msg>,
+        session: Arc<Handle<ClientHandler>>,
+        credit: bool,
+    ) -> TunnelStream {
+        let (rd, wr) = ch.split();
+        let window = STREAM_WINDOW as usize;
+        // Our credit to send: the proxy's grants arrive on this channel. Without credit the
+        // queue's bound blocks the session past one window (SSH's own back-pressure).
+        let to_proxy = credit.then(|| Credit::new(window));
+        let (reader, queue) = eager_reader(rd, window, to_proxy.clone());
+        let writer: Pin<Box<dyn AsyncWrite + Send + Sync>> = match &to_proxy {
+            Some(c) => Box::pin(CreditWriter::new(wr.make_writer(), c, WRITE_CHUNK)),
+            None => Box::pin(wr.make_writer()),
+        };
+        TunnelStream {
+            queue,
+            pending: bytes::Bytes::new(),
+            ended: false,
+            failed: None,
+            writer,
+            tx: Arc::new(wr),
+            reader: tokio::spawn(reader),
+            _session: session,
+        }
+    }
+}
+
+impl Drop for TunnelStream {
+    fn drop(&mut self) {
+        self.reader.abort();
+        let tx = self.tx.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = tx.close().await;
+            });
+        }
+    }
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if let Some((kind, msg)) = &self.failed {
+            return Poll::Ready(Err(std::io::Error::new(*kind, msg.clone())));
+        }
+        while self.pending.is_empty() {
+            if self.ended {
+                return Poll::Ready(Ok(()));
+            }
+            match std::task::ready!(self.queue.poll_next(cx)) {
+                Some(Item::Data(data)) => self.pending = data,
+                Some(Item::Eof) => self.ended = true,
+                None => {
+                    let e = std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        "stream cut before its end: the agent, the service or the proxy went away, or the SSH session with the proxy ended",
+                    );
+                    self.failed = Some((e.kind(), e.to_string()));
+                    return Poll::Ready(Err(e));
+                }
+            }
+        }
+        let n = buf.remaining().min(self.pending.len());
+        let chunk = self.pending.split_to(n);
+        buf.put_slice(&chunk);
+        // Read by the application: grant the proxy that much again (every quarter window).
+        if let Some(g) = self.queue.release(n) {
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.extended_data_bytes(CREDIT_EXT, grant_bytes(g)).await;
+            });
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.writer.as_mut().poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.writer.as_mut().poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.writer.as_mut().poll_shutdown(cx)
+    }
+}
