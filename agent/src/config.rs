@@ -106,6 +106,9 @@ pub struct TransportConfig {
     /// quic_stream_window_bytes` (default: that product), so that streams whose target stopped
     /// reading cannot starve the others.
     pub quic_connection_window_bytes: Option<u64>,
+    /// Upper bound of QUIC path MTU discovery, UDP payload bytes, 1200..=6500. Default 1452 (a
+    /// 1,500-byte Ethernet path); the larger of the two ends' bounds that the path carries wins.
+    pub quic_mtu_upper_bound: u16,
 }
 
 impl Default for TransportConfig {
@@ -118,6 +121,7 @@ impl Default for TransportConfig {
             quic_stream_window_bytes: 2 << 20,
             quic_max_streams: 10_000,
             quic_connection_window_bytes: None,
+            quic_mtu_upper_bound: tunnel_proto::quic::MTU_UPPER_BOUND_DEFAULT,
         }
     }
 }
@@ -486,6 +490,12 @@ impl AgentConfig {
             return Err(invalid(
                 "transport.quic_keepalive_ms",
                 "must be 100..=60000",
+            ));
+        }
+        if !tunnel_proto::quic::mtu_bound_ok(t.quic_mtu_upper_bound) {
+            return Err(invalid(
+                "transport.quic_mtu_upper_bound",
+                "must be 1200..=6500 (above 6500, UDP GSO batches exceed 64 KiB and fail)",
             ));
         }
         if !(64 * 1024..=1 << 30).contains(&t.quic_stream_window_bytes) {

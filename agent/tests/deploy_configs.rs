@@ -137,6 +137,12 @@ fn quic_transport_settings_are_validated() {
     );
     c.transport.quic_max_streams = 1;
     c.validate().unwrap();
+    for bad in [0, 1199, 6501] {
+        let mut c = example();
+        c.transport.quic_mtu_upper_bound = bad;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("`transport.quic_mtu_upper_bound`"), "{bad}: {e}");
+    }
     let mut c = example();
     c.transport.quic_addr = Some("no-port".into());
     let e = c.validate().unwrap_err().to_string();

@@ -154,6 +154,10 @@ pub struct QuicConfig {
     /// Default 4 MiB: quinn leaves the OS default (about 208 KiB), which dropped about 1 % of
     /// datagrams under load.
     pub udp_buffer_bytes: usize,
+    /// Upper bound of path MTU discovery, UDP payload bytes, 1200..=6500. Default 1452 (a
+    /// 1,500-byte Ethernet path). Discovery probes up to it and settles on what the path carries,
+    /// so raising it is safe; it pays on loopback and jumbo-frame networks (see the README).
+    pub mtu_upper_bound: u16,
 }
 
 /// Graceful shutdown.
@@ -304,6 +308,7 @@ impl Default for QuicConfig {
             stream_window_bytes: 2 << 20,
             connection_window_bytes: None,
             udp_buffer_bytes: 4 << 20,
+            mtu_upper_bound: tunnel_proto::quic::MTU_UPPER_BOUND_DEFAULT,
         }
     }
 }
@@ -510,6 +515,12 @@ impl ProxyConfig {
                      (a smaller window lets stalled streams starve the rest of their tunnel)",
                     self.min_quic_connection_window()
                 ),
+            ));
+        }
+        if !tunnel_proto::quic::mtu_bound_ok(self.quic.mtu_upper_bound) {
+            return Err(invalid(
+                "quic.mtu_upper_bound",
+                "must be 1200..=6500 (above 6500, UDP GSO batches exceed 64 KiB and fail)",
             ));
         }
         if !(64 * 1024..=256 << 20).contains(&self.quic.udp_buffer_bytes) {

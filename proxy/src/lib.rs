@@ -349,6 +349,7 @@ pub async fn run(
             socket,
             quic::server_config(&web_tls, &config)?,
             &quic::reset_key(&config.data_dir)?,
+            config.quic.mtu_upper_bound,
         )?),
         None => None,
     };

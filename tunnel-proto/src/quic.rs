@@ -43,6 +43,19 @@ use crate::control::{DecodeError, EncodeError, MAX_FRAME, Message, get_str, get_
 
 /// ALPN protocol of the tunnel over QUIC.
 pub const ALPN: &[u8] = b"postern-tunnel/1";
+/// The default upper bound of QUIC path MTU discovery (UDP payload bytes): quinn's own, what an
+/// internet path of 1,500-byte Ethernet frames carries.
+pub const MTU_UPPER_BOUND_DEFAULT: u16 = 1452;
+/// The highest upper bound accepted: quinn sends up to 10 datagrams per UDP GSO batch and Linux
+/// refuses batches over 64 KiB, so a larger MTU makes every batch fail and quinn's black-hole
+/// detection falls back to 1,200.
+pub const MTU_UPPER_BOUND_MAX: u16 = 6500;
+/// QUIC's minimum MTU (RFC 9000): the lowest bound accepted.
+pub const MTU_UPPER_BOUND_MIN: u16 = 1200;
+/// Whether `bound` is an accepted MTU discovery upper bound.
+pub fn mtu_bound_ok(bound: u16) -> bool {
+    (MTU_UPPER_BOUND_MIN..=MTU_UPPER_BOUND_MAX).contains(&bound)
+}
 /// TLS exporter label (RFC 8446 7.5) of the login binding.
 pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-postern-agent-auth";
 /// Exporter context of the value the agent signs.

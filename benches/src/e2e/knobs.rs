@@ -27,6 +27,12 @@ pub struct Knobs {
     pub agent_connection_window: u64,
     /// QUIC, agent side: `transport.quic_max_streams`.
     pub agent_max_streams: u32,
+    /// QUIC path MTU discovery upper bound, proxy side (`quic.mtu_upper_bound`).
+    #[serde(default)]
+    pub proxy_mtu_bound: u16,
+    /// The same, agent side (`transport.quic_mtu_upper_bound`).
+    #[serde(default)]
+    pub agent_mtu_bound: u16,
     /// `net.core.rmem_max` (the kernel clamps UDP receive buffers to it).
     pub rmem_max: Option<u64>,
     /// `net.core.wmem_max`.
@@ -63,6 +69,8 @@ pub fn read(proxy_config: &Path, agent_config: &Path) -> anyhow::Result<Knobs> {
         agent_stream_window: t.quic_stream_window_bytes,
         agent_connection_window: t.connection_window(),
         agent_max_streams: t.quic_max_streams,
+        proxy_mtu_bound: proxy.quic.mtu_upper_bound,
+        agent_mtu_bound: t.quic_mtu_upper_bound,
         rmem_max: sysctl("rmem_max"),
         wmem_max: sysctl("wmem_max"),
         gso_segments: probe.as_ref().map(|p| p.max_gso_segments()),
@@ -108,6 +116,10 @@ impl Knobs {
             "| kernel caps (`net.core.rmem_max` / `wmem_max`) | {} / {} | same |\n",
             opt(self.rmem_max),
             opt(self.wmem_max)
+        ));
+        s.push_str(&format!(
+            "| QUIC path MTU discovery upper bound (UDP payload bytes) | {} (`quic.mtu_upper_bound`) | {} (`transport.quic_mtu_upper_bound`); the \"MTU ≤\" row raises both |\n",
+            self.proxy_mtu_bound, self.agent_mtu_bound
         ));
         s.push_str("| congestion controller | Cubic (quinn's default; not set) | Cubic (quinn's default; not set) |\n");
         s.push_str(&format!(

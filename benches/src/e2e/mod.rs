@@ -89,6 +89,10 @@ pub struct Cli {
     /// Skip the agent-on-QUIC rows and figures.
     #[arg(long)]
     pub no_quic: bool,
+    /// Also measure QUIC with path MTU discovery allowed up to this many bytes on both ends
+    /// (1200..=6500; the default bound, 1452, skips the extra row).
+    #[arg(long, default_value_t = 6500, value_parser = clap::value_parser!(u16).range(1200..=6500))]
+    pub quic_mtu: u16,
     /// Seconds per phase of the isolation figure (B alone, B while A reads slowly); 0 skips it.
     #[arg(long, default_value_t = 20)]
     pub isolation_secs: u64,
@@ -213,7 +217,7 @@ async fn stall_figure(
     hose: &services::Hose,
     transport: AgentTransport,
 ) -> anyhow::Result<ByTransport<StallReport>> {
-    let p = start_postern(dir, bin, targets, transport).await?;
+    let p = start_postern(dir, bin, targets, transport, None).await?;
     let sent0 = p.bytes_to_clients().await?;
     let mut s =
         isolation::stalled(&p.session, &iso_targets(), p.proxy_pid, || hose.written()).await?;
@@ -346,11 +350,33 @@ async fn phase(cli: &Cli, cipher: &str) -> anyhow::Result<Phase> {
     }
     // One setup at a time: each is dropped (its processes killed) before the next starts.
     for &t in &transports {
-        let p = start_postern(&dir.path().join(t.label()), &bin, targets, t).await?;
+        let p = start_postern(&dir.path().join(t.label()), &bin, targets, t, None).await?;
         if t == AgentTransport::Quic {
             out.knobs = Some(knobs::read(&p.proxy_config, &p.agent_config)?);
         }
         postern_rows(cli, cipher, &p, extras, &mut out).await?;
+    }
+    // QUIC again with path MTU discovery allowed up to --quic-mtu on both ends: loopback carries
+    // it (an internet path would settle at 1452 again). Throughput and latency only.
+    if extras && !cli.no_quic && cli.quic_mtu > tunnel_proto::quic::MTU_UPPER_BOUND_DEFAULT {
+        let m = cli.quic_mtu;
+        let p = start_postern(
+            &dir.path().join("quic-mtu"),
+            &bin,
+            targets,
+            AgentTransport::Quic,
+            Some(m),
+        )
+        .await?;
+        let d = Dialer::Postern {
+            session: p.session.clone(),
+        };
+        let (pp, ap) = (p.proxy_pid, p.agent_pid);
+        let name = format!("{QUIC_ROW}, MTU ≤ {m}");
+        let cell = format!("{cipher} (client leg) + QUIC (once)");
+        out.rows
+            .push(measure(&name, &cell, &d, cli, &|| vec![pp, ap]).await?);
+        p.check_transport().await?;
     }
 
     let o = openssh::start_openssh(dir.path(), cipher, sink, echo).await?;

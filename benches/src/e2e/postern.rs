@@ -92,12 +92,20 @@ pub struct PosternSetup {
 
 /// Starts a proxy and an agent on `transport` in `dir` (created), logs a client in, and waits
 /// until the agent's tunnel is up on that transport: fails if it came up on the other one.
+/// `quic_mtu` sets both ends' QUIC path MTU discovery bound (`quic.mtu_upper_bound`,
+/// `transport.quic_mtu_upper_bound`); `None` leaves the default (1452).
 pub async fn start_postern(
     dir: &Path,
     bin: &Path,
     targets: Targets,
     transport: AgentTransport,
+    quic_mtu: Option<u16>,
 ) -> anyhow::Result<PosternSetup> {
+    let mtu_line = |key: &str| {
+        quic_mtu
+            .map(|m| format!("{key} = {m}\n"))
+            .unwrap_or_default()
+    };
     std::fs::create_dir_all(dir)?;
     let host_ca = mint::generate_key();
     let user_ca = mint::generate_key();
@@ -113,9 +121,10 @@ pub async fn start_postern(
         &proxy_config,
         format!(
             "data_dir = {pdir:?}\nallow_root = true\n[listen]\nweb = \"127.0.0.1:{web}\"\ntunnel = \"127.0.0.1:{tunnel}\"\nops = \"127.0.0.1:{ops}\"\n\
-             [quic]\nenabled = true\nlisten = \"127.0.0.1:{tunnel}\"\n\
+             [quic]\nenabled = true\nlisten = \"127.0.0.1:{tunnel}\"\n{}\
              [limits]\nmax_unauthenticated = 4096\nmax_unauthenticated_per_source = 4096\nmax_streams_per_user_per_target = 100000\nmax_streams_per_tunnel = 100000\nmax_streams_per_client = 100000\nmax_tunnels_per_cluster = 100000\nmax_connects_per_source_per_minute = 100000\n\
              [[clusters]]\nname = \"bench\"\nhost_ca = [{:?}]\nuser_ca = [{:?}]\npolicy = {{ source = \"open\" }}\n",
+            mtu_line("mtu_upper_bound"),
             line(&host_ca)?,
             line(&user_ca)?
         ),
@@ -166,7 +175,8 @@ pub async fn start_postern(
             // of 10,000 concurrent QUIC streams would leave no room for the streams of the
             // figures before it, whose QUIC stream credit comes back only after they close.
             format!(
-                "[transport]\nmode = \"quic\"\nquic_addr = \"127.0.0.1:{tunnel}\"\nquic_max_streams = 20000\n"
+                "[transport]\nmode = \"quic\"\nquic_addr = \"127.0.0.1:{tunnel}\"\nquic_max_streams = 20000\n{}",
+                mtu_line("quic_mtu_upper_bound")
             )
         }
     };

@@ -37,6 +37,16 @@ fn errors_name_the_field() {
     assert!(e.contains("quic.connection_window_bytes"), "{e}");
     c.limits.max_streams_per_tunnel = 1;
     c.validate().unwrap();
+    // Above 6500 every UDP GSO batch would exceed 64 KiB and fail; below 1200 is not QUIC.
+    for bad in [1199, 6501, 9000] {
+        let mut c = ProxyConfig::default();
+        c.quic.mtu_upper_bound = bad;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("quic.mtu_upper_bound"), "{bad}: {e}");
+    }
+    let mut c = ProxyConfig::default();
+    c.quic.mtu_upper_bound = 6500;
+    c.validate().unwrap();
     let c = ProxyConfig::from_toml(
         "[[clusters]]\nname = \"ok\"\nhost_ca = [\"ssh-ed25519 garbage\"]\nuser_ca = []\n",
     )

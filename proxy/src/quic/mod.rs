@@ -101,6 +101,7 @@ pub fn server_config(
     t.keep_alive_interval(Some(keepalive));
     let idle = keepalive.saturating_mul(config.ssh.keepalive_max as u32 + 1);
     t.max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok());
+    t.mtu_discovery_config(Some(mtu_discovery(config.quic.mtu_upper_bound)));
     server.transport_config(Arc::new(t));
     // Agents behind NAT may change port; a tunnel is bound to its TLS session, not its address.
     server.migration(true);
@@ -178,14 +179,24 @@ pub fn bind_udp(addr: SocketAddr, buffer: usize) -> Result<std::net::UdpSocket, 
     Ok(socket)
 }
 
+/// Path MTU discovery up to `upper_bound` UDP payload bytes (quinn's other defaults kept).
+pub fn mtu_discovery(upper_bound: u16) -> quinn::MtuDiscoveryConfig {
+    let mut d = quinn::MtuDiscoveryConfig::default();
+    d.upper_bound(upper_bound);
+    d
+}
+
 /// The quinn endpoint on a bound UDP socket. `reset_key` keys its stateless resets: kept in the
 /// data dir, so that a restarted proxy's resets are valid for the connections its previous run
 /// held, and their agents learn at their next packet (not at their idle timeout) that the
 /// tunnel is gone.
+/// It accepts datagrams of up to `mtu_upper_bound` UDP payload bytes (at least quinn's default,
+/// 1472).
 pub fn endpoint(
     socket: std::net::UdpSocket,
     server: quinn::ServerConfig,
     reset_key: &[u8],
+    mtu_upper_bound: u16,
 ) -> Result<quinn::Endpoint, QuicError> {
     let addr = socket
         .local_addr()
@@ -198,6 +209,8 @@ pub fn endpoint(
     // 32-bit MAC, so garbage almost never earns a reset, and a reset is always smaller than the
     // packet that caused it (no amplification): 1 ms (1,000 resets/s) is safe.
     config.min_reset_interval(Duration::from_millis(1));
+    // Only fails below 1200, which validation refuses.
+    let _ = config.max_udp_payload_size(mtu_upper_bound.max(1472));
     quinn::Endpoint::new(config, Some(server), socket, Arc::new(quinn::TokioRuntime))
         .map_err(|source| QuicError::Socket { addr, source })
 }

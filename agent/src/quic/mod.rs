@@ -4,6 +4,8 @@
 //!
 //! The wire contract is [`tunnel_proto::quic`].
 
+mod splice;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,8 +16,6 @@ use bytes::BytesMut;
 use postern_dial::DialError;
 use postern_dial::ssh::{Identity, ProxyVerifier};
 use russh::keys::{Certificate, PublicKey, PublicKeyOrCertificate};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 use tunnel_proto::control::{DecodeError, Message};
@@ -26,9 +26,7 @@ use tunnel_proto::quic::{
 };
 
 use crate::config::{AgentConfig, TargetAddr};
-use crate::tunnel::{
-    Ended, HEARTBEAT, HELLO_DEADLINE, SPLICE_BUF, TARGET_CONNECT_TIMEOUT, web_trust,
-};
+use crate::tunnel::{Ended, HEARTBEAT, HELLO_DEADLINE, TARGET_CONNECT_TIMEOUT, web_trust};
 
 /// Keepalive intervals without a single datagram from the proxy before the agent gives the
 /// connection up and redials.
@@ -43,7 +41,9 @@ pub struct QuicClient {
 }
 
 impl QuicClient {
-    fn endpoint(&self, v6: bool) -> std::io::Result<quinn::Endpoint> {
+    /// The endpoint for one address family, accepting datagrams of up to `mtu_upper_bound` UDP
+    /// payload bytes (at least quinn's default, 1472; fixed when the endpoint is first made).
+    fn endpoint(&self, v6: bool, mtu_upper_bound: u16) -> std::io::Result<quinn::Endpoint> {
         let mut slots = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
         let slot = &mut slots[usize::from(v6)];
         if let Some(e) = slot {
@@ -58,12 +58,10 @@ impl QuicClient {
         let sock = socket2::SockRef::from(&socket);
         let _ = sock.set_recv_buffer_size(4 << 20);
         let _ = sock.set_send_buffer_size(4 << 20);
-        let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            None,
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )?;
+        let mut ec = quinn::EndpointConfig::default();
+        // Only fails below 1200, which validation refuses.
+        let _ = ec.max_udp_payload_size(mtu_upper_bound.max(1472));
+        let endpoint = quinn::Endpoint::new(ec, None, socket, Arc::new(quinn::TokioRuntime))?;
         *slot = Some(endpoint.clone());
         Ok(endpoint)
     }
@@ -113,7 +111,7 @@ pub async fn dial(
         .next()
         .ok_or_else(|| quic_err(addr, "no address"))?;
     let endpoint = client
-        .endpoint(target.is_ipv6())
+        .endpoint(target.is_ipv6(), t.quic_mtu_upper_bound)
         .map_err(|e| quic_err(addr, e))?;
     // TLS: the proxy's web certificate, trusted as discovery trusts it (pin, CA, or anything);
     // the proxy is then authenticated by its SSH host certificate bound to this connection.
@@ -131,6 +129,9 @@ pub async fn dial(
     tc.receive_window(varint(t.connection_window()));
     tc.keep_alive_interval(Some(Duration::from_millis(t.quic_keepalive_ms)));
     tc.max_idle_timeout(quinn::IdleTimeout::try_from(config.keepalive() * 4).ok());
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(t.quic_mtu_upper_bound);
+    tc.mtu_discovery_config(Some(mtu));
     client.transport_config(Arc::new(tc));
     let host = postern_dial::web::host_of(addr);
     let connecting = endpoint
@@ -560,7 +561,7 @@ async fn serve_stream(
     }
     active.fetch_add(1, Ordering::Relaxed);
     let _open = crate::metrics::StreamOpen::new(&target);
-    let (up, down) = splice(send, recv, buf, tcp).await;
+    let (up, down) = splice::splice(send, recv, buf, tcp).await;
     active.fetch_sub(1, Ordering::Relaxed);
     debug!(to_target = up, from_target = down, "stream closed");
 }
@@ -572,77 +573,4 @@ async fn refuse(send: &mut quinn::SendStream, reason: String) {
     let _ = send.write_all(&out).await;
     let _ = send.finish();
     let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
-}
-
-/// Splices a QUIC stream and a socket until both directions ended or either failed. `early` is
-/// payload that came with the open frame.
-async fn splice(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    early: BytesMut,
-    tcp: TcpStream,
-) -> (u64, u64) {
-    let (mut tcp_r, mut tcp_w) = tcp.into_split();
-    // Each direction returns (bytes, ended cleanly).
-    let to_target = async {
-        let mut total = early.len() as u64;
-        if !early.is_empty() && tcp_w.write_all(&early).await.is_err() {
-            let _ = recv.stop(1u32.into());
-            return (total, false);
-        }
-        loop {
-            match recv.read_chunk(usize::MAX, true).await {
-                Ok(Some(c)) => {
-                    if tcp_w.write_all(&c.bytes).await.is_err() {
-                        let _ = recv.stop(1u32.into());
-                        return (total, false);
-                    }
-                    total += c.bytes.len() as u64;
-                }
-                Ok(None) => {
-                    let _ = tcp_w.shutdown().await;
-                    return (total, true);
-                }
-                Err(_) => return (total, false),
-            }
-        }
-    };
-    let from_target = async {
-        let mut total = 0u64;
-        let mut buf = BytesMut::with_capacity(SPLICE_BUF);
-        loop {
-            if buf.capacity() < SPLICE_BUF / 4 {
-                buf.reserve(SPLICE_BUF);
-            }
-            match tcp_r.read_buf(&mut buf).await {
-                Ok(0) => {
-                    let _ = send.finish();
-                    return (total, true);
-                }
-                Ok(n) => {
-                    total += n as u64;
-                    if send.write_chunk(buf.split().freeze()).await.is_err() {
-                        return (total, false);
-                    }
-                }
-                Err(_) => {
-                    let _ = send.reset(1u32.into());
-                    return (total, false);
-                }
-            }
-        }
-    };
-    tokio::pin!(to_target, from_target);
-    let (mut up, mut down) = (None, None);
-    loop {
-        tokio::select! {
-            r = &mut to_target, if up.is_none() => up = Some(r),
-            r = &mut from_target, if down.is_none() => down = Some(r),
-        }
-        let failed = matches!(up, Some((_, false))) || matches!(down, Some((_, false)));
-        if failed || (up.is_some() && down.is_some()) {
-            break;
-        }
-    }
-    (up.map_or(0, |r| r.0), down.map_or(0, |r| r.0))
 }

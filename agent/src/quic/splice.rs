@@ -1,0 +1,123 @@
+//! A client stream's bytes between its QUIC stream and the target's socket.
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::tunnel::SPLICE_BUF;
+
+/// Chunks taken from a QUIC stream per vectored write to the target.
+const CHUNKS: usize = 32;
+
+/// Writes every byte of `chunks` to `w`, in vectored writes (no copy), emptying them.
+async fn write_all_chunks(
+    w: &mut (impl tokio::io::AsyncWrite + Unpin),
+    chunks: &mut [Bytes],
+) -> std::io::Result<()> {
+    use bytes::Buf;
+    let mut first = 0;
+    while first < chunks.len() {
+        if chunks[first].is_empty() {
+            first += 1;
+            continue;
+        }
+        let slices: Vec<std::io::IoSlice<'_>> = chunks[first..]
+            .iter()
+            .map(|c| std::io::IoSlice::new(c))
+            .collect();
+        let mut n = w.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let c = &mut chunks[first];
+            let k = n.min(c.len());
+            c.advance(k);
+            n -= k;
+            if c.is_empty() {
+                first += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Splices a QUIC stream and a socket until both directions ended or either failed. `early` is
+/// payload that came with the open frame.
+pub(super) async fn splice(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    early: BytesMut,
+    tcp: TcpStream,
+) -> (u64, u64) {
+    let (mut tcp_r, mut tcp_w) = tcp.into_split();
+    // Each direction returns (bytes, ended cleanly).
+    let to_target = async {
+        let mut total = early.len() as u64;
+        if !early.is_empty() && tcp_w.write_all(&early).await.is_err() {
+            let _ = recv.stop(1u32.into());
+            return (total, false);
+        }
+        // quinn hands over one chunk per datagram (about 1,200 bytes): whatever is ready goes to
+        // the socket in one vectored write, without copying it together.
+        let mut chunks: [Bytes; CHUNKS] = Default::default();
+        loop {
+            match recv.read_chunks(&mut chunks).await {
+                Ok(Some(n)) => {
+                    let got: u64 = chunks[..n].iter().map(|c| c.len() as u64).sum();
+                    if write_all_chunks(&mut tcp_w, &mut chunks[..n])
+                        .await
+                        .is_err()
+                    {
+                        let _ = recv.stop(1u32.into());
+                        return (total, false);
+                    }
+                    total += got;
+                }
+                Ok(None) => {
+                    let _ = tcp_w.shutdown().await;
+                    return (total, true);
+                }
+                Err(_) => return (total, false),
+            }
+        }
+    };
+    let from_target = async {
+        let mut total = 0u64;
+        let mut buf = BytesMut::with_capacity(SPLICE_BUF);
+        loop {
+            if buf.capacity() < SPLICE_BUF / 4 {
+                buf.reserve(SPLICE_BUF);
+            }
+            match tcp_r.read_buf(&mut buf).await {
+                Ok(0) => {
+                    let _ = send.finish();
+                    return (total, true);
+                }
+                Ok(n) => {
+                    total += n as u64;
+                    if send.write_chunk(buf.split().freeze()).await.is_err() {
+                        return (total, false);
+                    }
+                }
+                Err(_) => {
+                    let _ = send.reset(1u32.into());
+                    return (total, false);
+                }
+            }
+        }
+    };
+    tokio::pin!(to_target, from_target);
+    let (mut up, mut down) = (None, None);
+    loop {
+        tokio::select! {
+            r = &mut to_target, if up.is_none() => up = Some(r),
+            r = &mut from_target, if down.is_none() => down = Some(r),
+        }
+        let failed = matches!(up, Some((_, false))) || matches!(down, Some((_, false)));
+        if failed || (up.is_some() && down.is_some()) {
+            break;
+        }
+    }
+    (up.map_or(0, |r| r.0), down.map_or(0, |r| r.0))
+}
