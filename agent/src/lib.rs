@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod pool;
 pub mod quic;
 pub mod renew;
+mod splice;
 pub mod tunnel;
 
 use std::time::Duration;

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -13,12 +13,11 @@ use postern_dial::web::{WebTrust, find, host_of};
 use russh::client::{ChannelOpenHandle, Msg, Session};
 use russh::keys::PublicKeyOrCertificate;
 use russh::{Channel, ChannelMsg, ChannelOpenFailure, Disconnect};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 use tunnel_proto::control::Message;
-use tunnel_proto::credit::{CREDIT_EXT, CREDIT_VERSION, STREAM_WINDOW};
+use tunnel_proto::credit::CREDIT_VERSION;
 use tunnel_proto::names::{CONTROL_HOST, agent_login};
 
 use crate::config::{AgentConfig, TargetAddr, TransportMode};
@@ -32,7 +31,7 @@ pub(crate) const SPLICE_BUF: usize = 64 * 1024;
 /// Seconds between heartbeats on the control channel.
 pub(crate) const HEARTBEAT: Duration = Duration::from_secs(30);
 /// Queue bound per stream toward a proxy without credit (back-pressure blocks the connection).
-const LEGACY_QUEUE: usize = 4 << 20;
+pub(crate) const LEGACY_QUEUE: usize = 4 << 20;
 
 /// How a tunnel ended without an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -396,106 +395,9 @@ async fn serve_stream(
     let credit = postern_dial::splice::peer_version(proxy_version).await >= CREDIT_VERSION;
     active.fetch_add(1, Ordering::Relaxed);
     let _open = crate::metrics::StreamOpen::new(&target);
-    let (up, down) = splice_tcp(channel, tcp, credit).await;
+    let (up, down) = crate::splice::splice_tcp(channel, tcp, credit).await;
     debug!(to_target = up, from_target = down, "stream closed");
     active.fetch_sub(1, Ordering::Relaxed);
-}
-
-/// Splices a channel and a socket until the stream is over, then drops the socket at once.
-///
-/// The channel is read eagerly into a bounded queue (see `postern_dial::splice`); the socket is
-/// read into a 64 KiB buffer whose filled part is frozen and handed to russh without a copy.
-///
-/// The stream is over when both directions ended cleanly (EOF each way), when either socket
-/// direction fails (the service reset or vanished), or when the proxy closed the channel. The task
-/// never waits for the proxy's answering CLOSE: russh 0.65 drops a CLOSE that answers one we sent
-/// (the channel is already gone from its table), so a read half awaited after our own close would
-/// never end, and would hold the socket's descriptor for the tunnel's lifetime (the leak the
-/// hardening issue measured: one descriptor per stream that ended normally).
-async fn splice_tcp(channel: Channel<Msg>, tcp: TcpStream, credit: bool) -> (u64, u64) {
-    use postern_dial::splice::{Credit, Item, eager_reader, grant_bytes, send_data};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (rx, tx) = channel.split();
-    let (mut tcp_r, mut tcp_w) = tcp.into_split();
-    let window = STREAM_WINDOW as usize;
-    let send_credit = credit.then(|| Credit::new(window));
-    let cap = if credit { window } else { LEGACY_QUEUE };
-    let (reader, mut queue) = eager_reader(rx, cap, send_credit.clone());
-    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
-    // Each direction returns whether it ended cleanly (EOF) rather than by an error.
-    let to_target = async {
-        while let Some(item) = queue.next().await {
-            match item {
-                Item::Data(data) => {
-                    if tcp_w.write_all(&data).await.is_err() {
-                        return false;
-                    }
-                    if let Some(g) = queue.release(data.len()) {
-                        let _ = tx.extended_data_bytes(CREDIT_EXT, grant_bytes(g)).await;
-                    }
-                    up.fetch_add(data.len() as u64, Ordering::Relaxed);
-                }
-                // No data follows an EOF.
-                Item::Eof => {
-                    let _ = tcp_w.shutdown().await;
-                    return true;
-                }
-            }
-        }
-        // The channel closed without EOF: the proxy ended the stream.
-        false
-    };
-    let from_target = async {
-        let mut buf = BytesMut::with_capacity(SPLICE_BUF);
-        loop {
-            if buf.capacity() < SPLICE_BUF / 4 {
-                buf.reserve(SPLICE_BUF);
-            }
-            match tcp_r.read_buf(&mut buf).await {
-                Ok(0) => {
-                    let _ = tx.eof().await;
-                    return true;
-                }
-                Err(_) => return false,
-                Ok(n) => {
-                    down.fetch_add(n as u64, Ordering::Relaxed);
-                    let chunk = buf.split().freeze();
-                    if send_data(&tx, chunk, send_credit.as_ref(), window)
-                        .await
-                        .is_err()
-                    {
-                        return false;
-                    }
-                }
-            }
-        }
-    };
-    tokio::pin!(reader, to_target, from_target);
-    let (mut up_done, mut down_done, mut reader_done) = (false, false, false);
-    loop {
-        tokio::select! {
-            clean = &mut to_target, if !up_done => {
-                up_done = true;
-                if !clean { break; }
-            }
-            clean = &mut from_target, if !down_done => {
-                down_done = true;
-                if !clean { break; }
-            }
-            // The reader ends when the channel closed (or failed): nothing more will arrive, and
-            // the queue's end tells `to_target` so.
-            _ = &mut reader, if !reader_done => reader_done = true,
-        }
-        // Once the proxy closed the channel and its last data reached the service, the service's
-        // answer has nowhere to go.
-        if up_done && (down_done || reader_done) {
-            break;
-        }
-    }
-    // Close the channel (the proxy relays it to the client) and let every half go now: the
-    // socket's descriptor is freed when this function returns.
-    let _ = tx.close().await;
-    (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed))
 }
 
 /// What the control channel tells the rest of the agent besides the drain order: the proxy's id

@@ -1,46 +1,13 @@
 //! A client stream's bytes between its QUIC stream and the target's socket.
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::tunnel::SPLICE_BUF;
+use crate::splice::{read_from_target, write_all_chunks};
 
 /// Chunks taken from a QUIC stream per vectored write to the target.
 const CHUNKS: usize = 32;
-
-/// Writes every byte of `chunks` to `w`, in vectored writes (no copy), emptying them.
-async fn write_all_chunks(
-    w: &mut (impl tokio::io::AsyncWrite + Unpin),
-    chunks: &mut [Bytes],
-) -> std::io::Result<()> {
-    use bytes::Buf;
-    let mut first = 0;
-    while first < chunks.len() {
-        if chunks[first].is_empty() {
-            first += 1;
-            continue;
-        }
-        let slices: Vec<std::io::IoSlice<'_>> = chunks[first..]
-            .iter()
-            .map(|c| std::io::IoSlice::new(c))
-            .collect();
-        let mut n = w.write_vectored(&slices).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        while n > 0 {
-            let c = &mut chunks[first];
-            let k = n.min(c.len());
-            c.advance(k);
-            n -= k;
-            if c.is_empty() {
-                first += 1;
-            }
-        }
-    }
-    Ok(())
-}
 
 /// Splices a QUIC stream and a socket until both directions ended or either failed. `early` is
 /// payload that came with the open frame.
@@ -84,19 +51,17 @@ pub(super) async fn splice(
     };
     let from_target = async {
         let mut total = 0u64;
-        let mut buf = BytesMut::with_capacity(SPLICE_BUF);
+        // Held only while the service has more to read: an idle stream holds no buffer.
+        let mut buf = BytesMut::new();
         loop {
-            if buf.capacity() < SPLICE_BUF / 4 {
-                buf.reserve(SPLICE_BUF);
-            }
-            match tcp_r.read_buf(&mut buf).await {
-                Ok(0) => {
+            match read_from_target(&mut tcp_r, &mut buf).await {
+                Ok(None) => {
                     let _ = send.finish();
                     return (total, true);
                 }
-                Ok(n) => {
-                    total += n as u64;
-                    if send.write_chunk(buf.split().freeze()).await.is_err() {
+                Ok(Some(chunk)) => {
+                    total += chunk.len() as u64;
+                    if send.write_chunk(chunk).await.is_err() {
                         return (total, false);
                     }
                 }
