@@ -9,7 +9,7 @@ use russh::client::Msg;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
-use tunnel_proto::credit::{CREDIT_EXT, STREAM_WINDOW};
+use tunnel_proto::credit::STREAM_WINDOW;
 
 use crate::tunnel::{LEGACY_QUEUE, SPLICE_BUF};
 
@@ -90,7 +90,7 @@ pub(crate) async fn write_all_chunks(
 /// never end, and would hold the socket's descriptor for the tunnel's lifetime (the leak the
 /// hardening issue measured: one descriptor per stream that ended normally).
 pub(crate) async fn splice_tcp(channel: Channel<Msg>, tcp: TcpStream, credit: bool) -> (u64, u64) {
-    use postern_dial::splice::{Credit, Item, eager_reader, grant_bytes, send_data};
+    use postern_dial::splice::{Credit, Item, eager_reader, send_data, send_grant};
     use tokio::io::AsyncWriteExt;
     let (rx, tx) = channel.split();
     let (mut tcp_r, mut tcp_w) = tcp.into_split();
@@ -108,7 +108,7 @@ pub(crate) async fn splice_tcp(channel: Channel<Msg>, tcp: TcpStream, credit: bo
                         return false;
                     }
                     if let Some(g) = queue.release(data.len()) {
-                        let _ = tx.extended_data_bytes(CREDIT_EXT, grant_bytes(g)).await;
+                        send_grant(&tx, g).await;
                     }
                     up.fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
@@ -128,7 +128,7 @@ pub(crate) async fn splice_tcp(channel: Channel<Msg>, tcp: TcpStream, credit: bo
         loop {
             match read_from_target(&mut tcp_r, &mut buf).await {
                 Ok(None) => {
-                    let _ = tx.eof().await;
+                    let _ = Box::pin(tx.eof()).await;
                     return true;
                 }
                 Err(_) => return false,
@@ -168,6 +168,6 @@ pub(crate) async fn splice_tcp(channel: Channel<Msg>, tcp: TcpStream, credit: bo
     }
     // Close the channel (the proxy relays it to the client) and let every half go now: the
     // socket's descriptor is freed when this function returns.
-    let _ = tx.close().await;
+    let _ = Box::pin(tx.close()).await;
     (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed))
 }

@@ -13,10 +13,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use postern_dial::splice::{Credit, CreditWriter, Item, Queue, eager_reader, grant_bytes};
+use postern_dial::splice::{Credit, CreditWriter, Item, Queue, eager_reader, send_grant};
 use russh::client::{Handle, Msg};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tunnel_proto::credit::{CREDIT_EXT, STREAM_WINDOW};
+use tunnel_proto::credit::STREAM_WINDOW;
 
 use crate::ClientHandler;
 
@@ -117,7 +117,7 @@ impl AsyncRead for TunnelStream {
         if let Some(g) = self.queue.release(n) {
             let tx = self.tx.clone();
             tokio::spawn(async move {
-                let _ = tx.extended_data_bytes(CREDIT_EXT, grant_bytes(g)).await;
+                send_grant(&tx, g).await;
             });
         }
         Poll::Ready(Ok(()))

@@ -259,6 +259,19 @@ impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CreditWriter<W>
     }
 }
 
+/// Sends a credit grant of `n` bytes on `tx`. Failure is ignored: a channel that cannot take a
+/// grant is closing.
+///
+/// This and [`send_data`] box russh's send futures (about a kilobyte each, for the message they
+/// carry): inline, every stream's task would hold that much for its whole life, idle or not.
+pub async fn send_grant<S: From<(russh::ChannelId, ChannelMsg)> + Send + Sync + 'static>(
+    tx: &russh::ChannelWriteHalf<S>,
+    n: u32,
+) {
+    let _ =
+        Box::pin(tx.extended_data_bytes(tunnel_proto::credit::CREDIT_EXT, grant_bytes(n))).await;
+}
+
 /// Sends `data` on `tx`, spending `credit` first when the stream has it. Chunks larger than the
 /// window are split so that each fits.
 pub async fn send_data<S: From<(russh::ChannelId, ChannelMsg)> + Send + Sync + 'static>(
@@ -268,12 +281,12 @@ pub async fn send_data<S: From<(russh::ChannelId, ChannelMsg)> + Send + Sync + '
     window: usize,
 ) -> Result<(), russh::Error> {
     let Some(credit) = credit else {
-        return tx.data_bytes(data).await;
+        return Box::pin(tx.data_bytes(data)).await;
     };
     while !data.is_empty() {
         let chunk = data.split_to(data.len().min(window));
         credit.spend(chunk.len()).await;
-        tx.data_bytes(chunk).await?;
+        Box::pin(tx.data_bytes(chunk)).await?;
     }
     Ok(())
 }

@@ -68,8 +68,8 @@ pub async fn splice(
     stop: &CancellationToken,
     client_credit: bool,
 ) -> (u64, u64) {
-    use postern_dial::splice::{Credit, Item, eager_reader, grant_bytes, send_data};
-    use tunnel_proto::credit::{CREDIT_EXT, STREAM_WINDOW};
+    use postern_dial::splice::{Credit, Item, eager_reader, send_data, send_grant};
+    use tunnel_proto::credit::STREAM_WINDOW;
     let (rx, tx) = client.split();
     let up_bytes = counter!(m::BYTES_PROXIED, "direction" => "client_to_agent");
     let down_bytes = counter!(m::BYTES_PROXIED, "direction" => "agent_to_client");
@@ -96,7 +96,7 @@ pub async fn splice(
                             return (total, End::Closed);
                         }
                         if let Some(g) = queue.release(n) {
-                            let _ = tx.extended_data_bytes(CREDIT_EXT, grant_bytes(g)).await;
+                            send_grant(&tx, g).await;
                         }
                         total += n as u64;
                         up_bytes.increment(n as u64);
@@ -138,7 +138,7 @@ pub async fn splice(
                         down_bytes.increment(n as u64);
                     }
                     Ok(None) => {
-                        let _ = tx.eof().await;
+                        let _ = Box::pin(tx.eof()).await;
                         return (total, End::Eof);
                     }
                     Err(_) => return (total, End::Closed),
@@ -167,6 +167,6 @@ pub async fn splice(
         _ = stop.cancelled() => (0, 0),
     };
     // Whatever is still open is over now: the client's channel, and the QUIC stream both ways.
-    let _ = tx.close().await;
+    let _ = Box::pin(tx.close()).await;
     (out.0, out.1)
 }

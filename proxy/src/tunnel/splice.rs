@@ -11,7 +11,7 @@ use russh::server::{ChannelOpenHandle, Msg};
 use russh::{Channel, ChannelOpenFailure};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
-use tunnel_proto::credit::{CREDIT_EXT, CREDIT_VERSION, STREAM_WINDOW};
+use tunnel_proto::credit::{CREDIT_VERSION, STREAM_WINDOW};
 use tunnel_proto::names::StreamTarget;
 
 use crate::link::{AgentStream, OpenError};
@@ -90,9 +90,18 @@ pub(super) async fn open_stream(
         }
         // QUIC's own per-stream flow control does what the credit layer does on SSH.
         AgentStream::Quic { send, recv, early } => {
+            // Boxed: its state is larger than the SSH splice's, and every stream's task would
+            // otherwise be sized for it.
             let client_credit = open.client_credit;
-            crate::quic::splice::splice(client, send, recv, early, &shared.hard_stop, client_credit)
-                .await
+            Box::pin(crate::quic::splice::splice(
+                client,
+                send,
+                recv,
+                early,
+                &shared.hard_stop,
+                client_credit,
+            ))
+            .await
         }
     };
     let why = if shared.hard_stop.is_cancelled() {
@@ -196,8 +205,8 @@ pub async fn splice(
         // Close both channels, so that neither peer waits for the other's CLOSE, and free the
         // stream's task and slots now: a direction still running is dropped (its bytes were
         // counted in the metric as they moved).
-        let _ = a_tx.close().await;
-        let _ = b_tx.close().await;
+        let _ = Box::pin(a_tx.close()).await;
+        let _ = Box::pin(b_tx.close()).await;
         (up_r.map_or(0, |r| r.0), down_r.map_or(0, |r| r.0))
     };
     tokio::select! {
@@ -241,7 +250,7 @@ fn pump<'a>(
     impl Future<Output = ()> + Send + 'a,
     impl Future<Output = (u64, End)> + Send + 'a,
 ) {
-    use postern_dial::splice::{Item, eager_reader, grant_bytes, send_data};
+    use postern_dial::splice::{Item, eager_reader, send_data, send_grant};
     let bytes = counter!(m::BYTES_PROXIED, "direction" => flow.direction);
     let window = STREAM_WINDOW as usize;
     let (reader, mut queue) = eager_reader(rx, flow.cap, flow.grants_in);
@@ -259,13 +268,13 @@ fn pump<'a>(
                     if let Some(g) = queue.release(n)
                         && grant_back
                     {
-                        let _ = rx_tx.extended_data_bytes(CREDIT_EXT, grant_bytes(g)).await;
+                        send_grant(rx_tx, g).await;
                     }
                     total += n as u64;
                     bytes.increment(n as u64);
                 }
                 Item::Eof => {
-                    let _ = tx.eof().await;
+                    let _ = Box::pin(tx.eof()).await;
                     return (total, End::Eof);
                 }
             }
