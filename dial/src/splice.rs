@@ -24,7 +24,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use russh::{ChannelMsg, ChannelReadHalf};
-use tokio::sync::{Semaphore, mpsc};
+use futures::channel::mpsc;
+use futures::stream::Stream;
+use tokio::sync::Semaphore;
 use tunnel_proto::credit::{CREDIT_EXT, GRANT_EVERY, decode_grant};
 
 /// What a channel delivered.
@@ -81,6 +83,9 @@ impl Credit {
 
 /// The consuming end of an eagerly read channel.
 pub struct Queue {
+    /// futures' unbounded channel, not tokio's: tokio allocates a block of 32 slots per channel
+    /// up front (about 1.3 KiB with its header), futures one node per message in flight; every
+    /// stream holds one or two of these for its whole life, idle or not.
     rx: mpsc::UnboundedReceiver<Item>,
     budget: Arc<Semaphore>,
     cap: usize,
@@ -93,12 +98,12 @@ pub struct Queue {
 impl Queue {
     /// The next item; `None` once the channel closed.
     pub async fn next(&mut self) -> Option<Item> {
-        self.rx.recv().await
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
     }
 
     /// [`Queue::next`] for a poll-based reader.
     pub fn poll_next(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Item>> {
-        self.rx.poll_recv(cx)
+        std::pin::Pin::new(&mut self.rx).poll_next(cx)
     }
 
     /// Gives back the budget of an item of `len` bytes once its data has been written on. With
@@ -134,7 +139,7 @@ pub fn eager_reader(
     cap: usize,
     flow: Option<Credit>,
 ) -> (impl Future<Output = ()> + Send, Queue) {
-    let (tx, qrx) = mpsc::unbounded_channel();
+    let (tx, qrx) = mpsc::unbounded();
     let budget = Arc::new(Semaphore::new(cap));
     let b = budget.clone();
     let granting = flow.is_some();
@@ -163,7 +168,7 @@ pub fn eager_reader(
                 ChannelMsg::Close => break,
                 _ => continue,
             };
-            if tx.send(item).is_err() {
+            if tx.unbounded_send(item).is_err() {
                 return;
             }
         }
