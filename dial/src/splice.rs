@@ -23,9 +23,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use russh::{ChannelMsg, ChannelReadHalf};
 use futures::channel::mpsc;
 use futures::stream::Stream;
+use russh::{ChannelMsg, ChannelReadHalf};
 use tokio::sync::Semaphore;
 use tunnel_proto::credit::{CREDIT_EXT, GRANT_EVERY, decode_grant};
 

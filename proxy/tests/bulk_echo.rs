@@ -21,15 +21,7 @@ const ECHO_BYTES: usize = 48 << 20;
 
 /// Deterministic bytes for stream `seed`.
 fn payload(seed: u64) -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ seed;
-    (0..ECHO_BYTES)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    test_bytes(seed, ECHO_BYTES)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -161,21 +153,4 @@ async fn a_stopped_stream_holds_back_none_of_its_sessions_other_streams() {
     assert_eq!(hasher.finalize()[..], Sha256::digest(payload(7))[..]);
     agent.stop().await;
     proxy.stop().await;
-}
-
-/// A service that sends `data` to each connection and closes.
-async fn blob_server(data: Vec<u8>) -> std::net::SocketAddr {
-    let data = std::sync::Arc::new(data);
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let data = data.clone();
-            tokio::spawn(async move {
-                let _ = s.write_all(&data).await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    addr
 }

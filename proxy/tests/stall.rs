@@ -7,7 +7,6 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use postern_agent::config::TransportMode;
@@ -15,7 +14,6 @@ use postern_client::ProxySession;
 use sha2::{Digest, Sha256};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 /// Longer than the old stall breaker's 10 s, which closed a stream whose reader paused.
 const PAUSE: Duration = Duration::from_secs(12);
@@ -26,32 +24,7 @@ const ECHO_LIMIT: Duration = Duration::from_secs(2);
 
 /// Deterministic bytes: what the firehose sends, and what the client hashes to compare.
 fn firehose_bytes() -> Vec<u8> {
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    (0..FIREHOSE_BYTES)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-/// A service that sends [`firehose_bytes`] to each connection and closes.
-async fn firehose() -> SocketAddr {
-    let data = std::sync::Arc::new(firehose_bytes());
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let data = data.clone();
-            tokio::spawn(async move {
-                let _ = s.write_all(&data).await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    addr
+    test_bytes(0x2545_f491_4f6c_dd1d, FIREHOSE_BYTES)
 }
 
 /// A download whose reader stops completely for longer than the old breaker allowed: another
@@ -75,7 +48,7 @@ async fn stopped_reader_scenario(cluster: &str, transport: TransportMode) {
     let pki = Pki::new(cluster);
     let proxy = start_proxy(&[&pki], |_| {}).await;
     let echo = echo_server().await;
-    let hose = firehose().await;
+    let hose = blob_server(firehose_bytes()).await;
     let mut config = agent_config(&pki, "h1", &proxy, &[("echo", echo), ("hose", hose)]);
     config.transport.mode = transport;
     let agent = start_agent(config);

@@ -296,6 +296,37 @@ impl Agent {
     }
 }
 
+/// `len` deterministic bytes (xorshift from `seed`): what a test service sends, and what the
+/// client hashes to compare.
+pub fn test_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ seed;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A service on loopback that sends `data` to each connection and closes. Returns its address.
+pub async fn blob_server(data: Vec<u8>) -> SocketAddr {
+    let data = std::sync::Arc::new(data);
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let data = data.clone();
+            tokio::spawn(async move {
+                let _ = s.write_all(&data).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
 /// An echo service on loopback; each connection echoes until EOF. Returns its address.
 pub async fn echo_server() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
