@@ -223,10 +223,21 @@ pub fn client_config(keepalive: Duration) -> client::Config {
     config
 }
 
+/// How long the client waits for the server's identification line before going on without it.
+/// Servers send it at once (Postern's proxy and OpenSSH do); one that waits for the client's
+/// first costs this much, then gets no credit.
+const SERVER_ID_WAIT: Duration = Duration::from_secs(2);
+
 /// The server's identification line, read without consuming it (russh reads it again): the first
 /// line starting `SSH-` among what the server sent first, without its line end. Empty when none
-/// came whole within a few peeks (the handshake then decides as it would have).
+/// came whole within [`SERVER_ID_WAIT`] (the stream then runs without credit).
 async fn peek_server_id(tcp: &tokio::net::TcpStream) -> Vec<u8> {
+    tokio::time::timeout(SERVER_ID_WAIT, peek_id_line(tcp))
+        .await
+        .unwrap_or_default()
+}
+
+async fn peek_id_line(tcp: &tokio::net::TcpStream) -> Vec<u8> {
     let mut buf = [0u8; 1024];
     for _ in 0..50 {
         let Ok(n) = tcp.peek(&mut buf).await else {
@@ -326,4 +337,59 @@ where
             addr: addr.to_owned(),
             after: HANDSHAKE_TIMEOUT,
         })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// A server on loopback that writes `first` on each connection and then holds it open.
+    async fn server(first: &'static [u8]) -> std::net::SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let _ = s.write_all(first).await;
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                });
+            }
+        });
+        addr
+    }
+
+    async fn peek_from(first: &'static [u8]) -> (Vec<u8>, Duration) {
+        let tcp = tokio::net::TcpStream::connect(server(first).await)
+            .await
+            .unwrap();
+        let t = std::time::Instant::now();
+        let id = peek_server_id(&tcp).await;
+        // Peeked, not consumed: russh reads the same bytes next.
+        let mut again = vec![0u8; first.len()];
+        if !first.is_empty() {
+            tcp.peek(&mut again).await.unwrap();
+            assert_eq!(&again[..], first);
+        }
+        (id, t.elapsed())
+    }
+
+    #[tokio::test]
+    async fn the_servers_id_line_is_peeked_whole() {
+        let (id, _) = peek_from(b"SSH-2.0-Postern_0.1.0 postern-credit\r\n").await;
+        assert_eq!(id, b"SSH-2.0-Postern_0.1.0 postern-credit");
+        // RFC 4253 lets other lines come first.
+        let (id, _) = peek_from(b"hello\r\nSSH-2.0-OpenSSH_9.2\r\n").await;
+        assert_eq!(id, b"SSH-2.0-OpenSSH_9.2");
+    }
+
+    #[tokio::test]
+    async fn a_server_that_says_nothing_costs_a_bounded_wait() {
+        let (id, took) = peek_from(b"").await;
+        assert!(id.is_empty());
+        assert!(took < SERVER_ID_WAIT + Duration::from_secs(1), "{took:?}");
+        // A line that never ends is no id either.
+        let (id, _) = peek_from(b"SSH-2.0-half").await;
+        assert!(id.is_empty());
+    }
 }
