@@ -277,8 +277,9 @@ pub async fn send_grant<S: From<(russh::ChannelId, ChannelMsg)> + Send + Sync + 
         Box::pin(tx.extended_data_bytes(tunnel_proto::credit::CREDIT_EXT, grant_bytes(n))).await;
 }
 
-/// Sends `data` on `tx`, spending `credit` first when the stream has it. Chunks larger than the
-/// window are split so that each fits.
+/// Sends `data` on `tx`, spending `credit` first when the stream has it. Data is sent in pieces
+/// of at most a quarter window: the peer grants in quarter windows ([`GRANT_EVERY`]) and may owe
+/// up to one, so a larger piece could wait for credit that never comes.
 pub async fn send_data<S: From<(russh::ChannelId, ChannelMsg)> + Send + Sync + 'static>(
     tx: &russh::ChannelWriteHalf<S>,
     mut data: Bytes,
@@ -289,7 +290,7 @@ pub async fn send_data<S: From<(russh::ChannelId, ChannelMsg)> + Send + Sync + '
         return Box::pin(tx.data_bytes(data)).await;
     };
     while !data.is_empty() {
-        let chunk = data.split_to(data.len().min(window));
+        let chunk = data.split_to(data.len().min((window / 4).max(1)));
         credit.spend(chunk.len()).await;
         Box::pin(tx.data_bytes(chunk)).await?;
     }
