@@ -23,14 +23,6 @@ fn agent_for(quic: bool) -> MakeAgent {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Ports {
     web: u16,
     tunnel: u16,

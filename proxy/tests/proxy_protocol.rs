@@ -18,14 +18,6 @@ use tokio::process::{Child, Command};
 
 const HAPROXY: &str = "/usr/sbin/haproxy";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// HAProxy in front of the proxy's tunnel (PROXY v2) and web (PROXY v1) listeners. Returns the
 /// balancer's tunnel and web addresses.
 async fn haproxy(proxy: &Proxy, dir: &Path) -> (Child, SocketAddr, SocketAddr) {

@@ -56,13 +56,7 @@ spec:
 version: v7
 ";
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use crate::support::free_port;
 
 /// Writes `config` as `proxy.toml` in its data dir and runs the real binary on it. `extra` is
 /// appended (whole tables: `[public]`, `[peers]`, …); `proxy_id` is written when set.

@@ -296,6 +296,33 @@ impl Agent {
     }
 }
 
+/// A loopback port free for both TCP and UDP (a proxy's tunnel listener takes its UDP twin for
+/// QUIC), chosen below the kernel's ephemeral range: a port from `bind(":0")` was free only
+/// until another test's outgoing connection or `:0` bind took it, which made a restarted proxy's
+/// listener fail with "Address already in use" under the parallel 500-agent tests.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u32, ephemeral_low.max(10_002));
+    let span = high - low;
+    // Test binaries run one after another; threads of one binary share the counter. The pid
+    // spreads successive binaries over the range.
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let port = (low + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {low}..{high}");
+}
+
 /// `len` deterministic bytes (xorshift from `seed`): what a test service sends, and what the
 /// client hashes to compare.
 pub fn test_bytes(seed: u64, len: usize) -> Vec<u8> {
