@@ -3,8 +3,8 @@
 //!
 //! No credit layer toward the agent: QUIC's per-stream flow control does what
 //! [`tunnel_proto::credit`] does on SSH (toward a client that speaks credit, the credit layer
-//! applies on its SSH channel as on the SSH transport). A client that stops reading stops the proxy reading its QUIC stream; the agent then runs
-//! out of that stream's window (`quic.stream_window_bytes`, all the proxy holds for it) and
+//! applies on its SSH channel as on the SSH transport). A client that stops reading stops the
+//! proxy reading its QUIC stream; the agent then runs out of that stream's window (`quic.stream_window_bytes`, all the proxy holds for it) and
 //! nothing else of the tunnel is held back, because the connection window covers every stream's.
 //!
 //! Toward the agent, payload is not copied here: the `Bytes` russh decrypted into go to quinn's
@@ -21,7 +21,7 @@ use russh::server::Msg;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics as m;
-use crate::tunnel::SPLICE_QUEUE_CAP;
+use crate::tunnel::queue_cap;
 
 /// The chunks gathered per read: about one SSH packet's worth (32 KiB) of datagrams.
 const CHUNKS: usize = 28;
@@ -79,12 +79,7 @@ pub async fn splice(
     // more as quinn takes it, and the proxy sends it no more than it granted; without credit,
     // the queue's bound holds back only this client's connection, as on the SSH transport.
     let to_client = client_credit.then(|| Credit::new(window));
-    let cap = if client_credit {
-        window
-    } else {
-        SPLICE_QUEUE_CAP
-    };
-    let (reader, mut queue) = eager_reader(rx, cap, to_client.clone());
+    let (reader, mut queue) = eager_reader(rx, queue_cap(client_credit), to_client.clone());
     let run = async {
         let up = async {
             let mut total = 0u64;

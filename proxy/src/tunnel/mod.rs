@@ -19,7 +19,7 @@ mod handler;
 pub(crate) mod register;
 pub mod splice;
 
-pub use splice::{Credits, SPLICE_QUEUE_CAP, splice};
+pub use splice::{Credits, SPLICE_QUEUE_CAP, queue_cap, splice};
 
 use postern_dial::accept::{AcceptLimits, Acceptor, Slot as AcceptSlot};
 

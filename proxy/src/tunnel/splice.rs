@@ -126,6 +126,16 @@ pub(super) async fn open_stream(
 /// held back.
 pub const SPLICE_QUEUE_CAP: usize = 4 << 20;
 
+/// The bound of the queue a splice reads a peer's channel into: one credit window when the peer
+/// speaks credit (it never has more outstanding), [`SPLICE_QUEUE_CAP`] otherwise.
+pub fn queue_cap(peer_speaks_credit: bool) -> usize {
+    if peer_speaks_credit {
+        STREAM_WINDOW as usize
+    } else {
+        SPLICE_QUEUE_CAP
+    }
+}
+
 /// Which ends of a stream speak per-stream credit ([`tunnel_proto::credit`]).
 #[derive(Clone, Copy, Debug)]
 pub struct Credits {
@@ -156,7 +166,6 @@ pub async fn splice(
     // Our credit to send to each end: its grants arrive on its own channel.
     let to_agent = credit.agent.then(|| Credit::new(window));
     let to_client = credit.client.then(|| Credit::new(window));
-    let cap = |speaks: bool| if speaks { window } else { SPLICE_QUEUE_CAP };
     let run = async {
         let (up_reader, up) = pump(
             a_rx,
@@ -164,7 +173,7 @@ pub async fn splice(
             &b_tx,
             Flow {
                 direction: "client_to_agent",
-                cap: cap(credit.client),
+                cap: queue_cap(credit.client),
                 grants_in: to_client.clone(),
                 grant_back: credit.client,
                 send_credit: to_agent.as_ref(),
@@ -176,7 +185,7 @@ pub async fn splice(
             &a_tx,
             Flow {
                 direction: "agent_to_client",
-                cap: cap(credit.agent),
+                cap: queue_cap(credit.agent),
                 grants_in: to_agent.clone(),
                 grant_back: credit.agent,
                 send_credit: to_client.as_ref(),
