@@ -8,6 +8,8 @@
 //! ## Layout
 //! - [`web`]: HTTPS `GET /webapi/ping|find` with certificate pinning, and tunnel-address discovery.
 //! - [`ssh`]: client config, proxy host-certificate verification, certificate login.
+//! - [`quic`]: the QUIC endpoint, login binding, proxy proof and stream opening, shared by the
+//!   agent, QUIC clients and the proxy's streams to agents.
 //! - [`accept`]: server-side accept with connection caps, back-off and a descriptor reserve
 //!   (the proxy's listeners and the Auth API).
 //! - [`error`]: [`DialError`], what went wrong and what to do about it.
@@ -17,6 +19,7 @@
 pub mod accept;
 pub mod error;
 pub mod mint;
+pub mod quic;
 pub mod renew_due;
 pub mod splice;
 pub mod ssh;

@@ -171,7 +171,8 @@ impl ProxyVerifier {
         }
     }
 
-    fn take_error(&self) -> Option<String> {
+    /// Why the last check failed (taken: the next failure records its own).
+    pub fn take_error(&self) -> Option<String> {
         self.last_error
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -1,16 +1,15 @@
 //! A tunnel's link to its agent, whatever the transport: how the proxy opens a stream to one of
 //! the agent's targets.
 //!
-//! The routing table holds tunnels of both transports side by side; a client stream (which always
-//! arrives over SSH) is spliced to an SSH channel or to a QUIC stream depending on the link of the
-//! tunnel it was routed to.
+//! The routing table holds tunnels of both transports side by side; a client stream (over SSH or
+//! QUIC) is spliced to an SSH channel or to a QUIC stream depending on the link of the tunnel it
+//! was routed to.
 
 use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tunnel_proto::quic::Frame;
 
 /// Transport label of SSH tunnels (metrics, logs).
 pub const SSH: &str = "ssh";
@@ -66,7 +65,7 @@ impl TunnelLink {
     }
 
     /// Opens a stream to `target` on the agent: a `forwarded-tcpip` channel on SSH, a QUIC stream
-    /// answered with [`Frame::Accept`] on QUIC.
+    /// answered with `Frame::Accept` on QUIC ([`postern_dial::quic::open_stream`]).
     pub async fn open_stream(
         &self,
         target: &str,
@@ -92,8 +91,14 @@ impl TunnelLink {
                 Ok(AgentStream::Ssh(ch))
             }
             TunnelLink::Quic(c) => {
+                use postern_dial::quic::{OpenError as E, open_stream};
                 let (send, recv, early) =
-                    open_quic(c, target, port, originator, originator_port, timeout).await?;
+                    open_stream(c, target, port, originator, originator_port, timeout)
+                        .await
+                        .map_err(|e| match e {
+                            E::Refused(why) => OpenError::Refused(why),
+                            E::Timeout => OpenError::Timeout,
+                        })?;
                 Ok(AgentStream::Quic { send, recv, early })
             }
         }
@@ -160,56 +165,4 @@ pub enum AgentStream {
         /// Payload read together with the accept frame.
         early: BytesMut,
     },
-}
-
-/// Opens a QUIC stream to `target`: writes [`Frame::Open`], waits for the agent's
-/// [`Frame::Accept`]. Returns the stream halves and any payload that arrived with the answer.
-pub async fn open_quic(
-    conn: &quinn::Connection,
-    target: &str,
-    port: u32,
-    originator: &str,
-    originator_port: u32,
-    timeout: Duration,
-) -> Result<(quinn::SendStream, quinn::RecvStream, BytesMut), OpenError> {
-    let open = async {
-        let (mut send, mut recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| OpenError::Refused(format!("QUIC connection to the agent: {e}")))?;
-        let mut head = BytesMut::new();
-        Frame::Open {
-            target: target.to_owned(),
-            port,
-            originator: originator.to_owned(),
-            originator_port,
-        }
-        .encode(&mut head)
-        .map_err(|e| OpenError::Refused(e.to_string()))?;
-        send.write_all(&head)
-            .await
-            .map_err(|e| OpenError::Refused(format!("QUIC stream to the agent: {e}")))?;
-        let mut buf = BytesMut::new();
-        loop {
-            match Frame::decode_from(&mut buf) {
-                Ok(Frame::Accept) => return Ok((send, recv, buf)),
-                Ok(Frame::Refuse { reason }) => return Err(OpenError::Refused(reason)),
-                Ok(other) => {
-                    return Err(OpenError::Refused(format!(
-                        "agent answered a stream open with {other:?}"
-                    )));
-                }
-                Err(tunnel_proto::control::DecodeError::Incomplete) => {}
-                Err(e) => return Err(OpenError::Refused(e.to_string())),
-            }
-            match recv.read_chunk(64 * 1024, true).await {
-                Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
-                Ok(None) => return Err(OpenError::Refused("agent closed the stream".into())),
-                Err(e) => return Err(OpenError::Refused(format!("agent stream: {e}"))),
-            }
-        }
-    };
-    tokio::time::timeout(timeout, open)
-        .await
-        .map_err(|_| OpenError::Timeout)?
 }

@@ -18,6 +18,14 @@
 //! For each client stream the proxy opens a bidirectional stream and writes [`Frame::Open`]; the
 //! agent answers [`Frame::Accept`] or [`Frame::Refuse`], and raw payload follows both ways.
 //!
+//! ## Clients
+//! A client may dial the same listener with its SSH **user** certificate: the same
+//! [`Frame::AgentAuth`] with its user name as the login (signed over the same exporter value,
+//! [`AGENT_CONTEXT`]: the certificate's type tells the two apart, as on SSH), answered with
+//! [`Frame::ProxyAuth`] alone. It then opens one bidirectional stream per stream it wants, writes
+//! [`Frame::Open`] with `<target>.<cluster>` as the target (what `direct-tcpip` names on SSH), and
+//! the proxy answers [`Frame::Accept`] or [`Frame::Refuse`] with the reason.
+//!
 //! ## Frames
 //! Same layout as [`crate::control`] (`u32` big-endian length, `u8` type, fields; strings are a
 //! `u16` length and UTF-8), and types 1–15 *are* the control messages (1–5 today; the rest kept
@@ -27,14 +35,14 @@
 //! | type | frame | sent by |
 //! |---|---|---|
 //! | 1–15 | [`Frame::Control`] | both (see [`crate::control`]) |
-//! | 16 | [`Frame::AgentAuth`] | agent, first |
+//! | 16 | [`Frame::AgentAuth`] | agent or client, first |
 //! | 17 | [`Frame::ProxyAuth`] | proxy |
 //! | 18 | [`Frame::Refused`] | proxy |
 //! | 19 | [`Frame::Register`] | agent |
 //! | 20 | [`Frame::Registered`] | proxy |
-//! | 32 | [`Frame::Open`] | proxy, first on a stream |
-//! | 33 | [`Frame::Accept`] | agent |
-//! | 34 | [`Frame::Refuse`] | agent |
+//! | 32 | [`Frame::Open`] | proxy (to an agent) or client, first on a stream |
+//! | 33 | [`Frame::Accept`] | agent, or proxy (to a client) |
+//! | 34 | [`Frame::Refuse`] | agent, or proxy (to a client) |
 
 use bytes::{Buf, BufMut, BytesMut};
 use russh::keys::ssh_key::{HashAlg, LineEnding, PrivateKey, PublicKey, SshSig};
@@ -58,7 +66,7 @@ pub fn mtu_bound_ok(bound: u16) -> bool {
 }
 /// TLS exporter label (RFC 8446 7.5) of the login binding.
 pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-postern-agent-auth";
-/// Exporter context of the value the agent signs.
+/// Exporter context of the value the dialler (an agent or a client) signs.
 pub const AGENT_CONTEXT: &[u8] = b"agent";
 /// Exporter context of the value the proxy signs (distinct, so neither signature can be
 /// reflected back as the other's).
@@ -75,11 +83,11 @@ pub const SIG_NAMESPACE: &str = "postern-quic-login@postern";
 pub enum Frame {
     /// A `@control` message (types 1–15).
     Control(Message),
-    /// The agent's login: first frame on the control stream.
+    /// The dialler's login: first frame on the control stream (an agent's, or a client's).
     AgentAuth {
-        /// `@agent/<host-id>.<cluster>`, as on SSH.
+        /// `@agent/<host-id>.<cluster>` for an agent, the user name for a client, as on SSH.
         login: String,
-        /// The host certificate, OpenSSH one-line form.
+        /// The host (agent) or user (client) certificate, OpenSSH one-line form.
         cert: String,
         /// SSHSIG (PEM) by the certificate's key over the agent exporter value.
         signature: String,
@@ -110,7 +118,8 @@ pub enum Frame {
         /// Why not, when refused.
         reason: String,
     },
-    /// First frame of a proxy-opened stream: which target, for whom.
+    /// First frame of a stream: which target (from the proxy to an agent), or
+    /// `<target>.<cluster>` (from a client to the proxy), and for whom.
     Open {
         /// Target name.
         target: String,

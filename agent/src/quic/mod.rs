@@ -12,18 +12,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use bytes::BytesMut;
 use postern_dial::DialError;
 use postern_dial::ssh::{Identity, ProxyVerifier};
-use russh::keys::{Certificate, PublicKey, PublicKeyOrCertificate};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
-use tunnel_proto::control::{DecodeError, Message};
+use tunnel_proto::control::Message;
 use tunnel_proto::frame_stream::{FrameStream, FrameStreamError};
-use tunnel_proto::quic::{
-    AGENT_CONTEXT, ALPN, EXPORTER_LABEL, EXPORTER_LEN, Frame, PROXY_CONTEXT, sign_binding,
-    verify_binding,
-};
+use tunnel_proto::quic::{AGENT_CONTEXT, ALPN, Frame};
 
 use crate::config::{AgentConfig, TargetAddr};
 use crate::tunnel::{Ended, HEARTBEAT, HELLO_DEADLINE, TARGET_CONNECT_TIMEOUT, web_trust};
@@ -49,19 +44,7 @@ impl QuicClient {
         if let Some(e) = slot {
             return Ok(e.clone());
         }
-        let bind: SocketAddr = if v6 {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        } else {
-            ([0, 0, 0, 0], 0).into()
-        };
-        let socket = std::net::UdpSocket::bind(bind)?;
-        let sock = socket2::SockRef::from(&socket);
-        let _ = sock.set_recv_buffer_size(4 << 20);
-        let _ = sock.set_send_buffer_size(4 << 20);
-        let mut ec = quinn::EndpointConfig::default();
-        // Only fails below 1200, which validation refuses.
-        let _ = ec.max_udp_payload_size(mtu_upper_bound.max(1472));
-        let endpoint = quinn::Endpoint::new(ec, None, socket, Arc::new(quinn::TokioRuntime))?;
+        let endpoint = postern_dial::quic::client_endpoint(v6, mtu_upper_bound)?;
         *slot = Some(endpoint.clone());
         Ok(endpoint)
     }
@@ -121,8 +104,7 @@ pub async fn dial(
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| quic_err(addr, e))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     let mut tc = quinn::TransportConfig::default();
-    let varint =
-        |v: u64| quinn::VarInt::from_u64(v.min((1 << 62) - 1)).unwrap_or(quinn::VarInt::MAX);
+    let varint = postern_dial::quic::varint;
     tc.max_concurrent_bidi_streams(t.quic_max_streams.into());
     tc.max_concurrent_uni_streams(0u32.into());
     tc.stream_receive_window(varint(t.quic_stream_window_bytes));
@@ -187,13 +169,6 @@ pub async fn dial(
     }
 }
 
-fn exporter(conn: &quinn::Connection, context: &[u8]) -> Result<[u8; EXPORTER_LEN], String> {
-    let mut out = [0u8; EXPORTER_LEN];
-    conn.export_keying_material(&mut out, EXPORTER_LABEL, context)
-        .map_err(|_| "TLS exporter unavailable".to_string())?;
-    Ok(out)
-}
-
 /// How a QUIC login failed: what the agent's reconnect loop must tell apart (a refusal in words
 /// or an untrusted proxy is permanent; the rest is transient).
 enum LoginFailed {
@@ -240,41 +215,18 @@ async fn login(
 ) -> Result<LoggedIn, LoginFailed> {
     let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let mut control = Control::new(send, recv);
-    let signature =
-        sign_binding(&identity.key, &exporter(conn, AGENT_CONTEXT)?).map_err(|e| e.to_string())?;
-    let auth = Frame::AgentAuth {
-        login: tunnel_proto::names::agent_login(&config.host_id, &config.cluster),
-        cert: identity.cert.to_openssh().map_err(|e| e.to_string())?,
-        signature,
-    };
+    let auth = postern_dial::quic::auth_frame(
+        conn,
+        AGENT_CONTEXT,
+        tunnel_proto::names::agent_login(&config.host_id, &config.cluster),
+        &identity.key,
+        &identity.cert,
+    )?;
     control.write(&[auth]).await?;
     match control.read().await? {
         Frame::ProxyAuth { key, signature } => {
-            let (presented, public) = match Certificate::from_openssh(key.trim()) {
-                Ok(cert) => {
-                    let public = PublicKey::from(cert.public_key().clone());
-                    (PublicKeyOrCertificate::Certificate(cert), public)
-                }
-                Err(_) => {
-                    let k = PublicKey::from_openssh(key.trim())
-                        .map_err(|e| format!("the proxy's key is unreadable: {e}"))?;
-                    (
-                        PublicKeyOrCertificate::PublicKey {
-                            key: k.clone(),
-                            hash_alg: None,
-                        },
-                        k,
-                    )
-                }
-            };
-            if !verifier.verify(&presented) {
-                return Err(LoginFailed::Untrusted(
-                    "the proxy's host certificate is not trusted (proxy_host_ca / proxy_host_keys)"
-                        .into(),
-                ));
-            }
-            verify_binding(&public, &exporter(conn, PROXY_CONTEXT)?, &signature)
-                .map_err(|e| LoginFailed::Untrusted(format!("the proxy's proof: {e}")))?;
+            postern_dial::quic::check_proxy_proof(conn, &key, &signature, verifier)
+                .map_err(LoginFailed::Untrusted)?;
         }
         Frame::Refused { reason } => return Err(LoginFailed::Refused(reason)),
         other => return Err(format!("unexpected answer to the login: {other:?}").into()),
@@ -509,28 +461,15 @@ async fn serve_stream(
     targets: Arc<BTreeMap<String, TargetAddr>>,
     active: Arc<AtomicUsize>,
 ) {
-    let mut buf = BytesMut::new();
-    let open = tokio::time::timeout(TARGET_CONNECT_TIMEOUT, async {
-        loop {
-            match Frame::decode_from(&mut buf) {
-                Ok(f) => return Some(f),
-                Err(DecodeError::Incomplete) => {}
-                Err(_) => return None,
-            }
-            match recv.read_chunk(64 * 1024, true).await {
-                Ok(Some(c)) => buf.extend_from_slice(&c.bytes),
-                _ => return None,
-            }
-        }
-    })
-    .await;
-    let Ok(Some(Frame::Open { target, .. })) = open else {
+    let Some((postern_dial::quic::OpenAsk { target, .. }, buf)) =
+        postern_dial::quic::read_open(&mut recv, TARGET_CONNECT_TIMEOUT).await
+    else {
         let _ = send.reset(1u32.into());
         return;
     };
     let Some(addr) = targets.get(&target).cloned() else {
         warn!(target = %target.chars().take(64).collect::<String>(), "refused a stream for a target this agent does not serve");
-        refuse(
+        postern_dial::quic::refuse(
             &mut send,
             format!(
                 "this agent does not serve target '{}'",
@@ -545,7 +484,7 @@ async fn serve_stream(
         Err(e) => {
             warn!(%addr, error = %e, "target unreachable");
             crate::metrics::dial_error(&target, e.reason());
-            refuse(
+            postern_dial::quic::refuse(
                 &mut send,
                 format!("target '{target}' ({addr}) unreachable: {e}"),
             )
@@ -554,9 +493,7 @@ async fn serve_stream(
         }
     };
     let _ = tcp.set_nodelay(true);
-    let mut out = BytesMut::new();
-    let _ = Frame::Accept.encode(&mut out);
-    if send.write_all(&out).await.is_err() {
+    if postern_dial::quic::accept(&mut send).await.is_err() {
         return;
     }
     active.fetch_add(1, Ordering::Relaxed);
@@ -564,13 +501,4 @@ async fn serve_stream(
     let (up, down) = splice::splice(send, recv, buf, tcp).await;
     active.fetch_sub(1, Ordering::Relaxed);
     debug!(to_target = up, from_target = down, "stream closed");
-}
-
-/// Refuses a stream with `reason` and ends it.
-async fn refuse(send: &mut quinn::SendStream, reason: String) {
-    let mut out = BytesMut::new();
-    let _ = Frame::Refuse { reason }.encode(&mut out);
-    let _ = send.write_all(&out).await;
-    let _ = send.finish();
-    let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
 }

@@ -1,5 +1,7 @@
-//! One QUIC connection: the agent's login on its control stream, the tunnel's registration, and
-//! the `@control` messages until the connection ends.
+//! One QUIC connection: the login on its first stream (an agent's or a client's, checked as on
+//! SSH); then for an agent the tunnel's registration and the `@control` messages, for a client
+//! one QUIC stream per stream it opens (`Frame::Open`, decided as an SSH `direct-tcpip` is),
+//! until the connection ends.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,9 +15,8 @@ use tunnel_proto::control::{HOST_CA_SIGNER_VERSION, Message};
 
 use crate::tunnel::control::signer_for;
 use tunnel_proto::frame_stream::FrameStream;
-use tunnel_proto::quic::{
-    AGENT_CONTEXT, EXPORTER_LABEL, EXPORTER_LEN, Frame, PROXY_CONTEXT, sign_binding, verify_binding,
-};
+use postern_dial::quic::exporter;
+use tunnel_proto::quic::{AGENT_CONTEXT, Frame, PROXY_CONTEXT, sign_binding, verify_binding};
 
 use super::ProxyProof;
 use crate::link::QUIC;
@@ -43,14 +44,11 @@ enum Failed {
     Refused(&'static str, String, String),
 }
 
-/// An agent that logged in: its control stream, who it is, and its place in the policy registry
-/// (kept for the connection's life: a lock cancels it).
+/// An agent or client that logged in: its control stream, who it is, and its place in the policy
+/// registry (kept for the connection's life: a lock cancels it).
 struct LoggedIn {
     control: Control,
-    host_id: String,
-    cluster: String,
-    /// The certificate's role (`auth` or `service`): which targets it may register.
-    role: String,
+    role: Role,
     registration: Registration,
 }
 
@@ -118,15 +116,29 @@ pub(super) async fn serve_conn(
         }
     };
     drop(slot);
-    histogram!(m::HANDSHAKE_SECONDS, "role" => "agent", "transport" => QUIC)
-        .record(started.elapsed().as_secs_f64());
     let LoggedIn {
         mut control,
-        host_id,
-        cluster,
         role,
         registration,
     } = logged_in;
+    let (host_id, cluster, role) = match role {
+        Role::Agent {
+            host_id,
+            cluster,
+            role,
+        } => (host_id, cluster, role),
+        client @ Role::Client { .. } => {
+            histogram!(m::HANDSHAKE_SECONDS, "role" => "client", "transport" => QUIC)
+                .record(started.elapsed().as_secs_f64());
+            let result =
+                super::client::serve_client(&shared, &conn, peer, client, registration).await;
+            debug!(?result, "client connection ended");
+            drop(control);
+            return;
+        }
+    };
+    histogram!(m::HANDSHAKE_SECONDS, "role" => "agent", "transport" => QUIC)
+        .record(started.elapsed().as_secs_f64());
     let tunnel = Arc::new(Tunnel::new(
         shared.next_id.fetch_add(1, Ordering::Relaxed),
         host_id,
@@ -175,7 +187,7 @@ async fn login(
     else {
         return Err(Failed::Protocol("first frame is not AgentAuth".into()));
     };
-    let checked = check_agent(shared, conn, &login, &cert, &signature).and_then(|role| {
+    let checked = check_dialler(shared, conn, &login, &cert, &signature).and_then(|role| {
         admit_login(shared, &role)
             .map(|registration| (role, registration))
             .map_err(|why| ("locked", why))
@@ -189,10 +201,6 @@ async fn login(
             },
             registration,
         )) => {
-            let proxy_value =
-                exporter(conn, PROXY_CONTEXT).map_err(|e| Failed::Protocol(e.to_string()))?;
-            let signature = sign_binding(&proof.key, &proxy_value)
-                .map_err(|e| Failed::Protocol(e.to_string()))?;
             let hello = Message::Hello {
                 version: tunnel_proto::PROTOCOL_VERSION,
                 id: shared.proxy_id.clone(),
@@ -203,13 +211,7 @@ async fn login(
                 Some(rx) => rx.borrow().clone(),
                 None => vec![shared.proxy_id.clone()],
             };
-            let mut frames = vec![
-                Frame::ProxyAuth {
-                    key: proof.line(),
-                    signature,
-                },
-                Frame::Control(hello),
-            ];
+            let mut frames = vec![proof_frame(conn, proof)?, Frame::Control(hello)];
             if !ids.is_empty() {
                 frames.push(Frame::Control(Message::ProxySet { ids }));
             }
@@ -220,13 +222,30 @@ async fn login(
             info!(role = "agent", who = %format!("{host_id}.{cluster} (role {role})"), transport = QUIC, "login accepted");
             Ok(LoggedIn {
                 control,
-                host_id,
-                cluster,
-                role,
+                role: Role::Agent {
+                    host_id,
+                    cluster,
+                    role,
+                },
                 registration,
             })
         }
-        Ok((Role::Client { .. }, _)) => Err(Failed::Protocol("not an agent".into())),
+        Ok((client @ Role::Client { .. }, registration)) => {
+            // A client hears the proxy's proof and nothing else on this stream: it opens a
+            // stream per stream it wants.
+            control
+                .write(&[proof_frame(conn, proof)?])
+                .await
+                .map_err(|e| Failed::Protocol(e.to_string()))?;
+            if let Role::Client { user, cluster, .. } = &client {
+                info!(role = "client", who = %format!("{user} of {cluster}"), transport = QUIC, "login accepted");
+            }
+            Ok(LoggedIn {
+                control,
+                role: client,
+                registration,
+            })
+        }
         Err((reason, detail)) => {
             // Say why, and give the frame a moment to be acknowledged before the close.
             let refused = Frame::Refused {
@@ -241,9 +260,22 @@ async fn login(
     }
 }
 
-/// The checks of an agent's QUIC login: the certificate exactly as on SSH ([`check_login`]), and
+/// The proxy's proof for this connection: its host certificate and its signature over the proxy
+/// exporter value.
+fn proof_frame(conn: &quinn::Connection, proof: &ProxyProof) -> Result<Frame, Failed> {
+    let proxy_value = exporter(conn, PROXY_CONTEXT).map_err(Failed::Protocol)?;
+    let signature =
+        sign_binding(&proof.key, &proxy_value).map_err(|e| Failed::Protocol(e.to_string()))?;
+    Ok(Frame::ProxyAuth {
+        key: proof.line(),
+        signature,
+    })
+}
+
+/// The checks of a QUIC login, an agent's or a client's: the certificate exactly as on SSH
+/// ([`check_login`]: a host certificate for an `@agent/` login, a user certificate otherwise), and
 /// the signature over this connection's exporter value with the certificate's key.
-fn check_agent(
+fn check_dialler(
     shared: &TunnelShared,
     conn: &quinn::Connection,
     login: &str,
@@ -252,30 +284,11 @@ fn check_agent(
 ) -> Result<Role, (&'static str, String)> {
     let cert = Certificate::from_openssh(cert.trim())
         .map_err(|e| ("no_certificate", format!("not an OpenSSH certificate: {e}")))?;
-    let role = match check_login(&shared.trust, login, &cert)? {
-        agent @ Role::Agent { .. } => agent,
-        Role::Client { .. } => {
-            return Err((
-                "not_an_agent",
-                "only agents dial the QUIC transport: clients use SSH".into(),
-            ));
-        }
-    };
+    let role = check_login(&shared.trust, login, &cert)?;
     let agent_value = exporter(conn, AGENT_CONTEXT).map_err(|e| ("bad_binding", e))?;
     let key = PublicKey::from(cert.public_key().clone());
     verify_binding(&key, &agent_value, signature).map_err(|e| (e.reason(), e.to_string()))?;
     Ok(role)
-}
-
-/// This connection's exporter value for `context`.
-pub(crate) fn exporter(
-    conn: &quinn::Connection,
-    context: &[u8],
-) -> Result<[u8; EXPORTER_LEN], String> {
-    let mut out = [0u8; EXPORTER_LEN];
-    conn.export_keying_material(&mut out, EXPORTER_LABEL, context)
-        .map_err(|_| "TLS exporter unavailable".to_string())?;
-    Ok(out)
 }
 
 /// Registration and `@control` until the connection ends: `Err("shutdown")` at hard stop.

@@ -1,15 +1,20 @@
 //! The QUIC tunnel listener: agents dial UDP (by default the tunnel port's UDP twin), prove their
 //! SSH host certificate by signing a TLS exporter value of the connection, register targets and
 //! speak `@control` on their first stream; the proxy opens one QUIC stream per client stream.
+//! Clients may dial it too, proving their SSH user certificate the same way, and open one QUIC
+//! stream per stream they want.
 //!
 //! ## Layout
 //! - this file: the quinn endpoint ([`endpoint`], [`server_config`]) and the accept loop
 //!   [`serve`], with address validation (retry) and the same pre-handshake limits as SSH;
-//! - `conn`: one connection: the login on the control stream, then registration and control;
-//! - [`splice`]: a client's SSH channel spliced to a QUIC stream.
+//! - `conn`: one connection: the login on the control stream, then an agent's registration and
+//!   control;
+//! - `client`: a client's connection: one QUIC stream per stream it opens;
+//! - [`splice`]: an SSH channel spliced to a QUIC stream, and two QUIC streams to each other.
 //!
 //! The wire contract is [`tunnel_proto::quic`].
 
+mod client;
 mod conn;
 pub mod splice;
 
@@ -164,10 +169,7 @@ pub fn reset_key(data_dir: &std::path::Path) -> Result<Vec<u8>, QuicError> {
     }
 }
 
-/// A window value for quinn, clamped to what QUIC can carry.
-pub fn varint(v: u64) -> quinn::VarInt {
-    quinn::VarInt::from_u64(v.min((1 << 62) - 1)).unwrap_or(quinn::VarInt::MAX)
-}
+pub use postern_dial::quic::varint;
 
 /// Binds the QUIC listener's UDP socket with the configured buffers.
 pub fn bind_udp(addr: SocketAddr, buffer: usize) -> Result<std::net::UdpSocket, QuicError> {

@@ -1,18 +1,22 @@
-//! The bytes of a client stream routed to a QUIC tunnel: the client's SSH channel spliced to one
-//! QUIC stream (opened, audited and counted by `tunnel::splice::open_stream`, as on SSH).
+//! The bytes of a stream with a QUIC leg (opened, audited and counted by
+//! `tunnel::splice::open_stream`, as on SSH): [`splice`] between an SSH channel and a QUIC stream
+//! (a client's channel and a QUIC agent's stream, or a QUIC client's stream and an SSH agent's
+//! channel), [`pipe`] between two QUIC streams.
 //!
-//! No credit layer toward the agent: QUIC's per-stream flow control does what
-//! [`tunnel_proto::credit`] does on SSH (toward a client that speaks credit, the credit layer
-//! applies on its SSH channel as on the SSH transport). A client that stops reading stops the
-//! proxy reading its QUIC stream; the agent then runs out of that stream's window (`quic.stream_window_bytes`, all the proxy holds for it) and
-//! nothing else of the tunnel is held back, because the connection window covers every stream's.
+//! No credit layer on a QUIC leg: QUIC's per-stream flow control does what
+//! [`tunnel_proto::credit`] does on SSH (toward a channel whose peer speaks credit, the credit
+//! layer applies on it as on the SSH transport). A reader that stops stops the proxy reading the
+//! other side's QUIC stream; the sender then runs out of that stream's window
+//! (`quic.stream_window_bytes`, all the proxy holds for it) and nothing else of the connection is
+//! held back, because the connection window covers every stream's.
 //!
-//! Toward the agent, payload is not copied here: the `Bytes` russh decrypted into go to quinn's
-//! send buffer. Toward the client, quinn hands over one chunk per datagram (about 1,200 bytes);
-//! passed on one by one, each became an SSH packet of its own, with its own trip through russh's
-//! session task, its own MAC and its own syscall, which made the QUIC leg cost about twice the
-//! CPU per byte of the SSH one. [`read_coalesced`] gathers what is ready into one buffer of up
-//! to [`CHUNKS`] chunks (one copy; a lone chunk is passed on as it is).
+//! Into QUIC, payload is not copied here: the `Bytes` russh decrypted into (or quinn's own
+//! chunks, between two QUIC streams) go to quinn's send buffer. Toward an SSH channel, quinn hands
+//! over one chunk per datagram (about 1,200 bytes); passed on one by one, each became an SSH
+//! packet of its own, with its own trip through russh's session task, its own MAC and its own
+//! syscall, which made the QUIC leg cost about twice the CPU per byte of the SSH one.
+//! [`read_coalesced`] gathers what is ready into one buffer of up to [`CHUNKS`] chunks (one copy;
+//! a lone chunk is passed on as it is).
 
 use bytes::BytesMut;
 use metrics::counter;
@@ -46,7 +50,7 @@ pub async fn read_coalesced(
     Ok(Some(buf.split().freeze()))
 }
 
-/// QUIC application error code on a stream the client abandoned.
+/// QUIC application error code on a stream whose other side went away.
 const CLIENT_GONE: u32 = 1;
 
 /// How one direction ended.
@@ -58,28 +62,61 @@ enum End {
     Closed,
 }
 
-/// Passes bytes both ways between a client's channel and a QUIC stream until both directions
-/// ended or either side closed. `early` is payload that arrived with the agent's accept.
+/// The SSH side of a [`splice`]: a channel, whether its peer speaks per-stream credit, and the
+/// metric labels of its two directions.
+pub struct ChannelEnd {
+    channel: Channel<Msg>,
+    credit: bool,
+    /// Direction label of bytes from the channel into QUIC.
+    into_quic: &'static str,
+    /// Direction label of bytes from QUIC into the channel.
+    from_quic: &'static str,
+}
+
+impl ChannelEnd {
+    /// A client's `direct-tcpip` channel (`credit`: the client speaks credit).
+    pub fn client(channel: Channel<Msg>, credit: bool) -> ChannelEnd {
+        ChannelEnd {
+            channel,
+            credit,
+            into_quic: "client_to_agent",
+            from_quic: "agent_to_channel",
+        }
+    }
+
+    /// An SSH agent's `forwarded-tcpip` channel (`credit`: the agent speaks credit).
+    pub fn agent(channel: Channel<Msg>, credit: bool) -> ChannelEnd {
+        ChannelEnd {
+            channel,
+            credit,
+            into_quic: "agent_to_channel",
+            from_quic: "client_to_agent",
+        }
+    }
+}
+
+/// Passes bytes both ways between an SSH channel and a QUIC stream until both directions ended
+/// or either side closed. `early` is payload that came on the QUIC stream with its open or its
+/// accept. Returns the bytes moved from the channel into QUIC, and from QUIC into the channel.
 pub async fn splice(
-    client: Channel<Msg>,
+    end: ChannelEnd,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     early: BytesMut,
     stop: &CancellationToken,
-    client_credit: bool,
 ) -> (u64, u64) {
     use postern_dial::splice::{Credit, Item, eager_reader, send_data, send_grant};
     use tunnel_proto::credit::STREAM_WINDOW;
-    let (rx, tx) = client.split();
-    let up_bytes = counter!(m::BYTES_PROXIED, "direction" => "client_to_agent");
-    let down_bytes = counter!(m::BYTES_PROXIED, "direction" => "agent_to_client");
+    let (rx, tx) = end.channel.split();
+    let up_bytes = counter!(m::BYTES_PROXIED, "direction" => end.into_quic);
+    let down_bytes = counter!(m::BYTES_PROXIED, "direction" => end.from_quic);
     let window = STREAM_WINDOW as usize;
-    // The client's channel is drained eagerly (its SSH connection carries its other streams).
-    // A client that speaks credit never has more than a window outstanding here and is granted
-    // more as quinn takes it, and the proxy sends it no more than it granted; without credit,
-    // the queue's bound holds back only this client's connection, as on the SSH transport.
-    let to_client = client_credit.then(|| Credit::new(window));
-    let (reader, mut queue) = eager_reader(rx, queue_cap(client_credit), to_client.clone());
+    // The channel is drained eagerly (its SSH connection carries its other streams). A peer
+    // that speaks credit never has more than a window outstanding here and is granted more as
+    // quinn takes it, and the proxy sends it no more than it granted; without credit, the
+    // queue's bound holds back only that peer's connection, as on the SSH transport.
+    let to_channel = end.credit.then(|| Credit::new(window));
+    let (reader, mut queue) = eager_reader(rx, queue_cap(end.credit), to_channel.clone());
     let run = async {
         let up = async {
             let mut total = 0u64;
@@ -110,7 +147,7 @@ pub async fn splice(
             if !early.is_empty() {
                 total += early.len() as u64;
                 down_bytes.increment(early.len() as u64);
-                if send_data(&tx, early.freeze(), to_client.as_ref(), window)
+                if send_data(&tx, early.freeze(), to_channel.as_ref(), window)
                     .await
                     .is_err()
                 {
@@ -122,7 +159,7 @@ pub async fn splice(
                 match read_coalesced(&mut recv, &mut buf).await {
                     Ok(Some(data)) => {
                         let n = data.len();
-                        if send_data(&tx, data, to_client.as_ref(), window)
+                        if send_data(&tx, data, to_channel.as_ref(), window)
                             .await
                             .is_err()
                         {
@@ -161,7 +198,84 @@ pub async fn splice(
         r = run => r,
         _ = stop.cancelled() => (0, 0),
     };
-    // Whatever is still open is over now: the client's channel, and the QUIC stream both ways.
+    // Whatever is still open is over now: the channel, and the QUIC stream both ways.
     let _ = Box::pin(tx.close()).await;
     (out.0, out.1)
+}
+
+/// One side of a [`pipe`]: a QUIC stream, and payload that came on it with its open or accept.
+pub type QuicEnd = (quinn::SendStream, quinn::RecvStream, BytesMut);
+
+/// Passes bytes both ways between a QUIC client's stream and a QUIC agent's stream, until both
+/// directions ended or either side closed: quinn's chunks go from one connection's receive
+/// buffer to the other's send buffer as they are (no copy here). Returns the bytes moved
+/// client to agent, and agent to client.
+pub async fn pipe(client: QuicEnd, agent: QuicEnd, stop: &CancellationToken) -> (u64, u64) {
+    let (client_send, client_recv, client_early) = client;
+    let (agent_send, agent_recv, agent_early) = agent;
+    let up = forward(client_recv, client_early, agent_send, "client_to_agent");
+    let down = forward(agent_recv, agent_early, client_send, "agent_to_channel");
+    let run = async {
+        tokio::pin!(up, down);
+        let (mut up_r, mut down_r) = (None, None);
+        loop {
+            tokio::select! {
+                r = &mut up, if up_r.is_none() => up_r = Some(r),
+                r = &mut down, if down_r.is_none() => down_r = Some(r),
+            }
+            let closed =
+                matches!(up_r, Some((_, End::Closed))) || matches!(down_r, Some((_, End::Closed)));
+            if closed || (up_r.is_some() && down_r.is_some()) {
+                break;
+            }
+        }
+        (up_r.map_or(0, |r| r.0), down_r.map_or(0, |r| r.0))
+    };
+    // Dropping a stream's halves resets what is still open of it (quinn's drop).
+    tokio::select! {
+        r = run => r,
+        _ = stop.cancelled() => (0, 0),
+    }
+}
+
+/// One direction of a [`pipe`]: `early`, then what `recv` delivers, into `send`, until the end.
+async fn forward(
+    mut recv: quinn::RecvStream,
+    early: BytesMut,
+    mut send: quinn::SendStream,
+    direction: &'static str,
+) -> (u64, End) {
+    let bytes = counter!(m::BYTES_PROXIED, "direction" => direction);
+    let mut total = 0u64;
+    if !early.is_empty() {
+        let n = early.len() as u64;
+        if send.write_chunk(early.freeze()).await.is_err() {
+            let _ = recv.stop(CLIENT_GONE.into());
+            return (0, End::Closed);
+        }
+        total += n;
+        bytes.increment(n);
+    }
+    let mut chunks: [bytes::Bytes; CHUNKS] = Default::default();
+    loop {
+        match recv.read_chunks(&mut chunks).await {
+            Ok(Some(n)) => {
+                let len: u64 = chunks[..n].iter().map(|c| c.len() as u64).sum();
+                if send.write_all_chunks(&mut chunks[..n]).await.is_err() {
+                    let _ = recv.stop(CLIENT_GONE.into());
+                    return (total, End::Closed);
+                }
+                total += len;
+                bytes.increment(len);
+            }
+            Ok(None) => {
+                let _ = send.finish();
+                return (total, End::Eof);
+            }
+            Err(_) => {
+                let _ = send.reset(CLIENT_GONE.into());
+                return (total, End::Closed);
+            }
+        }
+    }
 }

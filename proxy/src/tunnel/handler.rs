@@ -1,18 +1,15 @@
 //! The russh handler: logins, target registration, stream requests and their routing.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use metrics::counter;
 use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, Session};
 use russh::{Channel, ChannelOpenFailure};
 use tracing::{Instrument, info, info_span, warn};
 use tunnel_proto::certs::Certificate;
-use tunnel_proto::login::LOGIN_TARGET;
-use tunnel_proto::names::{CONTROL_HOST, NameError, StreamTarget};
+use tunnel_proto::names::CONTROL_HOST;
 
 use crate::metrics as m;
-use crate::routing::Tunnel;
 
 use super::*;
 
@@ -177,72 +174,31 @@ impl Handler for Conn {
                     control(channel, self.shared.clone(), tunnel, cluster.clone()).instrument(span),
                 );
             }
-            Some(Role::Client {
-                user,
-                port_forwarding: false,
-                ..
-            }) => {
-                let why = "your certificate does not permit port forwarding (it lacks the permit-port-forwarding extension, as after ssh-keygen -O no-port-forwarding or -O clear): ask for a certificate without that restriction";
-                info!(user = %user, why, "stream refused");
-                counter!(m::STREAM_OPENS, "result" => "forbidden").increment(1);
-                self.shared
-                    .audit
-                    .refused(&self.stream_info(host_to_connect), "forbidden", why);
-                reply
-                    .reject(reject_reason(
-                        ChannelOpenFailure::AdministrativelyProhibited,
-                        why,
-                    ))
-                    .await;
-            }
-            Some(Role::Client { user, cluster, .. }) => {
-                let max = self.shared.limits.max_streams_per_client;
-                if self.client_streams.load(Ordering::Relaxed) >= max {
-                    let why = format!("too many open streams on this connection (limit {max})");
-                    info!(user = ?user, why, "stream refused");
-                    counter!(m::STREAM_OPENS, "result" => "limit").increment(1);
-                    counter!(m::LIMIT_REFUSALS, "limit" => "streams_per_client").increment(1);
-                    self.shared
-                        .audit
-                        .refused(&self.stream_info(host_to_connect), "limit", &why);
-                    reply
-                        .reject(reject_reason(ChannelOpenFailure::ConnectFailed, why))
-                        .await;
-                    return Ok(());
-                }
-                let open = OpenRequest {
-                    user: user.clone(),
-                    cluster: cluster.clone(),
-                    host: host_to_connect.to_owned(),
-                    port: port_to_connect,
-                    originator: (originator_address.to_owned(), originator_port),
-                    client_credit: tunnel_proto::credit::id_speaks_credit(session.remote_sshid()),
-                    info: self.stream_info(host_to_connect),
-                };
-                match self.route(&open).and_then(|(tunnel, target)| {
-                    let guard = self.authorize(&tunnel, &target)?;
-                    let user_slot = self.user_stream(&open, &target)?;
-                    Ok((tunnel, target, guard, user_slot))
-                }) {
-                    Ok((tunnel, target, guard, user_slot)) => {
-                        let span = info_span!("stream", user = ?open.user, cluster = %target.cluster, target = %target.target, host_id = %tunnel.host_id);
+            Some(Role::Client { .. }) => {
+                let open = self.view().request(
+                    host_to_connect,
+                    port_to_connect,
+                    (originator_address.to_owned(), originator_port),
+                    tunnel_proto::credit::id_speaks_credit(session.remote_sshid()),
+                );
+                match self.view().decide(&open) {
+                    Ok(decided) => {
+                        let span = info_span!("stream", user = ?open.user, cluster = %decided.target.cluster, target = %decided.target.target, host_id = %decided.tunnel.host_id);
                         let shared = self.shared.clone();
-                        let held = StreamSlot::take(self.client_streams.clone());
                         self.shared.streams.spawn(
-                            async move {
-                                let _held = (held, guard, user_slot);
-                                open_stream(shared, tunnel, target, open, channel, reply).await
-                            }
-                            .instrument(span),
+                            open_stream(shared, decided, open, ClientEnd::Ssh { channel, reply })
+                                .instrument(span),
                         );
                     }
-                    Err((result, why)) => {
-                        info!(user = ?open.user, host = ?open.host, result, why, "stream refused");
-                        counter!(m::STREAM_OPENS, "result" => result).increment(1);
-                        self.shared.audit.refused(&open.info, result, &why);
-                        reply
-                            .reject(reject_reason(ChannelOpenFailure::ConnectFailed, why))
-                            .await;
+                    Err(refusal) => {
+                        self.view().refused(&open, &refusal);
+                        let (result, why) = refusal;
+                        let code = if result == "forbidden" {
+                            ChannelOpenFailure::AdministrativelyProhibited
+                        } else {
+                            ChannelOpenFailure::ConnectFailed
+                        };
+                        reply.reject(reject_reason(code, why)).await;
                     }
                 }
             }
@@ -267,171 +223,27 @@ impl Handler for Conn {
 }
 
 impl Conn {
-    /// A place for one more stream of this user to `target`, under
-    /// `limits.max_streams_per_user_per_target`; the refusal is counted here.
-    fn user_stream(
-        &self,
-        open: &OpenRequest,
-        target: &StreamTarget,
-    ) -> Result<admission::UserStream, (&'static str, String)> {
-        let max = self.shared.limits.max_streams_per_user_per_target;
-        self.shared
-            .user_streams
-            .take(&target.cluster, &open.user, &target.target, max)
-            .ok_or_else(|| {
-                counter!(m::LIMIT_REFUSALS, "limit" => "streams_per_user_per_target").increment(1);
-                (
-                    "limit",
-                    format!(
-                        "user {} has {max} streams open to {} through this proxy (limit {max} per user and target): close some and retry",
-                        open.user,
-                        target.host()
-                    ),
-                )
-            })
+    /// This connection as a client whose streams are decided ([`ClientView`]).
+    pub(super) fn view(&self) -> ClientView<'_> {
+        ClientView {
+            shared: &self.shared,
+            peer: self.peer,
+            role: self.role.as_ref(),
+            registration: self.state.registration.get(),
+            open_streams: &self.client_streams,
+        }
     }
 }
 
-/// One of a client connection's open streams; dropping it frees the slot.
-pub(super) struct StreamSlot(Arc<AtomicUsize>);
-
-impl StreamSlot {
-    pub(super) fn take(count: Arc<AtomicUsize>) -> StreamSlot {
-        count.fetch_add(1, Ordering::Relaxed);
-        StreamSlot(count)
-    }
-}
-
-impl Drop for StreamSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// A client's `direct-tcpip` request.
-pub(super) struct OpenRequest {
+/// A client's stream request (an SSH `direct-tcpip` channel or a QUIC `Frame::Open`).
+pub(crate) struct OpenRequest {
     /// Who asked for what, for the audit.
-    pub(super) info: crate::audit::StreamInfo,
-    pub(super) user: String,
-    pub(super) cluster: String,
-    pub(super) host: String,
-    pub(super) port: u32,
-    pub(super) originator: (String, u32),
+    pub(crate) info: crate::audit::StreamInfo,
+    pub(crate) user: String,
+    pub(crate) cluster: String,
+    pub(crate) host: String,
+    pub(crate) port: u32,
+    pub(crate) originator: (String, u32),
     /// Whether the client speaks per-stream credit (its SSH identification string says so).
-    pub(super) client_credit: bool,
-}
-
-impl Conn {
-    /// The audit's view of a stream this client asks for (`host` as asked).
-    pub(super) fn stream_info(&self, host: &str) -> crate::audit::StreamInfo {
-        let (user, cluster, key_id) = match &self.role {
-            Some(Role::Client {
-                user,
-                cluster,
-                key_id,
-                ..
-            }) => (user.clone(), cluster.clone(), key_id.clone()),
-            _ => Default::default(),
-        };
-        let target = StreamTarget::parse(host)
-            .map(|t| t.target)
-            .unwrap_or_else(|_| host.chars().take(80).collect());
-        crate::audit::StreamInfo {
-            user,
-            key_id,
-            source: self.peer.to_string(),
-            cluster,
-            target,
-            transport: "",
-        }
-    }
-
-    /// The policy's decision on a routed stream; on success the stream is recorded on the
-    /// connection's registry entry (so a policy change re-decides it) until the guard drops.
-    pub(super) fn authorize(
-        &self,
-        tunnel: &Tunnel,
-        target: &StreamTarget,
-    ) -> Result<Option<crate::policy::registry::StreamGuard>, (&'static str, String)> {
-        let Some(Role::Client {
-            user,
-            cert_roles,
-            request,
-            ..
-        }) = &self.role
-        else {
-            return Err(("forbidden", "only clients open streams".into()));
-        };
-        let who = crate::policy::Who {
-            user: user.clone(),
-            cert_roles: cert_roles.clone(),
-            request: request.clone(),
-        };
-        let labels = tunnel.labels(&target.target);
-        if let Some(policy) = self.shared.policies.cluster(&target.cluster) {
-            policy
-                .decide(&who, &target.target, labels.as_ref())
-                .map_err(|r| (r.result, r.reason))?;
-        }
-        Ok(self
-            .state
-            .registration
-            .get()
-            .map(|r| r.entry.add_stream(&target.target, labels)))
-    }
-
-    /// Resolves a client's request to a tunnel, or a `(result label, reason)` refusal.
-    pub(super) fn route(
-        &self,
-        open: &OpenRequest,
-    ) -> Result<(Arc<Tunnel>, StreamTarget), (&'static str, String)> {
-        let target = StreamTarget::parse(&open.host).map_err(|e| {
-            let label = match e {
-                NameError::RawAddress(_) => "raw_address",
-                _ => "bad_target",
-            };
-            (label, e.to_string())
-        })?;
-        if target.target == LOGIN_TARGET {
-            return Err((
-                "reserved",
-                format!(
-                    "target '{LOGIN_TARGET}' is reserved for the proxy's login relay: log in with `psh login` (POST /webapi/login on the proxy's web address)"
-                ),
-            ));
-        }
-        if self.shared.trust.cluster(&target.cluster).is_none() {
-            return Err((
-                "unknown_cluster",
-                format!(
-                    "unknown cluster {}: this proxy does not route to it",
-                    target.cluster
-                ),
-            ));
-        }
-        if target.cluster != open.cluster {
-            return Err((
-                "forbidden",
-                format!(
-                    "user {} of cluster {} may not reach cluster {}",
-                    open.user, open.cluster, target.cluster
-                ),
-            ));
-        }
-        let tunnel = self
-            .shared
-            .routing
-            .pick(&target.cluster, &target.target)
-            .map_err(|e| (e.result(), e.to_string()))?;
-        if tunnel.active_streams.load(Ordering::Relaxed) >= self.shared.max_streams_per_tunnel {
-            return Err((
-                "limit",
-                format!(
-                    "tunnel of cluster {} is at its stream limit",
-                    target.cluster
-                ),
-            ));
-        }
-        Ok((tunnel, target))
-    }
+    pub(crate) client_credit: bool,
 }

@@ -6,7 +6,8 @@
 //! - `conn`: one connection's life, from the SSH handshake to the end of its tunnel;
 //! - `checks`: the login checks (certificates, policy, locks), for both transports;
 //! - `register`: target registration, for both transports;
-//! - `handler`: the russh handler: logins, target registration, stream requests and routing;
+//! - `handler`: the russh handler: logins, target registration, stream requests;
+//! - `streams`: a client's stream request decided (limits, route, policy), for both transports;
 //! - [`splice`]: opening the agent side of a stream and passing bytes both ways;
 //! - `control`: the `@control` channel;
 //! - [`ssh_config`]: the russh server settings.
@@ -18,6 +19,7 @@ pub(crate) mod control;
 mod handler;
 pub(crate) mod register;
 pub mod splice;
+pub(crate) mod streams;
 
 pub use splice::{Credits, SPLICE_QUEUE_CAP, queue_cap, splice};
 
@@ -26,8 +28,9 @@ use postern_dial::accept::{AcceptLimits, Acceptor, Slot as AcceptSlot};
 use checks::{Conn, Role, reject_reason};
 use conn::{ConnState, serve_conn};
 use control::control;
-use handler::OpenRequest;
-use splice::open_stream;
+pub(crate) use handler::OpenRequest;
+use splice::{ClientEnd, open_stream};
+use streams::ClientView;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

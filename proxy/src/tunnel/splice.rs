@@ -1,34 +1,98 @@
-//! A client stream, either transport: the agent side opened on the tunnel's link, the audit and
-//! metrics, then bytes passed both ways ([`splice`] to an SSH channel, [`crate::quic::splice`] to
-//! a QUIC stream).
+//! A client stream, either transport on either side: the agent side opened on the tunnel's link,
+//! the client answered, the audit and metrics, then bytes passed both ways: [`splice`] between two
+//! SSH channels, [`crate::quic::splice`] between an SSH channel and a QUIC stream, and
+//! [`crate::quic::splice::pipe`] between two QUIC streams.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use metrics::{counter, gauge};
 use postern_dial::splice::{Credit, peer_version};
+use bytes::BytesMut;
 use russh::server::{ChannelOpenHandle, Msg};
 use russh::{Channel, ChannelOpenFailure};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 use tunnel_proto::credit::{CREDIT_VERSION, STREAM_WINDOW};
-use tunnel_proto::names::StreamTarget;
 
 use crate::link::{AgentStream, OpenError};
 use crate::metrics as m;
+use crate::quic::splice as quic;
 use crate::routing::Tunnel;
+
+use super::streams::Decided;
 
 use super::*;
 
-/// Opens the agent side of a stream, answers the client, then splices.
-pub(super) async fn open_stream(
+/// The client's end of a stream, before it is answered.
+pub(crate) enum ClientEnd {
+    /// A `direct-tcpip` channel and its open request's answer.
+    Ssh {
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+    },
+    /// A QUIC stream the client opened with `Frame::Open`, and payload that came after it.
+    Quic {
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        early: BytesMut,
+    },
+}
+
+/// The client's end once answered: what the splice moves bytes on.
+enum ClientSide {
+    Ssh(Channel<Msg>),
+    Quic {
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        early: BytesMut,
+    },
+}
+
+impl ClientEnd {
+    /// Refuses the stream, saying why.
+    async fn refuse(self, why: String) {
+        match self {
+            ClientEnd::Ssh { reply, .. } => {
+                reply
+                    .reject(reject_reason(ChannelOpenFailure::ConnectFailed, why))
+                    .await
+            }
+            ClientEnd::Quic { mut send, .. } => postern_dial::quic::refuse(&mut send, why).await,
+        }
+    }
+
+    /// Tells the client the stream is open.
+    async fn accept(self) -> Option<ClientSide> {
+        match self {
+            ClientEnd::Ssh { channel, reply } => {
+                reply.accept().await;
+                Some(ClientSide::Ssh(channel))
+            }
+            ClientEnd::Quic {
+                mut send,
+                recv,
+                early,
+            } => {
+                postern_dial::quic::accept(&mut send).await.ok()?;
+                Some(ClientSide::Quic { send, recv, early })
+            }
+        }
+    }
+}
+
+/// Opens the agent side of a decided stream, answers the client, then splices.
+pub(crate) async fn open_stream(
     shared: Arc<TunnelShared>,
-    tunnel: Arc<Tunnel>,
-    target: StreamTarget,
+    decided: Decided,
     open: OpenRequest,
-    client: Channel<Msg>,
-    reply: ChannelOpenHandle,
+    client: ClientEnd,
 ) {
+    let Decided {
+        tunnel,
+        target,
+        held: _held,
+    } = decided;
     let mut open = open;
     open.info.transport = tunnel.link.transport();
     let opened = tunnel
@@ -51,9 +115,7 @@ pub(super) async fn open_stream(
             info!(%why, "stream refused");
             counter!(m::STREAM_OPENS, "result" => "agent_refused").increment(1);
             shared.audit.refused(&open.info, "agent_refused", &why);
-            reply
-                .reject(reject_reason(ChannelOpenFailure::ConnectFailed, why))
-                .await;
+            client.refuse(why).await;
             return;
         }
         Err(OpenError::Timeout) => {
@@ -61,45 +123,53 @@ pub(super) async fn open_stream(
             shared
                 .audit
                 .refused(&open.info, "agent_timeout", "agent did not answer in time");
-            reply
-                .reject(reject_reason(
-                    ChannelOpenFailure::ConnectFailed,
-                    "agent did not answer in time",
-                ))
-                .await;
+            client.refuse("agent did not answer in time".into()).await;
             return;
         }
     };
     // Spooled before the client hears the stream is open: no answered stream goes unaudited.
     shared.audit.opened(&open.info);
     let opened = std::time::Instant::now();
-    reply.accept().await;
+    let Some(client) = client.accept().await else {
+        shared
+            .audit
+            .closed(&open.info, 0, 0, opened.elapsed(), "client went away");
+        return;
+    };
     counter!(m::STREAM_OPENS, "result" => "ok").increment(1);
     tunnel.active_streams.fetch_add(1, Ordering::Relaxed);
     gauge!(m::STREAMS_ACTIVE).increment(1.0);
     debug!("stream open");
-    let (up, down) = match agent {
-        AgentStream::Ssh(channel) => {
-            // Whether the agent speaks per-stream credit: its control hello says (normally long
-            // since arrived; a stream racing the agent's first hello waits for it).
+    let stop = &shared.hard_stop;
+    let (up, down) = match (client, agent) {
+        (ClientSide::Ssh(channel), AgentStream::Ssh(agent)) => {
             let credit = Credits {
-                agent: peer_version(tunnel.agent_version.subscribe()).await >= CREDIT_VERSION,
+                agent: agent_credit(&tunnel).await,
                 client: open.client_credit,
             };
-            splice(client, channel, &shared.hard_stop, credit).await
+            splice(channel, agent, stop, credit).await
         }
-        // QUIC's own per-stream flow control does what the credit layer does on SSH.
-        AgentStream::Quic { send, recv, early } => {
-            // Boxed: its state is larger than the SSH splice's, and every stream's task would
-            // otherwise be sized for it.
-            let client_credit = open.client_credit;
-            Box::pin(crate::quic::splice::splice(
-                client,
-                send,
-                recv,
-                early,
-                &shared.hard_stop,
-                client_credit,
+        // QUIC's own per-stream flow control does what the credit layer does on SSH. Boxed:
+        // their state is larger than the SSH splice's, and every stream's task would otherwise
+        // be sized for it.
+        (ClientSide::Ssh(channel), AgentStream::Quic { send, recv, early }) => {
+            let end = quic::ChannelEnd::client(channel, open.client_credit);
+            Box::pin(quic::splice(end, send, recv, early, stop)).await
+        }
+        (ClientSide::Quic { send, recv, early }, AgentStream::Ssh(agent)) => {
+            let end = quic::ChannelEnd::agent(agent, agent_credit(&tunnel).await);
+            let (down, up) = Box::pin(quic::splice(end, send, recv, early, stop)).await;
+            (up, down)
+        }
+        (ClientSide::Quic { send, recv, early }, AgentStream::Quic {
+            send: agent_send,
+            recv: agent_recv,
+            early: agent_early,
+        }) => {
+            Box::pin(quic::pipe(
+                (send, recv, early),
+                (agent_send, agent_recv, agent_early),
+                stop,
             ))
             .await
         }
@@ -119,6 +189,12 @@ pub(super) async fn open_stream(
         agent_to_client = down,
         "stream closed"
     );
+}
+
+/// Whether the tunnel's agent speaks per-stream credit: its control hello says (normally long
+/// since arrived; a stream racing the agent's first hello waits for it).
+async fn agent_credit(tunnel: &Tunnel) -> bool {
+    peer_version(tunnel.agent_version.subscribe()).await >= CREDIT_VERSION
 }
 
 /// Bytes a splice direction may hold from a peer without credit (an OpenSSH client, or an agent
