@@ -9,6 +9,7 @@
 //!
 //! ## Layout
 //! - this file: options, session, errors; `stream`: [`TunnelStream`] and its per-stream credit;
+//!   `quic`: the session over QUIC ([`Transport::Quic`]);
 //! - [`auth`]: the Auth API client (mTLS, direct or through the proxy, typed calls);
 //! - [`credentials`]: the five credential loaders; [`profile`]: what `psh login` writes;
 //! - [`requests`]: access requests from the SDK (create, get, list, review, reissue);
@@ -27,6 +28,7 @@ pub mod connect;
 pub mod credentials;
 pub mod doctor;
 pub mod profile;
+mod quic;
 pub mod requests;
 mod stream;
 pub mod times;
@@ -149,21 +151,66 @@ impl russh::client::Handler for ClientHandler {
     }
 }
 
-/// A logged-in SSH session with a proxy; opens any number of streams.
+/// How a client reaches the proxy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Transport {
+    /// SSH over TCP (the tunnel address): what OpenSSH speaks too.
+    #[default]
+    Ssh,
+    /// QUIC over UDP (the proxy's QUIC listener, from discovery or a tunnel address's UDP
+    /// twin): one QUIC stream per stream, flow-controlled by QUIC itself.
+    Quic,
+}
+
+impl std::str::FromStr for Transport {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Transport, String> {
+        match s {
+            "ssh" => Ok(Transport::Ssh),
+            "quic" => Ok(Transport::Quic),
+            other => Err(format!("unknown transport '{other}': ssh or quic")),
+        }
+    }
+}
+
+/// A logged-in session with a proxy (SSH or QUIC); opens any number of streams.
 pub struct ProxySession {
-    handle: Arc<Handle<ClientHandler>>,
-    refusals: Arc<Refusals>,
-    /// Whether the proxy speaks per-stream credit on client channels (its SSH identification
-    /// string says so): then each stream is flow-controlled on its own, and one the application
-    /// stops reading holds back none of the session's others.
-    credit: bool,
-    /// The tunnel address dialled.
+    link: Link,
+    /// The address dialled (the tunnel address on SSH, the QUIC address on QUIC).
     pub tunnel_addr: String,
 }
 
+/// The session's transport.
+enum Link {
+    Ssh {
+        handle: Arc<Handle<ClientHandler>>,
+        refusals: Arc<Refusals>,
+        /// Whether the proxy speaks per-stream credit on client channels (its SSH
+        /// identification string says so): then each stream is flow-controlled on its own, and
+        /// one the application stops reading holds back none of the session's others.
+        credit: bool,
+    },
+    Quic(quic::QuicLink),
+}
+
 impl ProxySession {
-    /// Discovers (if given a web address), connects, verifies the proxy and logs in.
+    /// Discovers (if given a web address), connects, verifies the proxy and logs in over SSH.
     pub async fn connect(opts: &ConnectOptions) -> Result<ProxySession, ClientError> {
+        ProxySession::connect_over(opts, Transport::Ssh).await
+    }
+
+    /// As [`ProxySession::connect`], over `transport`.
+    pub async fn connect_over(
+        opts: &ConnectOptions,
+        transport: Transport,
+    ) -> Result<ProxySession, ClientError> {
+        if transport == Transport::Quic {
+            let (link, addr) = quic::QuicLink::connect(opts).await?;
+            return Ok(ProxySession {
+                link: Link::Quic(link),
+                tunnel_addr: addr,
+            });
+        }
         let addr = match &opts.proxy {
             ProxyAddr::Web { addr, trust } => discover_tunnel_addr(addr, trust).await?,
             ProxyAddr::Tunnel(a) => a.clone(),
@@ -197,9 +244,11 @@ impl ProxySession {
         )
         .await?;
         Ok(ProxySession {
-            handle: Arc::new(handle),
-            credit: tunnel_proto::credit::id_speaks_credit(&server_id),
-            refusals,
+            link: Link::Ssh {
+                handle: Arc::new(handle),
+                credit: tunnel_proto::credit::id_speaks_credit(&server_id),
+                refusals,
+            },
             tunnel_addr: addr,
         })
     }
@@ -221,23 +270,25 @@ impl ProxySession {
 
     /// Opens a stream to a raw `direct-tcpip` host (what `ssh -W host:port` sends).
     pub async fn open_host(&self, host: &str, port: u32) -> Result<TunnelStream, ClientError> {
-        match self
-            .handle
+        let (handle, refusals, credit) = match &self.link {
+            Link::Ssh {
+                handle,
+                refusals,
+                credit,
+            } => (handle, refusals, *credit),
+            Link::Quic(q) => return q.open(host, port).await,
+        };
+        match handle
             .channel_open_direct_tcpip(host, port, "127.0.0.1", 0)
             .await
         {
-            Ok(ch) => Ok(TunnelStream::new(ch, self.handle.clone(), self.credit)),
+            Ok(ch) => Ok(TunnelStream::new(ch, handle.clone(), credit)),
             Err(russh::Error::ChannelOpenFailure(code)) => {
                 // russh hands the failure code to the channel, then the description to the
                 // handler: wait a moment for the description to land.
                 let mut reason = None;
                 for _ in 0..40 {
-                    reason = self
-                        .refusals
-                        .0
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .pop();
+                    reason = refusals.0.lock().unwrap_or_else(|p| p.into_inner()).pop();
                     if reason.is_some() {
                         break;
                     }
@@ -253,8 +304,7 @@ impl ProxySession {
                 })
             }
             Err(source) => {
-                let closed = self
-                    .refusals
+                let closed = refusals
                     .1
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -276,11 +326,12 @@ impl ProxySession {
 
     /// Why the proxy closed this session, if it said (a lock's message, a deleted user).
     pub fn closed_reason(&self) -> Option<String> {
-        self.refusals
-            .1
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        match &self.link {
+            Link::Ssh { refusals, .. } => {
+                refusals.1.lock().unwrap_or_else(|p| p.into_inner()).clone()
+            }
+            Link::Quic(q) => q.closed_reason(),
+        }
     }
 }
 

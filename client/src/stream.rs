@@ -1,5 +1,7 @@
-//! [`TunnelStream`]: one stream to a target, multiplexed over the session with the proxy.
+//! [`TunnelStream`]: one stream to a target, multiplexed over the session with the proxy: an SSH
+//! channel, or a QUIC stream ([`crate::Transport::Quic`], flow-controlled by QUIC itself).
 //!
+//! On SSH:
 //! russh re-opens an SSH channel's window as soon as its session loop receives data, and holds a
 //! reader back only by blocking that loop, which also stops every other stream of the session
 //! (and the window adjustments this stream's own writes wait for). With a proxy that speaks
@@ -24,13 +26,21 @@ use crate::ClientHandler;
 /// wait for the whole amount to be granted back, and the proxy grants in quarter windows.
 const WRITE_CHUNK: usize = 32 << 10;
 
-/// A byte stream to a target, multiplexed over the SSH session with the proxy. Keeps the session
-/// alive while it exists; dropping it closes the stream.
+/// A byte stream to a target, multiplexed over the session with the proxy (SSH or QUIC). Keeps
+/// the session alive while it exists; dropping it closes the stream.
 ///
 /// Reads end with `Ok(0)` only when the far side sent EOF. A stream cut short (the agent or the
 /// service died, the proxy shut down, the session broke) ends with an
 /// [`std::io::ErrorKind::ConnectionAborted`] error instead, never silently.
-pub struct TunnelStream {
+pub struct TunnelStream(Inner);
+
+enum Inner {
+    Ssh(Box<SshStream>),
+    Quic(QuicStream),
+}
+
+/// A stream on an SSH session: a channel under per-stream credit when the proxy speaks it.
+struct SshStream {
     queue: Queue,
     pending: bytes::Bytes,
     /// The far side sent EOF.
@@ -42,7 +52,39 @@ pub struct TunnelStream {
     _session: Arc<Handle<ClientHandler>>,
 }
 
+/// A stream on a QUIC session: its halves, and payload that came with the proxy's accept.
+struct QuicStream {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    early: bytes::Bytes,
+    /// The session's UDP socket, kept open while the stream is.
+    _endpoint: quinn::Endpoint,
+}
+
+/// The error of a stream cut before its end.
+fn aborted(why: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionAborted,
+        format!("stream cut before its end: {why}"),
+    )
+}
+
 impl TunnelStream {
+    /// Wraps an open QUIC stream (`early`: payload read with the proxy's accept).
+    pub(crate) fn quic(
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        early: bytes::Bytes,
+        endpoint: quinn::Endpoint,
+    ) -> TunnelStream {
+        TunnelStream(Inner::Quic(QuicStream {
+            send,
+            recv,
+            early,
+            _endpoint: endpoint,
+        }))
+    }
+
     /// Wraps an open channel; `credit` when the proxy speaks per-stream credit.
     pub(crate) fn new(
         ch: russh::Channel<Msg>,
@@ -59,7 +101,7 @@ impl TunnelStream {
             Some(c) => Box::pin(CreditWriter::new(wr.make_writer(), c, WRITE_CHUNK)),
             None => Box::pin(wr.make_writer()),
         };
-        TunnelStream {
+        TunnelStream(Inner::Ssh(Box::new(SshStream {
             queue,
             pending: bytes::Bytes::new(),
             ended: false,
@@ -68,11 +110,11 @@ impl TunnelStream {
             tx: Arc::new(wr),
             reader: tokio::spawn(reader),
             _session: session,
-        }
+        })))
     }
 }
 
-impl Drop for TunnelStream {
+impl Drop for SshStream {
     fn drop(&mut self) {
         self.reader.abort();
         let tx = self.tx.clone();
@@ -85,6 +127,54 @@ impl Drop for TunnelStream {
 }
 
 impl AsyncRead for TunnelStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match &mut self.get_mut().0 {
+            Inner::Ssh(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Inner::Quic(q) => {
+                if !q.early.is_empty() {
+                    let n = buf.remaining().min(q.early.len());
+                    buf.put_slice(&q.early.split_to(n));
+                    return Poll::Ready(Ok(()));
+                }
+                // quinn reports a reset or a lost connection as an error: the stream was cut.
+                Pin::new(&mut q.recv)
+                    .poll_read(cx, buf)
+                    .map_err(|e| aborted(format!("{e} (the agent, the service or the proxy went away, or the QUIC session with the proxy ended)")))
+            }
+        }
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match &mut self.get_mut().0 {
+            Inner::Ssh(s) => s.writer.as_mut().poll_write(cx, buf),
+            Inner::Quic(q) => Pin::new(&mut q.send).poll_write(cx, buf).map_err(aborted),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.get_mut().0 {
+            Inner::Ssh(s) => s.writer.as_mut().poll_flush(cx),
+            Inner::Quic(q) => Pin::new(&mut q.send).poll_flush(cx).map_err(aborted),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.get_mut().0 {
+            Inner::Ssh(s) => s.writer.as_mut().poll_shutdown(cx),
+            Inner::Quic(q) => Pin::new(&mut q.send).poll_shutdown(cx).map_err(aborted),
+        }
+    }
+}
+
+impl AsyncRead for SshStream {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -121,21 +211,5 @@ impl AsyncRead for TunnelStream {
             });
         }
         Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for TunnelStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        self.writer.as_mut().poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.writer.as_mut().poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.writer.as_mut().poll_shutdown(cx)
     }
 }

@@ -13,7 +13,7 @@ pub const TUNNEL_CONNECTS: &str = "postern_tunnel_connects_total";
 /// `transport`.
 pub const TUNNEL_DISCONNECTS: &str = "postern_tunnel_disconnects_total";
 /// Refused logins, by `reason` (see `CertError::reason`, plus `no_certificate`, `unknown_cluster`,
-/// `rejected_by_ssh_layer`, and on QUIC `binding_mismatch`, `bad_binding`, `not_an_agent`), and
+/// `rejected_by_ssh_layer`, and on QUIC `binding_mismatch`, `bad_binding`), and
 /// `transport`.
 pub const AUTH_FAILURES: &str = "postern_auth_failures_total";
 /// Client streams open now.

@@ -37,8 +37,9 @@ pub(super) async fn serve_client(
     registration: Registration,
 ) -> Result<(), String> {
     let max = shared.limits.max_streams_per_client as u64;
-    // One more than the limit: a stream over it is refused with the reason, not held unanswered.
-    conn.set_max_concurrent_bi_streams(super::varint(max + 1));
+    // The login's stream, the limit, and one more: a stream over the limit is refused with the
+    // reason, not held unanswered.
+    conn.set_max_concurrent_bi_streams(super::varint(max + 2));
     let client = Arc::new(Client {
         role,
         registration,

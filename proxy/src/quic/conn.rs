@@ -14,8 +14,8 @@ use tracing::{debug, info, warn};
 use tunnel_proto::control::{HOST_CA_SIGNER_VERSION, Message};
 
 use crate::tunnel::control::signer_for;
-use tunnel_proto::frame_stream::FrameStream;
 use postern_dial::quic::exporter;
+use tunnel_proto::frame_stream::FrameStream;
 use tunnel_proto::quic::{AGENT_CONTEXT, Frame, PROXY_CONTEXT, sign_binding, verify_binding};
 
 use super::ProxyProof;

@@ -6,9 +6,9 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use bytes::BytesMut;
 use metrics::{counter, gauge};
 use postern_dial::splice::{Credit, peer_version};
-use bytes::BytesMut;
 use russh::server::{ChannelOpenHandle, Msg};
 use russh::{Channel, ChannelOpenFailure};
 use tokio_util::sync::CancellationToken;
@@ -161,11 +161,14 @@ pub(crate) async fn open_stream(
             let (down, up) = Box::pin(quic::splice(end, send, recv, early, stop)).await;
             (up, down)
         }
-        (ClientSide::Quic { send, recv, early }, AgentStream::Quic {
-            send: agent_send,
-            recv: agent_recv,
-            early: agent_early,
-        }) => {
+        (
+            ClientSide::Quic { send, recv, early },
+            AgentStream::Quic {
+                send: agent_send,
+                recv: agent_recv,
+                early: agent_early,
+            },
+        ) => {
             Box::pin(quic::pipe(
                 (send, recv, early),
                 (agent_send, agent_recv, agent_early),

@@ -137,7 +137,11 @@ impl ClientView<'_> {
 
     /// A place for one more stream of this user to `target`, under
     /// `limits.max_streams_per_user_per_target`; the refusal is counted here.
-    fn user_stream(&self, open: &OpenRequest, target: &StreamTarget) -> Result<UserStream, Refusal> {
+    fn user_stream(
+        &self,
+        open: &OpenRequest,
+        target: &StreamTarget,
+    ) -> Result<UserStream, Refusal> {
         let max = self.shared.limits.max_streams_per_user_per_target;
         self.shared
             .user_streams

@@ -1,0 +1,266 @@
+//! Clients over QUIC, end to end on real sockets: a user logs in to the proxy's QUIC listener
+//! with the same certificate as on SSH and reaches targets behind agents of either transport with
+//! every byte intact; refusals say why (unknown cluster or target, the reserved login target, the
+//! connection's stream limit, an untrusted CA); a stream the application stops reading holds back
+//! none of the session's others; and a lock on the user closes the QUIC session with its message.
+
+#[path = "support/cluster.rs"]
+#[allow(dead_code)]
+mod cluster;
+mod support;
+
+use std::time::{Duration, Instant};
+
+use cluster::Cluster;
+use postern_client::{ProxyAddr, ProxySession, Transport};
+use postern_proxy::mint::{self, CertSpec};
+use sha2::{Digest, Sha256};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Echoes `data` through `stream`, writing and reading at once; returns what came back.
+async fn echo_all(stream: postern_client::TunnelStream, data: &[u8]) -> Vec<u8> {
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let owned = data.to_vec();
+    let writer = tokio::spawn(async move {
+        wr.write_all(&owned).await.unwrap();
+        wr.shutdown().await.unwrap();
+        wr
+    });
+    let mut back = Vec::with_capacity(data.len());
+    rd.read_to_end(&mut back).await.unwrap();
+    let _ = writer.await.unwrap();
+    back
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_client_reaches_targets_behind_both_agent_transports() {
+    init_tracing();
+    let pki = Pki::new("qcli");
+    let proxy = start_proxy(&[&pki], |_| {}).await;
+    let echo = echo_server().await;
+    let data = test_bytes(7, 6 << 20);
+    let blob = blob_server(data.clone()).await;
+    let ssh_agent = start_agent(agent_config(
+        &pki,
+        "over-ssh",
+        &proxy,
+        &[("echo-s", echo), ("blob-s", blob)],
+    ));
+    let quic_agent = start_agent(quic_agent_config(
+        &pki,
+        "over-quic",
+        &proxy,
+        &[("echo-q", echo), ("blob-q", blob)],
+    ));
+    let s = ProxySession::connect_over(&client_opts(&pki, &proxy, "alice"), Transport::Quic)
+        .await
+        .unwrap();
+    for (echo_target, blob_target) in [("echo-s", "blob-s"), ("echo-q", "blob-q")] {
+        let st = wait_stream(&s, echo_target, "qcli", Duration::from_secs(20)).await;
+        let up = test_bytes(1, 4 << 20);
+        let back = echo_all(st, &up).await;
+        assert_eq!(
+            Sha256::digest(&back),
+            Sha256::digest(&up),
+            "{echo_target}: {} of {} bytes came back, or changed",
+            back.len(),
+            up.len()
+        );
+        let mut st = wait_stream(&s, blob_target, "qcli", Duration::from_secs(20)).await;
+        let mut down = Vec::new();
+        st.read_to_end(&mut down).await.unwrap();
+        assert_eq!(
+            Sha256::digest(&down),
+            Sha256::digest(&data),
+            "{blob_target}"
+        );
+    }
+    let text = scrape(proxy.ops).await;
+    let logins = metric(
+        &text,
+        "postern_handshake_duration_seconds_count",
+        &[("role", "client"), ("transport", "quic")],
+    );
+    assert!(logins >= 1.0, "no QUIC client login counted:\n{text}");
+    ssh_agent.stop().await;
+    quic_agent.stop().await;
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_client_refusals_say_why() {
+    init_tracing();
+    let pki = Pki::new("qref");
+    let proxy = start_proxy(&[&pki], |c| {
+        c.limits.max_streams_per_client = 2;
+        c.limits.max_auth_failures_per_source_per_minute = 1000;
+    })
+    .await;
+    let echo = echo_server().await;
+    let agent = start_agent(quic_agent_config(&pki, "h", &proxy, &[("echo", echo)]));
+    let s = ProxySession::connect_over(&client_opts(&pki, &proxy, "bob"), Transport::Quic)
+        .await
+        .unwrap();
+    let first = wait_stream(&s, "echo", "qref", Duration::from_secs(20)).await;
+    let refused = |r: Result<postern_client::TunnelStream, postern_client::ClientError>| match r {
+        Ok(_) => panic!("stream opened"),
+        Err(e) => e.to_string(),
+    };
+    let why = refused(s.open("echo", "elsewhere", 0).await);
+    assert!(why.contains("unknown cluster elsewhere"), "{why}");
+    let why = refused(s.open("nothing", "qref", 0).await);
+    assert!(why.contains("no target named 'nothing'"), "{why}");
+    let why = refused(s.open("login", "qref", 0).await);
+    assert!(why.contains("reserved"), "{why}");
+    let why = refused(s.open_host("127.0.0.1", 22).await);
+    assert!(why.contains("127.0.0.1"), "{why}");
+    // Two streams open at once at most on this connection: the third is refused, saying so.
+    let second = wait_stream(&s, "echo", "qref", Duration::from_secs(5)).await;
+    let why = refused(s.open("echo", "qref", 0).await);
+    assert!(why.contains("too many open streams"), "{why}");
+    drop((first, second));
+    // Freed: a stream opens again.
+    let mut again = wait_stream(&s, "echo", "qref", Duration::from_secs(10)).await;
+    assert_eq!(echo_once(&mut again, b"ping").await, b"ping");
+
+    // A user certificate from a CA the cluster does not trust: the login is refused with the
+    // reason, and counted.
+    let rogue = mint::generate_key();
+    let (key, cert) = pki.cert(&rogue, &CertSpec::User { user: "eve".into() });
+    let mut opts = client_opts(&pki, &proxy, "eve");
+    opts.identity = postern_dial::ssh::Identity::new(key, cert).unwrap();
+    let err = match ProxySession::connect_over(&opts, Transport::Quic).await {
+        Ok(_) => panic!("untrusted CA logged in"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("refused the login"), "{err}");
+    assert!(err.contains("untrusted CA"), "{err}");
+    let text = scrape(proxy.ops).await;
+    let counted = metric(
+        &text,
+        "postern_auth_failures_total",
+        &[("reason", "untrusted_ca"), ("transport", "quic")],
+    );
+    assert!(counted >= 1.0, "untrusted CA not counted:\n{text}");
+    agent.stop().await;
+    proxy.stop().await;
+}
+
+/// Stream A's application stops reading a download; stream B of the same QUIC session keeps
+/// echoing; A then resumes and gets every byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_quic_client_stream_holds_back_none_of_the_others() {
+    init_tracing();
+    let pki = Pki::new("qiso");
+    let proxy = start_proxy(&[&pki], |_| {}).await;
+    let echo = echo_server().await;
+    let data = test_bytes(3, 24 << 20);
+    let blob = blob_server(data.clone()).await;
+    let agent = start_agent(quic_agent_config(
+        &pki,
+        "h",
+        &proxy,
+        &[("echo", echo), ("blob", blob)],
+    ));
+    let s = ProxySession::connect_over(&client_opts(&pki, &proxy, "carol"), Transport::Quic)
+        .await
+        .unwrap();
+    let mut a = wait_stream(&s, "blob", "qiso", Duration::from_secs(20)).await;
+    let mut head = [0u8; 1];
+    a.read_exact(&mut head).await.unwrap();
+    let mut b = wait_stream(&s, "echo", "qiso", Duration::from_secs(5)).await;
+    for i in 0..50u32 {
+        let msg = format!("ping {i}");
+        let back = tokio::time::timeout(Duration::from_secs(5), echo_once(&mut b, msg.as_bytes()))
+            .await
+            .unwrap_or_else(|_| panic!("echo {i} stalled behind the stopped stream"));
+        assert_eq!(back, msg.as_bytes());
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut rest = Vec::new();
+    a.read_to_end(&mut rest).await.unwrap();
+    let mut all = head.to_vec();
+    all.extend_from_slice(&rest);
+    assert_eq!(Sha256::digest(&all), Sha256::digest(&data));
+    agent.stop().await;
+    proxy.stop().await;
+}
+
+const ECHO_ROLE: &str = "kind: role
+metadata: {name: echo-user}
+spec:
+  allow:
+    target_labels: {env: test}
+version: v7
+";
+
+/// A lock on the user closes its QUIC session, saying why, and refuses its next QUIC login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_closes_a_quic_client_session_with_its_message() {
+    init_tracing();
+    let c = Cluster::start("qlock", 1, 60).await;
+    c.role(ECHO_ROLE).await;
+    let echo = echo_server().await;
+    let agent = c
+        .service_agent_on(
+            "echo-h",
+            0,
+            &[("echo", echo, &[("env", "test")])],
+            postern_agent::config::TransportMode::Quic,
+        )
+        .await;
+    let _ = c
+        .admin
+        .create_user(postern_api::proto::CreateUserRequest {
+            name: "dave".into(),
+            roles: vec!["echo-user".into()],
+            secret_ttl_secs: 0,
+        })
+        .await;
+    let id = c.identity("dave").await;
+    let p = &c.proxies[0];
+    let opts = postern_client::auth::proxy_options(
+        &id,
+        ProxyAddr::Web {
+            addr: p.web.to_string(),
+            trust: p.web_trust(),
+        },
+    )
+    .unwrap();
+    let s = ProxySession::connect_over(&opts, Transport::Quic)
+        .await
+        .unwrap();
+    let mut st = wait_stream(&s, "echo", "qlock", Duration::from_secs(20)).await;
+    assert_eq!(echo_once(&mut st, b"before").await, b"before");
+    c.admin
+        .create_lock(postern_api::proto::Lock {
+            user: "dave".into(),
+            message: "dave is under review".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut buf = [0u8; 8];
+    let r = tokio::time::timeout(Duration::from_secs(10), st.read(&mut buf)).await;
+    assert!(
+        matches!(r, Ok(Err(_)) | Ok(Ok(0))),
+        "the locked user's stream was not cut in 10 s: {r:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(why) = s.closed_reason() {
+            assert!(why.contains("dave is under review"), "{why}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no close reason");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let err = match ProxySession::connect_over(&opts, Transport::Quic).await {
+        Ok(_) => panic!("a locked user logged in over QUIC"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("dave is under review"), "{err}");
+    agent.stop().await;
+    c.stop().await;
+}
