@@ -2,10 +2,11 @@
 # Counts the bytes the proxy copies (memcpy/memmove) per payload byte it forwards, with
 # valgrind's DHAT in copy mode: a proxy under DHAT, 16 echo streams of 4 MiB through it
 # (64 MiB each way), then the copied total divided by the payload, grouped by call site.
-# TRANSPORT=quic: the agent dials QUIC (clients still reach the proxy over SSH).
+# TRANSPORT=quic: the agent dials QUIC. CLIENT=quic: the clients log in over QUIC too (else SSH).
 set -euo pipefail
-export TRANSPORT=${TRANSPORT:-ssh}
+export TRANSPORT=${TRANSPORT:-ssh} CLIENT=${CLIENT:-ssh}
 QUIC_FLAG=""; [ "$TRANSPORT" = quic ] && QUIC_FLAG="--quic"
+[ "$CLIENT" = quic ] && QUIC_FLAG="$QUIC_FLAG --client-quic"
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgrind)" >&2; exit 1; }
 cargo build --release --locked -p postern-proxy -p postern-loadtest >&2
@@ -49,7 +50,8 @@ for p in d["pps"]:
             key = f"{m.group(1)[:80]} ({m.group(2)[-40:]})"; break
     by_site[key] += p["tb"]
 total = sum(by_site.values())
-print(f"transport {__import__('os').environ.get('TRANSPORT', 'ssh')}: bytes copied per payload byte forwarded: {total / payload:.2f}")
+env = __import__('os').environ
+print(f"agent transport {env.get('TRANSPORT', 'ssh')}, client transport {env.get('CLIENT', 'ssh')}: bytes copied per payload byte forwarded: {total / payload:.2f}")
 for k, v in by_site.most_common(int(__import__("os").environ.get("COPIES_SITES", "6"))):
     print(f"  {v / payload:5.2f}  {k}")
 PY

@@ -75,9 +75,12 @@ struct Cli {
     /// The slow client's read rate for `--isolation`.
     #[arg(long, default_value_t = 128)]
     slow_kib_per_s: u64,
-    /// Agents dial QUIC (the tunnel address's UDP twin) instead of SSH; clients still use SSH.
+    /// Agents dial QUIC (the tunnel address's UDP twin) instead of SSH.
     #[arg(long)]
     quic: bool,
+    /// Clients log in over QUIC (the tunnel address's UDP twin) instead of SSH.
+    #[arg(long)]
+    client_quic: bool,
 }
 
 /// A service that writes `mib` MiB to every connection, as fast as it is let.
@@ -214,6 +217,11 @@ async fn main() -> anyhow::Result<()> {
 
     // Client sessions.
     let mut sessions = Vec::new();
+    let client_transport = if cli.client_quic {
+        postern_client::Transport::Quic
+    } else {
+        postern_client::Transport::Ssh
+    };
     for i in 0..cli.sessions.max(1) {
         let key = mint::generate_key();
         let user = format!("loaduser{i}");
@@ -232,7 +240,9 @@ async fn main() -> anyhow::Result<()> {
             proxy_host_keys: vec![],
         };
         sessions.push(Arc::new(
-            ProxySession::connect(&opts).await.context("client login")?,
+            ProxySession::connect_over(&opts, client_transport)
+                .await
+                .context("client login")?,
         ));
     }
     // Wait until the agents' tunnels serve `load`.

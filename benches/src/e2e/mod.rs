@@ -148,6 +148,8 @@ pub struct Row {
 
 /// The name of the QUIC rows.
 pub const QUIC_ROW: &str = "Postern (Rust client, agent on QUIC)";
+/// The system column of the row where the client logs in over QUIC as well.
+pub const QUIC_CLIENT_ROW: &str = "Postern (Rust client on QUIC, agent on QUIC)";
 
 /// A figure measured for one agent transport.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -355,6 +357,16 @@ async fn phase(cli: &Cli, cipher: &str) -> anyhow::Result<Phase> {
             out.knobs = Some(knobs::read(&p.proxy_config, &p.agent_config)?);
         }
         postern_rows(cli, cipher, &p, extras, &mut out).await?;
+        if t == AgentTransport::Quic {
+            // Both legs QUIC: no SSH, so no cipher of its own (TLS 1.3 on both legs).
+            let d = Dialer::Postern {
+                session: p.connect_quic_client().await?,
+            };
+            let (pp, ap) = (p.proxy_pid, p.agent_pid);
+            out.rows
+                .push(measure(QUIC_CLIENT_ROW, "QUIC (once)", &d, cli, &|| vec![pp, ap]).await?);
+            p.check_transport().await?;
+        }
     }
     // QUIC again with path MTU discovery allowed up to --quic-mtu on both ends: loopback carries
     // it (an internet path would settle at 1452 again). Throughput and latency only.

@@ -19,7 +19,8 @@ use tokio::process::Command;
 
 use super::support::{Guard, free_port, wait_port};
 
-/// The transport the agent dials the proxy on (clients always use SSH).
+/// The transport the agent dials the proxy on (the measuring client uses SSH, except in the row of
+/// a client on QUIC: [`PosternSetup::connect_quic_client`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AgentTransport {
     /// SSH over TCP, with Postern's per-stream credit (`tunnel_proto::credit`).
@@ -261,6 +262,13 @@ impl PosternSetup {
     /// Another client session (same user), for a second client.
     pub async fn connect_client(&self) -> anyhow::Result<Arc<ProxySession>> {
         Ok(Arc::new(ProxySession::connect(&self.client).await?))
+    }
+
+    /// Another client session (same user) that logs in over QUIC.
+    pub async fn connect_quic_client(&self) -> anyhow::Result<Arc<ProxySession>> {
+        Ok(Arc::new(
+            ProxySession::connect_over(&self.client, postern_client::Transport::Quic).await?,
+        ))
     }
 
     /// Fails unless the proxy still counts one agent tunnel of cluster `bench` on this

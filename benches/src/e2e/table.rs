@@ -2,7 +2,7 @@
 //! log-in figure, the isolation and stalled-stream figures, and the knobs in effect.
 
 use super::support::{bytes, median};
-use super::{Cli, Phase, QUIC_ROW};
+use super::{Cli, Phase, QUIC_CLIENT_ROW, QUIC_ROW};
 
 /// The whole output of a run.
 pub fn render(phases: &[Phase], cli: &Cli) -> String {
@@ -85,6 +85,14 @@ pub fn render(phases: &[Phase], cli: &Cli) -> String {
         s.push_str(&format!(
             "\n{QUIC_ROW}: the agent's leg is QUIC (TLS 1.3), which does not depend on the SSH cipher, so this row runs once, in the {} phase, not per cipher; the client's leg to the proxy is SSH with that cipher, and its ratios are against that phase's direct and OpenSSH rows. The agent was forced to QUIC (`transport.mode = \"quic\"`) and the proxy's `postern_tunnels_connected{{transport=\"quic\"}}` gauge was checked before and after.",
             cli.extras_cipher()
+        ));
+    }
+    if phases
+        .iter()
+        .any(|p| p.rows.iter().any(|r| r.system == QUIC_CLIENT_ROW))
+    {
+        s.push_str(&format!(
+            "\n{QUIC_CLIENT_ROW}: the client logs in over QUIC too (`ProxySession::connect_over(.., Transport::Quic)`, its user certificate bound to the connection's TLS exporter), on the same proxy and agent as the row above; both legs are QUIC at the default MTU bound (1452), so no SSH cipher is involved and the row runs once."
         ));
     }
     s.push('\n');
