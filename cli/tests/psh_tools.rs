@@ -154,11 +154,46 @@ async fn psh_config_and_psh_proxy_reach_targets() {
         text(&refused)
     );
 
-    // psh proxy tcp: a local port forwarding to the Auth API; a real API call through it.
-    let mut fwd = Command::new(env!("CARGO_BIN_EXE_psh"))
+    // psh proxy tcp: a local port forwarding to the Auth API; a real API call through it, with
+    // psh logged in to the proxy over SSH, then over QUIC.
+    let id = IdentityFile::load(&home.join("identity")).unwrap();
+    for transport in ["ssh", "quic"] {
+        let (mut fwd, port) = forward_auth(&home, transport);
+        let c = tokio::time::timeout(
+            Duration::from_secs(20),
+            AuthClient::connect_direct(&format!("127.0.0.1:{port}"), &id),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("connects through the local forward ({transport})"))
+        .unwrap();
+        assert_eq!(c.get_role("api-role").await.unwrap().name, "api-role");
+        let _ = fwd.kill();
+        let _ = fwd.wait();
+    }
+    // A transport psh does not know: refused, naming the variable.
+    let bad = Command::new(env!("CARGO_BIN_EXE_psh"))
         .arg("--home")
         .arg(&home)
+        .args(["proxy", "ssh", &format!("auth.{cluster}:3025")])
+        .env("POSTERN_TRANSPORT", "carrier-pigeon")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        !bad.status.success() && text(&bad).contains("POSTERN_TRANSPORT"),
+        "{}",
+        text(&bad)
+    );
+    demo.stop().await.unwrap();
+}
+
+/// Starts `psh proxy tcp auth` with `POSTERN_TRANSPORT=transport`; returns it and its local port.
+fn forward_auth(home: &std::path::Path, transport: &str) -> (std::process::Child, u16) {
+    let mut fwd = Command::new(env!("CARGO_BIN_EXE_psh"))
+        .arg("--home")
+        .arg(home)
         .args(["proxy", "tcp", "auth"])
+        .env("POSTERN_TRANSPORT", transport)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -171,17 +206,6 @@ async fn psh_config_and_psh_proxy_reach_targets() {
         .strip_prefix("forwarding 127.0.0.1:")
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("psh proxy tcp said: {line:?}"));
-    let id = IdentityFile::load(&home.join("identity")).unwrap();
-    let c = tokio::time::timeout(
-        Duration::from_secs(20),
-        AuthClient::connect_direct(&format!("127.0.0.1:{port}"), &id),
-    )
-    .await
-    .expect("connects through the local forward")
-    .unwrap();
-    assert_eq!(c.get_role("api-role").await.unwrap().name, "api-role");
-    let _ = fwd.kill();
-    let _ = fwd.wait();
-    demo.stop().await.unwrap();
+        .unwrap_or_else(|| panic!("psh proxy tcp ({transport}) said: {line:?}"));
+    (fwd, port)
 }

@@ -162,6 +162,19 @@ pub enum Transport {
     Quic,
 }
 
+/// The variable that picks the transport of `psh` and `pctl` (`ssh` or `quic`).
+pub const TRANSPORT_ENV: &str = "POSTERN_TRANSPORT";
+
+impl Transport {
+    /// The transport [`TRANSPORT_ENV`] names; SSH when it is unset or empty.
+    pub fn from_env() -> Result<Transport, String> {
+        match std::env::var(TRANSPORT_ENV) {
+            Ok(v) if !v.is_empty() => v.parse().map_err(|e| format!("{TRANSPORT_ENV}: {e}")),
+            _ => Ok(Transport::Ssh),
+        }
+    }
+}
+
 impl std::str::FromStr for Transport {
     type Err = String;
     fn from_str(s: &str) -> Result<Transport, String> {

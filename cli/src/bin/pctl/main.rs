@@ -326,6 +326,10 @@ async fn connect(c: &Conn) -> anyhow::Result<AuthClient> {
             ..Default::default()
         }
     };
+    let config = Config {
+        transport: postern_client::Transport::from_env().map_err(anyhow::Error::msg)?,
+        ..config
+    };
     Ok(AuthClient::connect(config).await?)
 }
 
