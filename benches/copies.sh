@@ -4,12 +4,12 @@
 # (64 MiB each way), then the copied total divided by the payload, grouped by call site.
 # TRANSPORT=quic: the agent dials QUIC. CLIENT=quic: the clients log in over QUIC too (else SSH).
 set -euo pipefail
-# shellcheck source=benches/lib/valgrind-proxy.sh
-source "$(dirname "$0")/lib/valgrind-proxy.sh"
+# shellcheck source=benches/lib/bench-proxy.sh
+source "$(dirname "$0")/lib/bench-proxy.sh"
 VALGRIND_ARGS="--tool=dhat --mode=copy --dhat-out-file=$DIR/dhat.json"
 proxy_start
 # shellcheck disable=SC2086
-"$BIN/postern-loadtest" --tunnel "127.0.0.1:$TUNNEL" --ca-dir ca --cluster dhat --agents 1 --sessions 1 \
+"$BIN/postern-loadtest" --tunnel "127.0.0.1:$TUNNEL" --ca-dir ca --cluster bench --agents 1 --sessions 1 \
     --concurrency 4 --streams 16 --bytes 4194304 --duration 300 $QUIC_FLAG 2>/dev/null | grep -E "streams ok|errors"
 proxy_stop
 python3 - "$DIR/dhat.json" "$LIB" <<'PY'

@@ -7,14 +7,14 @@
 # snapshot of each; the stream's heap is the difference.
 # TRANSPORT=quic: the agent dials QUIC. CLIENT=quic: the client logs in over QUIC too.
 set -euo pipefail
-# shellcheck source=benches/lib/valgrind-proxy.sh
-source "$(dirname "$0")/lib/valgrind-proxy.sh"
+# shellcheck source=benches/lib/bench-proxy.sh
+source "$(dirname "$0")/lib/bench-proxy.sh"
 SETTLE=${SETTLE_SECS:-15}
 for mib in 0 256; do
     VALGRIND_ARGS="--tool=massif --vgdb=yes --massif-out-file=$DIR/massif-$mib.out"
     proxy_start
     # shellcheck disable=SC2086
-    "$BIN/postern-loadtest" --tunnel "127.0.0.1:$TUNNEL" --ca-dir ca --cluster dhat --agents 1 --sessions 1 \
+    "$BIN/postern-loadtest" --tunnel "127.0.0.1:$TUNNEL" --ca-dir ca --cluster bench --agents 1 --sessions 1 \
         --slow-consumer-mib "$mib" --duration "$((SETTLE + 10))" --proxy-pid "$PID" $QUIC_FLAG >"$DIR/load-$mib.log" 2>&1 &
     LOAD=$!
     # The load tool's set-up (agent login, client login) takes a few seconds under valgrind.

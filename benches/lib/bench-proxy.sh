@@ -1,7 +1,8 @@
 # shellcheck shell=bash
-# Sourced by benches/copies.sh and benches/stalled-heap.sh: builds the proxy and the load tool,
-# makes a CA and a proxy config in a temporary directory. `proxy_start` then starts the proxy
-# under valgrind with the tool and flags in $VALGRIND_ARGS and waits for it; `proxy_stop` stops it
+# Sourced by benches/copies.sh, stalled-heap.sh and isolation.sh: builds the proxy and the load
+# tool, makes a CA and a proxy config (cluster `bench`, open policy: no Auth server here) in a
+# temporary directory. `proxy_start` then starts the proxy, under valgrind with the tool and flags
+# in $VALGRIND_ARGS when they are set, and waits for its ops listener; `proxy_stop` stops it
 # (SIGTERM) and waits. Sets LIB (this folder), BIN, DIR, TUNNEL, PID and
 # QUIC_FLAG (the load tool's transport flags from TRANSPORT and CLIENT, each `ssh` or `quic`);
 # the directory goes at exit.
@@ -30,14 +31,18 @@ web = "127.0.0.1:$(port)"
 tunnel = "127.0.0.1:$TUNNEL"
 ops = "127.0.0.1:$OPS"
 [[clusters]]
-name = "dhat"
+name = "bench"
 host_ca = ["$(cat ca/host_ca.pub)"]
 user_ca = ["$(cat ca/user_ca.pub)"]
 policy = { source = "open" }
 TOML
 proxy_start() {
-    # shellcheck disable=SC2086
-    RUST_LOG=error valgrind $VALGRIND_ARGS "$BIN/postern-proxy" --config proxy.toml > valgrind.log 2>&1 &
+    if [ -n "${VALGRIND_ARGS:-}" ]; then
+        # shellcheck disable=SC2086
+        RUST_LOG=error valgrind $VALGRIND_ARGS "$BIN/postern-proxy" --config proxy.toml > proxy.log 2>&1 &
+    else
+        RUST_LOG=error "$BIN/postern-proxy" --config proxy.toml > proxy.log 2>&1 &
+    fi
     PID=$!
     for _ in $(seq 1 120); do python3 -c "import socket; socket.create_connection(('127.0.0.1',$OPS))" 2>/dev/null && break; sleep 0.5; done
 }
