@@ -160,6 +160,10 @@ pub enum Transport {
     /// QUIC over UDP (the proxy's QUIC listener, from discovery or a tunnel address's UDP
     /// twin): one QUIC stream per stream, flow-controlled by QUIC itself.
     Quic,
+    /// QUIC when the proxy offers it and its handshake completes within 1.5 s, else SSH (UDP
+    /// blocked on the way, or QUIC off at the proxy). A refused login or an untrusted proxy is
+    /// not retried over SSH: it is the answer.
+    Auto,
 }
 
 /// The variable that picks the transport of `psh` and `pctl` (`ssh` or `quic`).
@@ -181,7 +185,8 @@ impl std::str::FromStr for Transport {
         match s {
             "ssh" => Ok(Transport::Ssh),
             "quic" => Ok(Transport::Quic),
-            other => Err(format!("unknown transport '{other}': ssh or quic")),
+            "auto" => Ok(Transport::Auto),
+            other => Err(format!("unknown transport '{other}': ssh, quic or auto")),
         }
     }
 }
@@ -217,8 +222,22 @@ impl ProxySession {
         opts: &ConnectOptions,
         transport: Transport,
     ) -> Result<ProxySession, ClientError> {
-        if transport == Transport::Quic {
-            let (link, addr) = quic::QuicLink::connect(opts).await?;
+        let quic = match transport {
+            Transport::Ssh => None,
+            Transport::Quic => Some(quic::QuicLink::connect(opts, quic::HANDSHAKE_TIMEOUT).await),
+            Transport::Auto => {
+                match quic::QuicLink::connect(opts, quic::AUTO_HANDSHAKE_TIMEOUT).await {
+                    // No QUIC here (not offered, no handshake): SSH instead.
+                    Err(ClientError::Dial(e @ DialError::Quic { .. })) => {
+                        tracing::debug!(error = %e, "no QUIC session with the proxy: using SSH");
+                        None
+                    }
+                    other => Some(other),
+                }
+            }
+        };
+        if let Some(quic) = quic {
+            let (link, addr) = quic?;
             return Ok(ProxySession {
                 link: Link::Quic(link),
                 tunnel_addr: addr,
@@ -334,6 +353,14 @@ impl ProxySession {
                     }),
                 }
             }
+        }
+    }
+
+    /// The transport this session runs on (what [`Transport::Auto`] chose).
+    pub fn transport(&self) -> Transport {
+        match self.link {
+            Link::Ssh { .. } => Transport::Ssh,
+            Link::Quic(_) => Transport::Quic,
         }
     }
 

@@ -22,8 +22,11 @@ use tunnel_proto::quic::{AGENT_CONTEXT, ALPN, Frame, MTU_UPPER_BOUND_DEFAULT};
 
 use crate::{ClientError, ConnectOptions, ProxyAddr, TunnelStream};
 
-/// How long the QUIC handshake may take: past it UDP is taken to be blocked.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the QUIC handshake may take ([`crate::Transport::Quic`]): past it UDP is taken to be
+/// blocked.
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The same with [`crate::Transport::Auto`], which then falls back to SSH: as the agent's.
+pub(crate) const AUTO_HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(1500);
 /// How long the login may take after the handshake.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long the proxy may take to answer a stream open (it dials the agent first).
@@ -72,8 +75,12 @@ fn quic_err(addr: &str, what: impl std::fmt::Display) -> DialError {
 }
 
 impl QuicLink {
-    /// Discovers the QUIC address, dials it and logs in. Returns the session and its address.
-    pub(crate) async fn connect(opts: &ConnectOptions) -> Result<(QuicLink, String), ClientError> {
+    /// Discovers the QUIC address, dials it (the handshake bounded by `handshake`) and logs in.
+    /// Returns the session and its address.
+    pub(crate) async fn connect(
+        opts: &ConnectOptions,
+        handshake: Duration,
+    ) -> Result<(QuicLink, String), ClientError> {
         let (addr, trust) = quic_addr(&opts.proxy).await?;
         let target: SocketAddr = tokio::net::lookup_host(&addr)
             .await
@@ -98,14 +105,14 @@ impl QuicLink {
         let connecting = endpoint
             .connect_with(client, target, host_of(&addr))
             .map_err(|e| quic_err(&addr, e))?;
-        let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
+        let conn = match tokio::time::timeout(handshake, connecting).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(quic_err(&addr, format!("handshake failed: {e}")).into()),
             Err(_) => {
                 return Err(quic_err(
                     &addr,
                     format!(
-                        "no QUIC handshake within {HANDSHAKE_TIMEOUT:?}: is UDP blocked on the way, or is QUIC off on the proxy? (connect over SSH)"
+                        "no QUIC handshake within {handshake:?}: is UDP blocked on the way, or is QUIC off on the proxy? (connect over SSH)"
                     ),
                 )
                 .into());

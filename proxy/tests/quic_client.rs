@@ -264,3 +264,72 @@ async fn a_lock_closes_a_quic_client_session_with_its_message() {
     agent.stop().await;
     c.stop().await;
 }
+
+/// `Transport::Auto`: QUIC where the proxy offers it; SSH where it does not, or where nothing
+/// answers over UDP (within the 1.5 s handshake bound); the session works either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_prefers_quic_and_falls_back_to_ssh() {
+    init_tracing();
+    let pki = Pki::new("qauto");
+    let with_quic = start_proxy(&[&pki], |_| {}).await;
+    let without = start_proxy(&[&pki], |c| c.quic.enabled = false).await;
+    let echo = echo_server().await;
+    let a1 = start_agent(agent_config(&pki, "h1", &with_quic, &[("echo", echo)]));
+    let a2 = start_agent(agent_config(&pki, "h2", &without, &[("echo", echo)]));
+    // Offered: QUIC.
+    let s = ProxySession::connect_over(&client_opts(&pki, &with_quic, "ann"), Transport::Auto)
+        .await
+        .unwrap();
+    let mut st = wait_stream(&s, "echo", "qauto", Duration::from_secs(20)).await;
+    assert_eq!(echo_once(&mut st, b"quic").await, b"quic");
+    assert_eq!(s.transport(), Transport::Quic);
+
+    // Not offered (discovery lists only SSH): SSH at once.
+    let started = Instant::now();
+    let s = ProxySession::connect_over(&client_opts(&pki, &without, "ann"), Transport::Auto)
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    let mut st = wait_stream(&s, "echo", "qauto", Duration::from_secs(20)).await;
+    assert_eq!(echo_once(&mut st, b"ssh").await, b"ssh");
+    assert_eq!(s.transport(), Transport::Ssh);
+
+    // A tunnel address whose UDP twin never answers (a bound socket nobody reads, as behind a
+    // firewall that drops): QUIC is tried for at most the bound, then SSH.
+    let black_hole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let relay = tokio::net::TcpListener::bind(black_hole.local_addr().unwrap())
+        .await
+        .unwrap();
+    let tunnel = without.tunnel;
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = relay.accept().await {
+            tokio::spawn(async move {
+                let mut up = tokio::net::TcpStream::connect(tunnel).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut c, &mut up).await;
+            });
+        }
+    });
+    let mut opts = client_opts(&pki, &without, "ann");
+    opts.proxy = ProxyAddr::Tunnel(black_hole.local_addr().unwrap().to_string());
+    let started = Instant::now();
+    let s = ProxySession::connect_over(&opts, Transport::Auto)
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(5),
+        "fell back after {took:?}"
+    );
+    let mut st = wait_stream(&s, "echo", "qauto", Duration::from_secs(20)).await;
+    assert_eq!(echo_once(&mut st, b"fallback").await, b"fallback");
+    assert_eq!(s.transport(), Transport::Ssh);
+    drop(black_hole);
+    a1.stop().await;
+    a2.stop().await;
+    with_quic.stop().await;
+    without.stop().await;
+}
