@@ -83,6 +83,26 @@ async fn a_quic_client_reaches_targets_behind_both_agent_transports() {
         &[("role", "client"), ("transport", "quic")],
     );
     assert!(logins >= 1.0, "no QUIC client login counted:\n{text}");
+    // Bytes are counted under the two directions the README lists, whatever the transports.
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("postern_bytes_proxied_total{"))
+    {
+        assert!(
+            line.contains("direction=\"client_to_agent\"")
+                || line.contains("direction=\"agent_to_client\""),
+            "unknown direction: {line}"
+        );
+    }
+    let down = metric(
+        &text,
+        "postern_bytes_proxied_total",
+        &[("direction", "agent_to_client")],
+    );
+    assert!(
+        down >= (2 * (data.len() + (4 << 20))) as f64,
+        "{down} bytes counted toward clients"
+    );
     ssh_agent.stop().await;
     quic_agent.stop().await;
     proxy.stop().await;

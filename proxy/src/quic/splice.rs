@@ -86,7 +86,7 @@ impl ChannelEnd {
             channel,
             credit,
             into_quic: "client_to_agent",
-            from_quic: "agent_to_channel",
+            from_quic: "agent_to_client",
         }
     }
 
@@ -95,7 +95,7 @@ impl ChannelEnd {
         ChannelEnd {
             channel,
             credit,
-            into_quic: "agent_to_channel",
+            into_quic: "agent_to_client",
             from_quic: "client_to_agent",
         }
     }
@@ -220,7 +220,7 @@ pub async fn pipe(client: QuicEnd, agent: QuicEnd, stop: &CancellationToken) -> 
     let (client_send, client_recv, client_early) = client;
     let (agent_send, agent_recv, agent_early) = agent;
     let up = forward(client_recv, client_early, agent_send, "client_to_agent");
-    let down = forward(agent_recv, agent_early, client_send, "agent_to_channel");
+    let down = forward(agent_recv, agent_early, client_send, "agent_to_client");
     let run = async {
         tokio::pin!(up, down);
         let (mut up_r, mut down_r) = (None, None);
