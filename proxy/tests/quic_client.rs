@@ -353,3 +353,47 @@ async fn auto_prefers_quic_and_falls_back_to_ssh() {
     with_quic.stop().await;
     without.stop().await;
 }
+
+/// 64 streams at once on one QUIC client session, each echoing 1 MiB through a QUIC agent (the
+/// QUIC-to-QUIC relay) and through an SSH agent: every byte back, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_concurrent_quic_client_streams_keep_every_byte() {
+    init_tracing();
+    let pki = Pki::new("qmany");
+    let proxy = start_proxy(&[&pki], |_| {}).await;
+    let echo = echo_server().await;
+    let qa = start_agent(quic_agent_config(&pki, "q", &proxy, &[("echo-q", echo)]));
+    let sa = start_agent(agent_config(&pki, "s", &proxy, &[("echo-s", echo)]));
+    let s = std::sync::Arc::new(
+        ProxySession::connect_over(&client_opts(&pki, &proxy, "erin"), Transport::Quic)
+            .await
+            .unwrap(),
+    );
+    for target in ["echo-q", "echo-s"] {
+        drop(wait_stream(&s, target, "qmany", Duration::from_secs(20)).await);
+        let tasks: Vec<_> = (0..64u64)
+            .map(|i| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let data = test_bytes(i, 1 << 20);
+                    let st = s.open(target, "qmany", 0).await.unwrap();
+                    let back = echo_all(st, &data).await;
+                    assert!(
+                        back == data,
+                        "{target} stream {i}: {} bytes back",
+                        back.len()
+                    );
+                })
+            })
+            .collect();
+        for t in tasks {
+            tokio::time::timeout(Duration::from_secs(120), t)
+                .await
+                .expect("64 streams in 120 s")
+                .unwrap();
+        }
+    }
+    qa.stop().await;
+    sa.stop().await;
+    proxy.stop().await;
+}
