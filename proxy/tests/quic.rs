@@ -1,7 +1,7 @@
 //! The QUIC transport end to end, on real sockets: an agent over QUIC serving client streams
-//! (over SSH here; clients on QUIC are `quic_client.rs`), 200 × 4 MiB with SHA-256, the fallback to SSH when UDP is
-//! blocked, refused logins (user certificate, untrusted CA, expired, replayed exporter
-//! signature), and garbage datagrams and Initial floods on the UDP port.
+//! (over SSH here; clients on QUIC are in `quic_client.rs`), 200 × 4 MiB with SHA-256, the
+//! fallback to SSH when UDP is blocked, refused logins (user certificate, untrusted CA, expired,
+//! replayed exporter signature), and garbage datagrams and Initial floods on the UDP port.
 
 mod support;
 
