@@ -397,3 +397,121 @@ async fn sixty_four_concurrent_quic_client_streams_keep_every_byte() {
     sa.stop().await;
     proxy.stop().await;
 }
+
+/// Logs `user` in over a raw QUIC connection (the SDK's login, by hand); returns the connection.
+async fn raw_client_login(pki: &Pki, proxy: &Proxy, user: &str) -> quinn::Connection {
+    let mut tls = postern_dial::web::tls_config(&postern_dial::web::WebTrust::Insecure).unwrap();
+    tls.alpn_protocols = vec![tunnel_proto::quic::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = endpoint
+        .connect_with(
+            quinn::ClientConfig::new(std::sync::Arc::new(crypto)),
+            proxy.tunnel,
+            "localhost",
+        )
+        .unwrap()
+        .await
+        .unwrap();
+    let id = pki.user(user);
+    let auth = postern_dial::quic::auth_frame(
+        &conn,
+        tunnel_proto::quic::AGENT_CONTEXT,
+        user.into(),
+        &id.key,
+        &id.cert,
+    )
+    .unwrap();
+    let (send, recv) = conn.open_bi().await.unwrap();
+    let mut control = tunnel_proto::frame_stream::FrameStream::new(send, recv);
+    control.write(&[auth]).await.unwrap();
+    let answer = control.read().await.unwrap();
+    assert!(
+        matches!(answer, tunnel_proto::quic::Frame::ProxyAuth { .. }),
+        "{answer:?}"
+    );
+    // The login's stream stays open, as the SDK's does.
+    std::mem::forget(control);
+    conn
+}
+
+/// The proxy's answer on a client stream that started with `bytes` (then finished).
+async fn answer_to(conn: &quinn::Connection, bytes: &[u8]) -> tunnel_proto::quic::Frame {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(bytes).await.unwrap();
+    let _ = send.finish();
+    let mut buf = bytes::BytesMut::new();
+    tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            if let Ok(f) = tunnel_proto::quic::Frame::decode_from(&mut buf) {
+                return f;
+            }
+            match recv.read_chunk(65536, true).await.unwrap() {
+                Some(c) => buf.extend_from_slice(&c.bytes),
+                None => panic!("stream ended without an answer"),
+            }
+        }
+    })
+    .await
+    .expect("an answer within 15 s")
+}
+
+/// Bad first frames on a logged-in client's streams: garbage, a frame that is not `Open`, a
+/// length past the frame limit, nothing at all. Each stream is refused saying what a stream
+/// must start with; the connection and the proxy keep serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_first_frames_on_quic_client_streams_are_refused() {
+    use tunnel_proto::quic::Frame;
+    init_tracing();
+    let pki = Pki::new("qbad");
+    let proxy = start_proxy(&[&pki], |_| {}).await;
+    let echo = echo_server().await;
+    let agent = start_agent(quic_agent_config(&pki, "h", &proxy, &[("echo", echo)]));
+    let conn = raw_client_login(&pki, &proxy, "mallory").await;
+    let mut register = bytes::BytesMut::new();
+    Frame::Register {
+        target: "echo".into(),
+    }
+    .encode(&mut register)
+    .unwrap();
+    let cases: [(&str, Vec<u8>); 4] = [
+        ("garbage", b"\x00\x00\x00\x05\xffhello".to_vec()),
+        ("not an Open frame", register.to_vec()),
+        ("a length past the limit", b"\x7f\xff\xff\xff\x20".to_vec()),
+        ("nothing", Vec::new()),
+    ];
+    for (what, bytes) in cases {
+        match answer_to(&conn, &bytes).await {
+            Frame::Refuse { reason } => assert!(
+                reason.contains("must start with an Open frame"),
+                "{what}: {reason}"
+            ),
+            other => panic!("{what}: answered {other:?}"),
+        }
+    }
+    // The same connection still opens a good stream, and the SDK logs in as before.
+    let mut open = bytes::BytesMut::new();
+    Frame::Open {
+        target: "echo.qbad".into(),
+        port: 0,
+        originator: "test".into(),
+        originator_port: 0,
+    }
+    .encode(&mut open)
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match answer_to(&conn, &open).await {
+            Frame::Accept => break,
+            other => assert!(Instant::now() < deadline, "no Accept in 20 s: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let s = ProxySession::connect_over(&client_opts(&pki, &proxy, "bob"), Transport::Quic)
+        .await
+        .unwrap();
+    let mut st = wait_stream(&s, "echo", "qbad", Duration::from_secs(5)).await;
+    assert_eq!(echo_once(&mut st, b"still").await, b"still");
+    agent.stop().await;
+    proxy.stop().await;
+}
