@@ -166,7 +166,7 @@ pub enum Transport {
     Auto,
 }
 
-/// The variable that picks the transport of `psh` and `pctl` (`ssh` or `quic`).
+/// The variable that picks the transport of `psh` and `pctl` (`ssh`, `quic` or `auto`).
 pub const TRANSPORT_ENV: &str = "POSTERN_TRANSPORT";
 
 impl Transport {
