@@ -170,20 +170,25 @@ async fn psh_config_and_psh_proxy_reach_targets() {
         let _ = fwd.kill();
         let _ = fwd.wait();
     }
-    // A transport psh does not know: refused, naming the variable.
-    let bad = Command::new(env!("CARGO_BIN_EXE_psh"))
-        .arg("--home")
-        .arg(&home)
-        .args(["proxy", "ssh", &format!("auth.{cluster}:3025")])
-        .env("POSTERN_TRANSPORT", "carrier-pigeon")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        !bad.status.success() && text(&bad).contains("POSTERN_TRANSPORT"),
-        "{}",
-        text(&bad)
-    );
+    // A transport psh does not know, a QUIC MTU bound out of range: refused, naming the variable.
+    for (var, value) in [
+        ("POSTERN_TRANSPORT", "carrier-pigeon"),
+        ("POSTERN_QUIC_MTU", "9000"),
+    ] {
+        let bad = Command::new(env!("CARGO_BIN_EXE_psh"))
+            .arg("--home")
+            .arg(&home)
+            .args(["proxy", "ssh", &format!("auth.{cluster}:3025")])
+            .env(var, value)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            !bad.status.success() && text(&bad).contains(var),
+            "{var}={value}: {}",
+            text(&bad)
+        );
+    }
     demo.stop().await.unwrap();
 }
 

@@ -15,7 +15,7 @@ use tokio::io::AsyncReadExt;
 
 use crate::auth::{AuthClient, AuthClientError, reloading};
 use crate::credentials::{Credentials, Loaded};
-use crate::{ConnectOptions, ProxyAddr, ProxySession, Transport};
+use crate::{ConnectOptions, DialOptions, ProxyAddr, ProxySession};
 
 /// What [`AuthClient::connect`] needs.
 #[derive(Clone)]
@@ -30,8 +30,8 @@ pub struct Config {
     pub web_trust: Option<WebTrust>,
     /// How long to wait for an SSH banner before taking an address for a TLS server.
     pub banner_wait: Duration,
-    /// How to log in to a proxy (SSH by default).
-    pub transport: Transport,
+    /// How to dial a proxy (SSH by default).
+    pub dial: DialOptions,
 }
 
 impl Default for Config {
@@ -41,7 +41,7 @@ impl Default for Config {
             credentials: Vec::new(),
             web_trust: None,
             banner_wait: Duration::from_millis(300),
-            transport: Transport::Ssh,
+            dial: DialOptions::default(),
         }
     }
 }
@@ -197,14 +197,14 @@ async fn through_proxy(
     proxy: ProxyAddr,
     creds: &Credentials,
     loaded: &Loaded,
-    transport: Transport,
+    dial: DialOptions,
 ) -> Result<AuthClient, String> {
     let opts = ssh_options(loaded, creds, proxy)?;
     let cluster = loaded
         .cluster
         .clone()
         .ok_or("the credentials do not name their cluster")?;
-    let session = ProxySession::connect_over(&opts, transport)
+    let session = ProxySession::connect_with(&opts, dial)
         .await
         .map_err(|e| e.to_string())?;
     AuthClient::via_proxy(Arc::new(session), &cluster, reloading(creds.clone()))
@@ -243,20 +243,14 @@ async fn try_addr(
             },
             creds,
             loaded,
-            config.transport,
+            config.dial,
         )
         .await;
     }
     // Not TLS at all? A proxy's tunnel listener greets with an SSH banner.
     match classify(addr, config.banner_wait).await {
         Ok(Kind::Ssh) => {
-            through_proxy(
-                ProxyAddr::Tunnel(addr.into()),
-                creds,
-                loaded,
-                config.transport,
-            )
-            .await
+            through_proxy(ProxyAddr::Tunnel(addr.into()), creds, loaded, config.dial).await
         }
         _ => Err(direct.to_string()),
     }

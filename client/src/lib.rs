@@ -168,6 +168,54 @@ pub enum Transport {
 
 /// The variable that picks the transport of `psh` and `pctl` (`ssh`, `quic` or `auto`).
 pub const TRANSPORT_ENV: &str = "POSTERN_TRANSPORT";
+/// The variable that sets [`DialOptions::quic_mtu_upper_bound`] for `psh` and `pctl`.
+pub const QUIC_MTU_ENV: &str = "POSTERN_QUIC_MTU";
+
+/// How a client dials a proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DialOptions {
+    /// The transport ([`Transport::Ssh`] by default).
+    pub transport: Transport,
+    /// On QUIC, the upper bound of path MTU discovery, UDP payload bytes (1200..=6500). Default
+    /// 1452, what a 1,500-byte path carries; discovery settles on what the path carries, so a
+    /// higher bound is safe and pays on loopback and jumbo-frame networks, at the cost of a
+    /// larger receive buffer (about 13 MiB at 6500 instead of 3).
+    pub quic_mtu_upper_bound: u16,
+}
+
+impl Default for DialOptions {
+    fn default() -> Self {
+        DialOptions {
+            transport: Transport::Ssh,
+            quic_mtu_upper_bound: tunnel_proto::quic::MTU_UPPER_BOUND_DEFAULT,
+        }
+    }
+}
+
+impl DialOptions {
+    /// The options [`TRANSPORT_ENV`] and [`QUIC_MTU_ENV`] name (the defaults where unset or
+    /// empty); a value that is not one is an error naming the variable.
+    pub fn from_env() -> Result<DialOptions, String> {
+        let quic_mtu_upper_bound = match std::env::var(QUIC_MTU_ENV) {
+            Ok(v) if !v.is_empty() => v
+                .parse::<u16>()
+                .ok()
+                .filter(|m| tunnel_proto::quic::mtu_bound_ok(*m))
+                .ok_or_else(|| {
+                    format!(
+                        "{QUIC_MTU_ENV}: '{v}' is not a UDP payload size in {}..={}",
+                        tunnel_proto::quic::MTU_UPPER_BOUND_MIN,
+                        tunnel_proto::quic::MTU_UPPER_BOUND_MAX
+                    )
+                })?,
+            _ => tunnel_proto::quic::MTU_UPPER_BOUND_DEFAULT,
+        };
+        Ok(DialOptions {
+            transport: Transport::from_env()?,
+            quic_mtu_upper_bound,
+        })
+    }
+}
 
 impl Transport {
     /// The transport [`TRANSPORT_ENV`] names; SSH when it is unset or empty.
@@ -222,11 +270,35 @@ impl ProxySession {
         opts: &ConnectOptions,
         transport: Transport,
     ) -> Result<ProxySession, ClientError> {
-        let quic = match transport {
+        let dial = DialOptions {
+            transport,
+            ..DialOptions::default()
+        };
+        ProxySession::connect_with(opts, dial).await
+    }
+
+    /// As [`ProxySession::connect`], as `dial` says.
+    pub async fn connect_with(
+        opts: &ConnectOptions,
+        dial: DialOptions,
+    ) -> Result<ProxySession, ClientError> {
+        if !tunnel_proto::quic::mtu_bound_ok(dial.quic_mtu_upper_bound) {
+            return Err(DialError::Config(format!(
+                "QUIC MTU upper bound {} is outside {}..={}",
+                dial.quic_mtu_upper_bound,
+                tunnel_proto::quic::MTU_UPPER_BOUND_MIN,
+                tunnel_proto::quic::MTU_UPPER_BOUND_MAX
+            ))
+            .into());
+        }
+        let mtu = dial.quic_mtu_upper_bound;
+        let quic = match dial.transport {
             Transport::Ssh => None,
-            Transport::Quic => Some(quic::QuicLink::connect(opts, quic::HANDSHAKE_TIMEOUT).await),
+            Transport::Quic => {
+                Some(quic::QuicLink::connect(opts, quic::HANDSHAKE_TIMEOUT, mtu).await)
+            }
             Transport::Auto => {
-                match quic::QuicLink::connect(opts, quic::AUTO_HANDSHAKE_TIMEOUT).await {
+                match quic::QuicLink::connect(opts, quic::AUTO_HANDSHAKE_TIMEOUT, mtu).await {
                     // No QUIC here (not offered, no handshake): SSH instead.
                     Err(ClientError::Dial(e @ DialError::Quic { .. })) => {
                         tracing::debug!(error = %e, "no QUIC session with the proxy: using SSH");

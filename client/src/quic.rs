@@ -14,11 +14,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use postern_dial::DialError;
-use postern_dial::quic::{OpenError, auth_frame, check_proxy_proof, client_endpoint, varint};
+use postern_dial::quic::{
+    OpenError, auth_frame, check_proxy_proof, client_endpoint, mtu_discovery, varint,
+};
 use postern_dial::ssh::ProxyVerifier;
 use postern_dial::web::{WebTrust, find, host_of};
 use tunnel_proto::frame_stream::FrameStream;
-use tunnel_proto::quic::{AGENT_CONTEXT, ALPN, Frame, MTU_UPPER_BOUND_DEFAULT};
+use tunnel_proto::quic::{AGENT_CONTEXT, ALPN, Frame};
 
 use crate::{ClientError, ConnectOptions, ProxyAddr, TunnelStream};
 
@@ -75,11 +77,12 @@ fn quic_err(addr: &str, what: impl std::fmt::Display) -> DialError {
 }
 
 impl QuicLink {
-    /// Discovers the QUIC address, dials it (the handshake bounded by `handshake`) and logs in.
-    /// Returns the session and its address.
+    /// Discovers the QUIC address, dials it (the handshake bounded by `handshake`, path MTU
+    /// discovery by `mtu_upper_bound`) and logs in. Returns the session and its address.
     pub(crate) async fn connect(
         opts: &ConnectOptions,
         handshake: Duration,
+        mtu_upper_bound: u16,
     ) -> Result<(QuicLink, String), ClientError> {
         let (addr, trust) = quic_addr(&opts.proxy).await?;
         let target: SocketAddr = tokio::net::lookup_host(&addr)
@@ -87,8 +90,8 @@ impl QuicLink {
             .map_err(|e| quic_err(&addr, e))?
             .next()
             .ok_or_else(|| quic_err(&addr, "no address"))?;
-        let endpoint = client_endpoint(target.is_ipv6(), MTU_UPPER_BOUND_DEFAULT)
-            .map_err(|e| quic_err(&addr, e))?;
+        let endpoint =
+            client_endpoint(target.is_ipv6(), mtu_upper_bound).map_err(|e| quic_err(&addr, e))?;
         let mut tls = postern_dial::web::tls_config(&trust)?;
         tls.alpn_protocols = vec![ALPN.to_vec()];
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
@@ -101,6 +104,7 @@ impl QuicLink {
         t.stream_receive_window(varint(STREAM_WINDOW));
         t.keep_alive_interval(Some(KEEPALIVE));
         t.max_idle_timeout(quinn::IdleTimeout::try_from(KEEPALIVE * 4).ok());
+        t.mtu_discovery_config(Some(mtu_discovery(mtu_upper_bound)));
         client.transport_config(Arc::new(t));
         let connecting = endpoint
             .connect_with(client, target, host_of(&addr))

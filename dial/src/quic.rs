@@ -44,6 +44,13 @@ pub fn varint(v: u64) -> quinn::VarInt {
     quinn::VarInt::from_u64(v.min((1 << 62) - 1)).unwrap_or(quinn::VarInt::MAX)
 }
 
+/// Path MTU discovery up to `upper_bound` UDP payload bytes (quinn's other defaults kept).
+pub fn mtu_discovery(upper_bound: u16) -> quinn::MtuDiscoveryConfig {
+    let mut d = quinn::MtuDiscoveryConfig::default();
+    d.upper_bound(upper_bound);
+    d
+}
+
 /// This connection's exporter value for `context` (equal on both ends, new for every
 /// connection).
 pub fn exporter(conn: &quinn::Connection, context: &[u8]) -> Result<[u8; EXPORTER_LEN], String> {

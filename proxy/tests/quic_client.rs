@@ -515,3 +515,33 @@ async fn bad_first_frames_on_quic_client_streams_are_refused() {
     agent.stop().await;
     proxy.stop().await;
 }
+
+/// `DialOptions::quic_mtu_upper_bound`: a session with the bound raised to 6500 carries bulk
+/// intact (loopback lets discovery reach it); a bound outside 1200..=6500 is refused before
+/// anything is dialled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quic_mtu_bound_is_the_clients_to_raise_within_limits() {
+    init_tracing();
+    let pki = Pki::new("qmtu");
+    let proxy = start_proxy(&[&pki], |c| c.quic.mtu_upper_bound = 6500).await;
+    let echo = echo_server().await;
+    let agent = start_agent(quic_agent_config(&pki, "h", &proxy, &[("echo", echo)]));
+    let opts = client_opts(&pki, &proxy, "fred");
+    let dial = |m| postern_client::DialOptions {
+        transport: Transport::Quic,
+        quic_mtu_upper_bound: m,
+    };
+    let s = ProxySession::connect_with(&opts, dial(6500)).await.unwrap();
+    let st = wait_stream(&s, "echo", "qmtu", Duration::from_secs(20)).await;
+    let data = test_bytes(9, 4 << 20);
+    assert!(echo_all(st, &data).await == data);
+    for bad in [1199, 6501, 9000] {
+        let err = match ProxySession::connect_with(&opts, dial(bad)).await {
+            Ok(_) => panic!("MTU bound {bad} accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("1200..=6500"), "{bad}: {err}");
+    }
+    agent.stop().await;
+    proxy.stop().await;
+}

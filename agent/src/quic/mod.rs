@@ -111,9 +111,9 @@ pub async fn dial(
     tc.receive_window(varint(t.connection_window()));
     tc.keep_alive_interval(Some(Duration::from_millis(t.quic_keepalive_ms)));
     tc.max_idle_timeout(quinn::IdleTimeout::try_from(config.keepalive() * 4).ok());
-    let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(t.quic_mtu_upper_bound);
-    tc.mtu_discovery_config(Some(mtu));
+    tc.mtu_discovery_config(Some(postern_dial::quic::mtu_discovery(
+        t.quic_mtu_upper_bound,
+    )));
     client.transport_config(Arc::new(tc));
     let host = postern_dial::web::host_of(addr);
     let connecting = endpoint

@@ -444,8 +444,8 @@ async fn session(home: &std::path::Path) -> anyhow::Result<(Profile, ProxySessio
             trust,
         },
     )?;
-    let transport = postern_client::Transport::from_env().map_err(anyhow::Error::msg)?;
-    let s = ProxySession::connect_over(&opts, transport)
+    let dial = postern_client::DialOptions::from_env().map_err(anyhow::Error::msg)?;
+    let s = ProxySession::connect_with(&opts, dial)
         .await
         .with_context(|| format!("logging in to proxy {}", p.proxy))?;
     Ok((p, s))

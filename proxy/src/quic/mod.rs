@@ -169,7 +169,7 @@ pub fn reset_key(data_dir: &std::path::Path) -> Result<Vec<u8>, QuicError> {
     }
 }
 
-pub use postern_dial::quic::varint;
+pub use postern_dial::quic::{mtu_discovery, varint};
 
 /// Binds the QUIC listener's UDP socket with the configured buffers.
 pub fn bind_udp(addr: SocketAddr, buffer: usize) -> Result<std::net::UdpSocket, QuicError> {
@@ -179,13 +179,6 @@ pub fn bind_udp(addr: SocketAddr, buffer: usize) -> Result<std::net::UdpSocket, 
     let _ = sock.set_recv_buffer_size(buffer);
     let _ = sock.set_send_buffer_size(buffer);
     Ok(socket)
-}
-
-/// Path MTU discovery up to `upper_bound` UDP payload bytes (quinn's other defaults kept).
-pub fn mtu_discovery(upper_bound: u16) -> quinn::MtuDiscoveryConfig {
-    let mut d = quinn::MtuDiscoveryConfig::default();
-    d.upper_bound(upper_bound);
-    d
 }
 
 /// The quinn endpoint on a bound UDP socket. `reset_key` keys its stateless resets: kept in the

@@ -96,7 +96,7 @@ async fn connect(c: &Conn) -> anyhow::Result<AuthClient> {
         }
     };
     let config = Config {
-        transport: postern_client::Transport::from_env().map_err(anyhow::Error::msg)?,
+        dial: postern_client::DialOptions::from_env().map_err(anyhow::Error::msg)?,
         ..config
     };
     Ok(AuthClient::connect(config).await?)
