@@ -360,7 +360,9 @@ async fn phase(cli: &Cli, cipher: &str) -> anyhow::Result<Phase> {
         if t == AgentTransport::Quic {
             // Both legs QUIC: no SSH, so no cipher of its own (TLS 1.3 on both legs).
             let d = Dialer::Postern {
-                session: p.connect_quic_client().await?,
+                session: p
+                    .connect_quic_client(tunnel_proto::quic::MTU_UPPER_BOUND_DEFAULT)
+                    .await?,
             };
             let (pp, ap) = (p.proxy_pid, p.agent_pid);
             out.rows
@@ -388,6 +390,13 @@ async fn phase(cli: &Cli, cipher: &str) -> anyhow::Result<Phase> {
         let cell = format!("{cipher} (client leg) + QUIC (once)");
         out.rows
             .push(measure(&name, &cell, &d, cli, &|| vec![pp, ap]).await?);
+        // The client on QUIC too, its bound raised as well.
+        let d = Dialer::Postern {
+            session: p.connect_quic_client(m).await?,
+        };
+        let name = format!("{QUIC_CLIENT_ROW}, MTU ≤ {m}");
+        out.rows
+            .push(measure(&name, "QUIC (once)", &d, cli, &|| vec![pp, ap]).await?);
         p.check_transport().await?;
     }
 

@@ -264,10 +264,18 @@ impl PosternSetup {
         Ok(Arc::new(ProxySession::connect(&self.client).await?))
     }
 
-    /// Another client session (same user) that logs in over QUIC.
-    pub async fn connect_quic_client(&self) -> anyhow::Result<Arc<ProxySession>> {
+    /// Another client session (same user) that logs in over QUIC, with path MTU discovery up
+    /// to `mtu_upper_bound`.
+    pub async fn connect_quic_client(
+        &self,
+        mtu_upper_bound: u16,
+    ) -> anyhow::Result<Arc<ProxySession>> {
+        let dial = postern_client::DialOptions {
+            transport: postern_client::Transport::Quic,
+            quic_mtu_upper_bound: mtu_upper_bound,
+        };
         Ok(Arc::new(
-            ProxySession::connect_over(&self.client, postern_client::Transport::Quic).await?,
+            ProxySession::connect_with(&self.client, dial).await?,
         ))
     }
 

@@ -92,7 +92,7 @@ pub fn render(phases: &[Phase], cli: &Cli) -> String {
         .any(|p| p.rows.iter().any(|r| r.system == QUIC_CLIENT_ROW))
     {
         s.push_str(&format!(
-            "\n{QUIC_CLIENT_ROW}: the client logs in over QUIC too (`ProxySession::connect_over(.., Transport::Quic)`, its user certificate bound to the connection's TLS exporter), on the same proxy and agent as the row above; both legs are QUIC at the default MTU bound (1452), so no SSH cipher is involved and the row runs once."
+            "\n{QUIC_CLIENT_ROW}: the client logs in over QUIC too (`ProxySession::connect_over(.., Transport::Quic)`, its user certificate bound to the connection's TLS exporter), on the same proxy and agent as the row above, both legs at the default MTU bound (1452); in its \"MTU ≤\" row the client raises its bound too (`DialOptions::quic_mtu_upper_bound`). No SSH cipher is involved, so these rows run once."
         ));
     }
     s.push('\n');
