@@ -140,12 +140,16 @@ impl TunnelLink {
                     )
                     .await;
             }
-            TunnelLink::Quic(c) => {
-                let why: String = reason.chars().take(200).collect();
-                c.close(CLOSED_BY_PROXY.into(), why.as_bytes());
-            }
+            TunnelLink::Quic(c) => close_quic(c, reason),
         }
     }
+}
+
+/// Closes a QUIC connection with `reason` (its first 200 characters) as the close reason, under
+/// [`CLOSED_BY_PROXY`]: an agent's or a client's, which logs or returns it.
+pub fn close_quic(conn: &quinn::Connection, reason: &str) {
+    let why: String = reason.chars().take(200).collect();
+    conn.close(CLOSED_BY_PROXY.into(), why.as_bytes());
 }
 
 /// QUIC application error code of a connection the proxy closed with a reason (a lock, a newer

@@ -24,9 +24,6 @@ use crate::tunnel::streams::ClientView;
 /// How long a client has to send its `Frame::Open` on a stream it opened.
 const OPEN_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// QUIC application error code of a connection closed by policy (a lock, a deleted user).
-const CLOSED_BY_POLICY: u32 = crate::link::CLOSED_BY_PROXY;
-
 /// Serves a logged-in client's streams until the connection ends: `Err` says why it ended on the
 /// proxy's side (`shutdown`, `policy`).
 pub(super) async fn serve_client(
@@ -62,8 +59,7 @@ pub(super) async fn serve_client(
             _ = kicked.cancelled() => {
                 let why = client.registration.entry.reason().unwrap_or_default();
                 info!(reason = %why, transport = QUIC, "connection closed by policy");
-                let why: String = why.chars().take(200).collect();
-                conn.close(CLOSED_BY_POLICY.into(), why.as_bytes());
+                crate::link::close_quic(conn, &why);
                 return Err("policy".into());
             }
             _ = shared.hard_stop.cancelled() => {

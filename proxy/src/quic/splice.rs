@@ -253,35 +253,29 @@ async fn forward(
 ) -> (u64, End) {
     let bytes = counter!(m::BYTES_PROXIED, "direction" => direction);
     let mut total = 0u64;
-    if !early.is_empty() {
-        let n = early.len() as u64;
-        if send.write_chunk(early.freeze()).await.is_err() {
-            let _ = recv.stop(CLIENT_GONE.into());
-            return (0, End::Closed);
-        }
-        total += n;
-        bytes.increment(n);
-    }
+    let mut next = (!early.is_empty()).then(|| early.freeze());
     let mut buf = BytesMut::new();
     loop {
-        match read_coalesced(&mut recv, &mut buf).await {
-            Ok(Some(data)) => {
-                let len = data.len() as u64;
-                if send.write_chunk(data).await.is_err() {
-                    let _ = recv.stop(CLIENT_GONE.into());
+        let data = match next.take() {
+            Some(data) => data,
+            None => match read_coalesced(&mut recv, &mut buf).await {
+                Ok(Some(data)) => data,
+                Ok(None) => {
+                    let _ = send.finish();
+                    return (total, End::Eof);
+                }
+                Err(_) => {
+                    let _ = send.reset(CLIENT_GONE.into());
                     return (total, End::Closed);
                 }
-                total += len;
-                bytes.increment(len);
-            }
-            Ok(None) => {
-                let _ = send.finish();
-                return (total, End::Eof);
-            }
-            Err(_) => {
-                let _ = send.reset(CLIENT_GONE.into());
-                return (total, End::Closed);
-            }
+            },
+        };
+        let len = data.len() as u64;
+        if send.write_chunk(data).await.is_err() {
+            let _ = recv.stop(CLIENT_GONE.into());
+            return (total, End::Closed);
         }
+        total += len;
+        bytes.increment(len);
     }
 }

@@ -175,13 +175,14 @@ impl Handler for Conn {
                 );
             }
             Some(Role::Client { .. }) => {
-                let open = self.view().request(
+                let view = self.view();
+                let open = view.request(
                     host_to_connect,
                     port_to_connect,
                     (originator_address.to_owned(), originator_port),
                     tunnel_proto::credit::id_speaks_credit(session.remote_sshid()),
                 );
-                match self.view().decide(&open) {
+                match view.decide(&open) {
                     Ok(decided) => {
                         let span = info_span!("stream", user = ?open.user, cluster = %decided.target.cluster, target = %decided.target.target, host_id = %decided.tunnel.host_id);
                         let shared = self.shared.clone();
@@ -191,7 +192,7 @@ impl Handler for Conn {
                         );
                     }
                     Err(refusal) => {
-                        self.view().refused(&open, &refusal);
+                        view.refused(&open, &refusal);
                         let (result, why) = refusal;
                         let code = if result == "forbidden" {
                             ChannelOpenFailure::AdministrativelyProhibited

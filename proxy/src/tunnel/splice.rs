@@ -12,7 +12,7 @@ use postern_dial::splice::{Credit, peer_version};
 use russh::server::{ChannelOpenHandle, Msg};
 use russh::{Channel, ChannelOpenFailure};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::debug;
 use tunnel_proto::credit::{CREDIT_VERSION, STREAM_WINDOW};
 
 use crate::link::{AgentStream, OpenError};
@@ -20,7 +20,7 @@ use crate::metrics as m;
 use crate::quic::splice as quic;
 use crate::routing::Tunnel;
 
-use super::streams::Decided;
+use super::streams::{Decided, record_refused};
 
 use super::*;
 
@@ -112,18 +112,14 @@ pub(crate) async fn open_stream(
                 "agent {} of cluster {} could not open target {}: {e}",
                 tunnel.host_id, target.cluster, target.target
             );
-            info!(%why, "stream refused");
-            counter!(m::STREAM_OPENS, "result" => "agent_refused").increment(1);
-            shared.audit.refused(&open.info, "agent_refused", &why);
+            record_refused(&shared, &open, "agent_refused", &why);
             client.refuse(why).await;
             return;
         }
         Err(OpenError::Timeout) => {
-            counter!(m::STREAM_OPENS, "result" => "agent_timeout").increment(1);
-            shared
-                .audit
-                .refused(&open.info, "agent_timeout", "agent did not answer in time");
-            client.refuse("agent did not answer in time".into()).await;
+            let why = "agent did not answer in time";
+            record_refused(&shared, &open, "agent_timeout", why);
+            client.refuse(why.into()).await;
             return;
         }
     };

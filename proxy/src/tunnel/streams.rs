@@ -82,11 +82,9 @@ impl ClientView<'_> {
         })
     }
 
-    /// Records a refusal: logged, counted and audited. The caller tells the client.
+    /// Records a refusal ([`record_refused`]). The caller tells the client.
     pub(crate) fn refused(&self, open: &OpenRequest, (result, why): &Refusal) {
-        info!(user = ?open.user, host = ?open.host, result, why, "stream refused");
-        counter!(m::STREAM_OPENS, "result" => *result).increment(1);
-        self.shared.audit.refused(&open.info, result, why);
+        record_refused(self.shared, open, result, why);
     }
 
     /// The request for `host` (as asked) from this client: who asks, for the decision and the
@@ -242,6 +240,19 @@ impl ClientView<'_> {
         }
         Ok((tunnel, target))
     }
+}
+
+/// Records a refused stream, whatever refused it (the decision, or the agent once routed):
+/// logged, counted by result and audited. The caller tells the client.
+pub(crate) fn record_refused(
+    shared: &TunnelShared,
+    open: &OpenRequest,
+    result: &'static str,
+    why: &str,
+) {
+    info!(user = ?open.user, host = ?open.host, result, why, "stream refused");
+    counter!(m::STREAM_OPENS, "result" => result).increment(1);
+    shared.audit.refused(&open.info, result, why);
 }
 
 /// One of a client connection's open streams; dropping it frees the slot.
