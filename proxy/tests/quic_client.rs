@@ -156,13 +156,25 @@ async fn quic_client_refusals_say_why() {
     };
     assert!(err.contains("refused the login"), "{err}");
     assert!(err.contains("untrusted CA"), "{err}");
-    let text = scrape(proxy.ops).await;
-    let counted = metric(
-        &text,
-        "postern_auth_failures_total",
-        &[("reason", "untrusted_ca"), ("transport", "quic")],
-    );
-    assert!(counted >= 1.0, "untrusted CA not counted:\n{text}");
+    // Counted once the proxy has closed the connection, which may be just after the client has
+    // read the reason.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = scrape(proxy.ops).await;
+        let counted = metric(
+            &text,
+            "postern_auth_failures_total",
+            &[("reason", "untrusted_ca"), ("transport", "quic")],
+        );
+        if counted >= 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "untrusted CA not counted:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     agent.stop().await;
     proxy.stop().await;
 }
@@ -320,8 +332,10 @@ async fn auto_prefers_quic_and_falls_back_to_ssh() {
 
     // A tunnel address whose UDP twin never answers (a bound socket nobody reads, as behind a
     // firewall that drops): QUIC is tried for at most the bound, then SSH.
-    let black_hole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let relay = tokio::net::TcpListener::bind(black_hole.local_addr().unwrap())
+    // One port for both (the UDP socket's port from `bind(:0)` may be taken over TCP).
+    let port = free_port();
+    let black_hole = std::net::UdpSocket::bind(("127.0.0.1", port)).unwrap();
+    let relay = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .unwrap();
     let tunnel = without.tunnel;
